@@ -1,0 +1,129 @@
+"""The job configs the CLI reads: one dataclass tree per command, sections owned by the code that uses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.config import from_preset
+from data_pipeline.config import DataConfig
+from pretrain.models.bert import BertConfig
+from pretrain.models.gpt import GPTConfig
+from pretrain.optim import OptimConfig
+
+PRETRAIN_TASKS = {"mlm_nsp": "bert", "clm": "gpt"}  # task -> the model family it trains
+FINETUNE_TASKS = {"translation": "seq2seq_warm", "classification": "bert_classifier"}
+STRATEGY_NAMES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    batch_size: int = 32  # per worker; the global batch is batch_size × num_workers × accumulate_grad_batches
+    accumulate_grad_batches: int = 1
+    val_every: int = 100  # steps between validation passes
+    limit_val_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    keep_last: int = 2
+    precision: str = "32-true"  # "bf16-mixed" on GPUs; fp32 on CPU (bf16 matmuls are ~100x slower there)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    strategy: str = "ddp"  # ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_3
+    offload: bool = False  # DeepSpeed ZeRO optimizer (and, at stage 3, parameter) offload to CPU
+    address: str | None = None  # Ray address; None starts (or reuses) a local Ray, or takes RAY_ADDRESS
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"'strategy': unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGY_NAMES)})")
+        if self.num_workers < 1 or self.cpus_per_worker < 1:
+            raise ValueError("'num_workers' and 'cpus_per_worker' must be at least 1")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline runs are written under the output directory; `wandb sync` uploads them later
+    project: str = "kiln"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"'mode': unknown W&B mode '{self.mode}' (choose from {', '.join(WANDB_MODES)})")
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 4
+    length_penalty: str = "gnmt"  # none | avg | gnmt
+    alpha: float = 0.6
+    max_len: int = 48
+    batch_size: int = 64
+
+
+@dataclass
+class PrepareJob:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class PretrainJob:
+    data_dir: str = "runs/data"  # output of `kiln data prepare`
+    task: str = "mlm_nsp"  # mlm_nsp (BERT) | clm (GPT)
+    model: BertConfig | GPTConfig = field(default_factory=lambda: from_preset(BertConfig, "tiny"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        family = PRETRAIN_TASKS.get(self.task)
+        if family is None:
+            raise ValueError(f"'task': unknown pretraining task '{self.task}' (choose from {', '.join(PRETRAIN_TASKS)})")
+        if self.model.arch != family:
+            raise ValueError(f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'")
+
+
+@dataclass
+class FinetuneJob:
+    data_dir: str = "runs/data"
+    task: str = "translation"  # translation | classification
+    encoder_checkpoint: str | None = None  # a Kiln BERT checkpoint directory
+    decoder_checkpoint: str | None = None  # a Kiln GPT checkpoint directory (translation)
+    label_smoothing: float = 0.1
+    classifier_dropout: float = 0.1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.task not in FINETUNE_TASKS:
+            raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {', '.join(FINETUNE_TASKS)})")
+
+
+@dataclass
+class QuickstartJob:
+    """Every stage of the mission on the built-in sample; stage paths are filled in from `--out`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    bert: PretrainJob = field(default_factory=PretrainJob)
+    gpt: PretrainJob = field(default_factory=lambda: PretrainJob(task="clm", model=from_preset(GPTConfig, "tiny")))
+    translation: FinetuneJob = field(default_factory=FinetuneJob)
+    classification: FinetuneJob = field(default_factory=lambda: FinetuneJob(task="classification"))

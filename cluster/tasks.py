@@ -1,0 +1,108 @@
+"""What each training task needs on a worker: the LightningModule, its loaders, and what its checkpoint records.
+
+One explicit registry, `TASKS`, maps a job's `task` to its builder. Builders run on every Ray Train worker (and in
+plain processes in tests); they read only the prepared data directory and checkpoint directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from cluster.jobs import FinetuneJob, PretrainJob
+from data_pipeline.loader import make_loader, read_manifest
+from finetune.models.classifier import EncoderClassifier
+from finetune.models.seq2seq import WarmStartedSeq2Seq
+from finetune.module import ClassificationModule, TranslationModule
+from pretrain.checkpoint import CheckpointError
+from pretrain.models.bert import BertConfig
+from pretrain.models.gpt import GPTConfig
+from pretrain.module import BertPretrainModule, GPTPretrainModule
+
+
+@dataclass
+class TaskParts:
+    module: pl.LightningModule
+    train_loader: Any
+    val_loader: Any
+    model_config: Any
+    progress_keys: tuple[str, ...]
+    new_tensors: list[str] = dataclasses.field(default_factory=list)
+
+
+def data_paths(data_dir: str | Path, task: str) -> tuple[Path, Path, dict]:
+    """(task directory, tokenizer file, top-level manifest) of a prepared data directory; clear errors if absent."""
+    root = Path(data_dir)
+    manifest_file = root / "manifest.json"
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{root}: not a prepared data directory (no manifest.json); run `kiln data prepare`")
+    manifest = read_manifest(manifest_file)
+    if task not in manifest.get("tasks", []):
+        raise CheckpointError(f"{root}: has no '{task}' examples (prepared tasks: {', '.join(manifest['tasks'])})")
+    return root / task, root / "tokenizer.json", manifest
+
+
+def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
+    """The model's vocabulary is the tokenizer's; its positions must cover the prepared sequence length."""
+    model = dataclasses.replace(job.model, vocab_size=int(manifest["vocab_size"]))
+    seq_len = int(manifest["config"]["seq_len"])
+    positions = model.max_position_embeddings if isinstance(model, BertConfig) else model.n_positions
+    if positions < seq_len:
+        raise CheckpointError(f"model positions ({positions}) < the data's seq_len ({seq_len}): raise "
+                              f"'model.{'max_position_embeddings' if isinstance(model, BertConfig) else 'n_positions'}'")
+    return dataclasses.replace(job, model=model)
+
+
+def _loaders(job: PretrainJob | FinetuneJob, rank: int, world: int) -> tuple[Any, Any]:
+    bs, seed = job.trainer.batch_size, job.trainer.seed
+    train = make_loader(job.data_dir, job.task, "train", bs, rank=rank, world_size=world, seed=seed, shuffle=True)
+    val = make_loader(job.data_dir, job.task, "validation", bs, rank=rank, world_size=world, seed=seed, shuffle=False)
+    return train, val
+
+
+def build_pretrain(job: PretrainJob, rank: int, world: int) -> TaskParts:
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    job = fit_model_to_data(job, manifest)
+    train, val = _loaders(job, rank, world)
+    if isinstance(job.model, GPTConfig):
+        module = GPTPretrainModule(job.model, job.optim, job.trainer.max_steps)
+        keys = ("train/loss", "train/acc", "train/ppl", "train/tokens_per_s")
+    else:
+        module = BertPretrainModule(job.model, job.optim, job.trainer.max_steps)
+        keys = ("train/loss", "train/mlm_acc", "train/nsp_acc", "train/tokens_per_s")
+    return TaskParts(module, train, val, job.model, keys)
+
+
+def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
+    data_paths(job.data_dir, job.task)
+    if not job.encoder_checkpoint or not job.decoder_checkpoint:
+        raise CheckpointError("translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT)")
+    model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint))
+    train, val = _loaders(job, rank, world)
+    module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing)
+    return TaskParts(module, train, val, model.config, ("train/loss", "train/acc", "train/tokens_per_s"), new)
+
+
+def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
+    task_dir, _, _ = data_paths(job.data_dir, job.task)
+    if not job.encoder_checkpoint:
+        raise CheckpointError("classification needs 'encoder_checkpoint' (a Kiln BERT checkpoint)")
+    labels = read_manifest(task_dir / "manifest.json")["labels"]
+    model, new = EncoderClassifier.from_pretrained(Path(job.encoder_checkpoint), len(labels), labels)
+    model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
+    train, val = _loaders(job, rank, world)
+    module = ClassificationModule(model, job.optim, job.trainer.max_steps)
+    return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)
+
+
+TASKS: dict[str, Callable[[Any, int, int], TaskParts]] = {
+    "mlm_nsp": build_pretrain,
+    "clm": build_pretrain,
+    "translation": build_translation,
+    "classification": build_classification,
+}
