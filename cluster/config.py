@@ -123,7 +123,7 @@ class _Builder:
 
     def dataclass(self, cls: type[T], data: Any, prefix: str) -> T:
         if not isinstance(data, Mapping):
-            self.fail(prefix, f"'{prefix}' must be a mapping of keys, got {_describe(data)}")
+            self.fail(prefix.rstrip("."), f"'{prefix.rstrip('.')}' must be a mapping of keys, got {_describe(data)}")
         data = self.with_preset(cls, dict(data), prefix)
         hints = typing.get_type_hints(cls)
         names = field_names(cls)

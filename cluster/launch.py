@@ -50,9 +50,13 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cluster.tasks import preflight
+
+    preflight(job)  # user errors (missing data, wrong checkpoint) surface here, not inside a worker
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ensure_run_id(out_dir) if job.wandb.mode != "disabled" else None
+    if job.wandb.mode != "disabled":
+        ensure_run_id(out_dir)
     init_ray(job.cluster.address)
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
     config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage}

@@ -98,7 +98,7 @@ def write_report(out: Path, cfg: QuickstartJob, data: dict, results: dict[str, T
         "## Data",
         f"Built-in sample, seed {cfg.data.seed}; one {cfg.data.tokenizer} tokenizer of {data['vocab_size']} tokens "
         f"shared by every task. Shards and manifests: `data/`.",
-        "## Pretraining (Ray Train, {} workers each)".format(cfg.bert.cluster.num_workers),
+        f"## Pretraining (Ray Train, {cfg.bert.cluster.num_workers} workers each)",
         markdown_table(["model", "train loss (first → last)", "val loss", "chance loss", "also"],
                        _pretrain_rows(results, int(data["vocab_size"]))),
         "![BERT loss](bert/loss_curve.png) ![GPT loss](gpt/loss_curve.png)",

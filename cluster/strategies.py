@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.pytorch.utilities.seed import reset_seed
+from lightning.fabric.utilities.seed import reset_seed
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
 
 from cluster.jobs import ClusterConfig

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from data_pipeline.loader import make_loader, read_manifest
 
 from cluster.jobs import FinetuneJob, PretrainJob
-from data_pipeline.loader import make_loader, read_manifest
 from finetune.models.classifier import EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
@@ -98,6 +98,24 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     train, val = _loaders(job, rank, world)
     module = ClassificationModule(model, job.optim, job.trainer.max_steps)
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)
+
+
+def preflight(job: PretrainJob | FinetuneJob) -> None:
+    """Driver-side checks before any worker starts: data present, checkpoints of the right family."""
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    if isinstance(job, PretrainJob):
+        fit_model_to_data(job, manifest)
+        return
+    from finetune.models.warm_start import load_pretrained
+
+    needed = {"encoder_checkpoint": "bert"}
+    if job.task == "translation":
+        needed["decoder_checkpoint"] = "gpt"
+    for key, arch in needed.items():
+        path = getattr(job, key)
+        if not path:
+            raise CheckpointError(f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory")
+        load_pretrained(Path(path), arch)
 
 
 TASKS: dict[str, Callable[[Any, int, int], TaskParts]] = {

@@ -6,6 +6,7 @@ Secrets never enter configs: an online run takes `WANDB_API_KEY` from the enviro
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,7 @@ def ensure_run_id(out_dir: Path) -> str:
     id_file = out_dir / "wandb" / "run_id"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb.util
-
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B run ids: short, lowercase, unique per project
     id_file.write_text(run_id)
     return run_id

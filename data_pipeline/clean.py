@@ -1,0 +1,78 @@
+"""Cleaning, de-duplication keys and the deterministic split, as pure functions over Arrow batches.
+
+`clean_batch` runs as a Ray Data `map_batches` UDF. It never drops a row itself: it records why a row
+would be dropped (`drop`), so the driver can count every dropped row by reason, and it computes the
+exact-duplicate key and the split, both from content (so they do not depend on block boundaries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+import pyarrow as pa
+
+# C0 and C1 control characters (Unicode category Cc) except "\n", which separates segments; "\t" and
+# "\r" are turned into whitespace first.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"[^\S\n]+")  # whitespace other than "\n"
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {"documents": ("text",), "pairs": ("src", "tgt"), "labelled": ("text",)}
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "too_long", "duplicate")
+
+
+def clean_text(text: str, keep_newlines: bool) -> str:
+    """NFC, no control characters, single spaces; documents keep one segment per line, no blank lines."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    text = _CONTROL.sub("", text)
+    if not keep_newlines:
+        return " ".join(text.split())
+    lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+def drop_reason(fields: list[str], min_chars: int, max_chars: int) -> str:
+    """Why a cleaned row is dropped ("" = kept); every text field must pass."""
+    if any(not f for f in fields):
+        return "empty"
+    if any(len(f) < min_chars for f in fields):
+        return "too_short"
+    if any(len(f) > max_chars for f in fields):
+        return "too_long"
+    return ""
+
+
+def content_key(fields: list[str]) -> str:
+    """Exact-duplicate key: rows with identical cleaned text fields share it."""
+    return hashlib.blake2b("\x1f".join(fields).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def assign_split(key: str, seed: int, validation_fraction: float, test_fraction: float) -> str:
+    """Deterministic split from the content key and the seed, independent of row order and blocks."""
+    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64  # uniform in [0, 1)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def clean_batch(batch: pa.Table, kind: str, min_chars: int, max_chars: int, seed: int,
+                validation_fraction: float, test_fraction: float) -> pa.Table:
+    """Ray UDF: clean the text fields in place and add `drop`, `key` and `split` columns."""
+    fields = TEXT_FIELDS[kind]
+    cleaned = {name: [clean_text(t, keep_newlines=kind == "documents") for t in batch.column(name).to_pylist()]
+               for name in fields}
+    if "label" in batch.column_names:
+        cleaned["label"] = [" ".join(t.split()) for t in batch.column("label").to_pylist()]
+    drops, keys, splits = [], [], []
+    for values in zip(*(cleaned[name] for name in fields), strict=True):
+        drops.append(drop_reason(list(values), min_chars, max_chars))
+        keys.append(content_key(list(values)))
+        splits.append(assign_split(keys[-1], seed, validation_fraction, test_fraction))
+    for name, values in cleaned.items():
+        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
+    return batch.append_column("drop", pa.array(drops, pa.string())).append_column(
+        "key", pa.array(keys, pa.string())).append_column("split", pa.array(splits, pa.string()))

@@ -1,0 +1,127 @@
+"""`DataConfig`: the flat, typed settings of `kiln data prepare`, checked before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+
+from data_pipeline.errors import DataError
+from data_pipeline.examples import BUILDERS
+from data_pipeline.sources import SOURCES
+from data_pipeline.tokenizer import TOKENIZER_KINDS
+
+
+@dataclass
+class DataConfig:
+    """Everything `prepare()` needs; the defaults build the built-in sample for the ~10-minute quickstart."""
+
+    source: str = "sample"  # "sample" | "text" | "parallel" | "labelled"
+    # text: files/dirs/globs (.gz ok), one document per blank-line block, one segment per line;
+    # parallel: two line-aligned files (src, tgt) or 2-column TSV files; labelled: TSV/CSV (header)/JSONL.
+    paths: list[str] = field(default_factory=list)
+    text_column: str = "text"
+    label_column: str = "label"
+    seed: int = 0
+    # Sizes of the built-in sample. Documents are capped at what the Python install bundles
+    # (about 160 on CPython 3.11: every pydoc topic plus the longer module docstrings).
+    sample_docs: int = 1000
+    sample_pairs: int = 6000
+    sample_labelled: int = 1500
+    tokenizer: str = "bpe"  # "bpe" (byte-level, like GPT-2) | "wordpiece" | "char"
+    tokenizer_path: str | None = None  # load tokenizer.json / vocab.txt / vocab.json+merges.txt instead of training
+    vocab_size: int = 4096
+    tasks: list[str] = field(default_factory=lambda: ["mlm_nsp", "clm", "translation", "classification"])
+    seq_len: int = 64  # mlm_nsp rows hold at most seq_len tokens; clm blocks seq_len + 1; classification seq_len
+    max_src_len: int = 64  # translation pairs longer than this (in tokens, with [EOS]) are dropped
+    max_tgt_len: int = 64  # ... and with [BOS] and [EOS]
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05  # translation and classification only; documents get train/validation
+    shard_rows: int = 4096
+    min_chars: int = 1  # rows with a text field shorter than this are dropped (counted as too_short)
+    max_chars: int = 100_000  # ... longer than this (too_long); the longest pydoc topic is ~63k
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        self._check_names()
+        self._check_numbers()
+
+    def _check_names(self) -> None:
+        if self.source not in SOURCES:
+            raise DataError(f"source: unknown source {self.source!r}; choose one of {list(SOURCES)}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise DataError(f"tokenizer: unknown kind {self.tokenizer!r}; choose one of {list(TOKENIZER_KINDS)}")
+        if not self.tasks:
+            raise DataError("tasks: at least one task is needed")
+        for task in self.tasks:
+            if task not in BUILDERS:
+                raise DataError(f"tasks: unknown task {task!r}; choose from {list(BUILDERS)}")
+            needs, supplies = BUILDERS[task].input_kind, SOURCES[self.source].kinds
+            if needs not in supplies:
+                raise DataError(f"tasks: source {self.source!r} supplies {list(supplies)}, "
+                                f"but task {task!r} needs {needs}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise DataError(f"tasks: duplicate entries in {self.tasks}")
+        if self.source == "sample" and self.paths:
+            raise DataError("paths: the built-in sample reads no files; use source=text|parallel|labelled")
+        if self.source != "sample" and not self.paths:
+            raise DataError(f"paths: source {self.source!r} needs at least one path")
+        for key in ("text_column", "label_column"):
+            if not getattr(self, key):
+                raise DataError(f"{key}: must not be empty")
+
+    def _check_numbers(self) -> None:
+        minimum = {"sample_docs": 2, "sample_pairs": 1, "sample_labelled": 1, "shard_rows": 1, "min_chars": 0,
+                   "seq_len": 8, "max_src_len": 2, "max_tgt_len": 3, "seed": 0}
+        for key, low in minimum.items():
+            if getattr(self, key) < low:
+                raise DataError(f"{key}: must be >= {low}, got {getattr(self, key)}")
+        if self.max_chars < max(self.min_chars, 1):
+            raise DataError(f"max_chars: must be >= min_chars ({self.min_chars}) and >= 1, got {self.max_chars}")
+        # Byte-level BPE starts from 256 byte symbols; the others need room for an alphabet.
+        low_vocab = 7 + 256 if self.tokenizer == "bpe" else 64
+        if self.tokenizer_path is None and self.vocab_size < low_vocab:
+            raise DataError(f"vocab_size: tokenizer {self.tokenizer!r} needs >= {low_vocab}, got {self.vocab_size}")
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise DataError(f"{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise DataError("validation_fraction: validation_fraction + test_fraction must be < 1 "
+                            f"(got {self.validation_fraction} + {self.test_fraction})")
+
+    def to_dict(self) -> dict[str, typing.Any]:
+        """JSON-ready copy (recorded in the top-level manifest)."""
+        return dataclasses.asdict(self)
+
+
+def _check_types(cfg: DataConfig) -> None:
+    """Reject wrong types early (YAML turns `seq_len: 64x` into a str); ints are accepted for floats."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        hint = hints[f.name]
+        if not _matches(value, hint):
+            raise DataError(f"{f.name}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        if hint is float and isinstance(value, int):
+            setattr(cfg, f.name, float(value))
+
+
+def _matches(value: object, hint: object) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)  # type: ignore[arg-type]
+
+
+def _type_name(hint: object) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

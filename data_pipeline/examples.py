@@ -1,0 +1,185 @@
+"""Example builders: tokenized rows of one split -> training examples in the shard schemas of docs/design.md.
+
+Inputs (token ids carry no special tokens; the builders add them):
+    mlm_nsp         {"segments": list[list[int]]}      one document, one id list per segment (line)
+    clm             {"ids": list[int]}                 one document, tokenized whole
+    translation     {"src_ids", "tgt_ids", "src", "tgt"}
+    classification  {"ids": list[int], "label": int, "text": str}
+`sample_id` is added by the caller, so that it is unique across the splits of a task.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from data_pipeline.errors import DataError
+
+SHORT_SEQ_PROB = 0.1  # BERT: a tenth of the rows are shorter, so fine-tuning on short inputs is not a surprise
+NSP_RANDOM_PROB = 0.5
+_IDS = pa.list_(pa.int32())
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    seq_len: int
+    max_src_len: int
+    max_tgt_len: int
+    special_ids: dict[str, int]  # "[CLS]" -> id, ...
+
+
+Examples = tuple[list[dict], dict[str, int]]  # rows, counters (e.g. rows dropped as too long)
+
+
+# -------------------------------------------------------------------------------------------- mlm_nsp
+
+
+def build_mlm_nsp(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+    """BERT's segment pairs: `[CLS] A [SEP] B [SEP]`, B the true continuation or (half the time) random text."""
+    docs = [[list(s) for s in row["segments"] if len(s)] for row in rows]
+    docs = [d for d in docs if d]
+    if len(docs) < 2:
+        raise DataError(f"tasks: mlm_nsp needs at least 2 non-empty documents in a split, found {len(docs)}")
+    out: list[dict] = []
+    for index in range(len(docs)):
+        out.extend(_document_pairs(docs, index, params.seq_len - 3, params.special_ids, rng))
+    return out, {}
+
+
+def _document_pairs(docs: list[list[list[int]]], index: int, max_tokens: int, special: dict[str, int],
+                    rng: random.Random) -> list[dict]:
+    """Follows BERT's create_instances_from_document: gather segments up to a target length, then split."""
+    doc = docs[index]
+    target = max_tokens if rng.random() >= SHORT_SEQ_PROB else rng.randint(2, max_tokens)
+    out, chunk, length, i = [], [], 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if i == len(doc) - 1 or length >= target:
+            a, b, is_random, unused = _split_chunk(chunk, docs, index, target, rng)
+            i -= unused  # segments not used as B (B was random) start the next chunk, as in BERT
+            _truncate_pair(a, b, max_tokens, rng)
+            out.append(_pair_row(a, b, is_random, special))
+            chunk, length = [], 0
+        i += 1
+    return out
+
+
+def _split_chunk(chunk: list[list[int]], docs: list[list[list[int]]], index: int, target: int,
+                 rng: random.Random) -> tuple[list[int], list[int], bool, int]:
+    """(A, B, B is random, segments of the chunk left unused)."""
+    single = len(chunk) == 1
+    if single and len(chunk[0]) >= 2:
+        # BERT forces a random B when the chunk is one segment; that skews the NSP labels when segments are
+        # long, so cut the segment at a random token instead and keep the coin fair.
+        cut = rng.randint(1, len(chunk[0]) - 1)
+        chunk = [chunk[0][:cut], chunk[0][cut:]]
+    a_end = rng.randint(1, len(chunk) - 1) if len(chunk) > 1 else 1
+    a = [t for seg in chunk[:a_end] for t in seg]
+    if len(chunk) > 1 and rng.random() >= NSP_RANDOM_PROB:
+        return a, [t for seg in chunk[a_end:] for t in seg], False, 0
+    other = docs[_other_index(len(docs), index, rng)]
+    b: list[int] = []
+    for seg in other[rng.randrange(len(other)):]:
+        b.extend(seg)
+        if len(b) >= max(1, target - len(a)):
+            break
+    return a, b, True, 0 if single else len(chunk) - a_end
+
+
+def _other_index(n: int, index: int, rng: random.Random) -> int:
+    other = rng.randrange(n - 1)
+    return other + 1 if other >= index else other
+
+
+def _truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: random.Random) -> None:
+    """BERT's policy: shorten the longer segment, from the front or the back at random."""
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+def _pair_row(a: list[int], b: list[int], is_random: bool, special: dict[str, int]) -> dict:
+    cls, sep = special["[CLS]"], special["[SEP]"]
+    return {"input_ids": [cls, *a, sep, *b, sep], "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
+            "next_sentence_label": int(is_random)}
+
+
+# ------------------------------------------------------------------------------------------------ clm
+
+
+def build_clm(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+    """`[BOS] doc [EOS]` packed end to end, cut into blocks of seq_len + 1 tokens.
+
+    Consecutive blocks share one token (stride seq_len), so every token after the first is a target
+    exactly once; the tail shorter than a block is dropped and counted.
+    """
+    bos, eos = params.special_ids["[BOS]"], params.special_ids["[EOS]"]
+    stream = [t for row in rows for t in (bos, *row["ids"], eos)]
+    step = params.seq_len
+    n_blocks = max(0, (len(stream) - 1) // step)
+    blocks = [{"input_ids": stream[k * step: k * step + step + 1]} for k in range(n_blocks)]
+    return blocks, {"tail_tokens_dropped": max(0, len(stream) - 1 - n_blocks * step) if stream else 0}
+
+
+# ---------------------------------------------------------------------------------------- translation
+
+
+def build_translation(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+    """`src [EOS]` -> `[BOS] tgt [EOS]`; pairs over the length limits are dropped (truncation would mistranslate)."""
+    bos, eos = params.special_ids["[BOS]"], params.special_ids["[EOS]"]
+    out, too_long = [], 0
+    for row in rows:
+        src, tgt = [*row["src_ids"], eos], [bos, *row["tgt_ids"], eos]
+        if len(src) > params.max_src_len or len(tgt) > params.max_tgt_len:
+            too_long += 1
+            continue
+        out.append({"src_ids": src, "tgt_ids": tgt, "src_text": row["src"], "tgt_text": row["tgt"]})
+    return out, {"too_long_tokens": too_long}
+
+
+# ------------------------------------------------------------------------------------- classification
+
+
+def build_classification(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+    """`[CLS] text [SEP]`, the text truncated to seq_len - 2 tokens."""
+    cls, sep = params.special_ids["[CLS]"], params.special_ids["[SEP]"]
+    keep = params.seq_len - 2
+    out = [{"input_ids": [cls, *row["ids"][:keep], sep], "label": row["label"], "text": row["text"]}
+           for row in rows]
+    return out, {"truncated": sum(len(row["ids"]) > keep for row in rows)}
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Builder:
+    input_kind: str  # the source row kind it consumes
+    splits: tuple[str, ...]
+    schema: pa.Schema  # shard schema, sample_id first
+    token_columns: tuple[str, ...]  # summed for the manifest's token counts
+    build: Callable[[list[dict], BuildParams, random.Random], Examples]
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([("sample_id", pa.int64()), *fields])
+
+
+BUILDERS: dict[str, Builder] = {
+    "mlm_nsp": Builder("documents", ("train", "validation"), _schema(
+        ("input_ids", _IDS), ("token_type_ids", pa.list_(pa.int8())), ("next_sentence_label", pa.int8())),
+        ("input_ids",), build_mlm_nsp),
+    "clm": Builder("documents", ("train", "validation"), _schema(("input_ids", _IDS)), ("input_ids",), build_clm),
+    "translation": Builder("pairs", ("train", "validation", "test"), _schema(
+        ("src_ids", _IDS), ("tgt_ids", _IDS), ("src_text", pa.string()), ("tgt_text", pa.string())),
+        ("src_ids", "tgt_ids"), build_translation),
+    "classification": Builder("labelled", ("train", "validation", "test"), _schema(
+        ("input_ids", _IDS), ("label", pa.int32()), ("text", pa.string())), ("input_ids",), build_classification),
+}

@@ -1,0 +1,109 @@
+"""Parquet shards of bounded size, one manifest per task, and the helpers that read them back.
+
+Layout of a task directory (docs/design.md):
+    <task>/manifest.json
+    <task>/<split>/part-00000.parquet ...
+Writing is deterministic (same rows => byte-identical files), so sha256s identify a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_pipeline.errors import DataError
+
+MANIFEST = "manifest.json"
+_PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": False}
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def refuse_non_empty(path: Path) -> None:
+    """Output directories are never overwritten, not even partly."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise DataError(f"{path}: output directory exists and is not empty; choose a new one or remove it")
+
+
+def count_tokens(table: pa.Table, token_columns: tuple[str, ...]) -> int:
+    return sum(int(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0) for c in token_columns)
+
+
+def write_split(table: pa.Table, split_dir: Path, shard_rows: int, token_columns: tuple[str, ...]) -> list[dict]:
+    """Write `table` as part-00000.parquet ... of at most `shard_rows` rows; return their manifest entries.
+
+    An empty split still gets one (empty) shard so that its schema can be read back.
+    """
+    split_dir.mkdir(parents=True, exist_ok=False)
+    shards = []
+    starts = range(0, max(table.num_rows, 1), shard_rows)
+    for number, start in enumerate(starts):
+        part = table.slice(start, shard_rows)
+        path = split_dir / f"part-{number:05d}.parquet"
+        pq.write_table(part, path, row_group_size=max(shard_rows, 1), **_PARQUET_OPTIONS)
+        shards.append({"file": f"{split_dir.name}/{path.name}", "rows": part.num_rows,
+                       "tokens": count_tokens(part, token_columns), "sha256": sha256_file(path)})
+    return shards
+
+
+def write_task(task_dir: Path, task: str, schema: pa.Schema, splits: dict[str, list[dict]], shard_rows: int,
+               token_columns: tuple[str, ...], extra: dict[str, Any] | None = None) -> dict:
+    """Write every split of one task and its manifest.json; returns the manifest."""
+    refuse_non_empty(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {"task": task, "schema": {f.name: str(f.type) for f in schema}, "splits": {}}
+    for split, rows in splits.items():
+        table = pa.Table.from_pylist(rows, schema=schema)
+        shards = write_split(table, task_dir / split, shard_rows, token_columns)
+        manifest["splits"][split] = {"shards": shards, "rows": sum(s["rows"] for s in shards),
+                                     "tokens": sum(s["tokens"] for s in shards)}
+    manifest.update(extra or {})
+    write_json(task_dir / MANIFEST, manifest)
+    return manifest
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict:
+    """A manifest.json, given the file or the directory holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest (was the data prepared with `kiln data prepare`?)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_split(task_dir: str | os.PathLike[str], split: str, columns: list[str] | None = None,
+               verify: bool = False) -> pa.Table:
+    """All rows of one split (only `columns`, if given), in shard order; `verify` checks the sha256s."""
+    task_dir = Path(task_dir)
+    manifest = read_manifest(task_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{task_dir / MANIFEST}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    tables = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = task_dir / shard["file"]
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise DataError(f"{path}: sha256 does not match {task_dir / MANIFEST}; the shard changed or is corrupt")
+        tables.append(pq.read_table(path, columns=columns))
+    return pa.concat_tables(tables)

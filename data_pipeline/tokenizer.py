@@ -1,0 +1,179 @@
+"""Tokenizers: train one of three kinds, or load an existing vocabulary; special tokens at fixed ids.
+
+Kiln-trained tokenizers put `[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 [BOS]=5 [EOS]=6` (docs/design.md).
+A loaded vocabulary (a released BERT `vocab.txt`, GPT-2 `vocab.json`+`merges.txt`) keeps its own ids, so
+that released weights still line up; the special tokens it lacks are appended. Either way
+`special_token_ids()` gives the ids and the top-level manifest records them.
+
+No post-processor is installed: encoding never adds [CLS]/[SEP]; the example builders add special
+tokens explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+
+import pyarrow as pa
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from data_pipeline.errors import DataError
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]")
+FIXED_SPECIAL_IDS: dict[str, int] = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+_MIN_PAIR_FREQUENCY = 2  # a merge seen once is noise, not vocabulary
+
+
+def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE as in GPT-2: every string is representable and decode(encode(x)) == x."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _train_wordpiece(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Cased BERT-style WordPiece (whitespace and punctuation are split off, so decoding is not exact)."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _train_char(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """One token per character: the most frequent `vocab_size - 7` characters, the rest [UNK]."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(text)
+    chars = sorted(counts, key=lambda c: (-counts[c], c))[: vocab_size - len(SPECIAL_TOKENS)]
+    vocab = {**FIXED_SPECIAL_IDS, **{c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tok.decoder = decoders.Fuse()  # concatenate, no spaces between characters
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+TOKENIZER_KINDS: dict[str, Callable[[Iterator[str], int], Tokenizer]] = {
+    "bpe": _train_bpe,
+    "wordpiece": _train_wordpiece,
+    "char": _train_char,
+}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a tokenizer of `kind` on `texts`; special tokens get the fixed ids 0..6."""
+    if kind not in TOKENIZER_KINDS:
+        raise DataError(f"tokenizer: unknown kind {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}")
+    tok = TOKENIZER_KINDS[kind](iter(texts), vocab_size)
+    ids = special_token_ids(tok)
+    if ids != FIXED_SPECIAL_IDS:  # the trainers put special tokens first; this guards that contract
+        raise RuntimeError(f"special tokens landed at {ids}, expected {FIXED_SPECIAL_IDS}")
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Load a tokenizer.json, or a directory holding tokenizer.json, vocab.txt or vocab.json + merges.txt."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name, loader in (("tokenizer.json", Tokenizer.from_file), ("vocab.txt", _load_wordpiece_vocab),
+                             ("vocab.json", _load_bpe_vocab)):
+            if os.path.isfile(os.path.join(path, name)):
+                return _with_special_tokens(loader(os.path.join(path, name)))
+        raise DataError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory (tokenizer_path)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or directory (tokenizer_path)")
+    try:
+        return _with_special_tokens(Tokenizer.from_file(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise DataError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """The id of each Kiln special token in `tok` (all must be present)."""
+    ids = {token: tok.token_to_id(token) for token in SPECIAL_TOKENS}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise DataError(f"tokenizer lacks special tokens {missing}")
+    return ids  # type: ignore[return-value]
+
+
+def _load_wordpiece_vocab(vocab_path: str) -> Tokenizer:
+    """A BERT vocab.txt; lower-cases input when the vocabulary has no upper-case word (an uncased model)."""
+    tok = Tokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]"))
+    config_path = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            lowercase = bool(json.load(f).get("do_lower_case", True))
+    else:
+        lowercase = not any(t.lower() != t for t in tok.get_vocab() if not t.startswith("["))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    return tok
+
+
+def _load_bpe_vocab(vocab_path: str) -> Tokenizer:
+    """GPT-2 style vocab.json + merges.txt (gives GPT-2's exact ids, see the design sketch)."""
+    merges = os.path.join(os.path.dirname(vocab_path), "merges.txt")
+    if not os.path.isfile(merges):
+        raise DataError(f"{merges}: missing (vocab.json needs merges.txt beside it) (tokenizer_path)")
+    tok = Tokenizer(models.BPE.from_file(vocab_path, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _with_special_tokens(tok: Tokenizer) -> Tokenizer:
+    """Append the special tokens a loaded vocabulary lacks, and mark all of them special."""
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.post_processor = None  # builders add special tokens themselves
+    return tok
+
+
+# ------------------------------------------------------------------------------------ batch encoding
+
+_CACHE: dict[int, Tokenizer] = {}  # per worker process: parse the tokenizer JSON once, not once per batch
+
+
+def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bool, whole: bool) -> pa.Table:
+    """Ray UDF: add token-id columns (no special tokens) to a cleaned batch of one row kind.
+
+    documents: `segments` (one id list per line, for mlm_nsp) and/or `ids` (the whole text, for clm);
+    pairs: `src_ids`, `tgt_ids`; labelled: `ids`.
+    """
+    key = hash(tokenizer_json)
+    tok = _CACHE.get(key) or _CACHE.setdefault(key, Tokenizer.from_str(tokenizer_json))
+    ids_type = pa.list_(pa.int32())
+    if kind == "pairs":
+        for name in ("src", "tgt"):
+            batch = batch.append_column(f"{name}_ids", pa.array(_encode(tok, batch.column(name).to_pylist()), ids_type))
+        return batch
+    texts = batch.column("text").to_pylist()
+    if kind == "documents" and segments:
+        lines = [t.split("\n") for t in texts]
+        # A leading space makes a segment's first word tokenize as it does mid-text (byte-level BPE's
+        # "ĠWord", not "Word"), so A and B read naturally when concatenated; WordPiece ignores it.
+        flat = _encode(tok, [" " + line for doc in lines for line in doc])
+        grouped, start = [], 0
+        for doc in lines:
+            grouped.append(flat[start: start + len(doc)])
+            start += len(doc)
+        batch = batch.append_column("segments", pa.array(grouped, pa.list_(ids_type)))
+    if kind != "documents" or whole:
+        batch = batch.append_column("ids", pa.array(_encode(tok, texts), ids_type))
+    return batch
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]

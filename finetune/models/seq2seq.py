@@ -1,0 +1,138 @@
+"""Warm-started encoder-decoder for translation (Rothe et al., 2020, "Leveraging Pre-trained Checkpoints
+for Sequence Generation Tasks"): a pretrained BERT encoder and a pretrained GPT decoder, joined by freshly
+initialised cross-attention in every decoder block.
+
+Source and target share the one Kiln tokenizer (docs/design.md): the data pipeline trains a single
+vocabulary over every task, so the encoder's input embeddings, the decoder's input embeddings and its tied
+output projection all index the same ids. That is what makes warm-starting both halves possible at all, and
+why `Seq2SeqConfig` insists that encoder and decoder have the same vocab_size and `from_pretrained` that the
+two checkpoints carry the same tokenizer.json.
+
+Sequence formats (docs/design.md): the source is `src [EOS]`, the decoder input `[BOS] y`, the target `y [EOS]`.
+
+Read top to bottom: config → model (encode, forward, decode_step, reorder_cache) → from_pretrained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from finetune.models.warm_start import check_same_tokenizer, config_from_dict, copy_matching, load_pretrained
+from pretrain.models.bert import BertConfig, BertModel, init_bert_module
+from pretrain.models.gpt import GPTConfig, GPTLMHeadModel, KVCache, reorder_cache
+
+
+def _default_decoder() -> GPTConfig:
+    return GPTConfig(vocab_size=BertConfig.vocab_size, add_cross_attention=True)
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Encoder (BERT) and decoder (GPT with cross-attention) configs. Round-trips through
+    `dataclasses.asdict`: `Seq2SeqConfig(**asdict(cfg))` rebuilds the nested configs from their dicts."""
+
+    arch: str = "seq2seq_warm"
+    encoder: BertConfig = field(default_factory=BertConfig)
+    decoder: GPTConfig = field(default_factory=_default_decoder)
+
+    def __post_init__(self) -> None:
+        if self.arch != "seq2seq_warm":
+            raise ValueError(f"Seq2SeqConfig.arch must be 'seq2seq_warm', got {self.arch!r}")
+        self.encoder = config_from_dict(BertConfig, self.encoder, "Seq2SeqConfig.encoder")
+        self.decoder = config_from_dict(GPTConfig, self.decoder, "Seq2SeqConfig.decoder")
+        if not self.decoder.add_cross_attention:
+            raise ValueError("Seq2SeqConfig.decoder.add_cross_attention must be True (the decoder attends to the "
+                             "encoder through it)")
+        if self.encoder.vocab_size != self.decoder.vocab_size:
+            raise ValueError(f"Seq2SeqConfig: encoder.vocab_size={self.encoder.vocab_size} != decoder.vocab_size="
+                             f"{self.decoder.vocab_size}; source and target share one tokenizer")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Seq2SeqConfig:
+        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
+        return config_from_dict(cls, values, "Seq2SeqConfig")
+
+
+def _is_fresh_decoder_tensor(name: str) -> bool:
+    return ".crossattention." in name or ".ln_cross_attn." in name
+
+
+class WarmStartedSeq2Seq(nn.Module):
+    """BERT encoder → (projection if widths differ) → GPT decoder with cross-attention → logits.
+
+    Implements the decoding protocol of `finetune.decode` (encode / decode_step / reorder_cache).
+    """
+
+    def __init__(self, config: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = BertModel(config.encoder)
+        # BertModel always computes the pooled [CLS] output, which a seq2seq loss never reaches. Frozen, it
+        # gets no gradient by design, so DDP does not wait for one (no find_unused_parameters needed) and the
+        # optimiser skips it. Its weights still round-trip through checkpoints.
+        for p in self.encoder.pooler.parameters():
+            p.requires_grad_(False)
+        enc_width, dec_width = config.encoder.hidden_size, config.decoder.n_embd
+        # HF EncoderDecoderModel's name for the same projection.
+        self.enc_to_dec_proj: nn.Module = nn.Linear(enc_width, dec_width) if enc_width != dec_width else nn.Identity()
+        self.decoder = GPTLMHeadModel(config.decoder)
+        self._init_projection()
+
+    def _init_projection(self) -> None:
+        init_bert_module(self.enc_to_dec_proj, self.config.encoder.initializer_range)
+
+    def init_weights(self) -> None:
+        """(Re)initialise everything in place; the second half of a meta-device build."""
+        self.encoder.init_weights()
+        self.decoder.init_weights()
+        self._init_projection()
+
+    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
+        """(B,S) source ids and mask (1 = real) -> memory (B,S,C) in the decoder's width."""
+        hidden, _ = self.encoder(src_ids, attention_mask=src_mask)  # (B,S,H)
+        return self.enc_to_dec_proj(hidden)  # (B,S,C)
+
+    def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits (B,U,V) for every decoder input position."""
+        memory = self.encode(src_ids, src_mask)
+        logits, _ = self.decoder(tgt_in, encoder_hidden_states=memory, encoder_attention_mask=src_mask)
+        return logits
+
+    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor,
+                    cache: list[KVCache] | None) -> tuple[Tensor, list[KVCache]]:
+        """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache.
+
+        The first call (cache None) projects `memory` to cross-attention keys/values once per block; the
+        cache carries them, so later steps only run the new token's self-attention over the cached keys.
+        """
+        logits, presents = self.decoder(tgt_ids, past_key_values=cache, encoder_hidden_states=memory,
+                                        encoder_attention_mask=src_mask, use_cache=True)
+        assert presents is not None  # use_cache=True always returns the cache
+        return logits[:, -1], presents  # (N,t,V) -> (N,V)
+
+    def reorder_cache(self, cache: list[KVCache], index: Tensor) -> list[KVCache]:
+        return reorder_cache(cache, index)
+
+    @classmethod
+    def from_pretrained(cls, bert_ckpt: Path, gpt_ckpt: Path) -> tuple[WarmStartedSeq2Seq, list[str]]:
+        """Encoder from a BERT pretraining checkpoint (its `bert.*` weights; the MLM/NSP heads are dropped),
+        decoder from a GPT checkpoint; cross-attention (and the projection) initialised fresh.
+
+        Returns the model and the names of the freshly initialised tensors. Raises CheckpointError when a
+        checkpoint is of the wrong family, the tokenizers differ, or any other tensor differs in name or shape.
+        """
+        bert, gpt = load_pretrained(bert_ckpt, "bert"), load_pretrained(gpt_ckpt, "gpt")
+        check_same_tokenizer(bert_ckpt, gpt_ckpt)
+        config = Seq2SeqConfig(encoder=bert.model_config, decoder=replace(gpt.model_config, add_cross_attention=True))
+        model = cls(config)
+        enc_source = {k.removeprefix("bert."): v for k, v in bert.model.state_dict().items() if k.startswith("bert.")}
+        copy_matching(model.encoder, enc_source, f"{bert_ckpt} (encoder)", lambda name: False)
+        new = copy_matching(model.decoder, gpt.model.state_dict(), f"{gpt_ckpt} (decoder)", _is_fresh_decoder_tensor)
+        new = [f"decoder.{name}" for name in new]
+        new += [f"enc_to_dec_proj.{name}" for name, _ in model.enc_to_dec_proj.named_parameters()]
+        return model, new
+

@@ -1,0 +1,75 @@
+"""Copy pretrained weights into a fine-tuning model by name, refusing anything that does not line up.
+
+Shared by the warm-started seq2seq model and the classifier: both take some tensors from a pretraining
+checkpoint, initialise a few new ones (cross-attention, heads), and must report exactly which ones are new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+
+_SHOW = 5  # how many offending names an error message lists
+
+
+def config_from_dict(config_cls: type, values: Any, where: str) -> Any:
+    """Rebuild a (flat) config dataclass from its `asdict` form; unknown keys are an error naming them."""
+    if isinstance(values, config_cls):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {config_cls.__name__}")
+    return config_cls(**values)
+
+
+def load_pretrained(path: Path, expected_arch: str) -> LoadedCheckpoint:
+    """Load (and sha256-verify) a pretraining checkpoint and insist on its model family."""
+    ckpt = load_checkpoint(Path(path))
+    arch = getattr(ckpt.model_config, "arch", None)
+    if arch != expected_arch:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: arch is {arch!r}, but a {expected_arch!r} checkpoint "
+                              f"is needed here (were the encoder and decoder checkpoints swapped?)")
+    return ckpt
+
+
+def check_same_tokenizer(first: Path, second: Path) -> None:
+    """Encoder and decoder must have been pretrained on the one shared tokenizer (docs/design.md)."""
+    a, b = Path(first) / "tokenizer.json", Path(second) / "tokenizer.json"
+    if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+        raise CheckpointError(f"{a} and {b} differ: encoder and decoder must share one tokenizer (docs/design.md)")
+
+
+def copy_matching(target: nn.Module, source: dict[str, Tensor], where: str,
+                  is_new: Callable[[str], bool]) -> list[str]:
+    """Load `source` into `target` by name; return the names of `target` that `source` lacks.
+
+    Every name of `source` must exist in `target` with the same shape, and every name missing from
+    `source` must satisfy `is_new` (e.g. cross-attention): anything else means the checkpoint does not
+    belong to this architecture, and a silent partial load would train a half-random model.
+    """
+    wanted = target.state_dict()
+    unexpected = sorted(set(source) - set(wanted))
+    missing = [k for k in wanted if k not in source]
+    not_new = [k for k in missing if not is_new(k)]
+    if unexpected or not_new:
+        raise CheckpointError(f"{where}: tensors do not match the model: missing {len(not_new)} "
+                              f"(e.g. {not_new[:_SHOW]}), unexpected {len(unexpected)} (e.g. {unexpected[:_SHOW]})")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(wanted[k].shape)}"
+             for k, v in source.items() if v.shape != wanted[k].shape]
+    if wrong:
+        raise CheckpointError(f"{where}: {len(wrong)} tensor shapes differ, e.g. {wrong[:_SHOW]}")
+    with torch.no_grad():
+        for name, tensor in wanted.items():
+            if name in source:
+                tensor.copy_(source[name])  # state_dict tensors share storage with the parameters
+    return missing

@@ -1,0 +1,83 @@
+"""Fine-tuning LightningModules on top of `pretrain.module.KilnModule` (which logs, times and builds AdamW).
+
+Each module implements `compute(batch, stage)` with the batch formats of docs/design.md; the losses are plain
+functions below so that they can be tested and reused without Lightning. BLEU needs decoding, which is far
+slower than a teacher-forced validation step, so it is computed after training with
+`finetune.translate.evaluate_translation`, not per validation epoch.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pretrain.module import KilnModule, require_keys
+from pretrain.optim import OptimConfig
+
+IGNORE_INDEX = -100  # tgt_out at padding (docs/design.md)
+
+
+def translation_loss(logits: Tensor, tgt_out: Tensor, label_smoothing: float) -> dict[str, Tensor]:
+    """Label-smoothed cross-entropy over the non-ignored target positions.
+
+    logits (B,U,V), tgt_out (B,U) with -100 at padding. `loss` is what is optimised (smoothed); `nll` is the
+    plain cross-entropy, so `ppl` = exp(nll) is a true perplexity and comparable across smoothing settings.
+    """
+    flat_logits = logits.reshape(-1, logits.size(-1)).float()  # (B*U, V)
+    flat_tgt = tgt_out.reshape(-1)  # (B*U,)
+    loss = F.cross_entropy(flat_logits, flat_tgt, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        nll = F.cross_entropy(flat_logits, flat_tgt, ignore_index=IGNORE_INDEX)
+        real = flat_tgt != IGNORE_INDEX
+        acc = (flat_logits.argmax(dim=-1)[real] == flat_tgt[real]).float().mean()
+    return {"loss": loss, "nll": nll, "acc": acc, "ppl": torch.exp(nll)}
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Cross-entropy and accuracy; logits (B, num_labels), labels (B,)."""
+    loss = F.cross_entropy(logits.float(), labels)
+    with torch.no_grad():
+        acc = (logits.argmax(dim=-1) == labels).float().mean()
+    return {"loss": loss, "acc": acc}
+
+
+class TranslationModule(KilnModule):
+    """Teacher-forced training of an encoder-decoder (e.g. WarmStartedSeq2Seq) on `translation` batches.
+
+    Logs `{stage}/loss` (label-smoothed), `nll`, `acc` (token accuracy) and `ppl`.
+    """
+
+    PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "nll"}
+    PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("src_ids", "src_mask", "tgt_in", "tgt_out")
+
+    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int,
+                 label_smoothing: float = 0.1) -> None:
+        super().__init__(model, optim_cfg, total_steps)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        require_keys(batch, self.BATCH_KEYS, "TranslationModule")
+        logits = self.model(batch["src_ids"], batch["src_mask"], batch["tgt_in"])  # (B,U,V)
+        return translation_loss(logits, batch["tgt_out"], self.label_smoothing)
+
+    def count_tokens(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["src_mask"].sum()) + int((batch["tgt_out"] != IGNORE_INDEX).sum())
+
+
+class ClassificationModule(KilnModule):
+    """Sequence classification (e.g. EncoderClassifier) on `classification` batches; logs loss and acc."""
+
+    PERPLEXITY_OF: ClassVar[dict[str, str]] = {}
+    PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "labels")
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        require_keys(batch, self.BATCH_KEYS, "ClassificationModule")
+        logits = self.model(batch["input_ids"], batch["attention_mask"])  # (B, num_labels)
+        return classification_loss(logits, batch["labels"])

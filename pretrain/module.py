@@ -1,0 +1,187 @@
+"""LightningModules that wrap the plain models. Lightning lives here, never in `pretrain/models/`.
+
+`KilnModule` is the shared base (pretraining here, fine-tuning in `finetune/`). A subclass:
+  - passes `model: nn.Module, optim_cfg: OptimConfig, total_steps: int` to `KilnModule.__init__`;
+  - implements `compute(batch, stage) -> dict[str, Tensor]` returning at least `loss` (differentiable when
+    stage == "train"); every other value is a scalar metric;
+  - may override `count_tokens(batch) -> int` (tokens/s; default: sum of `attention_mask`, else numel of
+    `input_ids`), `PERPLEXITY_OF` and `PROG_BAR`.
+The base then
+  - training: logs every key as `train/<key>` each step, plus `train/lr` and `train/tokens_per_s` (wall clock
+    from the end of one optimizer step to the end of the next, times world size: a global estimate);
+  - validation / test: accumulates every key weighted by batch size, sums the totals over all ranks, and logs
+    `val/<key>` (`test/<key>`) once per epoch; a perplexity key named in PERPLEXITY_OF is logged as exp(mean
+    loss) rather than the mean of per-batch perplexities;
+  - configures AdamW + the per-step schedule with `pretrain.optim.build_optimizer`.
+Gradient clipping is the Trainer's (`gradient_clip_val = OptimConfig.grad_clip`), never done here.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
+from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
+from pretrain.optim import OptimConfig, build_optimizer
+
+
+def require_keys(batch: dict[str, Tensor], keys: Iterable[str], who: str) -> None:
+    """A clear error instead of a bare KeyError deep inside a step."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"{who}: batch is missing {missing}; it has {sorted(batch)} (batch formats: docs/design.md)")
+
+
+def batch_size_of(batch: dict[str, Tensor]) -> int:
+    if "sample_id" in batch:
+        return int(batch["sample_id"].size(0))
+    return int(next(v for v in batch.values() if isinstance(v, Tensor)).size(0))
+
+
+class KilnModule(L.LightningModule, ABC):
+    PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "loss"}  # perplexity key -> the loss key it is exp of
+    PROG_BAR: ClassVar[tuple[str, ...]] = ("loss",)
+
+    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int) -> None:
+        super().__init__()
+        if total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.total_steps = total_steps
+        self._t_last: float | None = None
+        self._tokens = 0
+        self._eval_sums: dict[str, Tensor] = {}
+        self._eval_rows = 0
+
+    @abstractmethod
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """Loss and metrics of one batch; stage is "train", "val" or "test"."""
+
+    def count_tokens(self, batch: dict[str, Tensor]) -> int:
+        if "attention_mask" in batch:
+            return int(batch["attention_mask"].sum())
+        if "input_ids" in batch:
+            return batch["input_ids"].numel()
+        return 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ---- training ----
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.compute(batch, "train")
+        n = batch_size_of(batch)
+        for key, value in out.items():
+            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False, prog_bar=key in self.PROG_BAR,
+                     batch_size=n)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 batch_size=n)
+        self._tokens += self.count_tokens(batch)
+        return out["loss"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._t_last is None:
+            self._t_last = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None and now > self._t_last:
+            rate = self._tokens * self.trainer.world_size / (now - self._t_last)
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=batch_size_of(batch))
+        self._t_last, self._tokens = now, 0
+
+    def on_validation_start(self) -> None:
+        self._t_last = None  # time spent validating is not training throughput
+
+    # ---- validation / test ----
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums, self._eval_rows = {}, 0
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums, self._eval_rows = {}, 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        out = self.compute(batch, stage)
+        n = batch_size_of(batch)
+        for key, value in out.items():
+            self._eval_sums[key] = self._eval_sums.get(key, 0.0) + value.detach().float() * n
+        self._eval_rows += n
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        """Batch-size-weighted means over every rank. The sums are all-reduced here, so the values logged
+        are already global (every rank serves the same number of batches, so every rank reaches this
+        collective; see data_pipeline.loader)."""
+        if not self._eval_sums:
+            return
+        keys = sorted(self._eval_sums)
+        local = torch.stack([self._eval_sums[k] for k in keys] + [torch.tensor(float(self._eval_rows))]
+                            ).to(self.device)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        means = {k: total[i] / total[-1] for i, k in enumerate(keys)}
+        for ppl_key, loss_key in self.PERPLEXITY_OF.items():
+            if ppl_key in means and loss_key in means:
+                means[ppl_key] = torch.exp(means[loss_key])
+        for key, value in means.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in self.PROG_BAR, sync_dist=False)
+
+
+class BertPretrainModule(KilnModule):
+    """MLM + NSP on `mlm_nsp` batches; the MLM head runs only at the masked positions."""
+
+    PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "mlm_loss"}
+    PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "mlm_acc")
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
+                                             "next_sentence_label")
+
+    def __init__(self, model_cfg: BertConfig, optim_cfg: OptimConfig, total_steps: int) -> None:
+        super().__init__(BertForPreTraining(model_cfg), optim_cfg, total_steps)
+        self.model_cfg = model_cfg
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        require_keys(batch, self.BATCH_KEYS, "BertPretrainModule")
+        positions = masked_positions_from_labels(batch["mlm_labels"])
+        out = self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions)
+        metrics = mlm_nsp_loss(out, batch["mlm_labels"], batch["next_sentence_label"], positions)
+        metrics["ppl"] = metrics.pop("mlm_ppl")
+        return metrics
+
+
+class GPTPretrainModule(KilnModule):
+    """Causal LM on `clm` batches (labels already shifted by the loader)."""
+
+    PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
+
+    def __init__(self, model_cfg: GPTConfig, optim_cfg: OptimConfig, total_steps: int) -> None:
+        super().__init__(GPTLMHeadModel(model_cfg), optim_cfg, total_steps)
+        self.model_cfg = model_cfg
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        require_keys(batch, ("input_ids", "labels"), "GPTPretrainModule")
+        logits, _ = self.model(batch["input_ids"])
+        return clm_loss(logits, batch["labels"])
+

@@ -1,0 +1,62 @@
+"""The `kiln` command line as a user runs it: --help everywhere, exit code 2 and one line for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import build_parser
+from cluster.config import ConfigError
+from cluster.rundir import MARKER, prepare_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs", "quickstart"]
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_every_subcommand() -> None:
+    text = build_parser().format_help()
+    for name in ["data", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs", "quickstart"]:
+        assert name in text
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+
+
+def test_unknown_key_exits_2_with_one_line() -> None:
+    result = kiln("pretrain", "--config", "configs/tiny-bert.yaml", "trainer.max_stepz=5")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "trainer.max_stepz" in lines[0] and "trainer.max_steps" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_print_config_prints_resolved_yaml() -> None:
+    result = kiln("pretrain", "--config", "configs/tiny-gpt.yaml", "trainer.max_steps=7", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 7" in result.stdout and "arch: gpt" in result.stdout
+
+
+def test_run_dir_refuses_foreign_non_empty_dirs(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        prepare_run_dir(tmp_path)
+    with pytest.raises(ConfigError, match="not a Kiln run directory"):
+        prepare_run_dir(tmp_path, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    run = prepare_run_dir(tmp_path / "run")
+    (run / "old.txt").write_text("old")
+    prepare_run_dir(run, overwrite=True)
+    assert not (run / "old.txt").exists() and (run / MARKER).is_file()

@@ -1,0 +1,97 @@
+"""Config loading: typed dataclasses from YAML + dotted overrides; every bad key or type rejected up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_override, to_dict
+from cluster.jobs import FinetuneJob, PretrainJob, QuickstartJob
+from pretrain.models.bert import BertConfig
+from pretrain.models.gpt import GPTConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(recipe: Path) -> None:
+    from cluster.cli import build_parser  # noqa: F401 — the CLI module must import without side effects
+
+    cls = {"quickstart": QuickstartJob, "translation": FinetuneJob, "classification": FinetuneJob}.get(recipe.stem)
+    if recipe.stem == "data-sample":
+        from cluster.jobs import PrepareJob as cls  # noqa: N813
+    load_config(cls or PretrainJob, recipe)
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_stepz' \(did you mean 'trainer.max_steps'\?\)"):
+        load_config(PretrainJob, CONFIGS / "tiny-bert.yaml", ["trainer.max_stepz=5"])
+    with pytest.raises(ConfigError, match=r"job.yaml: unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+        load_config(PretrainJob, write(tmp_path, "optim: {lrr: 0.1}\n"))
+
+
+def test_wrong_type_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'trainer.max_steps' must be an integer, got str 'many'"):
+        load_config(PretrainJob, None, ["trainer.max_steps=many"])
+    with pytest.raises(ConfigError, match=r"'cluster.use_gpu' must be true or false"):
+        load_config(PretrainJob, write(tmp_path, "cluster: {use_gpu: 3}\n"))
+    with pytest.raises(ConfigError, match=r"'trainer' must be a mapping"):
+        load_config(PretrainJob, write(tmp_path, "trainer: 5\n"))
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "trainer:\n  max_steps: 5\n  batch_size: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:\d+: malformed YAML"):
+        load_config(PretrainJob, path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(PretrainJob, tmp_path / "absent.yaml")
+
+
+def test_overrides_are_typed_yaml_scalars() -> None:
+    assert parse_override("trainer.max_steps=50") == ("trainer.max_steps", 50)
+    assert parse_override("optim.lr=1e-4") == ("optim.lr", "1e-4")  # YAML 1.1: needs a dot to be a float
+    cfg = load_config(PretrainJob, None, ["optim.lr=0.0001", "wandb.tags=[a, b]", "cluster.address=null"])
+    assert cfg.optim.lr == 1e-4 and cfg.wandb.tags == ["a", "b"] and cfg.cluster.address is None
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_override("trainer.max_steps")
+
+
+def test_preset_then_explicit_keys_win() -> None:
+    cfg = load_config(PretrainJob, None, ["model.preset=mini", "model.num_hidden_layers=3"])
+    assert isinstance(cfg.model, BertConfig)
+    assert (cfg.model.hidden_size, cfg.model.num_hidden_layers) == (256, 3)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config(PretrainJob, None, ["model.preset=huge"])
+
+
+def test_model_family_is_chosen_by_arch() -> None:
+    cfg = load_config(PretrainJob, CONFIGS / "tiny-gpt.yaml")
+    assert isinstance(cfg.model, GPTConfig) and cfg.model.n_embd == 128
+    with pytest.raises(ConfigError, match="unknown architecture 't5'"):
+        load_config(PretrainJob, None, ["model.arch=t5"])
+    with pytest.raises(ConfigError, match="task 'clm' trains a 'gpt' model"):
+        load_config(PretrainJob, None, ["task=clm"])  # default model is a BERT
+
+
+def test_validation_errors_name_the_section() -> None:
+    with pytest.raises(ConfigError, match=r"cluster: 'strategy': unknown strategy 'fsdp'"):
+        load_config(PretrainJob, None, ["cluster.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="data: source"):
+        load_config(QuickstartJob, None, ["data.source=nowhere"])
+
+
+def test_resolved_config_round_trips() -> None:
+    cfg = load_config(QuickstartJob, CONFIGS / "quickstart.yaml")
+    again = load_config(QuickstartJob, None, [])
+    assert isinstance(to_dict(cfg), dict)
+    from cluster.config import build
+
+    assert build(QuickstartJob, to_dict(cfg)) == cfg
+    assert again != cfg  # the recipe is what the quickstart runs, not the bare defaults

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
+
+
+def test_defaults_are_valid_and_serialisable() -> None:
+    cfg = DataConfig()
+    assert cfg.source == "sample" and cfg.tasks == ["mlm_nsp", "clm", "translation", "classification"]
+    assert cfg.to_dict()["vocab_size"] == 4096
+    assert DataConfig(validation_fraction=0).validation_fraction == 0.0  # ints accepted for floats, stored as float
+    assert isinstance(DataConfig(validation_fraction=0).validation_fraction, float)
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"source": "web"}, "source"),
+    ({"tokenizer": "sentencepiece"}, "tokenizer"),
+    ({"tasks": ["mlm_nsp", "summarisation"]}, "tasks"),
+    ({"tasks": []}, "tasks"),
+    ({"tasks": ["clm", "clm"]}, "tasks"),
+    ({"source": "text", "paths": ["a.txt"], "tasks": ["translation"]}, "tasks"),
+    ({"source": "text", "tasks": ["clm"]}, "paths"),
+    ({"paths": ["a.txt"]}, "paths"),
+    ({"seq_len": 4}, "seq_len"),
+    ({"seq_len": "64"}, "seq_len"),
+    ({"seq_len": True}, "seq_len"),
+    ({"paths": "a.txt", "source": "text"}, "paths"),
+    ({"vocab_size": 100}, "vocab_size"),
+    ({"validation_fraction": 1.0}, "validation_fraction"),
+    ({"validation_fraction": 0.6, "test_fraction": 0.5}, "validation_fraction"),
+    ({"test_fraction": -0.1}, "test_fraction"),
+    ({"min_chars": 10, "max_chars": 5}, "max_chars"),
+    ({"shard_rows": 0}, "shard_rows"),
+    ({"tokenizer_path": 3}, "tokenizer_path"),
+    ({"text_column": ""}, "text_column"),
+])
+def test_bad_values_name_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(DataError, match=rf"^{key}: "):
+        DataConfig(**kwargs)
+
+
+def test_char_and_wordpiece_accept_small_vocabularies() -> None:
+    assert DataConfig(tokenizer="char", vocab_size=100).vocab_size == 100
+    with pytest.raises(DataError, match="vocab_size"):
+        DataConfig(tokenizer="bpe", vocab_size=200)  # below 256 bytes + 7 special tokens

@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pretrain.checkpoint import (
+    ARCHITECTURES,
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+    sha256_file,
+)
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
+from pretrain.optim import OptimConfig, build_optimizer
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path: Path) -> Path:
+    f = tmp_path / "data" / "tokenizer.json"
+    f.parent.mkdir()
+    f.write_text('{"version": "1.0", "model": {}}')
+    return f
+
+
+def bert() -> tuple[BertForPreTraining, BertConfig]:
+    cfg = BertConfig.from_preset("tiny", vocab_size=40)
+    return BertForPreTraining(cfg), cfg
+
+
+def gpt() -> tuple[GPTLMHeadModel, GPTConfig]:
+    cfg = GPTConfig.from_preset("tiny", vocab_size=40, n_inner=96)
+    return GPTLMHeadModel(cfg), cfg
+
+
+def trained_state(model: nn.Module) -> dict:
+    opt, sched = build_optimizer(model, OptimConfig(warmup_steps=2), total_steps=10)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sched.step()
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 1,
+            "loader": {"epoch": 0, "batches_served": 1}, "rng": capture_rng_state()}
+
+
+@pytest.mark.parametrize("make, head, embedding", [
+    (bert, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+    (gpt, "lm_head.weight", "transformer.wte.weight"),
+])
+def test_round_trip_is_bitwise_and_reties(tmp_path: Path, tokenizer_file: Path, make, head: str,
+                                          embedding: str) -> None:
+    model, cfg = make()
+    state = trained_state(model)
+    job = {"trainer": {"max_steps": 10}, "seed": 3}
+    data_manifest = tokenizer_file.parent / "manifest.json"
+    data_manifest.write_text("{}")
+    out = save_checkpoint(tmp_path / "ckpt" / "step-1", model, cfg, tokenizer_file, job, state, data_manifest)
+    assert out == tmp_path / "ckpt" / "step-1"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-1"]  # no .tmp-* left behind
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert embedding in f.keys() and head not in f.keys()  # the tied matrix is stored once
+
+    loaded = load_checkpoint(out)
+    assert loaded.arch == cfg.arch and loaded.model_config == cfg and loaded.job_config == job
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert loaded.tokenizer_file == out / "tokenizer.json"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data_manifest"]["sha256"] == sha256_file(data_manifest) and manifest["step"] == 1
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "tokenizer.json", "trainer_state/state.pt"}
+
+    original = model.state_dict()
+    assert set(loaded.state_dict) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(loaded.state_dict[name], tensor), name
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name
+    assert loaded.model.get_parameter(head) is loaded.model.get_parameter(embedding)  # re-tied
+
+    restored = loaded.trainer_state()
+    opt, sched = build_optimizer(loaded.model, OptimConfig(warmup_steps=2), total_steps=10)
+    opt.load_state_dict(restored["optimizer"])
+    sched.load_state_dict(restored["scheduler"])
+    assert sched.last_epoch == 1 and restored["loader"] == {"epoch": 0, "batches_served": 1}
+    torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    path = save_checkpoint(tmp_path / "c", model, cfg, None, trainer_state={"rng": capture_rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(path).trainer_state()["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_tampered_file_is_detected_and_named(tmp_path: Path, tokenizer_file: Path) -> None:
+    model, cfg = bert()
+    path = save_checkpoint(tmp_path / "c", model, cfg, tokenizer_file)
+    load_checkpoint(path)
+    original = (path / "model.safetensors").read_bytes()
+    flipped = bytearray(original)
+    flipped[-3] ^= 1  # one bit of one weight
+    (path / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 mismatch"):
+        load_checkpoint(path)
+    (path / "model.safetensors").write_bytes(original)
+    load_checkpoint(path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json: listed in manifest\.json but missing"):
+        load_checkpoint(path)
+
+
+def test_listing_ignores_tmp_and_incomplete_dirs_and_prunes(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    root = tmp_path / "ckpts"
+    saved = [save_checkpoint(root / f"step-{i}", model, cfg, None, trainer_state={"step": i}) for i in range(4)]
+    assert list_checkpoints(root) == saved and latest_checkpoint(root) == saved[-1]
+    # A save in progress (or crashed) and a directory without a manifest are never "latest".
+    (root / ".tmp-step-9").mkdir()
+    (root / ".tmp-step-9" / "manifest.json").write_text((saved[0] / "manifest.json").read_text())
+    (root / "step-8").mkdir()
+    (root / "step-8" / "model.safetensors").write_bytes(b"partial")
+    truncated = root / "step-7"
+    save_checkpoint(truncated, model, cfg, None)
+    (truncated / "model.safetensors").write_bytes(b"short")  # manifest present, file incomplete
+    assert latest_checkpoint(root) == saved[-1]
+    assert list_checkpoints(root) == saved
+
+    removed = prune_checkpoints(root, keep_last=2)
+    assert removed == saved[:2] and not saved[0].exists()
+    assert list_checkpoints(root) == saved[2:]
+    assert (root / ".tmp-step-9").exists() and (root / "step-8").exists()
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_checkpoints(root, keep_last=0)
+    assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_existing_target_needs_overwrite(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    path = save_checkpoint(tmp_path / "c", model, cfg, None, job_config={"v": 1})
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_checkpoint(path, model, cfg, None)
+    save_checkpoint(path, model, cfg, None, job_config={"v": 2}, overwrite=True)
+    assert load_checkpoint(path).job_config == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    with pytest.raises(CheckpointError, match=r"trainer_state\['rng'\]\['numpy'\] is a ndarray"):
+        save_checkpoint(tmp_path / "a", model, cfg, None, trainer_state={"rng": {"numpy": np.zeros(3)}})
+    with pytest.raises(CheckpointError, match="job_config is not JSON"):
+        save_checkpoint(tmp_path / "b", model, cfg, None, job_config={"path": Path("x")})
+    with pytest.raises(CheckpointError, match="missing.json: tokenizer file not found"):
+        save_checkpoint(tmp_path / "c", model, cfg, tmp_path / "missing.json")
+    with pytest.raises(CheckpointError, match="dataclass"):
+        save_checkpoint(tmp_path / "d", model, {"arch": "gpt"}, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_and_arch_errors_name_the_file(tmp_path: Path) -> None:
+    model, cfg = bert()
+    path = save_checkpoint(tmp_path / "c", model, cfg, None)
+    with pytest.raises(CheckpointError, match=r"config\.json: arch 'bert' is not in the architecture registry"):
+        load_checkpoint(path, registry={"gpt": ARCHITECTURES["gpt"]})
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown key\(s\) \[.*'hidden_size'"):
+        load_checkpoint(path, registry={"bert": (GPTConfig, GPTLMHeadModel)})  # a BERT dir read as GPT
+    doc = json.loads((path / "config.json").read_text())
+    doc["config"]["hidden_size"] = 32
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: weights do not fit BertForPreTraining"):
+        load_checkpoint(path, verify=False)
+    doc["config"]["hidden_sise"] = 3
+    (path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"config\.json: unknown key\(s\) \['hidden_sise'\]"):
+        load_checkpoint(path, verify=False)
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(path)
+    (path / "manifest.json").write_text("{\n  not json")
+    with pytest.raises(CheckpointError, match=r"manifest\.json: invalid JSON at line 2"):
+        load_checkpoint(path)
+
+
+@dataclass
+class ProbeConfig:
+    arch: str = "probe"
+    width: int = 3
+
+
+class Probe(nn.Module):
+    def __init__(self, config: ProbeConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(config.width, config.width)
+
+
+def test_a_caller_registry_extends_the_architectures(tmp_path: Path) -> None:
+    cfg = ProbeConfig(width=5)
+    model = Probe(cfg)
+    path = save_checkpoint(tmp_path / "p", model, cfg, None)
+    loaded = load_checkpoint(path, registry={**ARCHITECTURES, "probe": (ProbeConfig, Probe)})
+    assert loaded.model_config == cfg and torch.equal(loaded.model.proj.weight, model.proj.weight)
