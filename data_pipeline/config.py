@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS
+from data_pipeline.sample import MAX_SAMPLE_PAIRS
 from data_pipeline.sources import SOURCES
 from data_pipeline.tokenizer import TOKENIZER_KINDS
 
@@ -77,6 +78,9 @@ class DataConfig:
         for key, low in minimum.items():
             if getattr(self, key) < low:
                 raise DataError(f"{key}: must be >= {low}, got {getattr(self, key)}")
+        if self.sample_pairs > MAX_SAMPLE_PAIRS:
+            raise DataError(f"sample_pairs: the built-in sample has {MAX_SAMPLE_PAIRS} distinct pairs, "
+                            f"asked for {self.sample_pairs}")
         if self.max_chars < max(self.min_chars, 1):
             raise DataError(f"max_chars: must be >= min_chars ({self.min_chars}) and >= 1, got {self.max_chars}")
         # Byte-level BPE starts from 256 byte symbols; the others need room for an alphabet.

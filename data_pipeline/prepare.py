@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +34,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS, BuildParams
 from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
-from data_pipeline.sources import SOURCES
+from data_pipeline.sources import SOURCES, expand_paths
 from data_pipeline.tokenizer import load_tokenizer, special_token_ids, tokenize_batch, train_tokenizer
 
 FORMAT = "kiln-data/1"
@@ -85,12 +86,19 @@ def _prepare_into(cfg: DataConfig, out: Path, say: Callable[[str], None]) -> dic
         tasks[task] = _build_task(cfg, task, tokenized[BUILDERS[task].input_kind], params, labels, out)
         say(f"{task}: " + ", ".join(f"{s} {v['rows']} rows / {v['tokens']} tokens"
                                     for s, v in tasks[task]["splits"].items()))
-    manifest = {"format": FORMAT, "config": cfg.to_dict(), "seed": cfg.seed, "tokenizer": tok_info,
-                "special_tokens": special, "vocab_size": tok.get_vocab_size(), "sources": sources,
-                "dropped": dropped,
-                "tasks": tasks, "python": sys.version.split()[0]}
+    manifest = {"format": FORMAT, "config": cfg.to_dict(), "seed": cfg.seed, "inputs": _inputs(cfg),
+                "sources": sources, "dropped": dropped, "tokenizer": tok_info, "special_tokens": special,
+                "vocab_size": tok.get_vocab_size(), "tasks": tasks}
     write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _inputs(cfg: DataConfig) -> dict:
+    """Provenance: the files read (with sha256), or the versions the built-in sample depends on."""
+    if cfg.source == "sample":
+        return {"source": "sample", "python": sys.version.split()[0], "num2words": metadata.version("num2words")}
+    files = [{"path": p, "bytes": os.path.getsize(p), "sha256": sha256_file(p)} for p in expand_paths(cfg.paths)]
+    return {"source": cfg.source, "files": files}
 
 
 def _concurrently(fn: Callable[[str], T], kinds: list[str]) -> list[T]:
@@ -145,12 +153,13 @@ def _read_and_clean(cfg: DataConfig, kind: str) -> tuple[pa.Table, dict, dict[st
             keep.append(not reason)
         read += batch.num_rows
         tables.append(batch.filter(pa.array(keep, pa.bool_())).drop_columns(["drop", "key", "error"]))
-    if not tables:
-        raise DataError(f"paths: source {cfg.source!r} produced no {kind} rows")
+    if read == 0:
+        raise DataError(f"paths: source {cfg.source!r} gave no {kind} rows from {cfg.paths}")
     table = pa.concat_tables(tables)
-    splits = Counter(table.column("split").to_pylist())
     if table.num_rows == 0:
-        raise DataError(f"min_chars: every {kind} row was dropped ({dict(dropped)}); check the input and limits")
+        raise DataError(f"min_chars: all {read} {kind} rows were dropped ({dict(dropped)}); check the input, "
+                        "min_chars and max_chars")
+    splits = Counter(table.column("split").to_pylist())
     info = {"rows_read": read, "kept": table.num_rows, "splits": {s: splits.get(s, 0) for s in SPLITS}}
     return table, info, dict(dropped)
 
@@ -207,6 +216,9 @@ def _build_task(cfg: DataConfig, task: str, rows: dict[str, list[dict]], params:
             examples, counters[split] = builder.build(inputs, params, random.Random(f"{cfg.seed}-{task}-{split}"))
         except DataError as e:
             raise DataError(f"{e} (split {split!r}: raise validation_fraction or add input)") from None
+        if split == "train" and not examples:
+            raise DataError(f"seq_len: task {task} got no train examples from {len(inputs)} inputs "
+                            f"({counters[split]}); check seq_len, max_src_len and max_tgt_len")
         for example in examples:
             example["sample_id"], next_id = next_id, next_id + 1  # unique across the splits of the task
         splits[split] = examples

@@ -55,6 +55,7 @@ _DOMAINS: dict[str, tuple[str, ...]] = {
                     "sched", "subprocess", "selectors"),
 }
 _MIN_LABELLED_WORDS = 4  # "S_ISFIFO(mode) -> bool" is a signature, not text
+MAX_SAMPLE_PAIRS = 2 * 10_000  # integers 0..9999, each as a cardinal and as an ordinal
 
 
 def sample_documents(seed: int, n: int) -> list[str]:
@@ -65,11 +66,10 @@ def sample_documents(seed: int, n: int) -> list[str]:
 
 def sample_pairs(seed: int, n: int) -> list[tuple[str, str]]:
     """`n` distinct (English, French) verbalisations of integers 0..9999, cardinal or ordinal."""
-    space = 2 * 10_000  # (number, cardinal|ordinal)
-    if n > space:
-        raise ValueError(f"sample_pairs: at most {space} distinct pairs, asked for {n}")
+    if n > MAX_SAMPLE_PAIRS:
+        raise ValueError(f"sample_pairs: at most {MAX_SAMPLE_PAIRS} distinct pairs, asked for {n}")
     pairs = []
-    for k in random.Random(f"kiln-pairs-{seed}").sample(range(space), n):
+    for k in random.Random(f"kiln-pairs-{seed}").sample(range(MAX_SAMPLE_PAIRS), n):
         number, kind = k // 2, ("cardinal", "ordinal")[k % 2]
         pairs.append((num2words(number, lang="en", to=kind), num2words(number, lang="fr", to=kind)))
     return pairs

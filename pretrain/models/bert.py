@@ -28,7 +28,7 @@ class BertConfig:
     arch: str = "bert"  # discriminator used by config loading and checkpoints; keep it
     preset: str | None = None
     # Sizes only; vocab_size comes from the tokenizer. "base" is BERT-base (L=12, H=768, A=12, 110M params)
-    # from Devlin et al. 2019, Table/§3; "mini"/"small" are the 4x256 / 4x512 rows of Turc et al. 2019
+    # from Devlin et al. 2019, §3; "mini"/"small" are BERT-Mini (4x256) and BERT-Small (4x512) of Turc et al. 2019
     # ("Well-Read Students Learn Better", google-research/bert miniatures).
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -208,6 +208,8 @@ class BertModel(nn.Module):
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter in place; also the second half of a meta-device build."""
+        if self.embeddings.word_embeddings.weight.is_meta:
+            return  # shapes only (and the first random init on meta costs seconds of lazy imports)
         for module in self.modules():
             init_bert_module(module, self.config.initializer_range)
 
@@ -242,7 +244,8 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.transform(x)) + self.bias
+        # F.linear with the bias: one fused matmul + add over the (N, V) output instead of two passes.
+        return F.linear(self.transform(x), self.decoder.weight, self.bias)
 
 
 class BertPreTrainingHeads(nn.Module):
@@ -274,6 +277,8 @@ class BertForPreTraining(nn.Module):
     def init_weights(self) -> None:
         """Re-tie (a meta build's `to_empty` unties), then initialise every parameter in place."""
         self.tie_weights()
+        if self.cls.predictions.bias.is_meta:
+            return  # shapes only; materialize() calls this again on real storage
         for module in self.modules():
             # The decoder shares the embedding matrix; initialising it as a Linear would redo the embedding
             # init and lose its zeroed [PAD] row.

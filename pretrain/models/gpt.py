@@ -228,6 +228,8 @@ class GPTModel(nn.Module):
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter in place; also the second half of a meta-device build."""
+        if self.wte.weight.is_meta:
+            return  # shapes only (and the first random init on meta costs seconds of lazy imports)
         for module in self.modules():
             init_gpt_module(module, self.config.initializer_range)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them

@@ -33,6 +33,7 @@ def test_defaults_are_valid_and_serialisable() -> None:
     ({"test_fraction": -0.1}, "test_fraction"),
     ({"min_chars": 10, "max_chars": 5}, "max_chars"),
     ({"shard_rows": 0}, "shard_rows"),
+    ({"sample_pairs": 20_001}, "sample_pairs"),
     ({"tokenizer_path": 3}, "tokenizer_path"),
     ({"text_column": ""}, "text_column"),
 ])

@@ -77,8 +77,22 @@ def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, 
     labels = read_manifest(tmp_path / "a" / "classification")["labels"]
     assert labels == ["concurrency", "files", "network", "numbers", "text"]
 
+    # A file source with the sample's tokenizer reused: labels from the file, ids from the loaded vocabulary.
+    lines = [f'{{"sentence": "review number {i} was {w}", "label": "{w}"}}' for i in range(40)
+             for w in ("good", "bad", "fine")]
+    reviews = write(tmp_path / "reviews.jsonl", "\n".join(lines) + "\n" + lines[0] + "\n")
+    cfg = DataConfig(source="labelled", paths=[str(reviews)], text_column="sentence", tasks=["classification"],
+                     tokenizer_path=str(tmp_path / "a" / "tokenizer.json"))
+    files = prepare(cfg, tmp_path / "files")
+    assert files["dropped"]["labelled"]["duplicate"] == 1 and files["sources"]["labelled"]["kept"] == 120
+    assert files["inputs"]["files"] == [{"path": str(reviews), "bytes": reviews.stat().st_size,
+                                         "sha256": sha256_file(reviews)}]
+    assert files["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
+    assert read_manifest(tmp_path / "files" / "classification")["labels"] == ["bad", "fine", "good"]
+
     # Bad input found inside a Ray task comes back as a DataError naming the file and line.
     bad = write(tmp_path / "pairs.tsv", "one\tun\ntwo\tdeux\tzwei\n")
     with pytest.raises(DataError, match=rf"^{bad}:2: expected 2 tab-separated columns"):
         prepare(DataConfig(source="parallel", paths=[str(bad)], tasks=["translation"]), tmp_path / "c")
-    assert not (tmp_path / "c").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "pairs.tsv"]
+    assert not (tmp_path / "c").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "files", "pairs.tsv", "reviews.jsonl"]

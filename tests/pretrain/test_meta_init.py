@@ -55,3 +55,11 @@ def test_meta_bert_ties_and_runs() -> None:
 def test_materialize_needs_init_weights() -> None:
     with pytest.raises(TypeError, match="init_weights"):
         materialize(build_on_meta(nn.LayerNorm, 3))
+
+
+def test_base_presets_have_the_published_sizes() -> None:
+    """Counted on the meta device (no memory): BERT-base ~110M (Devlin et al.), GPT-2 small 124M."""
+    bert = build_on_meta(BertForPreTraining, BertConfig.from_preset("base"))
+    assert num_parameters(bert.bert) == 109_482_240  # HF bert-base-uncased BertModel
+    gpt = build_on_meta(GPTLMHeadModel, GPTConfig.from_preset("base"))
+    assert num_parameters(gpt) == 124_439_808  # HF gpt2
