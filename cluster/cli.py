@@ -13,7 +13,8 @@ from cluster.config import ConfigError
 # Errors that mean "the user's input is wrong": one line, exit code 2, no traceback (unless --debug).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
-EPILOG = "Overrides: dotted keys after the config, e.g. `kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`."
+EPILOG = ("Overrides: dotted keys after the config, e.g. "
+          "`kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`.")
 
 
 def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:

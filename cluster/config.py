@@ -146,7 +146,8 @@ class _Builder:
         if not presets or name is None:
             return data
         if name not in presets:
-            self.fail(f"{prefix}preset", f"'{prefix}preset': unknown preset '{name}' (choose from {', '.join(presets)})")
+            choices = ", ".join(presets)
+            self.fail(f"{prefix}preset", f"'{prefix}preset': unknown preset '{name}' (choose from {choices})")
         return {**presets[name], **data}
 
     def unknown(self, dotted: str, valid: list[str]) -> typing.NoReturn:
@@ -203,7 +204,7 @@ class _Builder:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 self.fail(key, f"'{key}': expected {len(args)} items, got {len(value)}")
-            return tuple(self.value(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(self.value(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         item = args[0] if args else Any
         items = [self.value(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

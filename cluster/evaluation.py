@@ -52,9 +52,9 @@ def _translation(model: torch.nn.Module, checkpoint: Path, data_dir: Path, split
     scores, hyps = evaluate_translation(model, tokenizer, srcs, refs, beam_size=decode.beam_size,
                                         length_penalty=decode.length_penalty, alpha=decode.alpha,
                                         max_len=decode.max_len, batch_size=decode.batch_size)
-    exact = sum(h == r for h, r in zip(hyps, refs)) / max(len(refs), 1)
+    exact = sum(h == r for h, r in zip(hyps, refs, strict=True)) / max(len(refs), 1)
     metrics = {**scores, "exact_match": exact, "sentences": len(refs), "beam_size": decode.beam_size}
-    rows = [{"source": s, "reference": r, "hypothesis": h} for s, r, h in zip(srcs, refs, hyps)]
+    rows = [{"source": s, "reference": r, "hypothesis": h} for s, r, h in zip(srcs, refs, hyps, strict=True)]
     return metrics, rows
 
 
@@ -81,7 +81,8 @@ def _classification(model: torch.nn.Module, data_dir: Path, split: str) -> tuple
         "majority_class_accuracy": majority_class_accuracy(train_labels, labels),
         "examples": len(labels),
     }
-    rows = [{"text": t, "label": names[y], "predicted": names[p]} for t, y, p in zip(data["text"], labels, preds)]
+    triples = zip(data["text"], labels, preds, strict=True)
+    rows = [{"text": t, "label": names[y], "predicted": names[p]} for t, y, p in triples]
     return metrics, rows
 
 

@@ -49,7 +49,8 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
-            raise ValueError(f"'strategy': unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGY_NAMES)})")
+            choices = ", ".join(STRATEGY_NAMES)
+            raise ValueError(f"'strategy': unknown strategy '{self.strategy}' (choose from {choices})")
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError("'num_workers' and 'cpus_per_worker' must be at least 1")
 
@@ -94,7 +95,8 @@ class PretrainJob:
     def __post_init__(self) -> None:
         family = PRETRAIN_TASKS.get(self.task)
         if family is None:
-            raise ValueError(f"'task': unknown pretraining task '{self.task}' (choose from {', '.join(PRETRAIN_TASKS)})")
+            choices = ", ".join(PRETRAIN_TASKS)
+            raise ValueError(f"'task': unknown pretraining task '{self.task}' (choose from {choices})")
         if self.model.arch != family:
             raise ValueError(f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'")
 
@@ -115,7 +117,8 @@ class FinetuneJob:
 
     def __post_init__(self) -> None:
         if self.task not in FINETUNE_TASKS:
-            raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {', '.join(FINETUNE_TASKS)})")
+            choices = ", ".join(FINETUNE_TASKS)
+            raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {choices})")
 
 
 @dataclass

@@ -81,8 +81,9 @@ def _pretrain_rows(results: dict[str, TrainResult], vocab: int) -> list[list[str
         csv_file = results[stage].metrics_csv
         first, last = loss_drop(csv_file)
         val_loss = last_value(csv_file, "val/loss")
-        extra = (f"MLM acc {_f(last_value(csv_file, 'val/mlm_acc'))}, NSP acc {_f(last_value(csv_file, 'val/nsp_acc'))} "
-                 "(chance 0.5)" if stage == "bert" else f"perplexity {_f(last_value(csv_file, 'val/ppl'), 1)}")
+        mlm, nsp = last_value(csv_file, "val/mlm_acc"), last_value(csv_file, "val/nsp_acc")
+        ppl = last_value(csv_file, "val/ppl")
+        extra = f"MLM acc {_f(mlm)}, NSP acc {_f(nsp)} (chance 0.5)" if stage == "bert" else f"perplexity {_f(ppl, 1)}"
         rows.append([stage, f"{_f(first)} → {_f(last)}", _f(val_loss), f"{_f(math.log(vocab))} (uniform)", extra])
     return rows
 

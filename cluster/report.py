@@ -32,7 +32,7 @@ def plot_curves(metrics_csv: Path, png: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         if key in series:
-            steps, values = zip(*series[key])
+            steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, style, label=key, markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, Strategy
-from lightning.fabric.utilities.seed import reset_seed
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
 
 from cluster.jobs import ClusterConfig

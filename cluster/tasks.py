@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from data_pipeline.loader import make_loader, read_manifest
 
 from cluster.jobs import FinetuneJob, PretrainJob
+from data_pipeline.loader import make_loader, read_manifest
 from finetune.models.classifier import EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
@@ -53,8 +53,8 @@ def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
     seq_len = int(manifest["config"]["seq_len"])
     positions = model.max_position_embeddings if isinstance(model, BertConfig) else model.n_positions
     if positions < seq_len:
-        raise CheckpointError(f"model positions ({positions}) < the data's seq_len ({seq_len}): raise "
-                              f"'model.{'max_position_embeddings' if isinstance(model, BertConfig) else 'n_positions'}'")
+        key = "max_position_embeddings" if isinstance(model, BertConfig) else "n_positions"
+        raise CheckpointError(f"model positions ({positions}) < the data's seq_len ({seq_len}): raise 'model.{key}'")
     return dataclasses.replace(job, model=model)
 
 

@@ -8,6 +8,7 @@ assumed, so a user-supplied tokenizer with the Kiln specials works the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
@@ -17,6 +18,25 @@ from finetune.decode import LENGTH_PENALTIES, beam_search
 from finetune.evaluate import bleu, chrf, copy_source_bleu
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding settings of a translation job (the keyword arguments of translate_texts)."""
+
+    beam_size: int = 5
+    length_penalty: str = "gnmt"  # a key of finetune.decode.LENGTH_PENALTIES: "none" | "avg" | "gnmt"
+    alpha: float = 1.0
+    max_len: int = 64  # generated tokens, [EOS] included
+    batch_size: int = 32  # sources per beam-search batch
+
+    def __post_init__(self) -> None:
+        if self.length_penalty not in LENGTH_PENALTIES:
+            raise ValueError(f"DecodeConfig.length_penalty: unknown {self.length_penalty!r}; "
+                             f"known: {sorted(LENGTH_PENALTIES)}")
+        for key in ("beam_size", "max_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"DecodeConfig.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:

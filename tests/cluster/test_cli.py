@@ -13,7 +13,8 @@ from cluster.config import ConfigError
 from cluster.rundir import MARKER, prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs", "quickstart"]
+SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs",
+               "quickstart"]
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:

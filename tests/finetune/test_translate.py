@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from tokenizers.models import WordLevel
 from torch import Tensor, nn
 
 from data_pipeline.tokenizer import train_tokenizer
-from finetune.translate import encode_sources, pad_batch, translate_texts
+from finetune.translate import DecodeConfig, encode_sources, pad_batch, translate_texts
 
 
 class CopyModel(nn.Module):
@@ -78,6 +79,15 @@ def test_byte_level_bpe_text_survives_the_round_trip() -> None:
     out = translate_texts(model, bpe, texts, beam_size=1, length_penalty="none", alpha=1.0, max_len=40,
                           batch_size=2)
     assert out == texts
+
+
+def test_decode_config_feeds_translate_texts_and_validates(tokenizer: Tokenizer) -> None:
+    cfg = DecodeConfig(beam_size=2, length_penalty="avg", batch_size=1)
+    assert translate_texts(CopyModel(), tokenizer, ["4 2"], **dataclasses.asdict(cfg)) == ["4 2"]
+    with pytest.raises(ValueError, match="DecodeConfig.length_penalty: unknown 'wu'"):
+        DecodeConfig(length_penalty="wu")
+    with pytest.raises(ValueError, match="DecodeConfig.beam_size must be >= 1"):
+        DecodeConfig(beam_size=0)
 
 
 def test_translate_texts_needs_the_kiln_special_tokens() -> None:
