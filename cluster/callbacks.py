@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,23 @@ import torch
 from torch import nn
 
 from pretrain.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
+
+
+def emit(line: str) -> None:
+    """Write a progress line once. Ray Train patches `print` into its logger, and W&B wraps stdout, so a plain
+    `print` reaches the driver twice; the process's own stdout is forwarded exactly once."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+def quiet_worker_logs() -> None:
+    """Keep the driver's console to Kiln's progress lines and real warnings."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # Validation metrics are reduced across ranks by the module itself before logging.
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 
 class ProgressPrinter(pl.Callback):
@@ -32,15 +52,14 @@ class ProgressPrinter(pl.Callback):
         shown = " ".join(f"{k.split('/')[-1]} {float(metrics[k]):.4g}" for k in self.keys if k in metrics)
         elapsed = time.perf_counter() - self._start
         eta = elapsed / max(step, 1) * (trainer.max_steps - step)
-        print(f"[{self.stage}] step {step}/{trainer.max_steps} {shown} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left",
-              flush=True)
+        emit(f"[{self.stage}] step {step}/{trainer.max_steps} {shown} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
         shown = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
-        print(f"[{self.stage}] validation at step {trainer.global_step}: {shown}", flush=True)
+        emit(f"[{self.stage}] validation at step {trainer.global_step}: {shown}")
 
 
 class KilnCheckpoint(pl.Callback):

@@ -81,7 +81,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
-    from cluster.callbacks import KilnCheckpoint, ProgressPrinter, set_threads
+    from cluster.callbacks import KilnCheckpoint, ProgressPrinter, emit, quiet_worker_logs, set_threads
     from cluster.strategies import build_strategy
     from cluster.tasks import TASKS, data_paths
     from cluster.tracking import build_loggers
@@ -91,6 +91,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(job.cluster.cpus_per_worker)
+    quiet_worker_logs()
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, rank, world)
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
@@ -120,8 +121,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     trainer = prepare_trainer(trainer)
     if rank == 0 and parts.new_tensors:
-        print(f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors "
-              f"(e.g. {', '.join(parts.new_tensors[:3])})", flush=True)
+        emit(f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors (e.g. {', '.join(parts.new_tensors[:3])})")
     trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader)
     if rank == 0:
         summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
