@@ -50,7 +50,8 @@ def loss_drop(metrics_csv: Path, key: str = "train/loss", window: int = 5) -> tu
     values = [v for _, v in read_series(metrics_csv).get(key, [])]
     if not values:
         return float("nan"), float("nan")
-    return sum(values[:window]) / len(values[:window]), sum(values[-window:]) / len(values[-window:])
+    window = max(1, min(window, len(values) // 2))  # the two windows never overlap
+    return sum(values[:window]) / window, sum(values[-window:]) / window
 
 
 def last_value(metrics_csv: Path, key: str) -> float:

@@ -19,6 +19,8 @@ SMALL = [
     "bert.trainer.max_steps=40", "bert.trainer.val_every=20", "gpt.trainer.max_steps=40", "gpt.trainer.val_every=20",
     "translation.trainer.max_steps=250", "translation.trainer.val_every=125", "translation.decode.beam_size=2",
     "classification.trainer.max_steps=60", "classification.trainer.val_every=30",
+    "bert.trainer.log_every=5", "gpt.trainer.log_every=5", "translation.trainer.log_every=10",
+    "classification.trainer.log_every=5",
 ]
 
 
