@@ -128,8 +128,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot give a second run of positionals (overrides after options, as in
+    # `kiln submit pretrain --config X a.b=1`) to the same nargs="*" argument; collect them here.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command in ("submit", "jobs"):
+        from cluster.submit import use_token_auth_if_available
+
+        use_token_auth_if_available()
     try:
         code = _handler(args)(args)
     except KeyboardInterrupt:

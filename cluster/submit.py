@@ -15,8 +15,8 @@ from pathlib import Path
 from cluster.config import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# Never uploaded with the code: environments, data, outputs and tracking runs.
-EXCLUDES = [".venv", ".git", "runs", "outputs", "wandb", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"]
+# Never uploaded with the code: outputs, tracking runs and caches (Ray itself already skips .git and .venv).
+EXCLUDES = ["runs", "outputs", "wandb", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache"]
 COMMANDS = {"pretrain": "pretrain", "finetune": "finetune", "data-prepare": "data prepare"}
 
 
@@ -27,7 +27,20 @@ def _address(address: str | None) -> str:
     return address
 
 
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def use_token_auth_if_available() -> None:
+    """Ray heads authenticate with a token by default, and a client only sends one in token mode. Ray reads the
+    mode when it is first imported, so the CLI calls this before anything imports ray."""
+    if _token_available():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def _client(address: str | None):  # noqa: ANN202 — ray's client type is imported lazily
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     resolved = _address(address)
@@ -35,11 +48,16 @@ def _client(address: str | None):  # noqa: ANN202 — ray's client type is impor
         return JobSubmissionClient(resolved)
     except ConnectionError as err:
         raise ConfigError(f"cannot reach the Ray dashboard at {resolved}: {str(err).splitlines()[0]}") from None
+    except AuthenticationError:
+        raise ConfigError(f"{resolved} wants a Ray auth token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+                          "cluster's token and RAY_AUTH_MODE=token") from None
 
 
 def entrypoint(command: str, config: Path | None, overrides: list[str], out: Path | None) -> str:
     """The kiln command line the cluster runs, with the config path relative to the uploaded working dir."""
-    parts = ["kiln", *COMMANDS[command].split()]
+    # `python -m cluster` rather than the `kiln` script: the uploaded working dir is importable on the cluster,
+    # the console script is only on PATH where Kiln was pip-installed.
+    parts = ["python", "-m", "cluster", *COMMANDS[command].split()]
     if config is not None:
         config = Path(config).resolve()
         if not config.is_relative_to(PROJECT_ROOT):

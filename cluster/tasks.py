@@ -20,6 +20,7 @@ from finetune.models.classifier import EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
 from pretrain.checkpoint import CheckpointError
+from pretrain.hf_import import HF_PREFIX, check_tokenizer_matches_data, import_hf, save_imported_checkpoint
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.module import BertPretrainModule, GPTPretrainModule
@@ -102,22 +103,45 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)
 
 
-def preflight(job: PretrainJob | FinetuneJob) -> None:
-    """Driver-side checks before any worker starts: data present, checkpoints of the right family."""
+def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
+    """Driver-side checks before any worker starts: data present, checkpoints of the right family, speaking the
+    data's vocabulary. `hf:` checkpoints are converted into `out_dir/imported/`; returns the job to launch."""
     _, _, manifest = data_paths(job.data_dir, job.task)
     if isinstance(job, PretrainJob):
         fit_model_to_data(job, manifest)
-        return
+        return job
     from finetune.models.warm_start import load_pretrained
 
     needed = {"encoder_checkpoint": "bert"}
     if job.task == "translation":
         needed["decoder_checkpoint"] = "gpt"
+    job = import_hf_checkpoints(job, needed, out_dir)
     for key, arch in needed.items():
         path = getattr(job, key)
         if not path:
             raise CheckpointError(f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory")
         load_pretrained(Path(path), arch)
+        check_tokenizer_matches_data(Path(path), Path(job.data_dir), key)
+    return job
+
+
+def import_hf_checkpoints(job: FinetuneJob, needed: dict[str, str], out_dir: Path | None) -> FinetuneJob:
+    """Each `hf:<path or hub name>` among `needed` (key -> family) converted into `out_dir/imported/<encoder|decoder>`
+    once, on the driver; the returned job points at the Kiln checkpoints instead."""
+    changes = {}
+    for key, arch in needed.items():
+        value = getattr(job, key)
+        if not value or not value.startswith(HF_PREFIX):
+            continue
+        if out_dir is None:
+            raise CheckpointError(f"'{key}': {value} is converted into the run's output directory; "
+                                  "call preflight(job, out_dir)")
+        imported = import_hf(value, arch)
+        dest = save_imported_checkpoint(imported, Path(out_dir) / "imported" / key.removesuffix("_checkpoint"))
+        fresh = f"; initialised fresh: {', '.join(imported.new_tensors)}" if imported.new_tensors else ""
+        print(f"[import] {value} ({imported.layout}) -> {dest}{fresh}", flush=True)
+        changes[key] = str(dest)
+    return dataclasses.replace(job, **changes) if changes else job
 
 
 TASKS: dict[str, Callable[[Any, int, int], TaskParts]] = {

@@ -61,3 +61,25 @@ def test_run_dir_refuses_foreign_non_empty_dirs(tmp_path: Path) -> None:
     (run / "old.txt").write_text("old")
     prepare_run_dir(run, overwrite=True)
     assert not (run / "old.txt").exists() and (run / MARKER).is_file()
+
+
+def test_submit_entrypoint_runs_the_uploaded_code() -> None:
+    from cluster.submit import entrypoint
+
+    line = entrypoint("data-prepare", ROOT / "configs" / "data-sample.yaml", ["data.seed=3"], Path("out dir"))
+    assert line == "python -m cluster data prepare --config configs/data-sample.yaml data.seed=3 --out 'out dir'"
+    with pytest.raises(ConfigError, match="must live inside the project"):
+        entrypoint("pretrain", Path("/etc/passwd"), [], None)
+
+
+def test_overrides_after_options_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_handler", lambda args: lambda a: seen.setdefault("overrides", a.overrides) and 0)
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "pretrain", "--config", "configs/tiny-bert.yaml", "trainer.max_steps=3", "optim.lr=0.1"])
+    assert seen["overrides"] == ["trainer.max_steps=3", "optim.lr=0.1"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--config", "configs/tiny-bert.yaml", "--bogus"])
+    assert exit_info.value.code == 2
