@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: install
-	$(BIN)/kiln quickstart --out $(OUT)
+	$(BIN)/kiln quickstart --out $(OUT) --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

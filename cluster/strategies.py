@@ -74,6 +74,9 @@ def _deepspeed(stage: int) -> Callable[[ClusterConfig, int], Strategy]:
         }
         if cfg.offload:
             config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            # DeepSpeed insists on its own CPU Adam (a compiled op) for offload unless told otherwise; torch AdamW
+            # on the offloaded fp32 master weights is slower but needs no compiler on the machine.
+            config["zero_force_ds_cpu_optimizer"] = False
             if stage == 3:
                 config["zero_optimization"]["offload_param"] = {"device": "cpu"}
         return CPUCapableDeepSpeedStrategy(config=config)
