@@ -1,4 +1,14 @@
-"""Lightning callbacks run inside every Ray Train worker: progress lines and Kiln checkpoints."""
+"""Lightning callbacks run inside every Ray Train worker: progress lines, Kiln checkpoints, and exact resume.
+
+Resume (trainer.resume=auto) goes through Lightning's own `trainer.fit(ckpt_path=...)`: `KilnCheckpointIO` reads
+a Kiln checkpoint directory as the dict Lightning's restore expects. Lightning then restores the weights, the
+optimizer, the scheduler and its loop progress (global step, batch counters, and the train ShardLoader's state,
+which it saves and reloads because the loader has `state_dict`/`load_state_dict`), exactly as from its own
+checkpoints. Setting the loop counters by hand instead would copy Lightning's restart bookkeeping (mid-epoch
+vs epoch end, fetcher offsets) and break with it; writing a second, Lightning-format file would store the
+weights twice. What Lightning does not restore, each rank's RNG and the validation loader's pass count,
+`KilnCheckpoint` restores at `on_train_start`, the last hook before the first resumed batch.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +21,24 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from pretrain.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
+from pretrain.checkpoint import (
+    MODEL_FILE,
+    CheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+RESUME_KEYS = ("optimizer", "scheduler", "lightning", "rng_per_rank")  # what a resume needs in trainer_state
 
 
 def emit(line: str) -> None:
@@ -39,10 +64,10 @@ class ProgressPrinter(pl.Callback):
 
     def __init__(self, stage: str, every: int, keys: tuple[str, ...]) -> None:
         self.stage, self.every, self.keys = stage, every, keys
-        self._start = 0.0
+        self._start, self._start_step = 0.0, 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._start_step = time.perf_counter(), trainer.global_step  # > 0 when resumed
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -51,7 +76,7 @@ class ProgressPrinter(pl.Callback):
         metrics = trainer.callback_metrics
         shown = " ".join(f"{k.split('/')[-1]} {float(metrics[k]):.4g}" for k in self.keys if k in metrics)
         elapsed = time.perf_counter() - self._start
-        eta = elapsed / max(step, 1) * (trainer.max_steps - step)
+        eta = elapsed / max(step - self._start_step, 1) * (trainer.max_steps - step)
         emit(f"[{self.stage}] step {step}/{trainer.max_steps} {shown} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -63,47 +88,126 @@ class ProgressPrinter(pl.Callback):
 
 
 class KilnCheckpoint(pl.Callback):
-    """Writes Kiln checkpoint directories every `every` steps (0: never) and at the end of training.
+    """Writes Kiln checkpoint directories every `every` steps (0: never) and at the last step; restores what
+    Lightning's own restore leaves out when resuming.
 
-    Weights are consolidated first when DeepSpeed ZeRO-3 has partitioned them, which is a collective, so every
-    rank enters `_save`; only rank 0 writes."""
+    Saves happen at `on_train_batch_end`, the point Lightning's ModelCheckpoint saves from and its restart logic
+    expects, the last step's too: by `on_train_end` the loops have closed the epoch, and a resume with a larger
+    max_steps would then start a new one. Weights are consolidated first when DeepSpeed ZeRO-3 has partitioned
+    them, and every rank's RNG state is gathered, both collectives, so every rank enters `_save`; rank 0 writes."""
 
     def __init__(self, root: Path, model_config: Any, tokenizer_file: Path, job_config: dict, data_manifest: Path,
-                 every: int, keep_last: int, loader: Any) -> None:
+                 every: int, keep_last: int, loader: Any, val_loader: Any | None = None) -> None:
         self.root, self.model_config, self.tokenizer_file = Path(root), model_config, tokenizer_file
-        self.job_config, self.data_manifest, self.loader = job_config, data_manifest, loader
+        self.job_config, self.data_manifest = job_config, data_manifest
+        self.loader, self.val_loader = loader, val_loader
         self.every, self.keep_last = every, keep_last
         self.last_saved: Path | None = None
+        self._saved_step: int | None = None
+        self._resume_rng: dict | None = None  # this rank's RNG at the checkpoint resumed from
+        self._resume_val_loader: dict | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if self.every and step % self.every == 0 and step < trainer.max_steps:
+        if step >= trainer.max_steps or (self.every and step % self.every == 0):
             self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer, pl_module)
+        self._save(trainer, pl_module)  # a no-op after the last step's save; writes one if training stopped early
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        rngs = checkpoint.get("kiln_rng_per_rank")
+        if rngs is None:
+            return
+        if len(rngs) != trainer.world_size:
+            raise CheckpointError(f"{checkpoint.get('kiln_path')}: saved by {len(rngs)} workers, this run has "
+                                  f"{trainer.world_size}; an exact resume needs the same cluster.num_workers")
+        self._resume_rng, self._resume_val_loader = rngs[trainer.global_rank], checkpoint.get("kiln_val_loader")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resume_val_loader is not None and self.val_loader is not None:
+            self.val_loader.load_state_dict(self._resume_val_loader)  # its pass count seeds validation's masks
+        if self._resume_rng is not None:
+            restore_rng_state(self._resume_rng)  # dropout continues the stream it would have drawn
+        self._resume_rng = self._resume_val_loader = None
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved_step == trainer.global_step:
+            return
+        rngs = _gather_rng_states()
         model: nn.Module = pl_module.model
         with _gathered(trainer, model):
             if trainer.global_rank == 0:
                 path = self.root / f"step-{trainer.global_step:07d}"
                 if not path.exists():
                     save_checkpoint(path, model, self.model_config, self.tokenizer_file, job_config=self.job_config,
-                                    trainer_state=self._trainer_state(trainer), data_manifest=self.data_manifest)
+                                    trainer_state=self._trainer_state(trainer, rngs),
+                                    data_manifest=self.data_manifest)
                     prune_checkpoints(self.root, self.keep_last)
                 self.last_saved = path
+        self._saved_step = trainer.global_step
         trainer.strategy.barrier("kiln-checkpoint")
 
-    def _trainer_state(self, trainer: pl.Trainer) -> dict:
-        state: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch,
-                                 "rng": capture_rng_state(), "loader": self.loader.state_dict()}
+    def _trainer_state(self, trainer: pl.Trainer, rngs: list[dict]) -> dict:
+        state: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "rng": rngs[0],
+                                 "rng_per_rank": rngs, "loader": self.loader.state_dict()}
+        if self.val_loader is not None:
+            state["val_loader"] = self.val_loader.state_dict()
         if not _zero_stage(trainer):
             # With DDP every rank holds the whole optimizer state; with ZeRO it is sharded across ranks and lives
-            # in DeepSpeed's own files, not in this directory.
+            # in DeepSpeed's own files, not in this directory (so a ZeRO checkpoint cannot be resumed from).
             state["optimizer"] = trainer.optimizers[0].state_dict()
             state["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+            # Lightning's loop progress (steps, batches, the train loader's position) in its own schema, as its
+            # checkpoints store it: weights-only-loadable ints and dicts.
+            state["lightning"] = {"loops": trainer._checkpoint_connector._get_loops_state_dict(),
+                                  "pytorch-lightning_version": pl.__version__}
         return state
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order (ranks draw different dropout masks, so their streams differ)."""
+    mine = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+class KilnCheckpointIO(TorchCheckpointIO):
+    """Lets `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` resume from a Kiln checkpoint (module docstring)."""
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if not Path(path).is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return lightning_checkpoint(Path(path))
+
+
+def lightning_checkpoint(path: Path) -> dict[str, Any]:
+    """A Kiln checkpoint directory (sha256s verified) as the dict Lightning's `fit(ckpt_path=...)` restores."""
+    verify_checkpoint(path)
+    state = load_trainer_state(path) or {}
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: its trainer_state lacks {missing}, which resuming needs (a DeepSpeed ZeRO "
+                              "run keeps its optimizer in DeepSpeed's files, and older Kiln saved less)")
+    scheduler = dict(state["scheduler"])
+    # The schedule's shape (warmup, total = max_steps) stays this run's, so a resume with a larger max_steps decays
+    # over the new total: LambdaLR.load_state_dict leaves a lambda alone whose saved entry is None.
+    scheduler["lr_lambdas"] = [None] * len(scheduler.get("lr_lambdas", [None]))
+    weights = load_weights(path / MODEL_FILE)
+    return {**state["lightning"], "epoch": state["epoch"], "global_step": state["step"],
+            "state_dict": {f"model.{name}": tensor for name, tensor in weights.items()},
+            "optimizer_states": [state["optimizer"]], "lr_schedulers": [scheduler], "callbacks": {},
+            "kiln_path": str(path), "kiln_rng_per_rank": state["rng_per_rank"],
+            "kiln_val_loader": state.get("val_loader")}
+
+
+def resume_checkpoint(root: Path, mode: str) -> Path | None:
+    """The checkpoint a run resumes from: with mode "auto" the newest complete one under `root` (saves that were
+    interrupted, `.tmp-*` or without a valid manifest, are never picked), else None."""
+    return latest_checkpoint(root) if mode == "auto" else None
 
 
 def _zero_stage(trainer: pl.Trainer) -> int:

@@ -30,6 +30,15 @@ def fresh_out_dir(out: Path, overwrite: bool = False) -> Path:
     return prepare_run_dir(out, overwrite)
 
 
+def run_out_dir(out: Path, resume: str) -> Path:
+    """With trainer.resume=auto a directory an earlier Kiln run made is continued, not refused; else a fresh one."""
+    from cluster.rundir import MARKER
+
+    if resume == "auto" and (Path(out) / MARKER).is_file():
+        return Path(out)
+    return fresh_out_dir(out)
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = _config(PrepareJob, args)
     if cfg is None:
@@ -49,7 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from cluster.launch import run_training
     from cluster.report import plot_curves
 
-    out = fresh_out_dir(args.out or Path("runs/pretrain"))
+    out = run_out_dir(args.out or Path("runs/pretrain"), cfg.trainer.resume)
     result = run_training(cfg, out, stage=cfg.model.arch)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.model.arch} pretraining")
     print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}")
@@ -64,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from cluster.launch import run_training
     from cluster.report import plot_curves
 
-    out = fresh_out_dir(args.out or Path("runs/finetune"))
+    out = run_out_dir(args.out or Path("runs/finetune"), cfg.trainer.resume)
     result = run_training(cfg, out, stage=cfg.task)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.task} fine-tuning")
     metrics = evaluate_checkpoint(result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval")

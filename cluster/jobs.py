@@ -14,6 +14,7 @@ PRETRAIN_TASKS = {"mlm_nsp": "bert", "clm": "gpt"}  # task -> the model family i
 FINETUNE_TASKS = {"translation": "seq2seq_warm", "classification": "bert_classifier"}
 STRATEGY_NAMES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 WANDB_MODES = ("offline", "online", "disabled")
+RESUME_MODES = ("never", "auto")
 
 
 @dataclass
@@ -28,8 +29,18 @@ class TrainerConfig:
     keep_last: int = 2
     precision: str = "32-true"  # "bf16-mixed" on GPUs; fp32 on CPU (bf16 matmuls are ~100x slower there)
     seed: int = 0
+    # "auto": continue from the newest complete checkpoint under <out>/checkpoints, if there is one (weights,
+    # optimizer, scheduler, step, data position, RNG); "never": always start from step 0.
+    resume: str = "never"
+    # Peak FLOP/s of one device, the denominator of train/mfu. None: a table for known GPUs, else measured once
+    # per worker with a matmul (on CPU, fp32 1024x1024).
+    peak_flops: float | None = None
 
     def __post_init__(self) -> None:
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"'resume': unknown mode '{self.resume}' (choose from {', '.join(RESUME_MODES)})")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}")
         for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")

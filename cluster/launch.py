@@ -6,6 +6,7 @@ registry builds the LightningModule and this rank's loaders, and the strategy re
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import build, to_dict
+from cluster.config import ConfigError, build, to_dict
 from cluster.jobs import FinetuneJob, PretrainJob
 from cluster.tracking import ensure_run_id
 
@@ -52,9 +53,12 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
 
     from cluster.tasks import preflight
 
-    preflight(job)  # user errors (missing data, wrong checkpoint) surface here, not inside a worker
     out_dir = Path(out_dir).resolve()
+    # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
+    # converted into out_dir/imported/ and the job returned points at the converted copies.
+    job = preflight(job, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(job, out_dir)
     if job.wandb.mode != "disabled":
         ensure_run_id(out_dir)
     init_ray(job.cluster.address)
@@ -79,12 +83,10 @@ def train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (also callable in a plain process with world size 1)."""
     import lightning.pytorch as pl
     import ray.train
-    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
-    from cluster.callbacks import KilnCheckpoint, ProgressPrinter, emit, quiet_worker_logs, set_threads
-    from cluster.strategies import build_strategy
+    from cluster.callbacks import KilnCheckpoint, emit, quiet_worker_logs, resume_checkpoint, set_threads
     from cluster.tasks import TASKS, data_paths
-    from cluster.tracking import build_loggers
+    from pretrain.flops import peak_flops
 
     job = build(JOB_TYPES[config["job_type"]], config["job"], source="job")
     out_dir, stage = Path(config["out_dir"]), config["stage"]
@@ -92,18 +94,52 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(job.cluster.cpus_per_worker)
     quiet_worker_logs()
+    peak, peak_source = peak_flops(job.trainer.peak_flops, _worker_device(job.cluster.use_gpu), job.trainer.precision)
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, rank, world)
+    parts.module.peak_flops = peak
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
     checkpoint = KilnCheckpoint(out_dir / "checkpoints", parts.model_config, tokenizer_file, to_dict(job),
                                 Path(job.data_dir) / "manifest.json", job.trainer.checkpoint_every,
-                                job.trainer.keep_last, parts.train_loader)
+                                job.trainer.keep_last, parts.train_loader, parts.val_loader)
+    resume_from = resume_checkpoint(out_dir / "checkpoints", job.trainer.resume)
+    checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
+    trainer = _build_trainer(job, out_dir, stage, parts, checkpoint, resume=resume_from is not None)
+    if rank == 0:
+        emit(f"[{stage}] MFU against {peak / 1e9:.4g} GFLOP/s per worker, {peak_source}")
+        if parts.new_tensors:
+            emit(f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors "
+                 f"(e.g. {', '.join(parts.new_tensors[:3])})")
+        if resume_from is not None:
+            emit(f"[{stage}] resuming from {resume_from}")
+            stash_metrics(out_dir, _checkpoint_step(resume_from))
+    trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader,
+                ckpt_path=str(resume_from) if resume_from is not None else None)
+    if rank == 0:
+        restore_metrics(out_dir)
+        summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
+                   "steps": trainer.global_step, "task": job.task}
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, parts: Any, checkpoint: Any,
+                   resume: bool) -> Any:
+    import lightning.pytorch as pl
+    from ray.train.lightning import RayLightningEnvironment, prepare_trainer
+
+    from cluster.callbacks import KilnCheckpointIO, ProgressPrinter
+    from cluster.strategies import build_strategy
+    from cluster.tracking import build_loggers
+
+    # KilnCheckpointIO only reads: it lets fit(ckpt_path=<Kiln checkpoint directory>) restore (cluster.callbacks).
+    plugins = [RayLightningEnvironment(), *([KilnCheckpointIO()] if resume else [])]
+    progress_keys = (*parts.progress_keys, "train/mfu")
     trainer = pl.Trainer(
         max_steps=job.trainer.max_steps,
         accelerator="gpu" if job.cluster.use_gpu else "cpu",
         devices="auto",
         strategy=build_strategy(job.cluster, job.trainer.batch_size),
-        plugins=[RayLightningEnvironment()],
+        plugins=plugins,
         precision=job.trainer.precision,
         gradient_clip_val=job.optim.grad_clip or None,
         accumulate_grad_batches=job.trainer.accumulate_grad_batches,
@@ -112,18 +148,103 @@ def train_worker(config: dict[str, Any]) -> None:
         limit_val_batches=job.trainer.limit_val_batches,
         log_every_n_steps=job.trainer.log_every,
         logger=build_loggers(job.wandb, out_dir, stage, to_dict(job)),
-        callbacks=[ProgressPrinter(stage, job.trainer.log_every, parts.progress_keys), checkpoint],
+        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys), checkpoint],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=str(out_dir),
     )
-    trainer = prepare_trainer(trainer)
-    if rank == 0 and parts.new_tensors:
-        emit(f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors (e.g. {', '.join(parts.new_tensors[:3])})")
-    trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader)
-    if rank == 0:
-        summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
-                   "steps": trainer.global_step, "task": job.task}
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return prepare_trainer(trainer)
+
+
+def _worker_device(use_gpu: bool) -> Any:
+    import torch
+
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def _checkpoint_step(path: Path) -> int:
+    from pretrain.checkpoint import CheckpointError, read_manifest
+
+    step = read_manifest(path).get("step")
+    if not isinstance(step, int):
+        raise CheckpointError(f"{path / 'manifest.json'}: no integer 'step'; not a training checkpoint to resume")
+    return step
+
+
+# ---------------------------------------------------------------- resume: driver checks and the metrics history
+def check_resume(job: PretrainJob | FinetuneJob, out_dir: Path) -> Path | None:
+    """Driver side, before any worker starts: the checkpoint a resume=auto run will continue from (None: a fresh
+    start), refused with the reason when it cannot be continued exactly."""
+    from cluster.callbacks import resume_checkpoint
+    from pretrain.checkpoint import read_manifest, sha256_file
+
+    latest = resume_checkpoint(Path(out_dir) / "checkpoints", job.trainer.resume)
+    if latest is None:
+        return None
+    if job.cluster.strategy != "ddp":
+        raise ConfigError(f"trainer.resume=auto: {latest} cannot be resumed with cluster.strategy="
+                          f"{job.cluster.strategy}; DeepSpeed ZeRO shards the optimizer state outside Kiln "
+                          "checkpoints (use ddp, or trainer.resume=never with a new --out)")
+    manifest, now = read_manifest(latest), to_dict(job)
+    saved = manifest.get("job_config") or {}
+    for section in ("task", "model"):
+        if section in saved and section in now and saved[section] != now[section]:
+            diff = _diff(saved[section], now[section])
+            raise ConfigError(f"trainer.resume=auto: {latest} was trained with a different '{section}' ({diff}); "
+                              "resume with the run's own config, or start a new --out")
+    data_sha = (manifest.get("data_manifest") or {}).get("sha256")
+    if data_sha and data_sha != sha256_file(Path(job.data_dir) / "manifest.json"):
+        raise ConfigError(f"trainer.resume=auto: {latest} was trained on other data than {job.data_dir} "
+                          "(its manifest.json differs); resume on the same data_dir, or start a new --out")
+    return latest
+
+
+def _diff(saved: Any, now: Any) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
+    return f"{saved!r} then, {now!r} now"
+
+
+STASHED_METRICS = ".metrics-before-resume.csv"
+
+
+def stash_metrics(out_dir: Path, step: int) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv when it starts; keep the rows logged before the
+    checkpoint (`step` column < its step: later ones were logged after it and are redone) for `restore_metrics`.
+    Rows stashed by an earlier resume that itself failed are kept too."""
+    rows = _read_rows(out_dir / STASHED_METRICS) + _read_rows(out_dir / "metrics.csv")
+    kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < step]
+    _write_rows(out_dir / STASHED_METRICS, kept)
+    (out_dir / "metrics.csv").unlink(missing_ok=True)
+
+
+def restore_metrics(out_dir: Path) -> None:
+    """metrics.csv = the stashed rows, then the resumed run's (a union header: later runs may log new keys)."""
+    stash = out_dir / STASHED_METRICS
+    if stash.is_file():
+        _write_rows(out_dir / "metrics.csv", _read_rows(stash) + _read_rows(out_dir / "metrics.csv"))
+        stash.unlink()
+
+
+def _read_rows(file: Path) -> list[dict[str, str]]:
+    if not file.is_file():
+        return []
+    with open(file, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(file: Path, rows: list[dict[str, str]]) -> None:
+    fields = sorted({k for row in rows for k in row})  # Lightning's order: epoch, step, then the metrics
+    tmp = file.with_name(f".tmp-{file.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(file)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS
+from data_pipeline.readers import ENCODING_ERRORS, TEXT_UNITS
 from data_pipeline.sample import MAX_SAMPLE_PAIRS
 from data_pipeline.sources import SOURCES
 from data_pipeline.tokenizer import TOKENIZER_KINDS
@@ -18,12 +19,21 @@ from data_pipeline.tokenizer import TOKENIZER_KINDS
 class DataConfig:
     """Everything `prepare()` needs; the defaults build the built-in sample for the ~10-minute quickstart."""
 
-    source: str = "sample"  # "sample" | "text" | "parallel" | "labelled"
-    # text: files/dirs/globs (.gz ok), one document per blank-line block, one segment per line;
-    # parallel: two line-aligned files (src, tgt) or 2-column TSV files; labelled: TSV/CSV (header)/JSONL.
+    source: str = "sample"  # "sample" | "text" | "parallel" | "labelled" | "hf" (docs/data.md)
+    # text: files/dirs/globs (.gz ok) of plain text, or .jsonl/.csv/.tsv/.parquet with a text_column;
+    # parallel: two line-aligned files (src, tgt), or .tsv (2 columns, or src_column/tgt_column by header),
+    # .csv/.jsonl/.parquet with src_column/tgt_column; labelled: .tsv (header)/.csv/.jsonl/.parquet.
     paths: list[str] = field(default_factory=list)
+    text_unit: str = "block"  # plain text: one document per "file", per non-blank "line", or per blank-line "block"
+    wikitext_headings: bool = False  # a " = Title = " line also starts a document (WikiText's articles)
+    encoding_errors: str = "strict"  # "replace": undecodable bytes become U+FFFD, counted in the manifest
     text_column: str = "text"
     label_column: str = "label"
+    src_column: str | None = None  # parallel data in named columns (None: two positional TSV columns)
+    tgt_column: str | None = None
+    labels: list[str] | None = None  # the label set, in id order; a label outside it is an error. None: inferred
+    hf_name: str | None = None  # source hf: a save_to_disk directory, data files (path or glob), or a Hub name
+    hf_split: str = "train"
     seed: int = 0
     # Sizes of the built-in sample. Documents are capped at what the Python install bundles
     # (about 160 on CPython 3.11: every pydoc topic plus the longer module docstrings).
@@ -64,13 +74,37 @@ class DataConfig:
                                 f"but task {task!r} needs {needs}")
         if len(set(self.tasks)) != len(self.tasks):
             raise DataError(f"tasks: duplicate entries in {self.tasks}")
-        if self.source == "sample" and self.paths:
-            raise DataError("paths: the built-in sample reads no files; use source=text|parallel|labelled")
-        if self.source != "sample" and not self.paths:
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        for key, allowed in (("text_unit", TEXT_UNITS), ("encoding_errors", ENCODING_ERRORS)):
+            if getattr(self, key) not in allowed:
+                raise DataError(f"{key}: unknown value {getattr(self, key)!r}; choose one of {list(allowed)}")
+        if self.wikitext_headings and self.text_unit == "line":
+            raise DataError("wikitext_headings: has no effect with text_unit 'line'; use 'file' (articles) or 'block'")
+        if self.source in ("sample", "hf") and self.paths:
+            raise DataError(f"paths: source {self.source!r} reads no paths"
+                            + ("; name the dataset with hf_name" if self.source == "hf" else ""))
+        if self.source not in ("sample", "hf") and not self.paths:
             raise DataError(f"paths: source {self.source!r} needs at least one path")
-        for key in ("text_column", "label_column"):
-            if not getattr(self, key):
+        if (self.source == "hf") != (self.hf_name is not None):
+            raise DataError("hf_name: " + ("source 'hf' needs hf_name" if self.source == "hf"
+                                           else f"only source 'hf' reads hf_name (source is {self.source!r})"))
+        for key in ("text_column", "label_column", "src_column", "tgt_column", "hf_name", "hf_split"):
+            if getattr(self, key) == "":
                 raise DataError(f"{key}: must not be empty")
+        if (self.src_column is None) != (self.tgt_column is None):
+            raise DataError("src_column: set both src_column and tgt_column, or neither")
+        if self.labels is not None:
+            self.labels = [" ".join(label.split()) for label in self.labels]  # as cleaning normalises labels
+            if not self.labels or "" in self.labels or len(set(self.labels)) != len(self.labels):
+                raise DataError(f"labels: need distinct non-empty labels, got {self.labels}")
+            if "labelled" not in self.row_kinds():
+                raise DataError("labels: only the classification task reads labels")
+
+    def row_kinds(self) -> list[str]:
+        """The source row kinds the tasks need, in task order."""
+        return list(dict.fromkeys(BUILDERS[task].input_kind for task in self.tasks))
 
     def _check_numbers(self) -> None:
         minimum = {"sample_docs": 2, "sample_pairs": 1, "sample_labelled": 1, "shard_rows": 1, "min_chars": 0,

@@ -1,11 +1,13 @@
 """Example builders: tokenized rows of one split -> training examples in the shard schemas of docs/design.md.
 
-Inputs (token ids carry no special tokens; the builders add them):
-    mlm_nsp         {"segments": list[list[int]]}      one document, one id list per segment (line)
-    clm             {"ids": list[int]}                 one document, tokenized whole
-    translation     {"src_ids", "tgt_ids", "src", "tgt"}
-    classification  {"ids": list[int], "label": int, "text": str}
-`sample_id` is added by the caller, so that it is unique across the splits of a task.
+Inputs are Arrow tables (token ids carry no special tokens; the builders add them):
+    mlm_nsp         segments: list<list<int32>>     one document, one id list per segment (line)
+    clm             ids: list<int32>                one document, tokenized whole
+    translation     src_ids, tgt_ids, src, tgt
+    classification  ids: list<int32>, label: int, text
+Outputs are Arrow tables in the task's shard schema without `sample_id`, which the caller adds so that
+it is unique across the splits of a task. Causal-LM packing is vectorised (NumPy): it touches every
+token of the corpus, where the other builders touch each row once.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_pipeline.errors import DataError
 
@@ -31,22 +35,22 @@ class BuildParams:
     special_ids: dict[str, int]  # "[CLS]" -> id, ...
 
 
-Examples = tuple[list[dict], dict[str, int]]  # rows, counters (e.g. rows dropped as too long)
+Examples = tuple[pa.Table, dict[str, int]]  # rows (shard schema less sample_id), counters (e.g. rows dropped)
 
 
 # -------------------------------------------------------------------------------------------- mlm_nsp
 
 
-def build_mlm_nsp(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+def build_mlm_nsp(rows: pa.Table, params: BuildParams, rng: random.Random) -> Examples:
     """BERT's segment pairs: `[CLS] A [SEP] B [SEP]`, B the true continuation or (half the time) random text."""
-    docs = [[list(s) for s in row["segments"] if len(s)] for row in rows]
+    docs = [[s for s in doc if s] for doc in rows.column("segments").to_pylist()]
     docs = [d for d in docs if d]
     if len(docs) < 2:
         raise DataError(f"tasks: mlm_nsp needs at least 2 non-empty documents in a split, found {len(docs)}")
     out: list[dict] = []
     for index in range(len(docs)):
         out.extend(_document_pairs(docs, index, params.seq_len - 3, params.special_ids, rng))
-    return out, {}
+    return _table(out, "mlm_nsp"), {}
 
 
 def _document_pairs(docs: list[list[list[int]]], index: int, max_tokens: int, special: dict[str, int],
@@ -114,46 +118,64 @@ def _pair_row(a: list[int], b: list[int], is_random: bool, special: dict[str, in
 # ------------------------------------------------------------------------------------------------ clm
 
 
-def build_clm(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+def build_clm(rows: pa.Table, params: BuildParams, rng: random.Random) -> Examples:
     """`[BOS] doc [EOS]` packed end to end, cut into blocks of seq_len + 1 tokens.
 
     Consecutive blocks share one token (stride seq_len), so every token after the first is a target
     exactly once; the tail shorter than a block is dropped and counted.
     """
     bos, eos = params.special_ids["[BOS]"], params.special_ids["[EOS]"]
-    stream = [t for row in rows for t in (bos, *row["ids"], eos)]
+    ids = rows.column("ids")
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    tokens = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    bos_at = np.cumsum(lengths + 2) - (lengths + 2)  # where each document's [BOS] goes
+    stream = np.empty(len(tokens) + 2 * len(lengths), np.int32)
+    is_token = np.ones(len(stream), bool)
+    is_token[bos_at] = is_token[bos_at + lengths + 1] = False
+    stream[bos_at], stream[bos_at + lengths + 1], stream[is_token] = bos, eos, tokens
     step = params.seq_len
     n_blocks = max(0, (len(stream) - 1) // step)
-    blocks = [{"input_ids": stream[k * step: k * step + step + 1]} for k in range(n_blocks)]
-    return blocks, {"tail_tokens_dropped": max(0, len(stream) - 1 - n_blocks * step) if stream else 0}
+    # Block k is stream[k*step : k*step + step + 1]: a (n_blocks, step + 1) view with overlapping rows.
+    blocks = np.lib.stride_tricks.sliding_window_view(stream, step + 1)[::step][:n_blocks] if n_blocks else (
+        np.empty((0, step + 1), np.int32))
+    offsets = pa.array(np.arange(n_blocks + 1, dtype=np.int32) * (step + 1))
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1)))})
+    tail = len(stream) - 1 - n_blocks * step if len(stream) else 0
+    return table, {"tail_tokens_dropped": tail}
 
 
 # ---------------------------------------------------------------------------------------- translation
 
 
-def build_translation(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+def build_translation(rows: pa.Table, params: BuildParams, rng: random.Random) -> Examples:
     """`src [EOS]` -> `[BOS] tgt [EOS]`; pairs over the length limits are dropped (truncation would mistranslate)."""
     bos, eos = params.special_ids["[BOS]"], params.special_ids["[EOS]"]
     out, too_long = [], 0
-    for row in rows:
+    for row in rows.select(["src_ids", "tgt_ids", "src", "tgt"]).to_pylist():
         src, tgt = [*row["src_ids"], eos], [bos, *row["tgt_ids"], eos]
         if len(src) > params.max_src_len or len(tgt) > params.max_tgt_len:
             too_long += 1
             continue
         out.append({"src_ids": src, "tgt_ids": tgt, "src_text": row["src"], "tgt_text": row["tgt"]})
-    return out, {"too_long_tokens": too_long}
+    return _table(out, "translation"), {"too_long_tokens": too_long}
 
 
 # ------------------------------------------------------------------------------------- classification
 
 
-def build_classification(rows: list[dict], params: BuildParams, rng: random.Random) -> Examples:
+def build_classification(rows: pa.Table, params: BuildParams, rng: random.Random) -> Examples:
     """`[CLS] text [SEP]`, the text truncated to seq_len - 2 tokens."""
     cls, sep = params.special_ids["[CLS]"], params.special_ids["[SEP]"]
     keep = params.seq_len - 2
-    out = [{"input_ids": [cls, *row["ids"][:keep], sep], "label": row["label"], "text": row["text"]}
-           for row in rows]
-    return out, {"truncated": sum(len(row["ids"]) > keep for row in rows)}
+    ids = rows.column("ids").to_pylist()
+    table = pa.table({"input_ids": pa.array([[cls, *row[:keep], sep] for row in ids], _IDS),
+                      "label": rows.column("label").cast(pa.int32()), "text": rows.column("text")})
+    return table, {"truncated": sum(len(row) > keep for row in ids)}
+
+
+def _table(rows: list[dict], task: str) -> pa.Table:
+    schema = BUILDERS[task].schema
+    return pa.Table.from_pylist(rows, schema=schema.remove(schema.get_field_index("sample_id")))
 
 
 # ------------------------------------------------------------------------------------------- registry

@@ -59,14 +59,17 @@ def write_split(table: pa.Table, split_dir: Path, shard_rows: int, token_columns
     return shards
 
 
-def write_task(task_dir: Path, task: str, schema: pa.Schema, splits: dict[str, list[dict]], shard_rows: int,
-               token_columns: tuple[str, ...], extra: dict[str, Any] | None = None) -> dict:
-    """Write every split of one task and its manifest.json; returns the manifest."""
+def write_task(task_dir: Path, task: str, schema: pa.Schema, splits: dict[str, pa.Table | list[dict]],
+               shard_rows: int, token_columns: tuple[str, ...], extra: dict[str, Any] | None = None) -> dict:
+    """Write every split of one task (a table, or rows as dicts) and its manifest.json; returns the manifest."""
     refuse_non_empty(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"task": task, "schema": {f.name: str(f.type) for f in schema}, "splits": {}}
     for split, rows in splits.items():
-        table = pa.Table.from_pylist(rows, schema=schema)
+        if isinstance(rows, pa.Table):
+            table = rows.select(schema.names).cast(schema).combine_chunks()
+        else:
+            table = pa.Table.from_pylist(rows, schema=schema)
         shards = write_split(table, task_dir / split, shard_rows, token_columns)
         manifest["splits"][split] = {"shards": shards, "rows": sum(s["rows"] for s in shards),
                                      "tokens": sum(s["tokens"] for s in shards)}

@@ -1,49 +1,63 @@
-"""Sources: where rows come from. Each yields `ray.data.Dataset`s of raw rows of one input kind.
+"""Sources: where rows come from. Each turns a `DataConfig` into `ray.data.Dataset`s of raw rows of one kind.
 
-Row kinds (every row also has `origin`, "file:line" or "sample:...", and `error`, "" unless the file
-could not be parsed):
-    documents  {"text"}          one document; segments (sentences, lines) separated by "\n"
+Row kinds (every row also has `origin`, "file:line" or "sample:...", `replaced`, the count of its lines
+whose undecodable bytes were replaced, and `error`, "" unless the input could not be parsed):
+    documents  {"text"}          one document; segments (sentences, lines) separated by "\\n"
     pairs      {"src", "tgt"}    a translation pair
     labelled   {"text", "label"} a text and its label as a string (ids are assigned after cleaning)
 
-File parsing runs inside Ray tasks; a parse failure travels back as a row whose `error` holds the
-one-line DataError message, because Ray re-wraps exceptions raised in tasks and loses their type.
-`prepare()` re-raises it as a DataError on the driver.
+A source first `resolve`s its inputs on the driver, before Ray starts (missing files, an unreachable
+Hub and bad column names fail at once); what it returns is the manifest's provenance record and tells
+`read` which files to read. Reading streams: one Ray task per file parses it (`readers.py`) and yields
+blocks of about `BLOCK_CHARS` characters as it goes, so no file is held whole (except as one document,
+text_unit: file) and the rows flow on to cleaning and tokenization block by block.
+
+A parse failure travels back as a row whose `error` holds the one-line DataError message, because Ray
+re-wraps exceptions raised in tasks and loses their type; `prepare()` re-raises it on the driver.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
-import gzip
-import io
-import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import ray.data
 
-from data_pipeline import sample
+from data_pipeline import hf_datasets, sample
 from data_pipeline.errors import DataError
+from data_pipeline.readers import KIND_FIELDS, ReadOptions, file_format, file_rows
+from data_pipeline.shards import sha256_file
 
 if TYPE_CHECKING:
     from data_pipeline.config import DataConfig
 
-KIND_FIELDS: dict[str, tuple[str, ...]] = {
-    "documents": ("text",),
-    "pairs": ("src", "tgt"),
-    "labelled": ("text", "label"),
-}
+__all__ = ["BLOCK_CHARS", "KIND_FIELDS", "SOURCES", "Source", "expand_paths", "raw_schema", "read_task"]
+
+BLOCK_CHARS = 1 << 20  # characters per block: ~0.5 s of tokenizing, a few blocks per core on a real corpus
+BLOCK_ROWS = 4096
+# Reading is cheap parsing and waiting on disk. A fractional CPU lets it run beside the tokenizing tasks,
+# and, as the resources differ, keeps it a Ray Data operator of its own: the blocks of one large file
+# are then cleaned and tokenized by parallel tasks, not all inside the one task that reads the file.
+READ_CPUS = 0.5
 _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass(frozen=True)
 class Source:
     kinds: tuple[str, ...]  # the row kinds this source can supply
-    read: Callable[[DataConfig, str], ray.data.Dataset]  # (config, kind) -> dataset of raw rows
+    resolve: Callable[[DataConfig], dict[str, Any]]  # driver, before Ray: check inputs, return provenance
+    read: Callable[[DataConfig, str, dict[str, Any]], ray.data.Dataset]  # (config, kind, provenance) -> raw rows
+
+
+def raw_schema(kind: str) -> pa.Schema:
+    return pa.schema([*((name, pa.string()) for name in (*KIND_FIELDS[kind], "origin")),
+                      ("replaced", pa.int32()), ("error", pa.string())])
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -71,154 +85,76 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(files))  # de-duplicate, keep order
 
 
-def read_lines(path: str) -> list[str]:
-    """Lines of a UTF-8 text file (gzip if it ends in .gz); empty and undecodable files are errors."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if path.endswith(".gz"):
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})") from None
-    if not text.strip():
-        raise DataError(f"{path}: file is empty")
-    # Split on "\n" only: str.splitlines() also splits on \x0b, \x1c, \u2028 ..., which would shift line numbers.
-    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
-
-
-def parse_text_file(path: str) -> list[dict[str, str]]:
-    """One document per blank-line-separated block; each line is a segment."""
-    rows, block, start = [], [], 0
-    for number, line in enumerate([*read_lines(path), ""], start=1):
-        if line.strip():
-            start = start or number
-            block.append(line)
-        elif block:
-            rows.append({"text": "\n".join(block), "origin": f"{path}:{start}"})
-            block, start = [], 0
-    return rows
-
-
-def parse_tsv_pairs(path: str) -> list[dict[str, str]]:
-    """`source<TAB>target` per line; blank lines are skipped."""
-    rows = []
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise DataError(f"{path}:{number}: expected 2 tab-separated columns (source, target), found {len(fields)}")
-        rows.append({"src": fields[0], "tgt": fields[1], "origin": f"{path}:{number}"})
-    return rows
-
-
-def parse_aligned_pair(src_path: str, tgt_path: str) -> list[dict[str, str]]:
-    """Two line-aligned files; lines blank on both sides are skipped."""
-    src, tgt = _drop_final_newline(read_lines(src_path)), _drop_final_newline(read_lines(tgt_path))
-    if len(src) != len(tgt):
-        short, long_ = (src_path, tgt_path) if len(src) < len(tgt) else (tgt_path, src_path)
-        raise DataError(f"{short}:{min(len(src), len(tgt)) + 1}: file ends here but {long_} has "
-                        f"{max(len(src), len(tgt))} lines (parallel files must be line-aligned)")
-    return [{"src": s, "tgt": t, "origin": f"{src_path}:{i}"}
-            for i, (s, t) in enumerate(zip(src, tgt, strict=True), start=1) if s.strip() or t.strip()]
-
-
-def parse_labelled_file(path: str, text_column: str, label_column: str) -> list[dict[str, str]]:
-    """TSV (default), CSV (.csv) with a header row, or JSONL (.jsonl/.json) with one object per line."""
-    name = path.removesuffix(".gz")
-    if name.endswith((".jsonl", ".json")):
-        return _parse_jsonl(path, text_column, label_column)
-    dialect = {"delimiter": ","} if name.endswith(".csv") else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    reader = csv.reader(io.StringIO("\n".join(read_lines(path))), **dialect)
-    header = next(reader)
-    columns = {}
-    for key, column in (("text_column", text_column), ("label_column", label_column)):
-        if column not in header:
-            raise DataError(f"{path}:1: no column {column!r} ({key}); the header has {header}")
-        columns[key] = header.index(column)
-    rows = []
-    for fields in reader:
-        if not fields or fields == [""]:
-            continue
-        if len(fields) != len(header):
-            raise DataError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(fields)}")
-        rows.append(_labelled_row(path, reader.line_num, fields[columns["text_column"]],
-                                  fields[columns["label_column"]]))
-    return rows
-
-
-def _parse_jsonl(path: str, text_column: str, label_column: str) -> list[dict[str, str]]:
-    rows = []
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, found {type(obj).__name__}")
-        for key, column in (("text_column", text_column), ("label_column", label_column)):
-            if column not in obj:
-                raise DataError(f"{path}:{number}: missing key {column!r} ({key})")
-        rows.append(_labelled_row(path, number, obj[text_column], obj[label_column]))
-    return rows
-
-
-def _labelled_row(path: str, number: int, text: object, label: object) -> dict[str, str]:
-    if not isinstance(text, str):
-        raise DataError(f"{path}:{number}: the text must be a string, found {type(text).__name__}")
-    if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        raise DataError(f"{path}:{number}: the label must be a non-empty string or an integer, found {label!r}")
-    return {"text": text, "label": str(label).strip(), "origin": f"{path}:{number}"}
-
-
-def _drop_final_newline(lines: list[str]) -> list[str]:
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-# ------------------------------------------------------------------------------------------ datasets
-
-
-def _parse_task(batch: dict, kind: str, text_column: str, label_column: str) -> pa.Table:
-    """Ray UDF: parse the file(s) of one row; a DataError becomes an `error` row (see module docstring)."""
-    path, partner = str(batch["path"][0]), str(batch["partner"][0])
-    try:
-        if kind == "documents":
-            rows = parse_text_file(path)
-        elif kind == "pairs":
-            rows = parse_aligned_pair(path, partner) if partner else parse_tsv_pairs(path)
-        else:
-            rows = parse_labelled_file(path, text_column, label_column)
-        errors = [""] * len(rows)
-    except DataError as e:
-        rows = [{**dict.fromkeys(KIND_FIELDS[kind], ""), "origin": path}]
-        errors = [str(e)]
-    columns = {name: [r[name] for r in rows] for name in (*KIND_FIELDS[kind], "origin")}
-    return pa.table({**columns, "error": errors}, schema=raw_schema(kind))
-
-
-def raw_schema(kind: str) -> pa.Schema:
-    return pa.schema([(name, pa.string()) for name in (*KIND_FIELDS[kind], "origin", "error")])
-
-
-def _read_files(cfg: DataConfig, kind: str) -> ray.data.Dataset:
+def _resolve_files(cfg: DataConfig) -> dict[str, Any]:
     files = expand_paths(cfg.paths)
-    pair_names = [p for p in files if not p.removesuffix(".gz").endswith(".tsv")]
-    if kind == "pairs" and len(cfg.paths) == 2 and len(files) == 2 and len(pair_names) == 2:
-        tasks = [{"path": files[0], "partner": files[1]}]  # two plain files: source side, target side
-    else:
-        tasks = [{"path": f, "partner": ""} for f in files]
-    # One block per file so that files parse in parallel; preserve_order keeps file order.
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
-    return ds.map_batches(_parse_task, batch_size=1, fn_kwargs={
-        "kind": kind, "text_column": cfg.text_column, "label_column": cfg.label_column})
+    return {"source": cfg.source, "files": [{"path": p, "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+                                            for p in files]}
+
+
+def _file_tasks(cfg: DataConfig, kind: str, files: list[str]) -> list[dict[str, str]]:
+    """One task per file, or one for a line-aligned pair: exactly two plain-text paths given for pairs."""
+    aligned = (kind == "pairs" and len(cfg.paths) == 2 and len(files) == 2
+               and all(file_format(f) == "text" for f in files) and cfg.src_column is None)
+    if aligned:
+        return [{"path": files[0], "partner": files[1]}]  # source side, target side
+    return [{"path": f, "partner": ""} for f in files]
+
+
+def read_task(batch: dict, opts: ReadOptions, reader: str, label_names: dict[str, list[str]],
+              block_chars: int = BLOCK_CHARS) -> Iterator[pa.Table]:
+    """Ray UDF: parse the file of one task row, yielding blocks as it goes; a DataError becomes an `error` row."""
+    path, partner = str(batch["path"][0]), str(batch["partner"][0])
+    rows: list[dict] = []
+    chars = 0
+    try:
+        parsed = (hf_datasets.arrow_file_rows(path, opts, label_names) if reader == "hf"
+                  else file_rows(path, partner, opts))
+        for row in parsed:
+            rows.append(row)
+            chars += sum(len(row[name]) for name in KIND_FIELDS[opts.kind])
+            if chars >= block_chars or len(rows) >= BLOCK_ROWS:
+                yield _table(rows, opts.kind)
+                rows, chars = [], 0
+    except DataError as e:
+        rows = [{**dict.fromkeys(KIND_FIELDS[opts.kind], ""), "origin": path, "replaced": 0, "error": str(e)}]
+    if rows:
+        yield _table(rows, opts.kind)
+
+
+def _table(rows: list[dict], kind: str) -> pa.Table:
+    schema = raw_schema(kind)
+    return pa.table({name: [r.get(name, "") for r in rows] for name in schema.names}, schema=schema)
+
+
+def _read_tasks(cfg: DataConfig, kind: str, tasks: list[dict[str, str]], reader: str,
+                label_names: dict[str, list[str]]) -> ray.data.Dataset:
+    # One input block per task so that files parse in parallel; prepare() preserves order.
+    return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+        read_task, batch_size=1, num_cpus=READ_CPUS, fn_kwargs={
+            "opts": ReadOptions.from_config(cfg, kind), "reader": reader, "label_names": label_names,
+            "block_chars": BLOCK_CHARS})
+
+
+def _read_files(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data.Dataset:
+    return _read_tasks(cfg, kind, _file_tasks(cfg, kind, [f["path"] for f in inputs["files"]]), "file", {})
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+
+
+def _resolve_hf(cfg: DataConfig) -> dict[str, Any]:
+    assert cfg.hf_name is not None  # DataConfig checks it
+    resolved = [hf_datasets.resolve(cfg.hf_name, cfg.hf_split, ReadOptions.from_config(cfg, kind))
+                for kind in cfg.row_kinds()]
+    return {**resolved[0], "label_names": {k: v for r in resolved for k, v in r["label_names"].items()}}
+
+
+def _read_hf(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data.Dataset:
+    tasks = [{"path": f["path"], "partner": ""} for f in inputs["files"]]
+    return _read_tasks(cfg, kind, tasks, "hf", inputs["label_names"])
+
+
+# --------------------------------------------------------------------------------------------- sample
 
 
 def sample_rows(kind: str, seed: int, n: int) -> pa.Table:
@@ -231,14 +167,18 @@ def sample_rows(kind: str, seed: int, n: int) -> pa.Table:
     else:
         labelled, names = sample.sample_labelled(seed, n)
         rows = [{"text": t, "label": names[y], "origin": f"sample:labelled:{i}"} for i, (t, y) in enumerate(labelled)]
-    return pa.Table.from_pylist([{**r, "error": ""} for r in rows], schema=raw_schema(kind))
+    return pa.Table.from_pylist([{**r, "replaced": 0, "error": ""} for r in rows], schema=raw_schema(kind))
 
 
 def _sample_task(batch: dict, kind: str) -> pa.Table:
     return sample_rows(kind, int(batch["seed"][0]), int(batch["n"][0]))
 
 
-def _read_sample(cfg: DataConfig, kind: str) -> ray.data.Dataset:
+def _resolve_sample(cfg: DataConfig) -> dict[str, Any]:
+    return {"source": "sample", "python": sys.version.split()[0], "num2words": metadata.version("num2words")}
+
+
+def _read_sample(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data.Dataset:
     # Generated inside a Ray task, so the three kinds are generated in parallel, not on the driver.
     n = {"documents": cfg.sample_docs, "pairs": cfg.sample_pairs, "labelled": cfg.sample_labelled}[kind]
     return ray.data.from_items([{"seed": cfg.seed, "n": n}]).map_batches(_sample_task, batch_size=1,
@@ -246,8 +186,9 @@ def _read_sample(cfg: DataConfig, kind: str) -> ray.data.Dataset:
 
 
 SOURCES: dict[str, Source] = {
-    "sample": Source(("documents", "pairs", "labelled"), _read_sample),
-    "text": Source(("documents",), _read_files),
-    "parallel": Source(("pairs",), _read_files),
-    "labelled": Source(("labelled",), _read_files),
+    "sample": Source(("documents", "pairs", "labelled"), _resolve_sample, _read_sample),
+    "text": Source(("documents",), _resolve_files, _read_files),
+    "parallel": Source(("pairs",), _resolve_files, _read_files),
+    "labelled": Source(("labelled",), _resolve_files, _read_files),
+    "hf": Source(("documents", "pairs", "labelled"), _resolve_hf, _read_hf),
 }

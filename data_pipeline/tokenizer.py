@@ -149,19 +149,22 @@ _CACHE: dict[int, Tokenizer] = {}  # per worker process: parse the tokenizer JSO
 def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bool, whole: bool) -> pa.Table:
     """Ray UDF: add token-id columns (no special tokens) to a cleaned batch of one row kind.
 
-    documents: `segments` (one id list per line, for mlm_nsp) and/or `ids` (the whole text, for clm);
-    pairs: `src_ids`, `tgt_ids`; labelled: `ids`.
+    documents: `segments` (one id list per line, for mlm_nsp) and/or `ids` (the whole text, for clm), and
+    the text itself is dropped (no builder needs it, and it would double what travels to the driver);
+    pairs: `src_ids`, `tgt_ids`; labelled: `ids`. Rows that cleaning marked for dropping (a `drop`
+    column) get empty lists: their tokens would be thrown away.
     """
     key = hash(tokenizer_json)
     tok = _CACHE.get(key) or _CACHE.setdefault(key, Tokenizer.from_str(tokenizer_json))
+    keep = [not reason for reason in batch.column("drop").to_pylist()] if "drop" in batch.column_names else None
     ids_type = pa.list_(pa.int32())
     if kind == "pairs":
         for name in ("src", "tgt"):
-            batch = batch.append_column(f"{name}_ids", pa.array(_encode(tok, batch.column(name).to_pylist()), ids_type))
+            batch = batch.append_column(f"{name}_ids", pa.array(_encode(tok, _texts(batch, name, keep)), ids_type))
         return batch
-    texts = batch.column("text").to_pylist()
+    texts = _texts(batch, "text", keep)
     if kind == "documents" and segments:
-        lines = [t.split("\n") for t in texts]
+        lines = [t.split("\n") if t else [] for t in texts]
         # A leading space makes a segment's first word tokenize as it does mid-text (byte-level BPE's
         # "ĠWord", not "Word"), so A and B read naturally when concatenated; WordPiece ignores it.
         flat = _encode(tok, [" " + line for doc in lines for line in doc])
@@ -172,8 +175,16 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bo
         batch = batch.append_column("segments", pa.array(grouped, pa.list_(ids_type)))
     if kind != "documents" or whole:
         batch = batch.append_column("ids", pa.array(_encode(tok, texts), ids_type))
-    return batch
+    return batch.drop_columns(["text"]) if kind == "documents" else batch
+
+
+def _texts(batch: pa.Table, name: str, keep: list[bool] | None) -> list[str]:
+    texts = batch.column(name).to_pylist()
+    return texts if keep is None else [t if k else "" for t, k in zip(texts, keep, strict=True)]
 
 
 def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which nothing here reads: the same
+    # ids, ~10% less time on WikiText-2 with GPT-2's BPE.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]

@@ -5,10 +5,12 @@
   - implements `compute(batch, stage) -> dict[str, Tensor]` returning at least `loss` (differentiable when
     stage == "train"); every other value is a scalar metric;
   - may override `count_tokens(batch) -> int` (tokens/s; default: sum of `attention_mask`, else numel of
-    `input_ids`), `PERPLEXITY_OF` and `PROG_BAR`.
+    `input_ids`), `flops_per_token(batch) -> float | None` (training FLOPs per counted token, see
+    `pretrain.flops`; default None: no MFU), `PERPLEXITY_OF` and `PROG_BAR`.
 The base then
   - training: logs every key as `train/<key>` each step, plus `train/lr` and `train/tokens_per_s` (wall clock
-    from the end of one optimizer step to the end of the next, times world size: a global estimate);
+    from the end of one training batch to the end of the next, times world size: a global estimate), and
+    `train/mfu` (this device's model FLOP/s over `peak_flops`, which the launcher sets) when both are known;
   - validation / test: accumulates every key weighted by batch size, sums the totals over all ranks, and logs
     `val/<key>` (`test/<key>`) once per epoch; a perplexity key named in PERPLEXITY_OF is logged as exp(mean
     loss) rather than the mean of per-batch perplexities;
@@ -27,6 +29,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from pretrain.flops import decoder_flops_per_token, encoder_flops_per_token
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
@@ -57,8 +60,10 @@ class KilnModule(L.LightningModule, ABC):
         self.model = model
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
+        self.peak_flops: float | None = None  # FLOP/s of one device; set by the launcher, None: no train/mfu
         self._t_last: float | None = None
         self._tokens = 0
+        self._flops = 0.0
         self._eval_sums: dict[str, Tensor] = {}
         self._eval_rows = 0
 
@@ -72,6 +77,9 @@ class KilnModule(L.LightningModule, ABC):
         if "input_ids" in batch:
             return batch["input_ids"].numel()
         return 0
+
+    def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
+        return None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -89,7 +97,10 @@ class KilnModule(L.LightningModule, ABC):
                      batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                  batch_size=n)
-        self._tokens += self.count_tokens(batch)
+        tokens = self.count_tokens(batch)
+        per_token = self.flops_per_token(batch)
+        self._tokens += tokens
+        self._flops += tokens * per_token if per_token is not None else 0.0
         return out["loss"]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -99,9 +110,13 @@ class KilnModule(L.LightningModule, ABC):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._t_last is not None and now > self._t_last:
-            rate = self._tokens * self.trainer.world_size / (now - self._t_last)
-            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=batch_size_of(batch))
-        self._t_last, self._tokens = now, 0
+            seconds, n = now - self._t_last, batch_size_of(batch)
+            rate = self._tokens * self.trainer.world_size / seconds
+            self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=n)
+            if self.peak_flops and self._flops:
+                self.log("train/mfu", self._flops / seconds / self.peak_flops, on_step=True, on_epoch=False,
+                         batch_size=n)
+        self._t_last, self._tokens, self._flops = now, 0, 0.0
 
     def on_validation_start(self) -> None:
         self._t_last = None  # time spent validating is not training throughput
@@ -170,6 +185,12 @@ class BertPretrainModule(KilnModule):
         metrics["ppl"] = metrics.pop("mlm_ppl")
         return metrics
 
+    def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
+        tokens = int(batch["attention_mask"].sum())
+        masked = int((batch["mlm_labels"] != -100).sum())
+        fraction = min(1.0, masked / max(tokens, 1))  # a label on padding would be a data bug, not a reason to stop
+        return encoder_flops_per_token(self.model_cfg, batch["input_ids"].size(1), fraction)
+
 
 class GPTPretrainModule(KilnModule):
     """Causal LM on `clm` batches (labels already shifted by the loader)."""
@@ -184,4 +205,7 @@ class GPTPretrainModule(KilnModule):
         require_keys(batch, ("input_ids", "labels"), "GPTPretrainModule")
         logits, _ = self.model(batch["input_ids"])
         return clm_loss(logits, batch["labels"])
+
+    def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
+        return decoder_flops_per_token(self.model_cfg, batch["input_ids"].size(1))
 

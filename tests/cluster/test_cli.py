@@ -75,8 +75,12 @@ def test_submit_entrypoint_runs_the_uploaded_code() -> None:
 def test_overrides_after_options_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
     from cluster import cli
 
+    import cluster.submit
+
     seen = {}
     monkeypatch.setattr(cli, "_handler", lambda args: lambda a: seen.setdefault("overrides", a.overrides) and 0)
+    # `submit` switches Ray to token auth in os.environ; a later ray.init in this process must not inherit that.
+    monkeypatch.setattr(cluster.submit, "use_token_auth_if_available", lambda: None)
     with pytest.raises(SystemExit):
         cli.main(["submit", "pretrain", "--config", "configs/tiny-bert.yaml", "trainer.max_steps=3", "optim.lr=0.1"])
     assert seen["overrides"] == ["trainer.max_steps=3", "optim.lr=0.1"]

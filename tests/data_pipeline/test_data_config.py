@@ -36,6 +36,19 @@ def test_defaults_are_valid_and_serialisable() -> None:
     ({"sample_pairs": 20_001}, "sample_pairs"),
     ({"tokenizer_path": 3}, "tokenizer_path"),
     ({"text_column": ""}, "text_column"),
+    ({"source": "text", "paths": ["a"], "tasks": ["clm"], "text_unit": "paragraph"}, "text_unit"),
+    ({"source": "text", "paths": ["a"], "tasks": ["clm"], "text_unit": "line", "wikitext_headings": True},
+     "wikitext_headings"),
+    ({"encoding_errors": "ignore"}, "encoding_errors"),
+    ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": "en"}, "src_column"),
+    ({"source": "hf", "tasks": ["clm"]}, "hf_name"),
+    ({"source": "hf", "hf_name": "d", "paths": ["a"], "tasks": ["clm"]}, "paths"),
+    ({"hf_name": "d"}, "hf_name"),
+    ({"source": "hf", "hf_name": "d", "hf_split": "", "tasks": ["clm"]}, "hf_split"),
+    ({"labels": []}, "labels"),
+    ({"labels": ["a", " a "]}, "labels"),
+    ({"labels": [0, 1]}, "labels"),
+    ({"labels": ["a", "b"], "tasks": ["clm"]}, "labels"),
 ])
 def test_bad_values_name_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(DataError, match=rf"^{key}: "):
@@ -46,3 +59,11 @@ def test_char_and_wordpiece_accept_small_vocabularies() -> None:
     assert DataConfig(tokenizer="char", vocab_size=100).vocab_size == 100
     with pytest.raises(DataError, match="vocab_size"):
         DataConfig(tokenizer="bpe", vocab_size=200)  # below 256 bytes + 7 special tokens
+
+
+def test_input_keys_have_useful_defaults() -> None:
+    cfg = DataConfig(source="labelled", paths=["x.tsv"], tasks=["classification"], labels=["neg ", "pos"])
+    assert cfg.labels == ["neg", "pos"]  # spaces normalised the way cleaning normalises labels in the data
+    assert (cfg.text_unit, cfg.wikitext_headings, cfg.encoding_errors, cfg.hf_split) == ("block", False, "strict",
+                                                                                         "train")
+    assert DataConfig(source="hf", hf_name="some/dir", tasks=["clm", "mlm_nsp"]).row_kinds() == ["documents"]

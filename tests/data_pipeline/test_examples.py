@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import random
 
+import pyarrow as pa
 import pytest
 
 from data_pipeline.errors import DataError
-from data_pipeline.examples import BUILDERS, BuildParams
+from data_pipeline.examples import BUILDERS, BuildParams, Examples
 from data_pipeline.tokenizer import FIXED_SPECIAL_IDS
 
 CLS, SEP, BOS, EOS = 2, 3, 5, 6
@@ -14,6 +15,14 @@ SEQ_LEN = 32
 
 def params(**kw: int) -> BuildParams:
     return BuildParams(**{"seq_len": SEQ_LEN, "max_src_len": 8, "max_tgt_len": 9, **kw}, special_ids=FIXED_SPECIAL_IDS)
+
+
+def build(task: str, rows: list[dict], p: BuildParams, seed: int = 0) -> tuple[list[dict], dict[str, int]]:
+    """Run a builder on rows given as dicts (as Arrow, the way prepare() calls it); rows back as dicts."""
+    table, counters = BUILDERS[task].build(pa.Table.from_pylist(rows), p, random.Random(seed))
+    expected = BUILDERS[task].schema.remove(0)  # the shard schema less sample_id, which prepare() adds
+    assert table.schema.equals(expected), table.schema
+    return table.to_pylist(), counters
 
 
 def synthetic_documents(n_docs: int, seed: int = 0) -> list[dict]:
@@ -35,7 +44,7 @@ def _contiguous(tokens: list[int]) -> bool:
 
 
 def test_mlm_nsp_rows_follow_bert() -> None:
-    rows, _ = BUILDERS["mlm_nsp"].build(synthetic_documents(300), params(), random.Random(0))
+    rows, _ = build("mlm_nsp", synthetic_documents(300), params())
     assert len(rows) > 300
     for row in rows:
         ids, types = row["input_ids"], row["token_type_ids"]
@@ -59,9 +68,9 @@ def test_mlm_nsp_rows_follow_bert() -> None:
 
 def test_mlm_nsp_uses_most_of_the_text_and_is_seeded() -> None:
     docs = synthetic_documents(100)
-    rows, _ = BUILDERS["mlm_nsp"].build(docs, params(), random.Random(0))
-    assert rows == BUILDERS["mlm_nsp"].build(docs, params(), random.Random(0))[0]
-    assert rows != BUILDERS["mlm_nsp"].build(docs, params(), random.Random(1))[0]
+    rows, _ = build("mlm_nsp", docs, params())
+    assert rows == build("mlm_nsp", docs, params())[0]
+    assert rows != build("mlm_nsp", docs, params(), seed=1)[0]
     pairs = ((t, typ) for r in rows for t, typ in zip(r["input_ids"], r["token_type_ids"], strict=True))
     used = {t for t, typ in pairs if typ == 0} - {CLS, SEP}  # tokens that appear as segment A
     total = sum(len(s) for d in docs for s in d["segments"])
@@ -70,12 +79,12 @@ def test_mlm_nsp_uses_most_of_the_text_and_is_seeded() -> None:
 
 def test_mlm_nsp_needs_two_documents() -> None:
     with pytest.raises(DataError, match="at least 2 non-empty documents"):
-        BUILDERS["mlm_nsp"].build(synthetic_documents(1), params(), random.Random(0))
+        build("mlm_nsp", synthetic_documents(1), params())
 
 
 def test_clm_packs_documents_into_overlapping_blocks() -> None:
     docs = [{"ids": list(range(100 * d + 10, 100 * d + 10 + n))} for d, n in enumerate([5, 40, 0, 77])]
-    blocks, counters = BUILDERS["clm"].build(docs, params(seq_len=16), random.Random(0))
+    blocks, counters = build("clm", docs, params(seq_len=16))
     stream = [t for d in docs for t in (BOS, *d["ids"], EOS)]
     assert all(len(b["input_ids"]) == 17 for b in blocks)
     assert len(blocks) == (len(stream) - 1) // 16
@@ -85,11 +94,22 @@ def test_clm_packs_documents_into_overlapping_blocks() -> None:
     assert stream.count(BOS) == 4 and stream.count(EOS) == 4
 
 
+@pytest.mark.parametrize("n_tokens", [0, 1, 16, 17])
+def test_clm_edge_sizes(n_tokens: int) -> None:
+    docs = [{"ids": list(range(10, 10 + n_tokens))}] if n_tokens else []
+    table = pa.Table.from_pylist(docs, schema=pa.schema([("ids", pa.list_(pa.int32()))]))
+    blocks: Examples = BUILDERS["clm"].build(table, params(seq_len=16), random.Random(0))
+    stream = [BOS, *range(10, 10 + n_tokens), EOS] if n_tokens else []
+    rows = blocks[0].column("input_ids").to_pylist()
+    assert rows == [stream[k * 16: k * 16 + 17] for k in range(max(0, (len(stream) - 1) // 16))]
+    assert blocks[1]["tail_tokens_dropped"] == (len(stream) - 1 - 16 * len(rows) if stream else 0)
+
+
 def test_translation_adds_bos_eos_and_drops_overlong_pairs() -> None:
     rows = [{"src_ids": [10, 11], "tgt_ids": [20], "src": "a b", "tgt": "c"},
             {"src_ids": list(range(10, 18)), "tgt_ids": [20], "src": "long", "tgt": "c"},  # 8 + [EOS] > 8
             {"src_ids": [10], "tgt_ids": list(range(20, 27)), "src": "x", "tgt": "y"}]  # [BOS] 7 [EOS] = 9: fits
-    out, counters = BUILDERS["translation"].build(rows, params(), random.Random(0))
+    out, counters = build("translation", rows, params())
     assert out == [{"src_ids": [10, 11, EOS], "tgt_ids": [BOS, 20, EOS], "src_text": "a b", "tgt_text": "c"},
                    {"src_ids": [10, EOS], "tgt_ids": [BOS, *range(20, 27), EOS], "src_text": "x", "tgt_text": "y"}]
     assert counters == {"too_long_tokens": 1}
@@ -97,7 +117,7 @@ def test_translation_adds_bos_eos_and_drops_overlong_pairs() -> None:
 
 def test_classification_wraps_and_truncates() -> None:
     rows = [{"ids": [10, 11], "label": 2, "text": "short"}, {"ids": list(range(100)), "label": 0, "text": "long"}]
-    out, counters = BUILDERS["classification"].build(rows, params(seq_len=8), random.Random(0))
+    out, counters = build("classification", rows, params(seq_len=8))
     assert out[0] == {"input_ids": [CLS, 10, 11, SEP], "label": 2, "text": "short"}
     assert out[1]["input_ids"] == [CLS, 0, 1, 2, 3, 4, 5, SEP] and counters == {"truncated": 1}
 

@@ -1,10 +1,12 @@
-"""`prepare()` end to end on a tiny built-in sample: the only tests here that start Ray."""
+"""`prepare()` end to end: the only tests here that start Ray (marked e2e), plus its driver-side pieces without Ray."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import ray
 from data_pipeline_testlib import write
@@ -39,7 +41,8 @@ def local_ray() -> Iterator[None]:
     if ray.is_initialized():  # another test module's Ray: use it, leave it running
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new Ray for the tests, never a cluster someone else started on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -48,6 +51,7 @@ def _files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, tmp_path: Path) -> None:
     messages: list[str] = []
     manifest = prepare(TINY, tmp_path / "a", progress=messages.append)
@@ -96,3 +100,114 @@ def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, 
         prepare(DataConfig(source="parallel", paths=[str(bad)], tasks=["translation"]), tmp_path / "c")
     assert not (tmp_path / "c").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "files", "pairs.tsv", "reviews.jsonl"]
+
+
+WIKI = "".join(f" = Article {a} =\n\n" + "".join(f" Paragraph {p} of article {a} says {'many ' * (a + p)}things .\n\n"
+                                                  for p in range(4)) for a in range(40))
+
+
+@pytest.mark.e2e
+def test_prepare_reads_files_of_every_kind_and_names_bad_input(local_ray: None, tmp_path: Path) -> None:
+    wiki = write(tmp_path / "wiki.txt.gz", WIKI, gz=True)
+    gpt = DataConfig(source="text", paths=[str(wiki)], text_unit="file", wikitext_headings=True, tasks=["clm"],
+                     seq_len=16, tokenizer="char", vocab_size=100, validation_fraction=0.1)
+    trained = prepare(gpt, tmp_path / "trained")  # two passes: read + clean, train, tokenize
+    assert trained["sources"]["documents"]["rows_read"] == 40 and trained["dropped"]["documents"]["duplicate"] == 0
+    reuse = str(tmp_path / "trained" / "tokenizer.json")
+    prepare(DataConfig(**{**gpt.to_dict(), "tokenizer_path": reuse}), tmp_path / "loaded")  # one fused pass
+    for split in ("train", "validation"):  # the same vocabulary either way: the same shards
+        assert read_split(tmp_path / "trained" / "clm", split) == read_split(tmp_path / "loaded" / "clm", split)
+    tok = load_tokenizer(tmp_path / "loaded" / "tokenizer.json")
+    blocks = read_split(tmp_path / "loaded" / "clm", "train").column("input_ids").to_pylist()
+    stream = blocks[0] + [t for b in blocks[1:] for t in b[1:]]
+    assert stream[0] == trained["special_tokens"]["[BOS]"]
+    first_article = tok.decode(stream[1: stream.index(trained["special_tokens"]["[EOS]"])])
+    a = int(re.match(r"= Article (\d+) =\n", first_article).group(1))  # cleaned: no blank lines or edge spaces
+    assert first_article == f"= Article {a} =\n" + "\n".join(
+        f"Paragraph {p} of article {a} says {'many ' * (a + p)}things ." for p in range(4))
+
+    # Labelled TSV with a given label set: ids follow the given order; replaced bytes are counted.
+    sst = write(tmp_path / "sst.tsv", b"sentence\tlabel\n" + b"".join(
+        f"review {i} is {'good' if i % 2 else 'bad'}\t{i % 2}\n".encode() for i in range(60)) + b"caf\xe9\t1\n")
+    cls = DataConfig(source="labelled", paths=[str(sst)], text_column="sentence", labels=["1", "0"],
+                     tasks=["classification"], tokenizer_path=reuse, encoding_errors="replace")
+    labelled = prepare(cls, tmp_path / "sst")
+    assert labelled["sources"]["labelled"]["encoding_errors_replaced"] == 1
+    assert read_manifest(tmp_path / "sst" / "classification")["labels"] == ["1", "0"]
+    train = read_split(tmp_path / "sst" / "classification", "train").to_pylist()
+    assert all(r["label"] == (0 if r["text"].endswith("good") or r["text"].startswith("caf") else 1) for r in train)
+
+    # Bad input found inside a Ray task: a one-line DataError naming file and line, and nothing written.
+    de, en = write(tmp_path / "pairs.de", "eins\nzwei\ndrei\n"), write(tmp_path / "pairs.en", "one\ntwo\n")
+    bad_cases = [
+        (DataConfig(**{**cls.to_dict(), "encoding_errors": "strict"}), rf"^{sst}:62: not valid UTF-8"),
+        (DataConfig(**{**cls.to_dict(), "labels": ["0"]}), rf"^{sst}:3: label '1' is not one of the given labels"),
+        (DataConfig(source="parallel", paths=[str(de), str(en)], tasks=["translation"]),
+         rf"^{en}:3: file ends here but {de} has 3 lines \(parallel files must be line-aligned\)$"),
+    ]
+    for cfg, message in bad_cases:
+        with pytest.raises(DataError, match=message):
+            prepare(cfg, tmp_path / "bad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loaded", "pairs.de", "pairs.en", "sst", "sst.tsv", "trained",
+                                                          "wiki.txt.gz"]  # no output, no temporary directory
+
+
+@pytest.mark.e2e
+def test_prepare_reads_a_saved_hugging_face_dataset(local_ray: None, tmp_path: Path) -> None:
+    import datasets
+
+    texts = [f"sample sentence number {i} {'!' * (i % 3)}" for i in range(50)]
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["positive", "negative"])})
+    ds = datasets.Dataset.from_dict({"sentence": texts, "label": [i % 2 for i in range(50)]}, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    cfg = DataConfig(source="hf", hf_name=str(tmp_path / "saved"), text_column="sentence", tasks=["classification"],
+                     tokenizer="char", vocab_size=64)
+    manifest = prepare(cfg, tmp_path / "out")
+    assert manifest["inputs"]["label_names"] == {"label": ["positive", "negative"]}
+    assert read_manifest(tmp_path / "out" / "classification")["labels"] == ["positive", "negative"]  # ClassLabel order
+    assert manifest["sources"]["labelled"]["rows_read"] == 50
+
+
+# ------------------------------------------------------------------------------- driver side, no Ray
+
+
+class _Batches:
+    """Stands in for a Ray Dataset: `_collect` only iterates its batches."""
+
+    def __init__(self, *batches: pa.Table) -> None:
+        self.batches = batches
+
+    def iter_batches(self, **kwargs: object) -> Iterator[pa.Table]:
+        return iter(self.batches)
+
+
+def _cleaned_batch(texts: list[str], drops: list[str], split: str = "train", error: str = "") -> pa.Table:
+    return pa.table({"text": texts, "origin": [f"f:{i}" for i in range(len(texts))], "replaced": [1] * len(texts),
+                     "error": [error] * len(texts), "drop": drops, "key": texts, "split": [split] * len(texts)})
+
+
+def test_collect_keeps_first_occurrences_and_counts_every_drop() -> None:
+    cfg = DataConfig(source="text", paths=["f"], tasks=["clm"])
+    table, info, dropped = prepare_module._collect(_Batches(
+        _cleaned_batch(["a", "b", "a", ""], ["", "", "", "empty"]),
+        _cleaned_batch(["b", "c", "long"], ["", "", "too_long"], split="validation")), cfg, "documents")
+    assert table.column("text").to_pylist() == ["a", "b", "c"] and table.column_names == ["text", "origin", "split"]
+    assert dropped == {"empty": 1, "too_short": 0, "too_long": 1, "duplicate": 2}
+    assert info == {"rows_read": 7, "kept": 3, "splits": {"train": 2, "validation": 1, "test": 0},
+                    "encoding_errors_replaced": 7}
+    with pytest.raises(DataError, match=r"^f.txt:3: broken$"):
+        prepare_module._collect(_Batches(_cleaned_batch(["a"], [""], error="f.txt:3: broken")), cfg, "documents")
+    with pytest.raises(DataError, match=r"^min_chars: all 1 documents rows were dropped"):
+        prepare_module._collect(_Batches(_cleaned_batch([""], ["empty"])), cfg, "documents")
+
+
+def test_label_names_given_from_classlabel_or_inferred() -> None:
+    table = pa.table({"label": ["10", "2", "2"], "origin": ["f:1", "f:2", "f:3"]})
+    infer = DataConfig(source="labelled", paths=["f"], tasks=["classification"])
+    assert prepare_module._label_names(infer, {}, table) == ["2", "10"]  # numeric order for integer labels
+    given = DataConfig(source="labelled", paths=["f"], tasks=["classification"], labels=["10", "2", "7"])
+    assert prepare_module._label_names(given, {}, table) == ["10", "2", "7"]
+    assert prepare_module._label_names(infer, {"label_names": {"label": ["2", "10"]}}, table) == ["2", "10"]
+    with pytest.raises(DataError, match=r"^f:1: label '10' is not one of the given labels \['2'\] \(labels\)$"):
+        prepare_module._label_names(infer, {"label_names": {"label": ["2"]}}, table)

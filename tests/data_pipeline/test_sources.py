@@ -1,33 +1,21 @@
-"""File sources: formats and the errors that name file and line (parse functions, no Ray)."""
+"""Sources: paths, the Ray read task (called directly), Hugging Face datasets on disk; no Ray is started."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from data_pipeline_testlib import write
 
+from data_pipeline import sources
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import (
-    expand_paths,
-    parse_aligned_pair,
-    parse_labelled_file,
-    parse_text_file,
-    parse_tsv_pairs,
-    read_lines,
-)
-
-
-def test_text_file_gives_one_document_per_blank_line_block(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.txt", "\nFirst line.\nSecond line.\n\n\n  \nOther doc.\r\nIts end.\n")
-    rows = parse_text_file(str(path))
-    assert rows == [{"text": "First line.\nSecond line.", "origin": f"{path}:2"},
-                    {"text": "Other doc.\nIts end.", "origin": f"{path}:7"}]
-
-
-def test_gzip_and_utf8_bom_are_read(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.txt.gz", "\ufeffÉté\n\nhiver\n", gz=True)
-    assert [r["text"] for r in parse_text_file(str(path))] == ["Été", "hiver"]
+from data_pipeline.hf_datasets import arrow_file_rows, resolve
+from data_pipeline.readers import ReadOptions
+from data_pipeline.sources import SOURCES, expand_paths, raw_schema, read_task
 
 
 def test_globs_and_directories_expand_sorted(tmp_path: Path) -> None:
@@ -40,71 +28,104 @@ def test_globs_and_directories_expand_sorted(tmp_path: Path) -> None:
         str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]  # no file twice
 
 
-def test_missing_path_and_unmatched_glob_are_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=rf"^{tmp_path}/nope.txt: no such file or directory"):
-        expand_paths([str(tmp_path / "nope.txt")])
-    with pytest.raises(DataError, match=r"\*.tsv: no file matches"):
+def test_missing_path_and_unmatched_glob_are_named_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=rf"^{tmp_path}/nope.txt: no such file or directory \(paths\)$"):
+        SOURCES["text"].resolve(DataConfig(source="text", paths=[str(tmp_path / "nope.txt")], tasks=["clm"]))
+    with pytest.raises(DataError, match=r"\*.tsv: no file matches this pattern \(paths\)$"):
         expand_paths([str(tmp_path / "*.tsv")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: directory holds no files"):
+        expand_paths([str(tmp_path / "empty")])
 
 
-def test_empty_file_is_an_error(tmp_path: Path) -> None:
-    path = write(tmp_path / "empty.txt", " \n\n")
-    with pytest.raises(DataError, match=rf"^{path}: file is empty$"):
-        parse_text_file(str(path))
+def test_resolved_files_record_size_and_hash(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.txt", "hello\n")
+    inputs = SOURCES["text"].resolve(DataConfig(source="text", paths=[str(path)], tasks=["clm"]))
+    assert inputs == {"source": "text", "files": [{"path": str(path), "bytes": 6, "sha256": (
+        "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03")}]}
 
 
-def test_non_utf8_names_file_line_and_column(tmp_path: Path) -> None:
-    path = write(tmp_path / "latin1.txt", b"ok\nalso ok\ncaf\xe9 cr\xe8me\n")
-    with pytest.raises(DataError, match=rf"^{path}:3: not valid UTF-8 \(byte 0xe9 at column 4\)$"):
-        read_lines(str(path))
+def _task(path: Path, opts: ReadOptions, partner: str = "", block_chars: int = 1000) -> list[pa.Table]:
+    return list(read_task({"path": [str(path)], "partner": [partner]}, opts, "file", {}, block_chars))
 
 
-def test_tsv_pairs_and_wrong_column_count(tmp_path: Path) -> None:
-    good = write(tmp_path / "good.tsv", "one\tun\n\ntwo\tdeux\n")
-    assert [(r["src"], r["tgt"], r["origin"]) for r in parse_tsv_pairs(str(good))] == [
-        ("one", "un", f"{good}:1"), ("two", "deux", f"{good}:3")]
-    bad = write(tmp_path / "bad.tsv", "one\tun\ntwo\tdeux\textra\n")
-    with pytest.raises(DataError, match=rf"^{bad}:2: expected 2 tab-separated columns \(source, target\), found 3$"):
-        parse_tsv_pairs(str(bad))
+def test_read_task_streams_blocks_of_bounded_size(tmp_path: Path) -> None:
+    path = write(tmp_path / "lines.txt", "".join(f"line number {i:02d}\n" for i in range(10)))  # 14 chars a line
+    blocks = _task(path, ReadOptions("documents", text_unit="line"), block_chars=25)
+    assert [b.num_rows for b in blocks] == [2, 2, 2, 2, 2] and all(b.schema == raw_schema("documents") for b in blocks)
+    assert pa.concat_tables(blocks).column("origin").to_pylist() == [f"{path}:{i}" for i in range(1, 11)]
 
 
-def test_aligned_files_must_have_equal_line_counts(tmp_path: Path) -> None:
-    src = write(tmp_path / "train.en", "one\ntwo\nthree\n")
-    tgt = write(tmp_path / "train.fr", "un\ndeux\ntrois\n")
-    assert [(r["src"], r["tgt"]) for r in parse_aligned_pair(str(src), str(tgt))] == [
-        ("one", "un"), ("two", "deux"), ("three", "trois")]
-    short = write(tmp_path / "short.fr", "un\ndeux\n")
-    with pytest.raises(DataError, match=rf"^{short}:3: file ends here but {src} has 3 lines"):
-        parse_aligned_pair(str(src), str(short))
+def test_read_task_turns_a_data_error_into_an_error_row(tmp_path: Path) -> None:
+    path = write(tmp_path / "bad.tsv", "one\tun\ntwo\n")
+    (block,) = _task(path, ReadOptions("pairs"))
+    assert block.to_pylist() == [{"src": "", "tgt": "", "origin": str(path), "replaced": 0, "error": (
+        f"{path}:2: expected 2 tab-separated columns (source, target), found 1")}]
 
 
-@pytest.mark.parametrize(("name", "content"), [
-    ("data.tsv", "label\tsentence\npos\tgood film\nneg\tbad \"quoted\" film\n"),
-    ("data.csv", 'sentence,label\ngood film,pos\n"bad ""quoted"" film",neg\n'),
-    ("data.jsonl", '{"sentence": "good film", "label": "pos"}\n\n'
-                   '{"sentence": "bad \\"quoted\\" film", "label": "neg"}\n'),
-])
-def test_labelled_formats(tmp_path: Path, name: str, content: str) -> None:
-    path = write(tmp_path / name, content)
-    rows = parse_labelled_file(str(path), text_column="sentence", label_column="label")
-    assert [(r["text"], r["label"]) for r in rows] == [("good film", "pos"), ('bad "quoted" film', "neg")]
+def test_two_plain_paths_are_a_line_aligned_pair(tmp_path: Path) -> None:
+    de, en = write(tmp_path / "a.de", "eins\n"), write(tmp_path / "a.en", "one\n")
+    cfg = DataConfig(source="parallel", paths=[str(de), str(en)], tasks=["translation"])
+    assert sources._file_tasks(cfg, "pairs", [str(de), str(en)]) == [{"path": str(de), "partner": str(en)}]
+    tsvs = [str(write(tmp_path / f"{n}.tsv", "a\tb\n")) for n in "xy"]
+    cfg = DataConfig(source="parallel", paths=tsvs, tasks=["translation"])
+    assert sources._file_tasks(cfg, "pairs", tsvs) == [{"path": p, "partner": ""} for p in tsvs]
 
 
-def test_integer_labels_from_jsonl_become_strings(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.jsonl", '{"text": "a b", "label": 1}\n')
-    assert parse_labelled_file(str(path), "text", "label")[0]["label"] == "1"
+# ------------------------------------------------------------------------------------ Hugging Face
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("d.tsv", "sentence\tlabel\na\t0\nb\t1\textra\n", r":3: expected 2 columns, found 3$"),
-    ("d.csv", "sentence,label\na,0\nb\n", r":3: expected 2 columns, found 1$"),
-    ("d.tsv", "text\tlabel\na\t0\n", r":1: no column 'sentence' \(text_column\)"),
-    ("d.jsonl", '{"sentence": "a", "label": 0}\n{"sentence": "b", label: 1}\n', r":2: invalid JSON"),
-    ("d.jsonl", '{"sentence": "a"}\n', r":1: missing key 'label' \(label_column\)"),
-    ("d.jsonl", '{"sentence": "a", "label": null}\n', r":1: the label must be"),
-    ("d.jsonl", '["a", 0]\n', r":1: expected a JSON object"),
-])
-def test_labelled_errors_name_file_and_line(tmp_path: Path, name: str, content: str, message: str) -> None:
-    path = write(tmp_path / name, content)
-    with pytest.raises(DataError, match=f"^{path}{message}"):
-        parse_labelled_file(str(path), text_column="sentence", label_column="label")
+@pytest.fixture(scope="module")
+def saved_sst(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "pair": {"de": datasets.Value("string"), "en": datasets.Value("string")}})
+    train = datasets.Dataset.from_dict({"sentence": ["dull", "great fun", "fine"], "label": [0, 1, 1],
+                                        "pair": [{"de": "eins", "en": "one"}] * 3}, features=features)
+    root = tmp_path_factory.mktemp("hf") / "sst"
+    datasets.DatasetDict({"train": train, "test": train.select([0])}).save_to_disk(str(root))
+    return root
+
+
+def test_saved_dataset_resolves_to_its_arrow_files_with_class_names(saved_sst: Path) -> None:
+    opts = ReadOptions("labelled", text_column="sentence")
+    inputs = resolve(str(saved_sst), "train", opts)
+    assert inputs["num_rows"] == 3 and inputs["label_names"] == {"label": ["negative", "positive"]}
+    assert all(f["path"].startswith(str(saved_sst)) and f["path"].endswith(".arrow") for f in inputs["files"])
+    got = [r for f in inputs["files"] for r in arrow_file_rows(f["path"], opts, inputs["label_names"])]
+    assert [(r["text"], r["label"]) for r in got] == [("dull", "negative"), ("great fun", "positive"),
+                                                      ("fine", "positive")]
+    pairs = ReadOptions("pairs", src_column="pair.de", tgt_column="pair.en")  # struct fields, as in HF translation
+    assert [(r["src"], r["tgt"]) for r in arrow_file_rows(inputs["files"][0]["path"], pairs, {})][0] == ("eins", "one")
+
+
+def test_hf_errors_name_the_key(saved_sst: Path) -> None:
+    with pytest.raises(DataError, match=r"^hf_split: .*sst has splits \['test', 'train'\], not 'validation'$"):
+        resolve(str(saved_sst), "validation", ReadOptions("labelled", text_column="sentence"))
+    with pytest.raises(DataError, match=r"sst\[train\]: no column 'text' \(text_column\); it has \['sentence', "):
+        resolve(str(saved_sst), "train", ReadOptions("documents"))
+
+
+def test_hf_data_files_load_through_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = write(tmp_path / "docs.jsonl", '{"text": "first"}\n{"text": "second"}\n')
+    inputs = resolve(str(tmp_path / "*.jsonl"), "train", ReadOptions("documents"))
+    got = [r["text"] for f in inputs["files"] for r in arrow_file_rows(f["path"], ReadOptions("documents"), {})]
+    assert got == ["first", "second"] and inputs["num_rows"] == 2 and path.exists()
+
+
+def test_hub_name_offline_fails_at_once_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        resolve("stanfordnlp/sst2", "train", ReadOptions("labelled", text_column="sentence"))
+    assert time.perf_counter() - start < 5 and "\n" not in str(err.value)
+    assert str(err.value).startswith("hf_name: 'stanfordnlp/sst2' is not a local directory or file, and the "
+                                     "Hugging Face Hub (huggingface.co) cannot be reached (offline)")

@@ -101,6 +101,8 @@ def test_tokenize_batch_adds_id_columns(corpus: list[str]) -> None:
     assert [len(s) for s in segments] == [2, 1]
     assert tok.decode(segments[0][1]) == " It selects a suite."  # segments start like mid-text words
     assert tok.decode(whole[0]) == "The if statement.\nIt selects a suite."
-    pairs = pa.table({"src": ["one"], "tgt": ["un"]})
+    assert "text" not in out.column_names  # no builder needs document text; it would only travel to the driver
+    pairs = pa.table({"src": ["one", "two"], "tgt": ["un", "deux"], "drop": ["", "duplicate"]})
     out = tokenize_batch(pairs, tok.to_str(), "pairs", segments=False, whole=False)
     assert tok.decode(out.column("tgt_ids").to_pylist()[0]) == "un"
+    assert out.column("src_ids").to_pylist()[1] == [] and out.column("src").to_pylist() == ["one", "two"]
