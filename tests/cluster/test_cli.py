@@ -73,9 +73,8 @@ def test_submit_entrypoint_runs_the_uploaded_code() -> None:
 
 
 def test_overrides_after_options_are_collected(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cluster import cli
-
     import cluster.submit
+    from cluster import cli
 
     seen = {}
     monkeypatch.setattr(cli, "_handler", lambda args: lambda a: seen.setdefault("overrides", a.overrides) and 0)
