@@ -148,11 +148,8 @@ def _cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer | None) ->
     return ds if tok is None else _tokenized(ds, tok, kind, cfg.tasks)
 
 
-TOKENIZE_CPUS = 1.0
-
-
 def _tokenized(ds: ray.data.Dataset, tok: Tokenizer, kind: str, tasks: list[str]) -> ray.data.Dataset:
-    return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=TOKENIZE_CPUS, fn_kwargs={
+    return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={
         "tokenizer_json": tok.to_str(), "kind": kind, "segments": "mlm_nsp" in tasks, "whole": "clm" in tasks})
 
 
