@@ -23,15 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# What `encode` returns: a Transformer's (B,S,C) states, or a tuple of tensors with the batch in dim 0 (an LSTM's
+# states plus its final (h, c)). The search only selects rows of it.
+Memory = Tensor | tuple[Tensor, ...]
+
+
+def select_rows(memory: Memory, rows: Tensor) -> Memory:
+    """Rows `rows` of every tensor in `memory` (batch dim 0)."""
+    if isinstance(memory, Tensor):
+        return memory.index_select(0, rows)
+    return tuple(m.index_select(0, rows) for m in memory)
+
 
 class Seq2SeqDecoder(Protocol):
     """What greedy_decode / beam_search need from a model."""
 
-    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
-        """(B,S) ids and mask -> memory (B,S,C)."""
+    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Memory:
+        """(B,S) ids and mask -> memory: (B,S,C), or a tuple of tensors each with the batch in dim 0."""
         ...
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor,
+    def decode_step(self, tgt_ids: Tensor, memory: Memory, src_mask: Tensor,
                     cache: Any | None) -> tuple[Tensor, Any]:
         """(N,t) new target ids -> (logits of the last position (N,V), cache including the new ids)."""
         ...
@@ -112,7 +123,7 @@ class _Beams:
     src_index: list[int]  # original batch index of each active source
     tokens: Tensor  # (N*K, t) generated ids so far (cpu)
     logprob: Tensor  # (N, K) summed log-probs, -inf for empty beams
-    memory: Tensor  # (N*K, S, C)
+    memory: Memory  # (N*K, S, C) or a tuple of (N*K, ...) tensors
     src_mask: Tensor  # (N*K, S)
     cache: Any | None
 
@@ -199,15 +210,15 @@ def _drop_done(beams: _Beams, rows: Tensor, done: list[bool]) -> Tensor:
     beams.src_index = [beams.src_index[i] for i in keep]
     beams.tokens = beams.tokens[keep_rows]
     beams.logprob = beams.logprob[keep]
-    device = beams.memory.device
-    beams.memory = beams.memory.index_select(0, keep_rows.to(device))
+    device = beams.src_mask.device
+    beams.memory = select_rows(beams.memory, keep_rows.to(device))
     beams.src_mask = beams.src_mask.index_select(0, keep_rows.to(device))
     return rows[keep_rows]
 
 
 def _init_beams(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, beam_size: int) -> _Beams:
     batch = src_ids.size(0)
-    memory = model.encode(src_ids, src_mask)  # (B,S,C)
+    memory = model.encode(src_ids, src_mask)
     rows = torch.arange(batch, device=src_ids.device).repeat_interleave(beam_size)  # (B*K,)
     logprob = torch.full((batch, beam_size), -math.inf)
     logprob[:, 0] = 0.0  # all K beams start identical: expand only the first so the K survivors differ
@@ -215,7 +226,7 @@ def _init_beams(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, beam_s
         src_index=list(range(batch)),
         tokens=torch.zeros(batch * beam_size, 0, dtype=torch.long),
         logprob=logprob,
-        memory=memory.index_select(0, rows),  # (B*K,S,C)
+        memory=select_rows(memory, rows),  # (B*K,S,C)
         src_mask=src_mask.index_select(0, rows),  # (B*K,S)
         cache=None,
     )
