@@ -1,4 +1,4 @@
-"""Greedy decoding and batched beam search for encoder-decoder models.
+"""Greedy decoding, batched beam search and sampling for encoder-decoder models (and sampling for GPT).
 
 Search lives outside the model (as fairseq's `search.py`): the model only has to implement the small
 `Seq2SeqDecoder` protocol below, and the search reorders the model's incremental state by row index.
@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from pretrain.models.gpt import GPTLMHeadModel
 
 # What `encode` returns: a Transformer's (B,S,C) states, or a tuple of tensors with the batch in dim 0 (an LSTM's
 # states plus its final (h, c)). The search only selects rows of it.
@@ -266,3 +268,117 @@ def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id
         beams.cache = model.reorder_cache(beams.cache, rows.to(src_ids.device))
         inp = beams.tokens[:, -1:].to(src_ids.device)  # (N*K, 1)
     return [sorted(h, key=lambda x: x.score, reverse=True)[:n_best] for h in finished]
+
+
+# ---------------------------------------------------------------- sampling
+def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """(N,V) logits with every token outside the top-k set and outside the nucleus set to -inf.
+
+    top_k keeps exactly the k largest logits (ties broken by `torch.topk`); 0 keeps all. top_p keeps the smallest
+    set of most probable tokens whose cumulative probability is >= top_p (Holtzman et al. 2020), computed after the
+    top-k cut and renormalised over what it left; 1.0 keeps all. At least one token always survives.
+    """
+    _check_sampling(1.0, top_k, top_p)
+    out = logits
+    if 0 < top_k < logits.size(-1):
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        out = out.masked_fill(~keep, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = out.sort(dim=-1, descending=True)  # (N,V)
+        probs = sorted_logits.float().softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        # a token is needed while the tokens ranked above it have not reached top_p yet; the first always is
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        out = out.masked_fill(drop, -math.inf)
+    return out
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> Tensor:
+    """(N,V) logits -> (N,) next ids: argmax at temperature 0, else a draw from the filtered, tempered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)  # a CPU generator draws for a GPU model (and the reverse)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def sample_decode(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, max_len: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """Ancestral sampling with the cache; per source the generated ids without [BOS]/[EOS].
+
+    Each step draws from softmax(filter_logits(logits / temperature, top_k, top_p)). temperature=0 means greedy
+    (argmax, the limit of temperature -> 0) and gives exactly `greedy_decode`'s output; pass a seeded `generator`
+    for reproducible draws.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    batch = src_ids.size(0)
+    memory = model.encode(src_ids, src_mask)
+    inp = torch.full((batch, 1), bos_id, dtype=torch.long, device=src_ids.device)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    cache: Any | None = None
+    for _ in range(max_len):
+        logits, cache = model.decode_step(inp, memory, src_mask, cache)
+        nxt = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                done[b] = tok == eos_id
+                if not done[b]:
+                    out[b].append(tok)
+        if all(done):
+            break
+        inp = nxt.unsqueeze(1)  # (B,1); finished rows keep going, their output frozen (as greedy_decode)
+    return out
+
+
+@torch.no_grad()
+def generate_lm(model: GPTLMHeadModel, prompt_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
+                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue (B,T) prompts with a decoder-only `GPTLMHeadModel` and its KV cache; per row the new ids.
+
+    Rows share one length T (GPT has no attention mask: left padding would be attended to). A row stops at
+    eos_id (left out of its output) or after max_new_tokens. temperature 0 = greedy, as in `sample_decode`.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_ids.dim() != 2 or prompt_ids.size(1) < 1:
+        raise ValueError(f"prompt_ids must be (B,T) with T >= 1, got shape {tuple(prompt_ids.shape)}")
+    positions = model.config.n_positions
+    # the last new token is never fed back, so T + max_new_tokens - 1 positions are used
+    if prompt_ids.size(1) + max_new_tokens - 1 > positions:
+        raise ValueError(f"prompt length {prompt_ids.size(1)} + max_new_tokens {max_new_tokens} - 1 exceeds the "
+                         f"model's n_positions={positions}")
+    out: list[list[int]] = [[] for _ in range(prompt_ids.size(0))]
+    done = [False] * prompt_ids.size(0)
+    inp, cache = prompt_ids, None
+    for _ in range(max_new_tokens):
+        logits, cache = model(inp, past_key_values=cache, use_cache=True)  # (B,t,V)
+        nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+        for b, tok in enumerate(nxt.tolist()):
+            if not done[b]:
+                done[b] = eos_id is not None and tok == eos_id
+                if not done[b]:
+                    out[b].append(tok)
+        if all(done):
+            break
+        inp = nxt.unsqueeze(1)  # (B,1)
+    return out

@@ -43,12 +43,21 @@ from pretrain.checkpoint import (
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 
-# docs/design.md: the fixed special tokens (HF tokenizer attribute -> (token, id)).
+# docs/design.md: the special tokens (HF tokenizer attribute -> (token, id in a tokenizer Kiln trained)). A loaded
+# vocabulary (an imported BERT's vocab.txt, GPT-2's vocab.json) keeps its own ids, so export reads the real ids from
+# the checkpoint's tokenizer; these are the defaults for configs written without one.
 SPECIAL_TOKENS: dict[str, tuple[str, int]] = {
     "pad_token": ("[PAD]", 0), "unk_token": ("[UNK]", 1), "cls_token": ("[CLS]", 2), "sep_token": ("[SEP]", 3),
     "mask_token": ("[MASK]", 4), "bos_token": ("[BOS]", 5), "eos_token": ("[EOS]", 6),
 }
-PAD_ID, BOS_ID, EOS_ID = 0, 5, 6
+KILN_SPECIAL_IDS: dict[str, int] = {attr: i for attr, (_, i) in SPECIAL_TOKENS.items()}
+# What each exported family cannot work without (the tokenizer must have these tokens).
+NEEDED_SPECIALS: dict[str, tuple[str, ...]] = {
+    "bert": ("pad_token", "cls_token", "sep_token", "mask_token"),
+    "bert_classifier": ("pad_token", "cls_token", "sep_token"),
+    "gpt": ("pad_token", "bos_token", "eos_token"),
+    "seq2seq_warm": ("pad_token", "bos_token", "eos_token"),
+}
 
 
 # ---------------------------------------------------------------- key maps (tables)
@@ -172,7 +181,11 @@ def _hf_bert(c: BertConfig) -> dict[str, Any]:
     }
 
 
-def _hf_gpt2(c: GPTConfig) -> dict[str, Any]:
+def _generation_ids(ids: dict[str, int]) -> dict[str, int]:
+    return {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "pad_token_id": ids["pad_token"]}
+
+
+def _hf_gpt2(c: GPTConfig, ids: dict[str, int]) -> dict[str, Any]:
     return {
         "model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.n_positions, "n_embd": c.n_embd,
         "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.n_inner,
@@ -181,33 +194,33 @@ def _hf_gpt2(c: GPTConfig) -> dict[str, Any]:
         "layer_norm_epsilon": c.layer_norm_epsilon, "initializer_range": c.initializer_range,
         # Kiln's attention is plain SDPA: 1/sqrt(head size), no per-layer scaling, no fp32 upcast reordering.
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-        "add_cross_attention": c.add_cross_attention, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID, "tie_word_embeddings": True, "use_cache": True,
+        "add_cross_attention": c.add_cross_attention, **_generation_ids(ids), "tie_word_embeddings": True,
+        "use_cache": True,
     }
 
 
-def _config_bert(p: Parts) -> dict[str, Any]:
+def _config_bert(p: Parts, ids: dict[str, int]) -> dict[str, Any]:
     return {"architectures": ["BertForPreTraining"], **_hf_bert(p.bert)}
 
 
-def _config_gpt(p: Parts) -> dict[str, Any]:
-    return {"architectures": ["GPT2LMHeadModel"], **_hf_gpt2(p.gpt)}
+def _config_gpt(p: Parts, ids: dict[str, int]) -> dict[str, Any]:
+    return {"architectures": ["GPT2LMHeadModel"], **_hf_gpt2(p.gpt, ids)}
 
 
-def _config_classifier(p: Parts) -> dict[str, Any]:
+def _config_classifier(p: Parts, ids: dict[str, int]) -> dict[str, Any]:
     names = p.label_names or [f"LABEL_{i}" for i in range(p.num_labels)]
     return {"architectures": ["BertForSequenceClassification"], **_hf_bert(p.bert),
             "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)},
             "classifier_dropout": p.classifier_dropout, "problem_type": "single_label_classification"}
 
 
-def _config_seq2seq(p: Parts) -> dict[str, Any]:
+def _config_seq2seq(p: Parts, ids: dict[str, int]) -> dict[str, Any]:
     return {
         "architectures": ["EncoderDecoderModel"], "model_type": "encoder-decoder", "is_encoder_decoder": True,
         "encoder": {"architectures": ["BertModel"], **_hf_bert(p.bert)},
-        "decoder": {"architectures": ["GPT2LMHeadModel"], **_hf_gpt2(p.gpt), "is_decoder": True},
+        "decoder": {"architectures": ["GPT2LMHeadModel"], **_hf_gpt2(p.gpt, ids), "is_decoder": True},
         "tie_encoder_decoder": False,  # one tokenizer, but Kiln's encoder and decoder own separate matrices
-        "decoder_start_token_id": BOS_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
+        "decoder_start_token_id": ids["bos_token"], **_generation_ids(ids),
     }
 
 
@@ -218,8 +231,8 @@ class HFFamily:
     tied: dict[str, str]  # Kiln alias -> Kiln name it shares storage with; not written, HF re-ties it
     hf_tied: dict[str, str]  # HF alias -> HF name; HF ties them and its save_pretrained leaves the alias out
     parse: Callable[[dict, str], Parts]
-    hf_config: Callable[[Parts], dict[str, Any]]
-    generation: dict[str, int] | None  # generation_config.json, for the families HF can `generate` with
+    hf_config: Callable[[Parts, dict[str, int]], dict[str, Any]]  # (config, special ids) -> config.json
+    generation: Callable[[dict[str, int]], dict[str, int]] | None  # generation_config.json, where HF can `generate`
     max_length: Callable[[Parts], int]  # tokenizer model_max_length: the input side's positions
     model_input_names: tuple[str, ...]  # what the HF tokenizer returns: token_type_ids only where BERT takes them
 
@@ -234,7 +247,11 @@ def _decoder_positions(p: Parts) -> int:
 
 _BERT_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 _GPT_INPUTS = ("input_ids", "attention_mask")
-_GPT_GENERATION = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+
+
+def _seq2seq_generation(ids: dict[str, int]) -> dict[str, int]:
+    return {**_generation_ids(ids), "decoder_start_token_id": ids["bos_token"]}
+
 
 # Kiln checkpoint arch -> how it becomes a HF model. "bert_classifier" and "seq2seq_warm" are finetune/'s.
 HF_FAMILIES: dict[str, HFFamily] = {
@@ -249,7 +266,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
         key_map=GPT_LM_MAP,
         tied={"lm_head.weight": "transformer.wte.weight"},
         hf_tied={"lm_head.weight": "transformer.wte.weight"},
-        parse=_parse_gpt, hf_config=_config_gpt, generation=_GPT_GENERATION, max_length=_decoder_positions,
+        parse=_parse_gpt, hf_config=_config_gpt, generation=_generation_ids, max_length=_decoder_positions,
         model_input_names=_GPT_INPUTS),
     "bert_classifier": HFFamily(  # -> BertForSequenceClassification
         key_map=BERT_CLASSIFIER_MAP, tied={}, hf_tied={},
@@ -260,7 +277,7 @@ HF_FAMILIES: dict[str, HFFamily] = {
         tied={"decoder.lm_head.weight": "decoder.transformer.wte.weight"},
         hf_tied={"decoder.lm_head.weight": "decoder.transformer.wte.weight"},
         parse=_parse_seq2seq, hf_config=_config_seq2seq,
-        generation={**_GPT_GENERATION, "decoder_start_token_id": BOS_ID}, max_length=_encoder_positions,
+        generation=_seq2seq_generation, max_length=_encoder_positions,
         # EncoderDecoderModel.forward has no token_type_ids argument; the encoder's are all zero anyway.
         model_input_names=_GPT_INPUTS),
 }
@@ -356,10 +373,13 @@ def _as_parts(arch: str, model_config: Any, where: str) -> Parts:
     return model_config if isinstance(model_config, Parts) else parse_config(arch, model_config, where)
 
 
-def hf_config(arch: str, model_config: Any, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The HF config.json for a Kiln config (dataclass or its asdict form)."""
+def hf_config(arch: str, model_config: Any, dtype: torch.dtype = torch.float32,
+              special_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """The HF config.json for a Kiln config (dataclass or its asdict form); `special_ids` (HF tokenizer attribute
+    -> id) default to the ids of a tokenizer Kiln trained."""
     family, parts = _family(arch, "model_config"), _as_parts(arch, model_config, "model_config")
-    return {**family.hf_config(parts), "dtype": str(dtype).removeprefix("torch.")}
+    ids = {**KILN_SPECIAL_IDS, **(special_ids or {})}
+    return {**family.hf_config(parts, ids), "dtype": str(dtype).removeprefix("torch.")}
 
 
 # ---------------------------------------------------------------- export
@@ -376,7 +396,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     family = _family(arch, str(config_file))
     parts = parse_config(arch, values, str(config_file))
     vocab_size = parts.bert.vocab_size if parts.bert else parts.gpt.vocab_size
-    _check_tokenizer(checkpoint / TOKENIZER_FILE, vocab_size)
+    specials = _check_tokenizer(checkpoint / TOKENIZER_FILE, vocab_size, NEEDED_SPECIALS[arch])
     weights = kiln_to_hf_state_dict(arch, parts, load_weights(weights_file), str(weights_file))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"  # as pretrain.checkpoint: hidden until complete
@@ -385,11 +405,13 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     tmp.mkdir()  # (not tempfile.mkdtemp: its 0700 mode would outlive the rename)
     try:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF refuses other formats
-        _write_json(tmp / "config.json", hf_config(arch, parts, _main_dtype(weights)))
+        ids = {attr: i for attr, (_, i) in specials.items()}
+        _write_json(tmp / "config.json", hf_config(arch, parts, _main_dtype(weights), ids))
         if family.generation is not None:
-            _write_json(tmp / "generation_config.json", family.generation)
+            _write_json(tmp / "generation_config.json", family.generation({**KILN_SPECIAL_IDS, **ids}))
         shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / "tokenizer.json")
-        _write_json(tmp / "tokenizer_config.json", tokenizer_config(family.max_length(parts), family.model_input_names))
+        _write_json(tmp / "tokenizer_config.json",
+                    tokenizer_config(family.max_length(parts), family.model_input_names, specials))
         _check_out(out)  # something may have appeared there while we wrote
         if out.exists():
             out.rmdir()
@@ -400,9 +422,11 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def tokenizer_config(model_max_length: int, model_input_names: tuple[str, ...]) -> dict[str, Any]:
-    """tokenizer_config.json: the fast tokenizer over tokenizer.json, with the Kiln special tokens named."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", **{k: tok for k, (tok, _) in SPECIAL_TOKENS.items()},
+def tokenizer_config(model_max_length: int, model_input_names: tuple[str, ...],
+                     specials: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+    """tokenizer_config.json: the fast tokenizer over tokenizer.json, with its special tokens named."""
+    specials = SPECIAL_TOKENS if specials is None else specials
+    return {"tokenizer_class": "PreTrainedTokenizerFast", **{k: tok for k, (tok, _) in specials.items()},
             "model_max_length": model_max_length, "model_input_names": list(model_input_names),
             "clean_up_tokenization_spaces": False}  # decode exactly as the tokenizers library does
 
@@ -428,8 +452,9 @@ def _read_config(file: Path) -> tuple[str, dict]:
     return doc["arch"], doc["config"]
 
 
-def _check_tokenizer(file: Path, vocab_size: int) -> None:
-    """The HF model is only usable with its tokenizer, and the exported ids assume docs/design.md's specials."""
+def _check_tokenizer(file: Path, vocab_size: int, needed: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+    """The HF model is only usable with its tokenizer. Returns the special tokens it has (attribute -> (token,
+    id)), wherever a loaded vocabulary put them; refuses one that lacks a token the family needs."""
     if not file.is_file():
         raise CheckpointError(f"{file}: missing; a Hugging Face export needs the checkpoint's tokenizer "
                               "(save the checkpoint with tokenizer_file=...)")
@@ -437,13 +462,14 @@ def _check_tokenizer(file: Path, vocab_size: int) -> None:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"{file}: cannot load with the tokenizers library: {e}") from e
-    for token, want in SPECIAL_TOKENS.values():
-        got = tok.token_to_id(token)
-        if got != want:
-            raise CheckpointError(f"{file}: special token {token} has id {got}; docs/design.md fixes it at {want}")
+    found = {attr: (token, tok.token_to_id(token)) for attr, (token, _) in SPECIAL_TOKENS.items()}
+    missing = [found[attr][0] for attr in needed if found[attr][1] is None]
+    if missing:
+        raise CheckpointError(f"{file}: lacks the special token(s) {', '.join(missing)} this model needs")
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise CheckpointError(f"{file}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
+    return {attr: (token, i) for attr, (token, i) in found.items() if i is not None}
 
 
 def _main_dtype(weights: dict[str, Tensor]) -> torch.dtype:

