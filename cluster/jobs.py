@@ -97,6 +97,9 @@ class PrepareJob:
 class PretrainJob:
     data_dir: str = "runs/data"  # output of `kiln data prepare`
     task: str = "mlm_nsp"  # mlm_nsp (BERT) | clm (GPT)
+    # Continued pretraining: start from these weights instead of a random init. A Kiln checkpoint directory of the
+    # task's family or `hf:<dir or hub name>` (imported on the driver). The model section is then the checkpoint's.
+    init_from: str | None = None
     model: BertConfig | GPTConfig = field(default_factory=lambda: from_preset(BertConfig, "tiny"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

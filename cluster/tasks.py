@@ -10,11 +10,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 
-from cluster.jobs import FinetuneJob, PretrainJob
+from cluster.jobs import PRETRAIN_TASKS, FinetuneJob, PretrainJob
 from data_pipeline.loader import make_loader, read_manifest
 from finetune.models.classifier import EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
@@ -24,6 +24,8 @@ from pretrain.hf_import import HF_PREFIX, check_tokenizer_matches_data, import_h
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.module import BertPretrainModule, GPTPretrainModule
+
+Job = TypeVar("Job", PretrainJob, FinetuneJob)
 
 
 @dataclass
@@ -49,8 +51,16 @@ def data_paths(data_dir: str | Path, task: str) -> tuple[Path, Path, dict]:
 
 
 def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
-    """The model's vocabulary is the tokenizer's; its positions must cover the prepared sequence length."""
-    model = dataclasses.replace(job.model, vocab_size=int(manifest["vocab_size"]))
+    """The model's vocabulary is the tokenizer's (a checkpoint's may be larger: a release's padded rows); its
+    positions must cover the prepared sequence length."""
+    vocab = int(manifest["vocab_size"])
+    if job.init_from is None:
+        model = dataclasses.replace(job.model, vocab_size=vocab)
+    elif vocab > job.model.vocab_size:
+        raise CheckpointError(f"'init_from': {job.init_from} has {job.model.vocab_size} embedding rows, but the data's "
+                              f"tokenizer has {vocab} tokens")
+    else:
+        model = job.model
     seq_len = int(manifest["config"]["seq_len"])
     positions = model.max_position_embeddings if isinstance(model, BertConfig) else model.n_positions
     if positions < seq_len:
@@ -78,7 +88,17 @@ def build_pretrain(job: PretrainJob, rank: int, world: int) -> TaskParts:
     else:
         module = BertPretrainModule(job.model, job.optim, job.trainer.max_steps)
         keys = ("train/loss", "train/mlm_acc", "train/nsp_acc", "train/tokens_per_s")
+    if job.init_from is not None:
+        _load_initial_weights(module.model, job)
     return TaskParts(module, train, val, job.model, keys)
+
+
+def _load_initial_weights(model: Any, job: PretrainJob) -> None:
+    """Continued pretraining: every tensor from the checkpoint (preflight made the model config its config)."""
+    from finetune.models.warm_start import load_pretrained
+
+    ckpt = load_pretrained(Path(job.init_from), job.model.arch)
+    model.load_state_dict(ckpt.state_dict, strict=True)
 
 
 def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
@@ -106,11 +126,14 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
 def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
     """Driver-side checks before any worker starts: data present, checkpoints of the right family, speaking the
     data's vocabulary. `hf:` checkpoints are converted into `out_dir/imported/`; returns the job to launch."""
+    from finetune.models.warm_start import load_pretrained
+
     _, _, manifest = data_paths(job.data_dir, job.task)
     if isinstance(job, PretrainJob):
+        if job.init_from:
+            job = _continued_pretraining(job, out_dir)
         fit_model_to_data(job, manifest)
         return job
-    from finetune.models.warm_start import load_pretrained
 
     needed = {"encoder_checkpoint": "bert"}
     if job.task == "translation":
@@ -125,7 +148,20 @@ def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> Pr
     return job
 
 
-def import_hf_checkpoints(job: FinetuneJob, needed: dict[str, str], out_dir: Path | None) -> FinetuneJob:
+def _continued_pretraining(job: PretrainJob, out_dir: Path | None) -> PretrainJob:
+    """`init_from` imported if it is `hf:`, checked for family and vocabulary; the model config becomes its config."""
+    from finetune.models.warm_start import load_pretrained
+
+    family = PRETRAIN_TASKS[job.task]
+    job = import_hf_checkpoints(job, {"init_from": family}, out_dir)
+    ckpt = load_pretrained(Path(job.init_from), family)
+    check_tokenizer_matches_data(Path(job.init_from), Path(job.data_dir), "init_from")
+    print(f"[init] model weights and config from {job.init_from} ({family}); the config's 'model' section is not used",
+          flush=True)
+    return dataclasses.replace(job, model=ckpt.model_config)
+
+
+def import_hf_checkpoints(job: Job, needed: dict[str, str], out_dir: Path | None) -> Job:
     """Each `hf:<path or hub name>` among `needed` (key -> family) converted into `out_dir/imported/<encoder|decoder>`
     once, on the driver; the returned job points at the Kiln checkpoints instead."""
     changes = {}
@@ -137,7 +173,8 @@ def import_hf_checkpoints(job: FinetuneJob, needed: dict[str, str], out_dir: Pat
             raise CheckpointError(f"'{key}': {value} is converted into the run's output directory; "
                                   "call preflight(job, out_dir)")
         imported = import_hf(value, arch)
-        dest = save_imported_checkpoint(imported, Path(out_dir) / "imported" / key.removesuffix("_checkpoint"))
+        dest = save_imported_checkpoint(imported, Path(out_dir) / "imported" / key.removesuffix("_checkpoint"),
+                                        overwrite=True)
         fresh = f"; initialised fresh: {', '.join(imported.new_tensors)}" if imported.new_tensors else ""
         print(f"[import] {value} ({imported.layout}) -> {dest}{fresh}", flush=True)
         changes[key] = str(dest)

@@ -83,20 +83,33 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """Load a tokenizer.json, or a directory holding tokenizer.json, vocab.txt or vocab.json + merges.txt."""
+    """Load a tokenizer.json, or a directory holding tokenizer.json, vocab.txt or vocab.json + merges.txt.
+
+    Padding and truncation saved in a tokenizer.json are removed: sentence-transformers releases pad and
+    truncate to a fixed length, which would silently cut every document the data pipeline encodes."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name, loader in (("tokenizer.json", Tokenizer.from_file), ("vocab.txt", _load_wordpiece_vocab),
+        for name, loader in (("tokenizer.json", _from_file), ("vocab.txt", _load_wordpiece_vocab),
                              ("vocab.json", _load_bpe_vocab)):
             if os.path.isfile(os.path.join(path, name)):
-                return _with_special_tokens(loader(os.path.join(path, name)))
+                return _unpadded(_with_special_tokens(loader(os.path.join(path, name))))
         raise DataError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory (tokenizer_path)")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or directory (tokenizer_path)")
+    return _unpadded(_with_special_tokens(_from_file(path)))
+
+
+def _from_file(path: str) -> Tokenizer:
     try:
-        return _with_special_tokens(Tokenizer.from_file(path))
+        return Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise DataError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+
+
+def _unpadded(tok: Tokenizer) -> Tokenizer:
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:

@@ -377,8 +377,7 @@ def check_tensors(arch: str, config: Any, state: dict[str, Tensor], origin: dict
 
 # ---------------------------------------------------------------- tokenizer
 def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, Path]:
-    """The release's tokenizer as `kiln data prepare` would load it, with padding and truncation removed
-    (sentence-transformers saves tokenizer.json padded to a fixed length, which must not reach the data)."""
+    """The release's tokenizer exactly as `kiln data prepare` loads it (padding and truncation removed)."""
     file = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
     if file is None:
         raise CheckpointError(f"{directory}: no tokenizer ({', '.join(TOKENIZER_FILES)} + merges.txt)")
@@ -386,8 +385,6 @@ def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, Path]:
         tok = load_tokenizer(directory)
     except Exception as e:  # DataError, or the bare Exception tokenizers raises for a malformed tokenizer.json
         raise CheckpointError(f"{file}: cannot load the tokenizer: {_first_line(e)}") from None
-    tok.no_padding()
-    tok.no_truncation()
     return tok, file
 
 

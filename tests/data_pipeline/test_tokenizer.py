@@ -91,6 +91,21 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(DataError, match=r"bad.json: not a tokenizers JSON file"):
         load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(DataError, match=r"tokenizer.json: not a tokenizers JSON file"):
+        load_tokenizer(tmp_path)  # a malformed tokenizer.json found in a directory
+
+
+def test_saved_padding_and_truncation_never_reach_the_data(corpus: list[str], tmp_path: Path) -> None:
+    """sentence-transformers releases save tokenizer.json padded and truncated to a fixed length."""
+    tok = train_tokenizer("wordpiece", corpus, vocab_size=600)
+    tok.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=4)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(corpus[:3])
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.padding is None and loaded.truncation is None
+    assert len(loaded.encode(text).ids) > 16  # the whole text, neither cut to 4 nor padded to 16
 
 
 def test_tokenize_batch_adds_id_columns(corpus: list[str]) -> None:
