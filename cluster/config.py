@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from typing import Any, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # exponent without a dot: a str to PyYAML
 
 
 class ConfigError(ValueError):
@@ -192,7 +194,8 @@ class _Builder:
     def family(self, classes: list[type], value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             self.wrong_type(key, "a mapping", value)
-        arches = {c.__dataclass_fields__["arch"].default: c for c in classes}
+        # A class may build several architectures (`ARCHES`, e.g. lstm and lstm_attention); else its `arch` default.
+        arches = {arch: c for c in classes for arch in getattr(c, "ARCHES", (c.__dataclass_fields__["arch"].default,))}
         arch = value.get("arch", next(iter(arches)))
         if arch not in arches:
             self.fail(f"{key}.arch", f"'{key}.arch': unknown architecture '{arch}' (choose from {', '.join(arches)})")
@@ -221,6 +224,8 @@ class _Builder:
                 self.wrong_type(key, "an integer", value)
             return value
         if hint is float:
+            if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value):
+                return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string; everyone means the number
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self.wrong_type(key, "a number", value)
             return float(value)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 
 from cluster.jobs import DecodeConfig
 from finetune.evaluate import accuracy, macro_f1, majority_class_accuracy, mcc
-from finetune.models import load_finetuned
+from finetune.models import CLASSIFICATION_ARCHES, TRANSLATION_ARCHES, load_finetuned
 from finetune.translate import evaluate_translation, translate_texts
 from pretrain.checkpoint import CheckpointError
 
@@ -30,9 +30,9 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, decode: De
     loaded = load_finetuned(Path(checkpoint))
     arch = loaded.model_config.arch
     model = loaded.model.eval()
-    if arch == "seq2seq_warm":
+    if arch in TRANSLATION_ARCHES:
         metrics, rows = _translation(model, Path(checkpoint), Path(data_dir), split, decode)
-    elif arch == "bert_classifier":
+    elif arch in CLASSIFICATION_ARCHES:
         metrics, rows = _classification(model, Path(data_dir), split)
     else:
         raise CheckpointError(f"{checkpoint}: a '{arch}' checkpoint is not a fine-tuned model; nothing to evaluate")
@@ -88,7 +88,7 @@ def _classification(model: torch.nn.Module, data_dir: Path, split: str) -> tuple
 
 def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int) -> list[str]:
     loaded = load_finetuned(Path(checkpoint))
-    if loaded.model_config.arch != "seq2seq_warm":
+    if loaded.model_config.arch not in TRANSLATION_ARCHES:
         raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
     tokenizer = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
     return translate_texts(loaded.model.eval(), tokenizer, lines, beam_size=beam, length_penalty="gnmt",

@@ -6,12 +6,20 @@ from dataclasses import dataclass, field
 
 from cluster.config import from_preset
 from data_pipeline.config import DataConfig
+from finetune.models.classifier import LSTMClassifierConfig
+from finetune.models.convs2s import ConvS2SConfig
+from finetune.models.rnn import RNNSeq2SeqConfig
+from finetune.models.transformer import TransformerConfig
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.optim import OptimConfig
 
 PRETRAIN_TASKS = {"mlm_nsp": "bert", "clm": "gpt"}  # task -> the model family it trains
-FINETUNE_TASKS = {"translation": "seq2seq_warm", "classification": "bert_classifier"}
+FINETUNE_TASKS = {"translation": "seq2seq_warm", "classification": "bert_classifier"}  # task -> the default model
+# `model.arch` of a fine-tuning job -> the task it serves. These are trained from scratch; the default models of each
+# task (and `gpt_classifier`, chosen by giving only `decoder_checkpoint`) start from pretrained checkpoints instead.
+SCRATCH_ARCHES = {"transformer": "translation", "lstm": "translation", "lstm_attention": "translation",
+                  "convs2s": "translation", "lstm_classifier": "classification"}
 STRATEGY_NAMES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("never", "auto")
@@ -119,8 +127,15 @@ class PretrainJob:
 class FinetuneJob:
     data_dir: str = "runs/data"
     task: str = "translation"  # translation | classification
-    encoder_checkpoint: str | None = None  # a Kiln BERT checkpoint directory
-    decoder_checkpoint: str | None = None  # a Kiln GPT checkpoint directory (translation)
+    # A Kiln BERT checkpoint directory or hf:<dir or hub name>: the encoder of the warm-started translation model,
+    # or the classifier's encoder.
+    encoder_checkpoint: str | None = None
+    # A Kiln GPT checkpoint directory or hf:<...>: the translation decoder; for classification given alone, the
+    # classifier reads the GPT's last real token (gpt_classifier).
+    decoder_checkpoint: str | None = None
+    # None: the task's pretrained model (warm-started seq2seq, or a BERT/GPT classifier). A baseline trained from
+    # scratch: {arch: transformer | lstm | lstm_attention | convs2s} or {arch: lstm_classifier}, with its sizes.
+    model: TransformerConfig | RNNSeq2SeqConfig | ConvS2SConfig | LSTMClassifierConfig | None = None
     label_smoothing: float = 0.1
     classifier_dropout: float = 0.1
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -133,6 +148,15 @@ class FinetuneJob:
         if self.task not in FINETUNE_TASKS:
             choices = ", ".join(FINETUNE_TASKS)
             raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {choices})")
+        if self.model is None:
+            return
+        if SCRATCH_ARCHES[self.model.arch] != self.task:
+            raise ValueError(f"'model.arch': '{self.model.arch}' is a {SCRATCH_ARCHES[self.model.arch]} model, "
+                             f"not a {self.task} one")
+        given = [k for k in ("encoder_checkpoint", "decoder_checkpoint") if getattr(self, k)]
+        if given:
+            raise ValueError(f"'{given[0]}': model.arch={self.model.arch} trains from scratch and uses no checkpoint "
+                             "(drop the model section to fine-tune a pretrained one)")
 
 
 @dataclass

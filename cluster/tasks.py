@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 
 from cluster.jobs import PRETRAIN_TASKS, FinetuneJob, PretrainJob
 from data_pipeline.loader import make_loader, read_manifest
-from finetune.models.classifier import EncoderClassifier
+from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
 from pretrain.checkpoint import CheckpointError
@@ -102,25 +102,59 @@ def _load_initial_weights(model: Any, job: PretrainJob) -> None:
 
 
 def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
-    data_paths(job.data_dir, job.task)
-    if not job.encoder_checkpoint or not job.decoder_checkpoint:
-        raise CheckpointError("translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT)")
-    model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint))
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    if job.model is not None:
+        model, new = scratch_model(job, manifest), []
+    elif not job.encoder_checkpoint or not job.decoder_checkpoint:
+        raise CheckpointError("translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT), or a "
+                              "'model' section to train a baseline from scratch")
+    else:
+        model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint))
     train, val = _loaders(job, rank, world)
     module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing)
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc", "train/tokens_per_s"), new)
 
 
 def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
-    task_dir, _, _ = data_paths(job.data_dir, job.task)
-    if not job.encoder_checkpoint:
-        raise CheckpointError("classification needs 'encoder_checkpoint' (a Kiln BERT checkpoint)")
+    task_dir, _, manifest = data_paths(job.data_dir, job.task)
     labels = read_manifest(task_dir / "manifest.json")["labels"]
-    model, new = EncoderClassifier.from_pretrained(Path(job.encoder_checkpoint), len(labels), labels)
-    model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
+    if job.model is not None:
+        model, new = scratch_model(job, manifest, labels=labels), []
+    elif job.encoder_checkpoint:
+        model, new = EncoderClassifier.from_pretrained(Path(job.encoder_checkpoint), len(labels), labels)
+    elif job.decoder_checkpoint:
+        model, new = DecoderClassifier.from_pretrained(Path(job.decoder_checkpoint), len(labels), labels)
+    else:
+        raise CheckpointError("classification needs 'encoder_checkpoint' (BERT) or 'decoder_checkpoint' (GPT), or "
+                              "model.arch=lstm_classifier to train from scratch")
+    if job.model is None:
+        model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
     train, val = _loaders(job, rank, world)
     module = ClassificationModule(model, job.optim, job.trainer.max_steps)
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)
+
+
+def scratch_config(job: FinetuneJob, manifest: dict, labels: list[str] | None = None) -> Any:
+    """The job's from-scratch model config, speaking the data's vocabulary and covering its lengths."""
+    values: dict[str, Any] = {"vocab_size": int(manifest["vocab_size"]),
+                              "pad_id": int(manifest["special_tokens"]["[PAD]"])}
+    if labels is not None:
+        values.update(num_labels=len(labels), label_names=list(labels))
+    config = dataclasses.replace(job.model, **values)
+    positions = getattr(config, "max_positions", None)
+    data_cfg = manifest.get("config", {})
+    longest = max(int(data_cfg.get("max_src_len", 0)), int(data_cfg.get("max_tgt_len", 0)))
+    if positions is not None and positions < longest:
+        raise CheckpointError(f"'model.max_positions' ({positions}) < the data's longest sequence ({longest}: "
+                              "max_src_len / max_tgt_len); raise it")
+    return config
+
+
+def scratch_model(job: FinetuneJob, manifest: dict, labels: list[str] | None = None) -> Any:
+    from finetune.models import ARCHITECTURES
+
+    config = scratch_config(job, manifest, labels)
+    return ARCHITECTURES[config.arch][1](config)  # the model's own init; every rank was seeded alike
 
 
 def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
@@ -135,9 +169,15 @@ def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> Pr
         fit_model_to_data(job, manifest)
         return job
 
+    if job.model is not None:
+        labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
+        scratch_config(job, manifest, labels)
+        return job
     needed = {"encoder_checkpoint": "bert"}
     if job.task == "translation":
         needed["decoder_checkpoint"] = "gpt"
+    elif job.decoder_checkpoint and not job.encoder_checkpoint:
+        needed = {"decoder_checkpoint": "gpt"}  # a GPT classifier
     job = import_hf_checkpoints(job, needed, out_dir)
     for key, arch in needed.items():
         path = getattr(job, key)

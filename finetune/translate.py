@@ -71,7 +71,8 @@ def _source_limit(model: nn.Module, max_src_len: int | None) -> int:
     """The encoder's position table bounds the source length whatever the caller asks for."""
     config = getattr(model, "config", None)
     encoder = getattr(config, "encoder", None)
-    limit = getattr(encoder, "max_position_embeddings", None)
+    # the warm-started model's BERT encoder, or a scratch model's own table (LSTMs have none)
+    limit = getattr(encoder, "max_position_embeddings", None) or getattr(config, "max_positions", None)
     if max_src_len is None:
         return limit if limit is not None else 512
     return min(max_src_len, limit) if limit is not None else max_src_len
