@@ -35,6 +35,7 @@ from data_pipeline.clean import DROP_REASONS, SPLITS, TEXT_FIELDS, clean_batch
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS, BuildParams
+from data_pipeline.raystart import init_ray
 from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
 from data_pipeline.sources import BLOCK_CHARS, SOURCES
 from data_pipeline.tokenizer import load_tokenizer, special_token_ids, tokenize_batch, train_tokenizer
@@ -120,8 +121,7 @@ def _concurrently(fn: Callable[[str], T], kinds: list[str]) -> list[T]:
 @contextlib.contextmanager
 def _quiet_ray_data() -> Iterator[None]:
     """Start Ray if needed; keep Ray Data's bars and per-dataset log lines out of the user's terminal."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    init_ray(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size
     logger = logging.getLogger("ray.data")

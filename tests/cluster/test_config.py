@@ -24,9 +24,15 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_every_recipe_loads(recipe: Path) -> None:
     from cluster.cli import build_parser  # noqa: F401 — the CLI module must import without side effects
 
+    from cluster.jobs import PrepareJob
+
     cls = {"quickstart": QuickstartJob, "translation": FinetuneJob, "classification": FinetuneJob}.get(recipe.stem)
-    if recipe.stem == "data-sample":
-        from cluster.jobs import PrepareJob as cls  # noqa: N813
+    if recipe.stem.startswith("data-"):
+        cls = PrepareJob
+    elif recipe.stem.startswith("lm-"):
+        from finetune.lm_baselines import LMBaselineJob as cls  # noqa: N813
+    elif recipe.stem.startswith(("translation-", "classification-")):
+        cls = FinetuneJob
     load_config(cls or PretrainJob, recipe)
 
 
@@ -56,9 +62,12 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
 
 def test_overrides_are_typed_yaml_scalars() -> None:
     assert parse_override("trainer.max_steps=50") == ("trainer.max_steps", 50)
-    assert parse_override("optim.lr=1e-4") == ("optim.lr", "1e-4")  # YAML 1.1: needs a dot to be a float
-    cfg = load_config(PretrainJob, None, ["optim.lr=0.0001", "wandb.tags=[a, b]", "cluster.address=null"])
-    assert cfg.optim.lr == 1e-4 and cfg.wandb.tags == ["a", "b"] and cfg.cluster.address is None
+    assert parse_override("optim.lr=1e-4") == ("optim.lr", "1e-4")  # YAML 1.1: needs a dot to be a float ...
+    cfg = load_config(PretrainJob, None, ["optim.lr=1e-4", "wandb.tags=[a, b]", "cluster.address=null"])
+    assert cfg.optim.lr == 1e-4 and cfg.wandb.tags == ["a", "b"] and cfg.cluster.address is None  # ... but a float
+    assert load_config(PretrainJob, None, ["optim.lr=0.0001"]).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be a number, got str '1e-4x'"):
+        load_config(PretrainJob, None, ["optim.lr=1e-4x"])
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         parse_override("trainer.max_steps")
 

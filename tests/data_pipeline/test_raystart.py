@@ -1,0 +1,36 @@
+"""A Ray that cannot start is one clear line (the CLI's exit 2), and a local Ray is bound to loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_pipeline import raystart
+from data_pipeline.raystart import RayStartError, init_ray
+
+
+def test_failed_start_is_one_line_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(**kwargs: object) -> None:
+        raise Exception("The current node timed out during startup. This could happen because ...\nmore")
+
+    monkeypatch.setattr(raystart.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(raystart.ray, "init", boom)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RayStartError) as info:
+        init_ray()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("could not start or reach a local Ray instance: The current")
+    assert "overloaded" in message
+    with pytest.raises(RayStartError, match=r"the Ray cluster at ray://10.0.0.1:10001: .* is the address right"):
+        init_ray("ray://10.0.0.1:10001")
+
+
+def test_local_ray_binds_loopback_and_address_is_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(raystart.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(raystart.ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(log_to_driver=False)
+    assert calls[-1]["_node_ip_address"] == "127.0.0.1" and calls[-1]["log_to_driver"] is False
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    init_ray()
+    assert calls[-1] == {"address": "http://127.0.0.1:8265"}
