@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.models.char_rnn import CharRNNConfig, CharRNNLM
 from finetune.models.classifier import (
     ClassifierConfig,
     DecoderClassifier,
@@ -32,6 +33,8 @@ ARCHITECTURES: Registry = {
     "bert_classifier": (ClassifierConfig, EncoderClassifier),
     "gpt_classifier": (GPTClassifierConfig, DecoderClassifier),
     "lstm_classifier": (LSTMClassifierConfig, LSTMClassifier),
+    # language-model baseline (finetune/lm_baselines.py); its character vocabulary sits beside it
+    "char_lstm": (CharRNNConfig, CharRNNLM),
 }
 TRANSLATION_ARCHES = ("seq2seq_warm", "transformer", "lstm", "lstm_attention", "convs2s")
 CLASSIFICATION_ARCHES = ("bert_classifier", "gpt_classifier", "lstm_classifier")

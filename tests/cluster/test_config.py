@@ -23,7 +23,6 @@ def write(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads(recipe: Path) -> None:
     from cluster.cli import build_parser  # noqa: F401 — the CLI module must import without side effects
-
     from cluster.jobs import PrepareJob
 
     cls = {"quickstart": QuickstartJob, "translation": FinetuneJob, "classification": FinetuneJob}.get(recipe.stem)
