@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -70,6 +71,57 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=Path, help="write translations to this file [stdout]")
+    p.add_argument("--sample", action="store_true", help="sample instead of beam search (ignores --beam and "
+                   "--length-penalty)")
+    p.add_argument("--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy [1.0]")
+    p.add_argument("--top-k", type=int, help="with --sample: draw from the k most likely tokens; 0 = all [0]")
+    p.add_argument("--top-p", type=float, help="with --sample: nucleus, the smallest set with probability >= p [1.0]")
+    p.add_argument("--seed", type=int, default=0, help="with --sample: random seed [0]")
+    _add_analysis(sub)
+    p = sub.add_parser(
+        "lm-baseline",
+        help="train/score a language-model baseline: Kneser-Ney n-gram, character LSTM, or a Kiln GPT checkpoint",
+        description="Perplexity per word and per character on the same text, comparable across models whatever "
+        "their units (see finetune/lm_baselines.py). Writes metrics.json (and, for char_lstm, loss_curve.png, "
+        "samples.txt and a checkpoint) to --out.",
+        epilog=EPILOG,
+    )
+    _config_args(p, "output directory [the config's out_dir]")
+
+
+def _add_analysis(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze-beam",
+        help="beam-search error analysis: search vs model errors and BLEU per beam width",
+        description="Translate with each beam width; where the output differs from the reference, a search error "
+        "if the model scores the reference higher (by the length-normalised score the search maximises; the raw "
+        "log-prob split is reported too), else a model error. Writes analysis.json, summary.md, bleu_vs_beam.png "
+        "and errors_vs_beam.png to --out.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
+    p.add_argument("--data", type=Path, help="prepared data directory (its translation split is read)")
+    p.add_argument("--split", default="test", help="with --data: split to analyse [test]")
+    p.add_argument("--src", type=Path, help="source file, one sentence per line (instead of --data)")
+    p.add_argument("--ref", type=Path, help="reference file, line-aligned with --src")
+    p.add_argument("--beams", default="1,3,5,10", help="comma-separated beam widths [1,3,5,10]")
+    p.add_argument("--limit", type=int, help="only the first N sentences")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
+    p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p = sub.add_parser(
+        "attention",
+        help="cross-attention heatmap PNGs of a translation checkpoint for chosen sentences",
+        description="Translate each sentence with beam search and draw the last decoder layer's cross-attention "
+        "(averaged over heads) on its own output: one attention_NNN.png per sentence in --out.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to plot (or --src)")
+    p.add_argument("--src", type=Path, help="file with one sentence per line")
+    p.add_argument("--limit", type=int, help="only the first N sentences")
+    p.add_argument("--beam", type=int, default=4, help="beam width [4]")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
+    p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
 
 
 def _add_ops(sub: argparse._SubParsersAction) -> None:
@@ -81,11 +133,50 @@ def _add_ops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("command_name", choices=["pretrain", "finetune", "data-prepare"], help="which kiln command to run")
     _config_args(p, "output directory on the cluster [runs/<command>]")
     p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 [RAY_ADDRESS]")
+    p.add_argument("--max-upload-mib", type=float, default=100.0,
+                   help="refuse to upload a working directory larger than this [100]")
     p = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.add_argument("--address", help="Ray dashboard address [RAY_ADDRESS or http://127.0.0.1:8265]")
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="start, stop and inspect a local Ray head for job submission")
+    csub = p.add_subparsers(dest="cluster_command", metavar="{up,down,status}", required=True)
+    up = csub.add_parser("up", help="start a Ray head (127.0.0.1 unless --allow-remote) with token authentication")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    up.add_argument("--allow-remote", action="store_true", help="allow a --host beyond loopback (read the warning)")
+    up.add_argument("--port", type=int, default=6379, help="GCS port [6379]")
+    up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port [8265]")
+    up.add_argument("--num-cpus", type=int, help="CPUs the head offers [all]")
+    up.add_argument("--num-gpus", type=int, help="GPUs the head offers [all]")
+    csub.add_parser("down", help="stop the head `kiln cluster up` started (no other Ray process)")
+    st = csub.add_parser("status", help="alive nodes, resources and running jobs")
+    st.add_argument("--address", help="a cluster's dashboard address [the local head]")
+    p = sub.add_parser("render", help="write a KubeRay RayJob manifest or a SLURM sbatch script from a config",
+                       epilog=EPILOG)
+    p.add_argument("target", choices=["kuberay", "slurm"])
+    p.add_argument("--config", type=Path, help="YAML recipe of a pretrain or finetune job")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. cluster.num_workers=8")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--out", type=Path, required=True, help="file to write (manifest or script)")
+    p.add_argument("--job-out", help="the job's output directory on the cluster (shared storage) [runs/<command>]")
+    p.add_argument("--name", help="job name [kiln-<command>]")
+    p.add_argument("--image", help="kuberay: container image with Kiln and its dependencies")
+    p.add_argument("--namespace", help="kuberay: Kubernetes namespace")
+    p.add_argument("--code-dir", default="/kiln", help="kuberay: where the image holds the Kiln project [/kiln]")
+    p.add_argument("--worker-memory", default="8Gi", help="kuberay: memory per worker pod [8Gi]")
+    p.add_argument("--nodes", type=int, help="slurm: nodes to allocate (the first also runs the Ray head)")
+    p.add_argument("--time", default="04:00:00", help="slurm: time limit [04:00:00]")
+    p.add_argument("--partition", help="slurm: partition")
+    p.add_argument("--venv", help="slurm: virtualenv to activate on every node [this project's .venv]")
+    p = sub.add_parser("wandb", help="Weights & Biases helpers")
+    wsub = p.add_subparsers(dest="wandb_command", metavar="{sync}", required=True)
+    sync = wsub.add_parser("sync", help="upload the offline W&B runs under an output directory (`wandb sync`)")
+    sync.add_argument("out_dir", type=Path, help="a run's (or the quickstart's) output directory")
+    sync.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
@@ -107,24 +198,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_data, _add_training, _add_eval, _add_ops, _add_quickstart):
+    for add in (_add_data, _add_training, _add_eval, _add_ops, _add_cluster, _add_quickstart):
         add(sub)
     return parser
 
 
+# Commands that only talk to a Ray cluster or to W&B have their handlers outside cluster.commands, whose job
+# configs import torch: `kiln jobs list` answers in a second instead of several.
+LIGHT_HANDLERS = {"cluster": "cluster.local", "jobs": "cluster.submit", "wandb": "cluster.tracking"}
+
+
 def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int | None]:
     # Imported lazily: `kiln --help` and config errors must not pay for torch/ray imports.
+    if args.command in LIGHT_HANDLERS:
+        return getattr(importlib.import_module(LIGHT_HANDLERS[args.command]), f"cmd_{args.command}")
     from cluster import commands
 
-    name = "data_prepare" if args.command == "data" else args.command
+    name = "data_prepare" if args.command == "data" else args.command.replace("-", "_")
     return getattr(commands, f"cmd_{name}")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from data_pipeline.errors import DataError
+    from data_pipeline.raystart import RayStartError
     from pretrain.checkpoint import CheckpointError
 
-    return (*USER_ERRORS, DataError, CheckpointError)
+    return (*USER_ERRORS, DataError, CheckpointError, RayStartError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command in ("submit", "jobs"):
+    if args.command in ("submit", "jobs", "cluster"):
         from cluster.submit import use_token_auth_if_available
 
         use_token_auth_if_available()
@@ -148,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         print("kiln: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # noqa: BLE001 — the filter below decides what is a user error
-        if args.debug or not isinstance(err, _user_errors()):
+        # ConfigError first: the other user-error classes live in modules that import torch.
+        if args.debug or not (isinstance(err, USER_ERRORS) or isinstance(err, _user_errors())):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"kiln: error: {message}", file=sys.stderr)

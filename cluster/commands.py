@@ -61,6 +61,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = run_out_dir(args.out or Path("runs/pretrain"), cfg.trainer.resume)
     result = run_training(cfg, out, stage=cfg.model.arch)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.model.arch} pretraining")
+    _track(cfg, out, cfg.model.arch, result.checkpoint)
     print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}")
     return 0
 
@@ -77,6 +78,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     result = run_training(cfg, out, stage=cfg.task)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.task} fine-tuning")
     metrics = evaluate_checkpoint(result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval")
+    _track(cfg, out, cfg.task, result.checkpoint)
     print(f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}")
     return 0
 
@@ -97,13 +99,138 @@ def cmd_translate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.input}: input file not found")
     text = args.input.read_text(encoding="utf-8") if args.input else sys.stdin.read()
     lines = text.splitlines()
-    outputs = translate_lines(args.checkpoint, lines, args.beam, args.length_penalty, args.max_len)
+    if args.sample:
+        outputs = _sample_lines(args, lines)
+    elif any(getattr(args, k) is not None for k in ("temperature", "top_k", "top_p")):
+        raise ConfigError("--temperature, --top-k and --top-p only apply with --sample")
+    else:
+        outputs = translate_lines(args.checkpoint, lines, args.beam, args.length_penalty, args.max_len)
     result = "".join(f"{line}\n" for line in outputs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(result, encoding="utf-8")
     else:
         sys.stdout.write(result)
+    return 0
+
+
+def _translation_model(checkpoint: Path) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of a checkpoint whose model implements the translation interface."""
+    from tokenizers import Tokenizer
+
+    from finetune.models import load_finetuned
+    from pretrain.checkpoint import CheckpointError
+
+    loaded = load_finetuned(Path(checkpoint))
+    if not callable(getattr(loaded.model, "decode_step", None)):
+        raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
+    tokenizer_file = Path(checkpoint) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{tokenizer_file}: missing; translation needs the checkpoint's tokenizer")
+    return loaded.model.eval(), Tokenizer.from_file(str(tokenizer_file))
+
+
+def _sample_lines(args: argparse.Namespace, lines: list[str]) -> list[str]:
+    """`kiln translate --sample`: one draw per line from the filtered, tempered model distribution."""
+    import torch
+
+    from finetune.decode import check_sampling_args, sample_decode
+    from finetune.translate import BOS, EOS, PAD, _source_limit, encode_sources, pad_batch, special_id
+
+    temperature = 1.0 if args.temperature is None else args.temperature
+    top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
+    try:
+        check_sampling_args(temperature, top_k, top_p)
+    except ValueError as e:
+        raise ConfigError(f"kiln translate --sample: {e}") from e
+    model, tokenizer = _translation_model(args.checkpoint)
+    if not lines:
+        return []
+    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
+    rows = encode_sources(tokenizer, lines, _source_limit(model, None))
+    generator, device = torch.Generator().manual_seed(args.seed), next(model.parameters()).device
+    outputs: list[str] = []
+    for start in range(0, len(rows), 32):
+        src_ids, src_mask = pad_batch(rows[start : start + 32], pad, device)
+        ids = sample_decode(model, src_ids, src_mask, bos, eos, args.max_len, temperature, top_k, top_p, generator)
+        outputs += tokenizer.decode_batch(ids, skip_special_tokens=True)
+    return outputs
+
+
+def _read_lines(path: Path, flag: str) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: file not found")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _parallel_text(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Sources and references of `kiln analyze-beam`: a prepared split, or --src/--ref files; --limit applied."""
+    if (args.data is None) == (args.src is None and args.ref is None):
+        raise ConfigError("kiln analyze-beam: give either --data DIR or --src FILE --ref FILE")
+    if args.data is not None:
+        from cluster.evaluation import read_split
+
+        split = read_split(Path(args.data) / "translation", args.split, ["src_text", "tgt_text"])
+        srcs, refs = split["src_text"], split["tgt_text"]
+    elif args.src is None or args.ref is None:
+        raise ConfigError("kiln analyze-beam: --src and --ref go together")
+    else:
+        srcs, refs = _read_lines(args.src, "--src"), _read_lines(args.ref, "--ref")
+        if len(srcs) != len(refs):
+            raise ConfigError(f"--src {args.src} has {len(srcs)} lines but --ref {args.ref} has {len(refs)}")
+    if args.limit is not None:
+        srcs, refs = srcs[: args.limit], refs[: args.limit]
+    if not srcs:
+        raise ConfigError("kiln analyze-beam: no sentences to analyse")
+    return srcs, refs
+
+
+def cmd_analyze_beam(args: argparse.Namespace) -> int:
+    from finetune.analysis import analyze_beam, write_analysis
+
+    try:
+        beams = [int(b) for b in args.beams.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--beams {args.beams!r}: expected comma-separated integers like 1,3,5,10") from e
+    if not beams or min(beams) < 1 or args.max_len < 1:
+        raise ConfigError(f"--beams must be widths >= 1 and --max-len >= 1 (got {args.beams!r}, {args.max_len})")
+    srcs, refs = _parallel_text(args)
+    model, tokenizer = _translation_model(args.checkpoint)
+    result = analyze_beam(model, tokenizer, srcs, refs, beams, "gnmt", args.length_penalty, args.max_len)
+    files = write_analysis(result, args.out)
+    sys.stdout.write(result.to_markdown())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from finetune.attention_maps import attention_maps
+
+    if bool(args.texts) == (args.src is not None):
+        raise ConfigError("kiln attention: give sentences as arguments or --src FILE (one of the two)")
+    texts = _read_lines(args.src, "--src") if args.src is not None else list(args.texts)
+    texts = [t for t in texts if t.strip()][: args.limit]
+    if not texts or args.beam < 1 or args.max_len < 1:
+        raise ConfigError("kiln attention: needs a non-empty sentence, --beam >= 1 and --max-len >= 1")
+    model, tokenizer = _translation_model(args.checkpoint)
+    try:
+        paths = attention_maps(model, tokenizer, texts, args.out, args.beam, "gnmt", args.length_penalty, args.max_len)
+    except ValueError as e:  # a model without attention over the source
+        raise ConfigError(f"{args.checkpoint}: {e}") from e
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_lm_baseline(args: argparse.Namespace) -> int:
+    from finetune.lm_baselines import LMBaselineJob, format_summary, run_lm_baseline
+
+    job = _config(LMBaselineJob, args)
+    if job is None:
+        return 0
+    out = fresh_out_dir(args.out or Path(job.out_dir))
+    metrics = run_lm_baseline(job, out)
+    print(format_summary(metrics))
+    print(f"[lm-baseline] metrics: {out / 'metrics.json'}")
     return 0
 
 
@@ -122,14 +249,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _config(cls, args)
     if cfg is None:
         return 0
-    submit(args.command_name, args.config, args.overrides, args.out, args.address)
+    submit(args.command_name, args.config, args.overrides, args.out, args.address, job=cfg,
+           max_upload_mib=args.max_upload_mib)
     return 0
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from cluster.submit import jobs
+def cmd_render(args: argparse.Namespace) -> int:
+    from cluster.render import infer_command, render_kuberay, render_slurm
 
-    return jobs(args.action, args.job_id, args.follow, args.address)
+    command = infer_command(args.config, args.overrides)
+    cfg = _config({"pretrain": PretrainJob, "finetune": FinetuneJob}[command], args)
+    if cfg is None:
+        return 0
+    if args.target == "kuberay":
+        text = render_kuberay(command, args.config, args.overrides, cfg, image=args.image,
+                              out_dir=args.job_out, name=args.name, namespace=args.namespace,
+                              code_dir=args.code_dir, worker_memory=args.worker_memory)
+    else:
+        text = render_slurm(command, args.config, args.overrides, cfg, nodes=args.nodes,
+                            out_dir=args.job_out, name=args.name, time_limit=args.time,
+                            partition=args.partition, venv=args.venv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} ({args.target}, {cfg.cluster.num_workers} workers)")
+    return 0
+
+
+def _track(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, checkpoint: Path) -> None:
+    """The run's images, sample predictions, test metrics and checkpoint into its W&B run (cluster.tracking)."""
+    from cluster.tracking import log_artifacts
+
+    log_artifacts(cfg.wandb, out, stage, checkpoint=checkpoint)
 
 
 QUICKSTART_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"

@@ -16,7 +16,7 @@ from typing import Any
 
 from cluster.config import ConfigError, build, to_dict
 from cluster.jobs import FinetuneJob, PretrainJob
-from cluster.tracking import ensure_run_id
+from cluster.tracking import check_online_credentials, ensure_run_id
 
 JOB_TYPES: dict[str, type] = {"pretrain": PretrainJob, "finetune": FinetuneJob}
 
@@ -32,18 +32,12 @@ class TrainResult:
 
 def init_ray(address: str | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS) when given; otherwise start a local Ray bound to loopback."""
-    import ray
+    from data_pipeline.raystart import init_ray as start
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
     # Workers print progress lines; Ray's own INFO chatter and dedup notices would bury them.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if address:
-        ray.init(address=address, logging_level="WARNING")
-    else:
-        ray.init(include_dashboard=False, logging_level="WARNING", _node_ip_address="127.0.0.1")
+    start(address, logging_level="WARNING")
 
 
 def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> TrainResult:
@@ -60,6 +54,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume(job, out_dir)
     if job.wandb.mode != "disabled":
+        check_online_credentials(job.wandb.mode)
         ensure_run_id(out_dir)
     init_ray(job.cluster.address)
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
@@ -86,6 +81,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from cluster.callbacks import KilnCheckpoint, emit, quiet_worker_logs, resume_checkpoint, set_threads
     from cluster.tasks import TASKS, data_paths
+    from cluster.tracking import finish_run
     from pretrain.flops import peak_flops
 
     job = build(JOB_TYPES[config["job_type"]], config["job"], source="job")
@@ -115,6 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
             stash_metrics(out_dir, _checkpoint_step(resume_from))
     trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader,
                 ckpt_path=str(resume_from) if resume_from is not None else None)
+    finish_run()  # rank 0's W&B run, complete before Ray ends this process (cluster.tracking)
     if rank == 0:
         restore_metrics(out_dir)
         summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
