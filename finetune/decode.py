@@ -10,6 +10,8 @@ Conventions used throughout:
 - Its length |Y| for length normalisation counts the generated tokens *including* `[EOS]` (as fairseq and
   GNMT do: stopping is a decision the model is scored on); a hypothesis cut off at `max_len` has no EOS.
 - `max_len` bounds the number of generated tokens, `[EOS]` included.
+- Sampling (`sample_decode`, `generate_lm`) draws from softmax(filter_logits(logits / temperature, top_k, top_p));
+  temperature 0 means greedy (argmax), not an error.
 """
 
 from __future__ import annotations
@@ -177,10 +179,21 @@ def _is_done(hyps: list[Hypothesis], n_best: int, bound: float) -> bool:
     return kth >= bound
 
 
-def _advance(model: Seq2SeqDecoder, beams: _Beams, inp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Score every one-token extension; return the top 2K candidates per source (logprob, beam, token)."""
+def _advance(model: Seq2SeqDecoder, beams: _Beams, inp: Tensor,
+             first: tuple[Memory, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Score every one-token extension; return the top 2K candidates per source (logprob, beam, token).
+
+    `first` (the unexpanded memory and mask) marks the first step: the K beams of a source are still identical
+    then, so the model runs on one row per source and its logits are repeated (only beam 0 is live). That saves
+    K-1 of every K first-step rows, including the cross-attention keys/values over the source; the cache is
+    expanded to K rows per source when the survivors are selected.
+    """
     n, k = beams.logprob.shape
-    logits, beams.cache = model.decode_step(inp, beams.memory, beams.src_mask, beams.cache)
+    if first is None:
+        logits, beams.cache = model.decode_step(inp, beams.memory, beams.src_mask, beams.cache)
+    else:
+        logits, beams.cache = model.decode_step(inp[::k], first[0], first[1], None)  # (N,V)
+        logits = logits.repeat_interleave(k, dim=0)  # (N*K,V)
     lp = F.log_softmax(logits.float(), dim=-1).cpu()  # (N*K, V)
     vocab = lp.size(-1)
     cand = (beams.logprob.unsqueeze(-1) + lp.view(n, k, vocab)).view(n, k * vocab)  # (N, K*V)
@@ -218,10 +231,9 @@ def _drop_done(beams: _Beams, rows: Tensor, done: list[bool]) -> Tensor:
     return rows[keep_rows]
 
 
-def _init_beams(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, beam_size: int) -> _Beams:
-    batch = src_ids.size(0)
-    memory = model.encode(src_ids, src_mask)
-    rows = torch.arange(batch, device=src_ids.device).repeat_interleave(beam_size)  # (B*K,)
+def _init_beams(memory: Memory, src_mask: Tensor, beam_size: int) -> _Beams:
+    batch = src_mask.size(0)
+    rows = torch.arange(batch, device=src_mask.device).repeat_interleave(beam_size)  # (B*K,)
     logprob = torch.full((batch, beam_size), -math.inf)
     logprob[:, 0] = 0.0  # all K beams start identical: expand only the first so the K survivors differ
     return _Beams(
@@ -247,11 +259,12 @@ def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id
     """
     _check_beam_args(beam_size, n_best, max_len, length_penalty)
     penalty = LENGTH_PENALTIES[length_penalty]
-    beams = _init_beams(model, src_ids, src_mask, beam_size)
+    memory = model.encode(src_ids, src_mask)
+    beams = _init_beams(memory, src_mask, beam_size)
     finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
     inp = torch.full((src_ids.size(0) * beam_size, 1), bos_id, dtype=torch.long, device=src_ids.device)
     for step in range(max_len):
-        top_lp, beam_idx, top_tok = _advance(model, beams, inp)
+        top_lp, beam_idx, top_tok = _advance(model, beams, inp, (memory, src_mask) if step == 0 else None)
         last = step == max_len - 1
         _finalise(beams, finished, top_lp, beam_idx, top_tok, step, eos_id, last, penalty, alpha)
         if last:
@@ -265,13 +278,16 @@ def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id
         rows = _drop_done(beams, rows, done)
         if not beams.src_index:
             break
+        if step == 0:
+            rows = rows // beam_size  # the first step's cache has one row per source (see _advance)
         beams.cache = model.reorder_cache(beams.cache, rows.to(src_ids.device))
         inp = beams.tokens[:, -1:].to(src_ids.device)  # (N*K, 1)
     return [sorted(h, key=lambda x: x.score, reverse=True)[:n_best] for h in finished]
 
 
 # ---------------------------------------------------------------- sampling
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError naming the first bad sampling setting (the CLI checks flags with it before loading a model)."""
     if temperature < 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
@@ -287,7 +303,7 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     set of most probable tokens whose cumulative probability is >= top_p (Holtzman et al. 2020), computed after the
     top-k cut and renormalised over what it left; 1.0 keeps all. At least one token always survives.
     """
-    _check_sampling(1.0, top_k, top_p)
+    check_sampling_args(1.0, top_k, top_p)
     out = logits
     if 0 < top_k < logits.size(-1):
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
@@ -325,7 +341,7 @@ def sample_decode(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_
     (argmax, the limit of temperature -> 0) and gives exactly `greedy_decode`'s output; pass a seeded `generator`
     for reproducible draws.
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p)
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     batch = src_ids.size(0)
@@ -357,7 +373,7 @@ def generate_lm(model: GPTLMHeadModel, prompt_ids: Tensor, max_new_tokens: int, 
     Rows share one length T (GPT has no attention mask: left padding would be attended to). A row stops at
     eos_id (left out of its output) or after max_new_tokens. temperature 0 = greedy, as in `sample_decode`.
     """
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_ids.dim() != 2 or prompt_ids.size(1) < 1:

@@ -10,7 +10,8 @@ two checkpoints carry the same tokenizer.json.
 
 Sequence formats (docs/design.md): the source is `src [EOS]`, the decoder input `[BOS] y`, the target `y [EOS]`.
 
-Read top to bottom: config → model (encode, forward, decode_step, reorder_cache) → from_pretrained.
+Read top to bottom: config → model (encode, forward, decode_step, reorder_cache, cross_attention) →
+from_pretrained.
 """
 
 from __future__ import annotations
@@ -116,6 +117,26 @@ class WarmStartedSeq2Seq(nn.Module):
 
     def reorder_cache(self, cache: list[KVCache], index: Tensor) -> list[KVCache]:
         return reorder_cache(cache, index)
+
+    def cross_attention(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """(B,U,S) attention over the source for every decoder input position, teacher forced: the last decoder
+        block's cross-attention probabilities averaged over heads (rows sum to 1 over real source positions).
+
+        A forward hook recomputes them from the block's own inputs (GPTCrossAttention.attention_probs), so the
+        ordinary forward keeps its fused attention kernel and pays nothing for this method's existence.
+        """
+        seen: list[Tensor] = []
+
+        def keep_probs(module: nn.Module, args: tuple, output: Any) -> None:
+            x, encoder_states, encoder_mask, _cached = args
+            seen.append(module.attention_probs(x, encoder_states, encoder_mask))
+
+        handle = self.decoder.transformer.h[-1].crossattention.register_forward_hook(keep_probs)
+        try:
+            self.forward(src_ids, src_mask, tgt_in)
+        finally:
+            handle.remove()
+        return seen[0].mean(dim=1)  # (B, nh, U, S) -> (B, U, S)
 
     @classmethod
     def from_pretrained(cls, bert_ckpt: Path, gpt_ckpt: Path) -> tuple[WarmStartedSeq2Seq, list[str]]:

@@ -163,6 +163,20 @@ class GPTCrossAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0)
         return self.resid_dropout(self.c_proj(_merge_heads(y))), (k, v)
 
+    def attention_probs(self, x: Tensor, encoder_states: Tensor, encoder_mask: Tensor | None) -> Tensor:
+        """The softmax weights (B, nh, T, S) that `forward` applies (without dropout), for attention maps.
+
+        SDPA does not return its weights, so they are recomputed here from the same projections, only when asked
+        for; the forward path stays on the fused kernel. Padded encoder positions get exactly 0.
+        """
+        C = x.size(2)
+        q = _heads(self.q_attn(x), self.n_head)  # (B, nh, T, hs)
+        k = _heads(self.c_attn(encoder_states).split(C, dim=2)[0], self.n_head)  # (B, nh, S, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S), SDPA's default scale
+        if encoder_mask is not None:
+            scores = scores.masked_fill(~encoder_mask.bool()[:, None, None, :], -math.inf)
+        return scores.softmax(dim=-1)
+
 
 class GPTMLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
