@@ -22,6 +22,9 @@ def init_ray(address: str | None = None, **kwargs: object) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
+            # _node_ip_address alone still leaves Ray's GCS listening on every interface on Linux; Ray's
+            # "local only" switch (what it uses on macOS/Windows) keeps every server on 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     except Exception as e:  # Ray raises bare Exception / ConnectionError / RuntimeError for these
         first = (str(e).splitlines() or [type(e).__name__])[0]

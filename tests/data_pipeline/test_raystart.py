@@ -29,8 +29,10 @@ def test_local_ray_binds_loopback_and_address_is_explicit(monkeypatch: pytest.Mo
     monkeypatch.setattr(raystart.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(raystart.ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     init_ray(log_to_driver=False)
     assert calls[-1]["_node_ip_address"] == "127.0.0.1" and calls[-1]["log_to_driver"] is False
+    assert raystart.os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's local-only mode
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     init_ray()
     assert calls[-1] == {"address": "http://127.0.0.1:8265"}
