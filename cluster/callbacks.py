@@ -29,9 +29,9 @@ from pretrain.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     capture_rng_state,
-    latest_checkpoint,
     load_trainer_state,
     load_weights,
+    newest_valid_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -205,9 +205,10 @@ def lightning_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def resume_checkpoint(root: Path, mode: str) -> Path | None:
-    """The checkpoint a run resumes from: with mode "auto" the newest complete one under `root` (saves that were
-    interrupted, `.tmp-*` or without a valid manifest, are never picked), else None."""
-    return latest_checkpoint(root) if mode == "auto" else None
+    """The checkpoint a run resumes from: with mode "auto" the newest complete one under `root` whose sha256s
+    check out (saves that were interrupted, `.tmp-*` or without a valid manifest, are never picked; a corrupted
+    one is skipped with a warning for the one before it), else None."""
+    return newest_valid_checkpoint(root, warn=emit) if mode == "auto" else None
 
 
 def _zero_stage(trainer: pl.Trainer) -> int:

@@ -179,8 +179,11 @@ def check_resume(job: PretrainJob | FinetuneJob, out_dir: Path) -> Path | None:
     """Driver side, before any worker starts: the checkpoint a resume=auto run will continue from (None: a fresh
     start), refused with the reason when it cannot be continued exactly."""
     from cluster.callbacks import resume_checkpoint
-    from pretrain.checkpoint import read_manifest, sha256_file
+    from pretrain.checkpoint import clean_partial_saves, read_manifest, sha256_file
 
+    if job.trainer.resume == "auto":
+        for leftover in clean_partial_saves(Path(out_dir) / "checkpoints"):
+            print(f"[resume] removed {leftover.name}, a save that was interrupted before it completed", flush=True)
     latest = resume_checkpoint(Path(out_dir) / "checkpoints", job.trainer.resume)
     if latest is None:
         return None

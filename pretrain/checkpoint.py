@@ -22,6 +22,7 @@ import random
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -412,6 +413,35 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint under `root` whose files match their sha256s; a newer one that fails the check
+    (a flipped byte, a truncated file) is skipped with a warning. None when there is no checkpoint at all; an error
+    when there are some and none is intact (silently starting over would discard the run)."""
+    found = list_checkpoints(root)
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            warn(f"[resume] warning: skipping {path.name}: {e}")
+            continue
+        return path
+    if found:
+        raise CheckpointError(f"{root}: none of the {len(found)} checkpoints is intact (see the warnings above); "
+                              "nothing to resume from safely")
+    return None
+
+
+def clean_partial_saves(root: Path) -> list[Path]:
+    """Remove `.tmp-*` directories left by saves that were killed midway (never listed, never resumed from)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return leftovers
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:

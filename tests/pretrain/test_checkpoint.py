@@ -15,9 +15,11 @@ from pretrain.checkpoint import (
     ARCHITECTURES,
     CheckpointError,
     capture_rng_state,
+    clean_partial_saves,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -213,3 +215,35 @@ def test_a_caller_registry_extends_the_architectures(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "p", model, cfg, None)
     loaded = load_checkpoint(path, registry={**ARCHITECTURES, "probe": (ProbeConfig, Probe)})
     assert loaded.model_config == cfg and torch.equal(loaded.model.proj.weight, model.proj.weight)
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint_with_a_warning(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    root = tmp_path / "checkpoints"
+    older = save_checkpoint(root / "step-0000002", model, cfg, trainer_state={"step": 2})
+    newer = save_checkpoint(root / "step-0000004", model, cfg, trainer_state={"step": 4})
+    warnings: list[str] = []
+    assert newest_valid_checkpoint(root, warnings.append) == newer and warnings == []
+    weights = newer / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    weights.write_bytes(bytes(data))
+    assert newest_valid_checkpoint(root, warnings.append) == older
+    assert len(warnings) == 1 and "skipping step-0000004" in warnings[0] and "sha256 mismatch" in warnings[0]
+    (older / "model.safetensors").write_bytes(bytes(data))  # the newer one's flipped bytes: same size, wrong sha
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints is intact"):
+        newest_valid_checkpoint(root, warnings.append)
+    (older / "model.safetensors").write_bytes(b"truncated")  # a truncated file is not even a complete checkpoint
+    assert list_checkpoints(root) == [newer]
+    assert newest_valid_checkpoint(tmp_path / "none", warnings.append) is None
+
+
+def test_interrupted_saves_are_cleaned_and_never_listed(tmp_path: Path) -> None:
+    model, cfg = gpt()
+    root = tmp_path / "checkpoints"
+    kept = save_checkpoint(root / "step-0000001", model, cfg)
+    (root / ".tmp-step-0000002").mkdir()
+    (root / ".tmp-step-0000002" / "model.safetensors").write_bytes(b"half")
+    assert list_checkpoints(root) == [kept]
+    assert [p.name for p in clean_partial_saves(root)] == [".tmp-step-0000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000001"]
