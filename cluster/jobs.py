@@ -43,13 +43,17 @@ class TrainerConfig:
     # Peak FLOP/s of one device, the denominator of train/mfu. None: a table for known GPUs, else measured once
     # per worker with a matmul (on CPU, fp32 1024x1024).
     peak_flops: float | None = None
+    # Steps whose loss is NaN/inf (on any rank) are skipped and counted (train/skipped_steps); this many in a row
+    # stop the run with a clear error.
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         if self.resume not in RESUME_MODES:
             raise ValueError(f"'resume': unknown mode '{self.resume}' (choose from {', '.join(RESUME_MODES)})")
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}")
-        for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last"):
+        for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

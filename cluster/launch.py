@@ -94,6 +94,7 @@ def train_worker(config: dict[str, Any]) -> None:
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, rank, world)
     parts.module.peak_flops = peak
+    parts.module.max_nonfinite_steps = job.trainer.max_nonfinite_steps
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
     checkpoint = KilnCheckpoint(out_dir / "checkpoints", parts.model_config, tokenizer_file, to_dict(job),
                                 Path(job.data_dir) / "manifest.json", job.trainer.checkpoint_every,

@@ -20,6 +20,8 @@ Gradient clipping is the Trainer's (`gradient_clip_val = OptimConfig.grad_clip`)
 
 from __future__ import annotations
 
+import collections
+import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from pretrain.flops import decoder_flops_per_token, encoder_flops_per_token
@@ -34,6 +37,12 @@ from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
 from pretrain.optim import OptimConfig, build_optimizer
+
+SPIKE_FACTOR = 10.0  # a loss above this multiple of the running median is logged as a spike
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss: the run stops rather than train on garbage."""
 
 
 def require_keys(batch: dict[str, Tensor], keys: Iterable[str], who: str) -> None:
@@ -66,6 +75,10 @@ class KilnModule(L.LightningModule, ABC):
         self._flops = 0.0
         self._eval_sums: dict[str, Tensor] = {}
         self._eval_rows = 0
+        self.max_nonfinite_steps = 5  # consecutive non-finite losses before the run stops (trainer.max_nonfinite_steps)
+        self.skipped_steps = 0
+        self._nonfinite_run = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=100)
 
     @abstractmethod
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
@@ -89,8 +102,10 @@ class KilnModule(L.LightningModule, ABC):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---- training ----
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         out = self.compute(batch, "train")
+        if not self._loss_is_usable(out["loss"]):
+            return None  # Lightning skips backward and the optimizer step; every rank agreed to (see below)
         n = batch_size_of(batch)
         for key, value in out.items():
             self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False, prog_bar=key in self.PROG_BAR,
@@ -102,6 +117,32 @@ class KilnModule(L.LightningModule, ABC):
         self._tokens += tokens
         self._flops += tokens * per_token if per_token is not None else 0.0
         return out["loss"]
+
+    def _loss_is_usable(self, loss: Tensor) -> bool:
+        """False for a non-finite loss on ANY rank, decided alike on every rank: one rank skipping its step while
+        another all-reduces gradients would hang the job. Counts skips, stops after `max_nonfinite_steps` in a row,
+        and warns about a spike (> SPIKE_FACTOR x the running median of recent losses)."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if finite.item() < 1:
+            self.skipped_steps += 1
+            self._nonfinite_run += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+            rank_zero_warn(f"step {self.global_step}: non-finite loss on some rank; optimizer step skipped "
+                           f"({self._nonfinite_run} in a row, {self.skipped_steps} in total)")
+            if self._nonfinite_run >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(f"{self._nonfinite_run} consecutive steps had a non-finite loss (last at step "
+                                         f"{self.global_step}); stopping. Lower optim.lr, raise optim.warmup_steps or "
+                                         "check the data; trainer.max_nonfinite_steps sets the limit")
+            return False
+        self._nonfinite_run = 0
+        value = float(loss.detach())
+        if len(self._recent) >= 20 and value > SPIKE_FACTOR * statistics.median(self._recent):
+            rank_zero_warn(f"step {self.global_step}: loss spike {value:.4g} > {SPIKE_FACTOR:g}x the running median "
+                           f"{statistics.median(self._recent):.4g}")
+        self._recent.append(value)
+        return True
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._t_last is None:

@@ -133,3 +133,42 @@ def test_kiln_module_is_the_finetune_base() -> None:
     trainer = fit(module, batches + batches[:1], batches)
     assert set(trainer.callback_metrics) >= {"train/loss", "train/rmse", "train/lr", "val/loss", "val/rmse"}
     assert trainer.callback_metrics["train/tokens_per_s"].item() == 0.0  # no token ids: count_tokens gives 0
+
+
+class PoisonedGPT(GPTPretrainModule):
+    """Reports a NaN loss on the chosen (0-based) training calls."""
+
+    def __init__(self, poisoned: set[int], total_steps: int) -> None:
+        super().__init__(GPTConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=0), total_steps)
+        self.poisoned, self.calls, self.snapshots = poisoned, 0, []
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        out = super().compute(batch, stage)
+        if stage == "train":
+            self.snapshots.append(self.model.transformer.wte.weight.detach().clone())
+            if self.calls in self.poisoned:
+                out["loss"] = out["loss"] * float("nan")
+            self.calls += 1
+        return out
+
+
+def test_non_finite_loss_skips_the_step_and_counts_it() -> None:
+    torch.manual_seed(0)
+    module = PoisonedGPT({1, 2}, total_steps=5)
+    fit(module, clm_batches(5, 0), clm_batches(1, 1))
+    assert module.skipped_steps == 2
+    # The weights after a skipped call are the weights before it: no optimizer step on a NaN loss.
+    assert torch.equal(module.snapshots[1], module.snapshots[2]) and torch.equal(module.snapshots[2],
+                                                                                  module.snapshots[3])
+    assert not torch.equal(module.snapshots[0], module.snapshots[1])  # finite steps do update
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def test_consecutive_non_finite_losses_stop_the_run() -> None:
+    from pretrain.module import NonFiniteLossError
+
+    torch.manual_seed(0)
+    module = PoisonedGPT({0, 1, 2}, total_steps=5)
+    module.max_nonfinite_steps = 3
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps had a non-finite loss"):
+        fit(module, clm_batches(5, 0), clm_batches(1, 1))
