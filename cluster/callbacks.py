@@ -179,8 +179,8 @@ class KilnCheckpointIO(TorchCheckpointIO):
     """Lets `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` resume from a Kiln checkpoint (module docstring)."""
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        if not Path(path).is_dir():
-            return super().load_checkpoint(path, weights_only=weights_only)
+        if not Path(path).is_dir():  # a Lightning .ckpt file: never unpickled beyond tensors and plain containers
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return lightning_checkpoint(Path(path))
 
 
