@@ -13,8 +13,9 @@ from cluster.config import ConfigError
 from cluster.rundir import MARKER, prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs",
-               "quickstart"]
+SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "analyze-beam", "attention",
+               "lm-baseline", "export", "cluster up", "cluster down", "cluster status", "submit", "jobs",
+               "render kuberay", "render slurm", "wandb sync", "quickstart"]
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:
@@ -24,7 +25,8 @@ def kiln(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_subcommand() -> None:
     text = build_parser().format_help()
-    for name in ["data", "pretrain", "finetune", "evaluate", "translate", "export", "submit", "jobs", "quickstart"]:
+    for name in ["data", "pretrain", "finetune", "evaluate", "translate", "analyze-beam", "attention", "lm-baseline",
+                 "export", "cluster", "submit", "jobs", "render", "wandb", "quickstart"]:
         assert name in text
 
 
