@@ -112,6 +112,9 @@ class PretrainJob:
     # Continued pretraining: start from these weights instead of a random init. A Kiln checkpoint directory of the
     # task's family or `hf:<dir or hub name>` (imported on the driver). The model section is then the checkpoint's.
     init_from: str | None = None
+    # clm: packed documents do not attend to each other (positions restart at each [BOS], attention stays within
+    # the document); off = GPT-2's plain packing, where a block's tokens see the previous documents in it.
+    document_attention: bool = False
     model: BertConfig | GPTConfig = field(default_factory=lambda: from_preset(BertConfig, "tiny"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -123,6 +126,8 @@ class PretrainJob:
         if family is None:
             choices = ", ".join(PRETRAIN_TASKS)
             raise ValueError(f"'task': unknown pretraining task '{self.task}' (choose from {choices})")
+        if self.document_attention and self.task != "clm":
+            raise ValueError("'document_attention' applies to task clm (packed GPT blocks) only")
         if self.model.arch != family:
             raise ValueError(f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'")
 

@@ -71,10 +71,12 @@ def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
 
 def _loaders(job: PretrainJob | FinetuneJob, rank: int, world: int) -> tuple[Any, Any]:
     bs, seed = job.trainer.batch_size, job.trainer.seed
-    train = make_loader(job.data_dir, job.task, "train", bs, rank=rank, world_size=world, seed=seed, shuffle=True)
+    docs = getattr(job, "document_attention", False)
+    train = make_loader(job.data_dir, job.task, "train", bs, rank=rank, world_size=world, seed=seed, shuffle=True,
+                        document_attention=docs)
     # Validation sees every row: ranks are topped up with repeats rather than dropping a tail.
     val = make_loader(job.data_dir, job.task, "validation", bs, rank=rank, world_size=world, seed=seed, shuffle=False,
-                      drop_last=False)
+                      drop_last=False, document_attention=docs)
     return train, val
 
 

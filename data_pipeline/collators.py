@@ -73,18 +73,35 @@ class MlmNspCollator:
 
 
 class ClmCollator:
-    """Blocks of T + 1 tokens -> inputs (first T) and next-token labels (last T)."""
+    """Blocks of T + 1 tokens -> inputs (first T) and next-token labels (last T).
+
+    With `bos_id` given (document attention), packed documents are kept apart: `position_ids` (B, T) restart at 0
+    at every [BOS], `document_mask` (B, T, T) lets a token attend only to earlier tokens of its own document, and
+    the label that would predict the next document's [BOS] from the previous one's [EOS] is ignored. The tokens
+    before a block's first [BOS] (the tail of a document cut by the block) form a document of their own."""
 
     columns = ("sample_id", "input_ids")
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, bos_id: int | None = None) -> None:
+        self.pad_id, self.bos_id = pad_id, bos_id
 
     def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, Tensor]:
         seqs = [r["input_ids"] for r in rows]
         ids, real = pad(seqs, self.pad_id), _real(seqs)
         labels = ids[:, 1:].masked_fill(real[:, 1:] == 0, IGNORE_INDEX)  # (B, T)
-        return {"input_ids": ids[:, :-1], "labels": labels, "sample_id": _sample_ids(rows)}
+        batch = {"input_ids": ids[:, :-1], "labels": labels, "sample_id": _sample_ids(rows)}
+        if self.bos_id is not None:
+            batch.update(self._documents(batch["input_ids"]))
+            batch["labels"] = labels.masked_fill(ids[:, 1:] == self.bos_id, IGNORE_INDEX)
+        return batch
+
+    def _documents(self, inputs: Tensor) -> dict[str, Tensor]:
+        doc = (inputs == self.bos_id).long().cumsum(dim=1)  # (B, T): which document each token belongs to
+        index = torch.arange(inputs.size(1)).expand_as(inputs)  # (B, T)
+        start = torch.where(inputs == self.bos_id, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+        same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+        causal = torch.ones(inputs.size(1), inputs.size(1), dtype=torch.bool).tril()
+        return {"position_ids": index - start, "document_mask": same & causal}
 
 
 class TranslationCollator:

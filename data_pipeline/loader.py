@@ -145,10 +145,17 @@ COLLATORS: dict[str, Callable[[dict], Collator]] = {  # task -> collator, from t
 
 
 def make_loader(data_dir: str | os.PathLike[str], task: str, split: str, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True) -> ShardLoader:
-    """A loader for `task`/`split` of a prepared data directory, with the task's collator."""
+                world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                document_attention: bool = False) -> ShardLoader:
+    """A loader for `task`/`split` of a prepared data directory, with the task's collator. document_attention
+    (clm only): packed documents do not attend to each other (ClmCollator)."""
     top = read_manifest(data_dir)
     if task not in top.get("tasks", {}):
         raise DataError(f"{Path(data_dir) / 'manifest.json'}: no task {task!r}; it has {sorted(top.get('tasks', {}))}")
-    return ShardLoader(Path(data_dir) / task, split, batch_size, COLLATORS[task](top), rank=rank,
+    collate = COLLATORS[task](top)
+    if document_attention:
+        if task != "clm":
+            raise DataError(f"document_attention applies to the clm task, not {task!r}")
+        collate = ClmCollator(top["special_tokens"]["[PAD]"], bos_id=top["special_tokens"]["[BOS]"])
+    return ShardLoader(Path(data_dir) / task, split, batch_size, collate, rank=rank,
                        world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)

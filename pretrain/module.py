@@ -244,7 +244,8 @@ class GPTPretrainModule(KilnModule):
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, ("input_ids", "labels"), "GPTPretrainModule")
-        logits, _ = self.model(batch["input_ids"])
+        logits, _ = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                               document_mask=batch.get("document_mask"))
         return clm_loss(logits, batch["labels"])
 
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:

@@ -115,7 +115,9 @@ class GPTSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None,
+                attn_mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """attn_mask (B, T, T) bool, True = may attend (e.g. causal within each packed document); no cache then."""
         T, C = x.size(1), x.size(2)
         q, k, v = (_heads(t, self.n_head) for t in self.c_attn(x).split(C, dim=2))  # each (B, nh, T, hs)
         if past is not None:
@@ -123,7 +125,9 @@ class GPTSelfAttention(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         P = k.size(2) - T
         dropout_p = self.attn_pdrop if self.training else 0.0
-        if P == 0:
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], dropout_p=dropout_p)
+        elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token may see every cached key: no mask at all
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
@@ -203,8 +207,8 @@ class GPTBlock(nn.Module):
         self.mlp = GPTMLP(config)
 
     def forward(self, x: Tensor, past: KVCache | None, encoder_states: Tensor | None,
-                encoder_mask: Tensor | None) -> tuple[Tensor, KVCache]:
-        a, (k, v) = self.attn(self.ln_1(x), None if past is None else (past.k, past.v))
+                encoder_mask: Tensor | None, attn_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        a, (k, v) = self.attn(self.ln_1(x), None if past is None else (past.k, past.v), attn_mask)
         x = x + a
         cross: tuple[Tensor, Tensor] | tuple[None, None] = (None, None)
         cached = None if past is None or past.cross_k is None else (past.cross_k, past.cross_v)
@@ -255,8 +259,11 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: Tensor, past_key_values: list[KVCache] | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                use_cache: bool = False) -> tuple[Tensor, list[KVCache] | None]:
-        """input_ids (B, T) are the new tokens; past_key_values holds one KVCache per block for the P tokens
+                use_cache: bool = False, position_ids: Tensor | None = None,
+                document_mask: Tensor | None = None) -> tuple[Tensor, list[KVCache] | None]:
+        """position_ids (B, T) and document_mask (B, T, T) bool keep packed documents apart (each starts at
+        position 0 and attends only within itself; data_pipeline.collators.ClmCollator makes them); no cache then.
+        input_ids (B, T) are the new tokens; past_key_values holds one KVCache per block for the P tokens
         before them (positions continue at P). encoder_hidden_states (B, S, n_embd) and encoder_attention_mask
         (B, S; 1 = real) feed cross-attention; once a cache holds the cross keys/values they are reused and
         encoder_hidden_states may be omitted (if given, it is ignored). With use_cache, also returns the
@@ -269,12 +276,16 @@ class GPTModel(nn.Module):
             raise ValueError(f"past_key_values has {len(past_key_values)} entries; the model has {len(self.h)} blocks")
         if encoder_hidden_states is not None and not self.config.add_cross_attention:
             raise ValueError("encoder_hidden_states given, but the model was built with add_cross_attention=False")
+        if (position_ids is not None or document_mask is not None) and (P or use_cache):
+            raise ValueError("position_ids / document_mask are for packed training batches, not cached decoding")
         positions = torch.arange(P, P + T, device=input_ids.device)  # positions continue after the cache
-        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C) + (T, C)
+        if position_ids is not None:
+            positions = position_ids  # (B, T)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C) + (T, C) or (B, T, C)
         presents: list[KVCache] | None = [] if use_cache else None
         for i, block in enumerate(self.h):
             past = past_key_values[i] if past_key_values else None
-            x, kv = block(x, past, encoder_hidden_states, encoder_attention_mask)
+            x, kv = block(x, past, encoder_hidden_states, encoder_attention_mask, document_mask)
             if presents is not None:
                 presents.append(kv)
         return self.ln_f(x), presents
@@ -300,7 +311,8 @@ class GPTLMHeadModel(nn.Module):
 
     def forward(self, input_ids: Tensor, past_key_values: list[KVCache] | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                use_cache: bool = False) -> tuple[Tensor, list[KVCache] | None]:
+                use_cache: bool = False, position_ids: Tensor | None = None,
+                document_mask: Tensor | None = None) -> tuple[Tensor, list[KVCache] | None]:
         hidden, presents = self.transformer(input_ids, past_key_values, encoder_hidden_states,
-                                            encoder_attention_mask, use_cache)
+                                            encoder_attention_mask, use_cache, position_ids, document_mask)
         return self.lm_head(hidden), presents  # (B, T, V)
