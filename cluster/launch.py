@@ -58,7 +58,10 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
         ensure_run_id(out_dir)
     init_ray(job.cluster.address)
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
-    config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage}
+    # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts after a
+    # failure (cluster.max_failures) continues from them instead of starting over (see train_worker).
+    config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage,
+              "started_ns": time.time_ns()}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -79,7 +82,14 @@ def train_worker(config: dict[str, Any]) -> None:
     import lightning.pytorch as pl
     import ray.train
 
-    from cluster.callbacks import KilnCheckpoint, emit, quiet_worker_logs, resume_checkpoint, set_threads
+    from cluster.callbacks import (
+        KilnCheckpoint,
+        emit,
+        quiet_worker_logs,
+        resume_checkpoint,
+        retry_checkpoint,
+        set_threads,
+    )
     from cluster.tasks import TASKS, data_paths
     from cluster.tracking import finish_run
     from pretrain.flops import peak_flops
@@ -100,6 +110,8 @@ def train_worker(config: dict[str, Any]) -> None:
                                 Path(job.data_dir) / "manifest.json", job.trainer.checkpoint_every,
                                 job.trainer.keep_last, parts.train_loader, parts.val_loader)
     resume_from = resume_checkpoint(out_dir / "checkpoints", job.trainer.resume)
+    if resume_from is None and job.cluster.strategy == "ddp":
+        resume_from = retry_checkpoint(out_dir / "checkpoints", config.get("started_ns", 0))
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
     trainer = _build_trainer(job, out_dir, stage, parts, checkpoint, resume=resume_from is not None)
     if rank == 0:
@@ -116,7 +128,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         restore_metrics(out_dir)
         summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
-                   "steps": trainer.global_step, "task": job.task}
+                   "steps": trainer.global_step, "task": job.task,
+                   "resumed_from": None if resume_from is None else str(resume_from)}
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
