@@ -29,12 +29,10 @@ from pretrain.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     capture_rng_state,
-    list_checkpoints,
     load_trainer_state,
     load_weights,
     newest_valid_checkpoint,
     prune_checkpoints,
-    read_manifest,
     restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
@@ -216,16 +214,10 @@ def resume_checkpoint(root: Path, mode: str) -> Path | None:
 def retry_checkpoint(root: Path, since_ns: int) -> Path | None:
     """The newest intact checkpoint written by this run (created at or after `since_ns`): present only when Ray Train
     restarted the worker group after a failure, which must continue where the lost group stopped."""
-    ours = [p for p in list_checkpoints(root) if read_manifest(p).get("created_ns", 0) >= since_ns]
-    for path in reversed(ours):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            emit(f"[retry] warning: skipping {path.name}: {e}")
-            continue
+    path = newest_valid_checkpoint(root, warn=emit, since_ns=since_ns)
+    if path is not None:
         emit(f"[retry] the worker group was restarted; continuing from {path}")
-        return path
-    return None
+    return path
 
 
 def _zero_stage(trainer: pl.Trainer) -> int:

@@ -415,11 +415,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
-    """The newest complete checkpoint under `root` whose files match their sha256s; a newer one that fails the check
-    (a flipped byte, a truncated file) is skipped with a warning. None when there is no checkpoint at all; an error
-    when there are some and none is intact (silently starting over would discard the run)."""
-    found = list_checkpoints(root)
+def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print, since_ns: int = 0) -> Path | None:
+    """The newest complete checkpoint under `root` (created at or after `since_ns`) whose files match their sha256s;
+    a newer one that fails the check (a flipped byte, a truncated file) is skipped with a warning. None when there
+    is no such checkpoint at all; an error when there are some and none is intact (silently starting over would
+    discard the run)."""
+    found = [p for p in list_checkpoints(root) if read_manifest(p).get("created_ns", 0) >= since_ns]
     for path in reversed(found):
         try:
             verify_checkpoint(path)
