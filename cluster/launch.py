@@ -45,12 +45,14 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cluster.tasks import preflight
+    from cluster.tasks import count_parameters, preflight
+    from pretrain.checkpoint import check_free_space
 
     out_dir = Path(out_dir).resolve()
     # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
     # converted into out_dir/imported/ and the job returned points at the converted copies.
     job = preflight(job, out_dir)
+    check_free_space(out_dir / "checkpoints", count_parameters(job), job.trainer.keep_last)  # before any file
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resume(job, out_dir)
     if job.wandb.mode != "disabled":

@@ -21,8 +21,8 @@ from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
 from pretrain.checkpoint import CheckpointError
 from pretrain.hf_import import HF_PREFIX, check_tokenizer_matches_data, import_hf, save_imported_checkpoint
-from pretrain.models.bert import BertConfig
-from pretrain.models.gpt import GPTConfig
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.module import BertPretrainModule, GPTPretrainModule
 
 Job = TypeVar("Job", PretrainJob, FinetuneJob)
@@ -188,6 +188,26 @@ def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> Pr
         load_pretrained(Path(path), arch)
         check_tokenizer_matches_data(Path(path), Path(job.data_dir), key)
     return job
+
+
+def count_parameters(job: PretrainJob | FinetuneJob) -> int:
+    """The job's model size without allocating it (built on the meta device; a pretrained checkpoint's is read from
+    its weights file), for the disk-space check before training."""
+    from pretrain.models.meta import build_on_meta, num_parameters
+
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    if isinstance(job, PretrainJob):
+        config = fit_model_to_data(job, manifest).model
+        cls = GPTLMHeadModel if isinstance(config, GPTConfig) else BertForPreTraining
+        return num_parameters(build_on_meta(cls, config))
+    if job.model is not None:
+        from finetune.models import ARCHITECTURES
+
+        labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
+        config = scratch_config(job, manifest, labels)
+        return num_parameters(build_on_meta(ARCHITECTURES[config.arch][1], config))
+    files = [Path(p) / "model.safetensors" for p in (job.encoder_checkpoint, job.decoder_checkpoint) if p]
+    return sum(f.stat().st_size // 4 for f in files if f.is_file())  # fp32 tensors, 4 bytes each
 
 
 def _continued_pretraining(job: PretrainJob, out_dir: Path | None) -> PretrainJob:

@@ -15,6 +15,7 @@ without the leading dot either is complete or has no valid manifest (and is then
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -112,11 +113,35 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_f
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
         step = trainer_state.get("step") if trainer_state is not None else None
         _write_json(tmp / MANIFEST_FILE, _manifest(tmp, arch, step, job_json, data_info))
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"{path}: the disk is full ({free / 2**20:.0f} MiB free on {path.parent}) while "
+                                  "writing this checkpoint; nothing of it was kept and the earlier checkpoints are "
+                                  "intact. Free space (or lower trainer.keep_last) and resume with "
+                                  "trainer.resume=auto") from None
         raise
     _move_into_place(tmp, path)
     return path
+
+
+CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights (4) + AdamW's two fp32 moments in trainer_state (8)
+
+
+def check_free_space(root: Path, num_params: int, keep_last: int) -> None:
+    """Before training: the disk under `root` must hold the run's checkpoints at their peak (keep_last kept + the one
+    being written), less what checkpoints already there take. Raises CheckpointError naming the numbers."""
+    root = Path(root)
+    probe = next(p for p in (root, *root.parents) if p.exists())
+    each = num_params * CHECKPOINT_BYTES_PER_PARAM
+    present = sum(f.stat().st_size for c in list_checkpoints(root) for f in c.rglob("*") if f.is_file())
+    needed = (keep_last + 1) * each - present
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise CheckpointError(f"{root}: {free / 2**20:.0f} MiB free, but {keep_last + 1} checkpoints of ~"
+                              f"{each / 2**20:.0f} MiB each ({num_params:,} parameters x {CHECKPOINT_BYTES_PER_PARAM} "
+                              "bytes) need more; free space, lower trainer.keep_last, or choose another --out")
 
 
 def _arch_of(model_config: Any) -> str:

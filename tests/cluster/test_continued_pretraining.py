@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from cluster.jobs import PretrainJob, TrainerConfig
-from cluster.tasks import build_pretrain, preflight
+from cluster.tasks import build_pretrain, count_parameters, preflight
 from data_pipeline.examples import BUILDERS
 from data_pipeline.shards import write_json, write_task
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
+from pretrain.models.meta import num_parameters
 from pretrain.optim import OptimConfig
 
 transformers = pytest.importorskip("transformers")
@@ -84,6 +85,7 @@ def test_hf_release_is_imported_once_and_training_starts_from_its_weights(releas
     assert ready.model.hidden_size == 32 and ready.model.num_hidden_layers == 2  # the release's, not the preset's
     assert ready.model.vocab_size == len(VOCAB_TXT) + 2  # Kiln's [BOS]/[EOS] appended
     parts = build_pretrain(ready, 0, 1)
+    assert count_parameters(ready) == num_parameters(parts.module.model)
     want = load_checkpoint(Path(ready.init_from)).state_dict
     got = parts.module.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -15,11 +15,12 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from cluster.config import ConfigError, load_config
 from cluster.evaluation import evaluate_checkpoint
 from cluster.jobs import DecodeConfig, FinetuneJob
-from cluster.tasks import TASKS, preflight
+from cluster.tasks import TASKS, count_parameters, preflight
 from data_pipeline.examples import BUILDERS
 from data_pipeline.shards import write_json, write_task
 from finetune.models import load_finetuned
 from pretrain.checkpoint import CheckpointError, save_checkpoint
+from pretrain.models.meta import num_parameters
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
 WORDS = ["one", "two", "three", "four", "five", "un", "deux", "trois", "quatre", "cinq"]
@@ -87,6 +88,8 @@ def test_scratch_arch_trains_saves_and_evaluates(data_dir: Path, tmp_path: Path,
     torch.manual_seed(0)
     parts = TASKS[task](job, 0, 1)
     assert parts.model_config.vocab_size == len(SPECIALS) + len(WORDS)
+    # the disk-space check sizes the model on the meta device: the same count as the real one
+    assert count_parameters(job) == num_parameters(parts.module.model)
     opt = torch.optim.AdamW(parts.module.model.parameters(), lr=3e-3)
     losses = []
     for _, batch in zip(range(30), iter_forever(parts.train_loader), strict=False):

@@ -15,6 +15,7 @@ from pretrain.checkpoint import (
     ARCHITECTURES,
     CheckpointError,
     capture_rng_state,
+    check_free_space,
     clean_partial_saves,
     latest_checkpoint,
     list_checkpoints,
@@ -247,3 +248,35 @@ def test_interrupted_saves_are_cleaned_and_never_listed(tmp_path: Path) -> None:
     assert list_checkpoints(root) == [kept]
     assert [p.name for p in clean_partial_saves(root)] == [".tmp-step-0000002"]
     assert sorted(p.name for p in root.iterdir()) == ["step-0000001"]
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import pretrain.checkpoint as ckpt
+
+    model, cfg = gpt()
+    root = tmp_path / "checkpoints"
+    previous = save_checkpoint(root / "step-0000002", model, cfg, trainer_state={"step": 2})
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)  # the trainer state is written after the weights
+    with pytest.raises(CheckpointError, match=r"step-0000004: the disk is full .* earlier checkpoints are intact"):
+        save_checkpoint(root / "step-0000004", model, cfg, trainer_state={"step": 4})
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # no half-written save left behind
+    assert newest_valid_checkpoint(root) == previous
+
+
+def test_free_space_is_checked_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    import pretrain.checkpoint as ckpt
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10**9, 0, 50 * 2**20))  # 50 MiB free
+    check_free_space(tmp_path / "out" / "checkpoints", num_params=1_000_000, keep_last=2)  # 3 x 11.4 MiB fits
+    with pytest.raises(CheckpointError, match=r"50 MiB free, but 3 checkpoints of ~114 MiB each \(10,000,000 "):
+        check_free_space(tmp_path / "out" / "checkpoints", num_params=10_000_000, keep_last=2)
+    assert not (tmp_path / "out").exists()
