@@ -69,11 +69,16 @@ class ClusterConfig:
     offload: bool = False  # DeepSpeed ZeRO optimizer (and, at stage 3, parameter) offload to CPU
     address: str | None = None  # Ray address; None starts (or reuses) a local Ray, or takes RAY_ADDRESS
     max_failures: int = 0
+    # A collective (gradient all-reduce, barrier) that waits longer than this fails the run instead of hanging it:
+    # a stalled or stopped worker surfaces as an error within this many seconds (torch.distributed's timeout).
+    collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGY_NAMES:
             choices = ", ".join(STRATEGY_NAMES)
             raise ValueError(f"'strategy': unknown strategy '{self.strategy}' (choose from {choices})")
+        if self.collective_timeout_s < 1:
+            raise ValueError(f"'collective_timeout_s' must be at least 1 second, got {self.collective_timeout_s}")
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError("'num_workers' and 'cpus_per_worker' must be at least 1")
 

@@ -43,7 +43,7 @@ def init_ray(address: str | None = None) -> None:
 def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> TrainResult:
     """Run `job` with Ray Train; returns where its final checkpoint and metrics are."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.tasks import count_parameters, preflight
     from pretrain.checkpoint import check_free_space
@@ -67,6 +67,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
+        torch_config=TorchConfig(timeout_s=job.cluster.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
                                      resources_per_worker={"CPU": job.cluster.cpus_per_worker}),
         run_config=RunConfig(name=stage, storage_path=str(out_dir / "ray"),

@@ -78,3 +78,38 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_ends_bitwise_equal(da
     want, got = load_checkpoint(full.checkpoint).state_dict, load_checkpoint(survived.checkpoint).state_dict
     assert survived.checkpoint.name == f"step-{STEPS:07d}" and got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bitwise, every tensor
+
+
+def stop_one_worker_after_first_checkpoint(root: Path, stopped: list[int], stop: threading.Event) -> None:
+    while not stop.is_set():
+        if (root / f"step-{EVERY:07d}").is_dir():
+            workers = train_workers()
+            if workers:
+                os.kill(workers[-1], signal.SIGSTOP)  # alive but stalled: its peers wait in the next all-reduce
+                stopped.append(workers[-1])
+                return
+        time.sleep(0.05)
+
+
+def test_a_stalled_worker_fails_the_run_within_the_collective_timeout(data_dir: Path, tmp_path: Path) -> None:
+    timeout_s = 15
+    out, stopped, stop = tmp_path / "stalled", [], threading.Event()
+    watcher = threading.Thread(target=stop_one_worker_after_first_checkpoint,
+                               args=(out / "checkpoints", stopped, stop), daemon=True)
+    watcher.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(Exception) as info:  # noqa: B017 — Ray's failure type varies; the message is checked
+            run_training(_job(data_dir, f"cluster.collective_timeout_s={timeout_s}"), out, stage="stalled")
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        for pid in stopped:  # let the stopped process die with its group
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert stopped, "no worker was stopped: the run ended before its first checkpoint was seen"
+    elapsed = time.monotonic() - start
+    assert elapsed < 240, f"the run took {elapsed:.0f} s to fail"
+    assert "timed out" in str(info.value).lower() or "timeout" in str(info.value).lower(), str(info.value)[-2000:]
