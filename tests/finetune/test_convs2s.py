@@ -4,18 +4,16 @@ and beam), attention maps, meta build, checkpoint round trip, 50-pair overfit.""
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from finetune_testlib import BOS, EOS, PAD, VOCAB, digit_id
+from finetune_testlib import BOS, EOS, N_PAIRS, PAD, VOCAB, NoCache, exact_match, train_reversal
 from torch import Tensor
 
 from finetune.decode import beam_search, greedy_decode
 from finetune.models.convs2s import ConvS2S, ConvS2SConfig
-from finetune.module import translation_loss
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
 from pretrain.models.meta import build_on_meta, materialize
 
@@ -34,25 +32,6 @@ def batch(seed: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     tgt = torch.randint(7, VOCAB, (3, 6), generator=gen)
     tgt[:, 0] = BOS
     return src, mask, tgt
-
-
-class NoCache:
-    """The decoding protocol without incremental state: every step re-runs the full forward on the whole prefix.
-    The 'memory' is the source ids themselves and the 'cache' the prefix, so the search can still reorder rows."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
-        return src_ids
-
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Tensor | None
-                    ) -> tuple[Tensor, Tensor]:
-        prefix = tgt_ids if cache is None else torch.cat([cache, tgt_ids], dim=1)
-        return self.model(memory, src_mask, prefix)[:, -1], prefix
-
-    def reorder_cache(self, cache: Tensor, index: Tensor) -> Tensor:
-        return cache.index_select(0, index)
 
 
 def test_config_errors_name_the_key() -> None:
@@ -195,50 +174,9 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ learning a real (tiny) task
-N_PAIRS = 50
-MAX_STEPS = 400  # it gets there in ~50 steps (~2 s); the bound keeps a regression from hanging the suite
-
-
-def reversal_batch(n: int, seed: int) -> tuple[dict[str, Tensor], list[list[int]]]:
-    """n digit strings of 3-6 digits as the pipeline builds rows: src `x [EOS]`, tgt_in `[BOS] y`, tgt_out
-    `y [EOS]` (-100 at padding), with y = x reversed; also the expected outputs."""
-    rng = random.Random(seed)
-    xs = [[digit_id(rng.randrange(10)) for _ in range(rng.randint(3, 6))] for _ in range(n)]
-    shape = (n, 7)
-    b = {"src_ids": torch.full(shape, PAD), "src_mask": torch.zeros(shape, dtype=torch.long),
-         "tgt_in": torch.full(shape, PAD), "tgt_out": torch.full(shape, -100)}
-    for i, x in enumerate(xs):
-        y = x[::-1]
-        b["src_ids"][i, : len(x) + 1] = torch.tensor(x + [EOS])
-        b["src_mask"][i, : len(x) + 1] = 1
-        b["tgt_in"][i, : len(y) + 1] = torch.tensor([BOS] + y)
-        b["tgt_out"][i, : len(y) + 1] = torch.tensor(y + [EOS])
-    return b, [x[::-1] for x in xs]
-
-
-def exact_match(model: Any, b: dict[str, Tensor], expected: list[list[int]]) -> float:
-    hyps = greedy_decode(model, b["src_ids"], b["src_mask"], BOS, EOS, max_len=8)
-    return sum(h == y for h, y in zip(hyps, expected, strict=True)) / len(expected)
-
-
 @pytest.fixture(scope="module")
 def trained() -> tuple[ConvS2S, dict[str, Tensor], list[list[int]], list[float]]:
-    model = make_model(dropout=0.0)
-    b, expected = reversal_batch(N_PAIRS, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    history = [exact_match(model.eval(), b, expected)]
-    for step in range(1, MAX_STEPS + 1):
-        model.train()
-        loss = translation_loss(model(b["src_ids"], b["src_mask"], b["tgt_in"]), b["tgt_out"], 0.1)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 25 == 0:
-            history.append(exact_match(model.eval(), b, expected))
-            if history[-1] == 1.0:
-                break
-    return model.eval(), b, expected, history
+    return train_reversal(make_model(dropout=0.0))
 
 
 def test_overfits_fifty_pairs(trained: tuple) -> None:
