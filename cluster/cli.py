@@ -49,9 +49,11 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     _config_args(p, "run directory: checkpoints, metrics.csv, loss curve, W&B offline run [runs/pretrain]")
     p = sub.add_parser(
         "finetune",
-        help="fine-tune for translation (warm-started encoder-decoder) or classification",
-        description="Fine-tune from Kiln checkpoints: translation with a BERT encoder and GPT decoder plus new "
-        "cross-attention, or a [CLS] classifier on the BERT encoder.",
+        help="fine-tune for translation or classification (pretrained, or a classic baseline from scratch)",
+        description="Fine-tune from Kiln (or hf:) checkpoints: translation with a BERT encoder and GPT decoder plus "
+        "new cross-attention, a [CLS] classifier on a BERT encoder, or (decoder_checkpoint alone) a GPT last-token "
+        "classifier. A `model` section trains a baseline from scratch instead: model.arch=transformer | lstm | "
+        "lstm_attention (model.attention=bahdanau | luong_dot | luong_general) | convs2s | lstm_classifier.",
         epilog=EPILOG,
     )
     _config_args(p, "run directory [runs/finetune]")
