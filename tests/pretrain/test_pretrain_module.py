@@ -172,3 +172,26 @@ def test_consecutive_non_finite_losses_stop_the_run() -> None:
     module.max_nonfinite_steps = 3
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps had a non-finite loss"):
         fit(module, clm_batches(5, 0), clm_batches(1, 1))
+
+
+class SpikyGPT(PoisonedGPT):
+    """A finite loss 1000x too large on one call, after enough normal steps for a running median."""
+
+    def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        out = GPTPretrainModule.compute(self, batch, stage)
+        if stage == "train":
+            if self.calls in self.poisoned:
+                out["loss"] = out["loss"] * 1000.0
+            self.calls += 1
+        return out
+
+
+def test_a_loss_spike_is_warned_and_still_trained_on() -> None:
+    torch.manual_seed(0)
+    module = SpikyGPT({22}, total_steps=24)
+    trainer = L.Trainer(max_steps=24, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, gradient_clip_val=1.0)
+    with pytest.warns(UserWarning, match=r"step 22: loss spike .* > 10x the running median"):
+        trainer.fit(module, torch.utils.data.DataLoader(clm_batches(24, 0), batch_size=None))
+    assert module.skipped_steps == 0  # a spike is finite: logged, not skipped
