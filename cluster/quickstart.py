@@ -21,6 +21,7 @@ from cluster.jobs import QuickstartJob
 from cluster.launch import TrainResult, init_ray, run_training
 from cluster.report import last_value, loss_drop, markdown_table, plot_curves
 from cluster.rundir import prepare_run_dir
+from cluster.tracking import log_artifacts
 
 
 def _say(message: str) -> None:
@@ -63,8 +64,11 @@ def run_quickstart(cfg: QuickstartJob, out: Path, overwrite: bool = False) -> Pa
     evals = {stage: evaluate_checkpoint(results[stage].checkpoint, Path(data_dir), "test", cfg.translation.decode,
                                         out / stage / "eval") for stage in ("translation", "classification")}
     timings["evaluate"] = time.perf_counter() - t0
+    jobs = {"bert": cfg.bert, "gpt": cfg.gpt, "translation": translation, "classification": classification}
     for stage, result in results.items():
         plot_curves(result.metrics_csv, out / stage / "loss_curve.png", title=f"{stage}: loss")
+        # loss curve, sample translations / predictions, test metrics and checkpoint into the stage's W&B run
+        log_artifacts(jobs[stage].wandb, out / stage, stage, checkpoint=result.checkpoint)
     timings["total"] = time.perf_counter() - start
     report = write_report(out, cfg, data_manifest, results, evals, timings)
     (out / "summary.json").write_text(json.dumps({"evaluation": evals, "seconds": timings}, indent=2))
@@ -122,7 +126,7 @@ def write_report(out: Path, cfg: QuickstartJob, data: dict, results: dict[str, T
                        [[s["source"], s["reference"], s["hypothesis"]] for s in samples]),
         "## Time per stage (seconds)",
         markdown_table(list(timings), [[f"{v:.0f}" for v in timings.values()]]),
-        "W&B runs (offline) are under each stage's `wandb/`; upload them with `wandb sync <dir>/wandb/offline-run-*`.",
+        "W&B runs (offline) are under each stage's `wandb/`; upload them all with `kiln wandb sync <this directory>`.",
     ]
     report = out / "report.md"
     report.write_text("\n\n".join(parts) + "\n")
