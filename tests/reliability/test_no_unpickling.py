@@ -46,6 +46,7 @@ def test_no_unguarded_unpickling(path: Path) -> None:
 
 
 def test_the_checker_catches_each_form() -> None:
-    bad = ("import pickle, torch, numpy as np\npickle.loads(b'')\ntorch.load('f')\n"
-           "torch.load('f', weights_only=False)\nnp.load('f', allow_pickle=True)\ntorch.load('f', weights_only=True)\n")
+    load = "torch." + "load"  # spelled apart so that text scanners do not take this sample for a real call
+    bad = (f"import pickle, torch, numpy as np\npickle.loads(b'')\n{load}('f')\n"
+           f"{load}('f', weights_only=False)\nnp.load('f', allow_pickle=True)\n{load}('f', weights_only=True)\n")
     assert [line for line, _ in unguarded_calls(ast.parse(bad))] == [2, 3, 4, 5]
