@@ -115,46 +115,22 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _translation_model(checkpoint: Path) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of a checkpoint whose model implements the translation interface."""
-    from tokenizers import Tokenizer
+    from cluster.evaluation import translation_model
 
-    from finetune.models import load_finetuned
-    from pretrain.checkpoint import CheckpointError
-
-    loaded = load_finetuned(Path(checkpoint))
-    if not callable(getattr(loaded.model, "decode_step", None)):
-        raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
-    tokenizer_file = Path(checkpoint) / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise CheckpointError(f"{tokenizer_file}: missing; translation needs the checkpoint's tokenizer")
-    return loaded.model.eval(), Tokenizer.from_file(str(tokenizer_file))
+    return translation_model(checkpoint)
 
 
 def _sample_lines(args: argparse.Namespace, lines: list[str]) -> list[str]:
     """`kiln translate --sample`: one draw per line from the filtered, tempered model distribution."""
-    import torch
-
-    from finetune.decode import check_sampling_args, sample_decode
-    from finetune.translate import BOS, EOS, PAD, _source_limit, encode_sources, pad_batch, special_id
+    from finetune.translate import sample_texts
 
     temperature = 1.0 if args.temperature is None else args.temperature
     top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
-    try:
-        check_sampling_args(temperature, top_k, top_p)
-    except ValueError as e:
-        raise ConfigError(f"kiln translate --sample: {e}") from e
     model, tokenizer = _translation_model(args.checkpoint)
-    if not lines:
-        return []
-    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
-    rows = encode_sources(tokenizer, lines, _source_limit(model, None))
-    generator, device = torch.Generator().manual_seed(args.seed), next(model.parameters()).device
-    outputs: list[str] = []
-    for start in range(0, len(rows), 32):
-        src_ids, src_mask = pad_batch(rows[start : start + 32], pad, device)
-        ids = sample_decode(model, src_ids, src_mask, bos, eos, args.max_len, temperature, top_k, top_p, generator)
-        outputs += tokenizer.decode_batch(ids, skip_special_tokens=True)
-    return outputs
+    try:
+        return sample_texts(model, tokenizer, lines, args.max_len, temperature, top_k, top_p, args.seed)
+    except ValueError as e:  # the sampling arguments
+        raise ConfigError(f"kiln translate --sample: {e}") from e
 
 
 def _read_lines(path: Path, flag: str) -> list[str]:

@@ -86,10 +86,18 @@ def _classification(model: torch.nn.Module, data_dir: Path, split: str) -> tuple
     return metrics, rows
 
 
-def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int) -> list[str]:
+def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer]:
+    """(model in eval mode, its tokenizer) of a checkpoint whose model can translate; clear errors otherwise."""
     loaded = load_finetuned(Path(checkpoint))
     if loaded.model_config.arch not in TRANSLATION_ARCHES:
         raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
-    tokenizer = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
-    return translate_texts(loaded.model.eval(), tokenizer, lines, beam_size=beam, length_penalty="gnmt",
-                           alpha=alpha, max_len=max_len)
+    tokenizer_file = Path(checkpoint) / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise CheckpointError(f"{tokenizer_file}: missing; translation needs the checkpoint's tokenizer")
+    return loaded.model.eval(), Tokenizer.from_file(str(tokenizer_file))
+
+
+def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int) -> list[str]:
+    model, tokenizer = translation_model(checkpoint)
+    return translate_texts(model, tokenizer, lines, beam_size=beam, length_penalty="gnmt", alpha=alpha,
+                           max_len=max_len)

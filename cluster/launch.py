@@ -54,7 +54,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     job = preflight(job, out_dir)
     check_free_space(out_dir / "checkpoints", count_parameters(job), job.trainer.keep_last)  # before any file
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_resume(job, out_dir)
+    latest = check_resume(job, out_dir)  # chosen (and sha256-verified) once, here, for every worker
     if job.wandb.mode != "disabled":
         check_online_credentials(job.wandb.mode)
         ensure_run_id(out_dir)
@@ -63,7 +63,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts after a
     # failure (cluster.max_failures) continues from them instead of starting over (see train_worker).
     config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage,
-              "started_ns": time.time_ns()}
+              "started_ns": time.time_ns(), "resume_from": None if latest is None else str(latest)}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -89,7 +89,6 @@ def train_worker(config: dict[str, Any]) -> None:
         KilnCheckpoint,
         emit,
         quiet_worker_logs,
-        resume_checkpoint,
         retry_checkpoint,
         set_threads,
     )
@@ -112,9 +111,12 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = KilnCheckpoint(out_dir / "checkpoints", parts.model_config, tokenizer_file, to_dict(job),
                                 Path(job.data_dir) / "manifest.json", job.trainer.checkpoint_every,
                                 job.trainer.keep_last, parts.train_loader, parts.val_loader)
-    resume_from = resume_checkpoint(out_dir / "checkpoints", job.trainer.resume)
-    if resume_from is None and job.cluster.strategy == "ddp":
+    # A restarted worker group continues from this run's own newest checkpoint; else from the driver's choice.
+    resume_from = None
+    if job.cluster.strategy == "ddp":
         resume_from = retry_checkpoint(out_dir / "checkpoints", config.get("started_ns", 0))
+    if resume_from is None and config.get("resume_from"):
+        resume_from = Path(config["resume_from"])
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
     trainer = _build_trainer(job, out_dir, stage, parts, checkpoint, resume=resume_from is not None)
     if rank == 0:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from finetune.decode import LENGTH_PENALTIES, Hypothesis, beam_search, normalised_score
 from finetune.evaluate import bleu
-from finetune.translate import BOS, EOS, PAD, _source_limit, encode_sources, pad_batch, special_id
+from finetune.translate import BOS, EOS, PAD, encode_sources, pad_batch, source_limit, special_id
 
 VERDICTS = ("correct", "search", "model", "unreachable")
 
@@ -206,7 +206,7 @@ def analyze_beam(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], re
     """Search vs model errors and BLEU per beam width (module docstring) for line-aligned sources/references."""
     _check_args(srcs, refs, beam_sizes, length_penalty, max_len, batch_size)
     ids = {t: special_id(tokenizer, t) for t in (PAD, BOS, EOS)}
-    rows = encode_sources(tokenizer, srcs, _source_limit(model, None))
+    rows = encode_sources(tokenizer, srcs, source_limit(model, None))
     ref_ids = [enc.ids for enc in tokenizer.encode_batch(list(refs), add_special_tokens=False)]
     sentences = [{"index": i, "source": s, "reference": r, "ref_ids": ref_ids[i],
                   "ref_detok": tokenizer.decode(ref_ids[i], skip_special_tokens=True),

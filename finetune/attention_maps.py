@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from finetune.decode import beam_search
-from finetune.translate import BOS, EOS, PAD, _source_limit, encode_sources, pad_batch, special_id
+from finetune.translate import BOS, EOS, PAD, encode_sources, pad_batch, source_limit, special_id
 
 
 def _labels(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
@@ -90,7 +90,7 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], 
         raise ValueError("no sentences to plot")
     pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
     device = next(model.parameters()).device
-    rows = encode_sources(tokenizer, srcs, _source_limit(model, None))
+    rows = encode_sources(tokenizer, srcs, source_limit(model, None))
     out_dir = Path(out_dir)
     paths: list[Path] = []
     was_training = model.training

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from finetune.decode import LENGTH_PENALTIES, beam_search
+from finetune.decode import LENGTH_PENALTIES, beam_search, check_sampling_args, sample_decode
 from finetune.evaluate import bleu, chrf, copy_source_bleu
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
@@ -67,7 +67,7 @@ def pad_batch(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
-def _source_limit(model: nn.Module, max_src_len: int | None) -> int:
+def source_limit(model: nn.Module, max_src_len: int | None) -> int:
     """The encoder's position table bounds the source length whatever the caller asks for."""
     config = getattr(model, "config", None)
     encoder = getattr(config, "encoder", None)
@@ -95,7 +95,7 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]
         return []
     device = next(model.parameters()).device
     pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
-    rows = encode_sources(tokenizer, texts, _source_limit(model, max_src_len))
+    rows = encode_sources(tokenizer, texts, source_limit(model, max_src_len))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     outputs: list[str] = [""] * len(rows)
     was_training = model.training
@@ -109,6 +109,32 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]
             for i, best in zip(chunk, hyps, strict=True):
                 tokens = best[0].tokens if best else []
                 outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def sample_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = 64,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 batch_size: int = 32) -> list[str]:
+    """One draw per text (in order) from the tempered, top-k / top-p filtered model distribution; detokenised.
+    The same seed gives the same draws."""
+    check_sampling_args(temperature, top_k, top_p)
+    if not texts:
+        return []
+    device = next(model.parameters()).device
+    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
+    rows = encode_sources(tokenizer, texts, source_limit(model, None))
+    generator = torch.Generator().manual_seed(seed)
+    outputs: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            src_ids, src_mask = pad_batch(rows[start : start + batch_size], pad, device)
+            ids = sample_decode(model, src_ids, src_mask, bos, eos, max_len, temperature, top_k, top_p, generator)
+            outputs += tokenizer.decode_batch(ids, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outputs

@@ -122,10 +122,12 @@ class KilnModule(L.LightningModule, ABC):
         """False for a non-finite loss on ANY rank, decided alike on every rank: one rank skipping its step while
         another all-reduces gradients would hang the job. Counts skips, stops after `max_nonfinite_steps` in a row,
         and warns about a spike (> SPIKE_FACTOR x the running median of recent losses)."""
-        finite = torch.isfinite(loss.detach()).float()
+        local = loss.detach().float()
+        finite = torch.isfinite(local).float()
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        if finite.item() < 1:
+        all_finite, value = torch.stack([finite, local]).tolist()  # one device-to-host sync per step, not two
+        if all_finite < 1:
             self.skipped_steps += 1
             self._nonfinite_run += 1
             self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
@@ -137,7 +139,6 @@ class KilnModule(L.LightningModule, ABC):
                                          "check the data; trainer.max_nonfinite_steps sets the limit")
             return False
         self._nonfinite_run = 0
-        value = float(loss.detach())
         if len(self._recent) >= 20 and value > SPIKE_FACTOR * statistics.median(self._recent):
             rank_zero_warn(f"step {self.global_step}: loss spike {value:.4g} > {SPIKE_FACTOR:g}x the running median "
                            f"{statistics.median(self._recent):.4g}")
