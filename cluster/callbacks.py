@@ -94,7 +94,7 @@ class KilnCheckpoint(pl.Callback):
     Saves happen at `on_train_batch_end`, the point Lightning's ModelCheckpoint saves from and its restart logic
     expects, the last step's too: by `on_train_end` the loops have closed the epoch, and a resume with a larger
     max_steps would then start a new one. Weights are consolidated first when DeepSpeed ZeRO-3 has partitioned
-    them, and every rank's RNG state is gathered, both collectives, so every rank enters `_save`; rank 0 writes."""
+    them, and every rank's RNG state is gathered, both collectives, so every rank enters `save`; rank 0 writes."""
 
     def __init__(self, root: Path, model_config: Any, tokenizer_file: Path, job_config: dict, data_manifest: Path,
                  every: int, keep_last: int, loader: Any, val_loader: Any | None = None) -> None:
@@ -110,10 +110,10 @@ class KilnCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps or (self.every and step % self.every == 0):
-            self._save(trainer, pl_module)
+            self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer, pl_module)  # a no-op after the last step's save; writes one if training stopped early
+        self.save(trainer, pl_module)  # a no-op after the last step's save; writes one if training stopped early
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         rngs = checkpoint.get("kiln_rng_per_rank")
@@ -131,7 +131,9 @@ class KilnCheckpoint(pl.Callback):
             restore_rng_state(self._resume_rng)  # dropout continues the stream it would have drawn
         self._resume_rng = self._resume_val_loader = None
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint of this step (a no-op if it is saved already). A collective: every rank calls it at the
+        same step; also called off schedule, on preemption (StopOnRequest)."""
         if self._saved_step == trainer.global_step:
             return
         rngs = _gather_rng_states()
@@ -165,14 +167,37 @@ class KilnCheckpoint(pl.Callback):
         return state
 
 
-def _gather_rng_states() -> list[dict]:
-    """Every rank's RNG state, in rank order (ranks draw different dropout masks, so their streams differ)."""
-    mine = capture_rng_state()
+class StopOnRequest(pl.Callback):
+    """Preemption (cluster/preemption.py): after every step rank 0 looks for the stop file, the ranks agree in one
+    all-reduce, and when it is there every rank checkpoints this step (a save at a step's end is what an exact
+    resume continues from) and leaves the loop. `stopped_at` holds every rank's step, as each rank saw it."""
+
+    def __init__(self, stop_file: Path, checkpoint: KilnCheckpoint) -> None:
+        self.stop_file, self.checkpoint = Path(stop_file), checkpoint
+        self.stopped_at: list[int] | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= trainer.max_steps:
+            return  # the last step: the run ends here anyway, with its final checkpoint
+        asked = trainer.global_rank == 0 and self.stop_file.exists()
+        if not trainer.strategy.reduce_boolean_decision(asked, all=False):
+            return
+        self.checkpoint.save(trainer, pl_module)
+        self.stopped_at = _gather_objects(trainer.global_step)
+        trainer.should_stop = True
+
+
+def _gather_objects(mine: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _gather_rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order (ranks draw different dropout masks, so their streams differ)."""
+    return _gather_objects(capture_rng_state())
 
 
 class KilnCheckpointIO(TorchCheckpointIO):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import ConfigError
+from cluster.preemption import EXIT_PREEMPTED, Preempted
 
 # Errors that mean "the user's input is wrong": one line, exit code 2, no traceback (unless --debug).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Preempted as stopped:  # a clean stop with a checkpoint: the exit code tells a scheduler to run it again
+        print(str(stopped), flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except Exception as err:  # noqa: BLE001 — the filter below decides what is a user error
         # ConfigError first: the other user-error classes live in modules that import torch.
         if args.debug or not (isinstance(err, USER_ERRORS) or isinstance(err, _user_errors())):

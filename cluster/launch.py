@@ -16,6 +16,7 @@ from typing import Any
 
 from cluster.config import ConfigError, build, to_dict
 from cluster.jobs import FinetuneJob, PretrainJob
+from cluster.preemption import Preempted, clear_stop_request, stop_file, stop_on_sigterm
 from cluster.tracking import check_online_credentials, ensure_run_id
 
 JOB_TYPES: dict[str, type] = {"pretrain": PretrainJob, "finetune": FinetuneJob}
@@ -54,6 +55,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     job = preflight(job, out_dir)
     check_free_space(out_dir / "checkpoints", count_parameters(job), job.trainer.keep_last)  # before any file
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_stop_request(out_dir)
     latest = check_resume(job, out_dir)  # chosen (and sha256-verified) once, here, for every worker
     if job.wandb.mode != "disabled":
         check_online_credentials(job.wandb.mode)
@@ -74,9 +76,12 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
                              failure_config=FailureConfig(max_failures=job.cluster.max_failures)),
     )
     start = time.perf_counter()
-    trainer.fit()
+    with stop_on_sigterm(out_dir, stage):  # SIGTERM: every rank checkpoints at one step and stops (preemption)
+        trainer.fit()
     seconds = time.perf_counter() - start
     summary = json.loads((out_dir / "train_summary.json").read_text())
+    if summary.get("preempted"):
+        raise Preempted(stage, summary["steps"], Path(summary["checkpoint"]))
     return TrainResult(out_dir, Path(summary["checkpoint"]), out_dir / "metrics.csv", seconds, summary["new_tensors"])
 
 
@@ -87,6 +92,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from cluster.callbacks import (
         KilnCheckpoint,
+        StopOnRequest,
         emit,
         quiet_worker_logs,
         retry_checkpoint,
@@ -118,7 +124,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if resume_from is None and config.get("resume_from"):
         resume_from = Path(config["resume_from"])
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
-    trainer = _build_trainer(job, out_dir, stage, parts, checkpoint, resume=resume_from is not None)
+    stopper = StopOnRequest(stop_file(out_dir), checkpoint)
+    trainer = _build_trainer(job, out_dir, stage, parts, [checkpoint, stopper], resume=resume_from is not None)
     if rank == 0:
         emit(f"[{stage}] MFU against {peak / 1e9:.4g} GFLOP/s per worker, {peak_source}")
         if parts.new_tensors:
@@ -134,11 +141,12 @@ def train_worker(config: dict[str, Any]) -> None:
         restore_metrics(out_dir)
         summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
                    "steps": trainer.global_step, "task": job.task,
-                   "resumed_from": None if resume_from is None else str(resume_from)}
+                   "resumed_from": None if resume_from is None else str(resume_from),
+                   "preempted": stopper.stopped_at is not None, "stopped_at_per_rank": stopper.stopped_at}
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, parts: Any, checkpoint: Any,
+def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, parts: Any, callbacks: list[Any],
                    resume: bool) -> Any:
     import lightning.pytorch as pl
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
@@ -164,7 +172,7 @@ def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, pa
         limit_val_batches=job.trainer.limit_val_batches,
         log_every_n_steps=job.trainer.log_every,
         logger=build_loggers(job.wandb, out_dir, stage, to_dict(job)),
-        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys), checkpoint],
+        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys), *callbacks],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster.config import ConfigError
+from cluster.preemption import STOP_GRACE_S
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATE_FILE = "cluster.json"
@@ -163,6 +164,9 @@ def _head_env(remote: bool, gcs_address: str) -> dict[str, str]:
     env["RAY_ADDRESS"] = gcs_address
     # Ray drains a node for up to 30 s on SIGTERM (for Serve replicas); a local head has none to wait for.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "3")
+    # `kiln jobs stop` SIGTERMs the job's driver, which then has every worker checkpoint and stop (preemption);
+    # Ray's own 3 s before SIGKILL would cut that short.
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(STOP_GRACE_S))
     # Jobs run `python -m cluster ...` through the head's PATH: make that the python Kiln is installed in.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if not remote:

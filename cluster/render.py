@@ -17,6 +17,7 @@ import yaml
 
 from cluster.config import ConfigError, parse_override, read_yaml
 from cluster.jobs import FINETUNE_TASKS
+from cluster.preemption import STOP_GRACE_S
 from cluster.submit import EXCLUDES, PROJECT_ROOT, entrypoint
 from cluster.tracking import find_secrets
 
@@ -75,7 +76,10 @@ def render_kuberay(command: str, config: Path | None, overrides: list[str], job:
     # The submitter pod (same image as the head) uploads code_dir as the job's working_dir, exactly as
     # `kiln submit` uploads the project; runtimeEnvYAML holds no secret (Ray stores it in the job's info).
     runtime_env = {"working_dir": code_dir, "excludes": EXCLUDES}
-    head = _container("ray-head", image, code_dir, env, {"cpu": head_cpu, "memory": head_memory})
+    # Deleting the RayJob stops the job with SIGTERM; the driver then has every worker checkpoint at one step
+    # and stop (preemption), which needs longer than Ray's default 3 s before its SIGKILL.
+    head_env = [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}]
+    head = _container("ray-head", image, code_dir, head_env, {"cpu": head_cpu, "memory": head_memory})
     head["ports"] = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                      {"containerPort": 10001, "name": "client"}]
     manifest = {
@@ -147,8 +151,10 @@ def render_slurm(command: str, config: Path | None, overrides: list[str], job: A
     cpus, gpus = per_node * c.cpus_per_worker, per_node if c.use_gpu else 0
     venv = venv or str(project_dir / ".venv")
     name = name or f"kiln-{command}"
+    # --signal: USR1 to the batch shell STOP_GRACE_S before the time limit; run_job turns it into the driver's
+    # SIGTERM, and every worker checkpoints at one step and stops (preemption) before SLURM kills the job.
     sbatch = [f"--job-name={name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
-              f"--time={time_limit}", f"--output={name}-%j.out"]
+              f"--time={time_limit}", f"--output={name}-%j.out", f"--signal=B:USR1@{STOP_GRACE_S}"]
     if gpus:
         sbatch.append(f"--gpus-per-task={gpus}")
     if partition:
@@ -158,7 +164,7 @@ def render_slurm(command: str, config: Path | None, overrides: list[str], job: A
         source=config or "defaults", describe=_describe(job), nodes=nodes, per_node=per_node,
         sbatch="\n".join(f"#SBATCH {line}" for line in sbatch),
         project=shlex.quote(str(project_dir)), activate=shlex.quote(f"{venv}/bin/activate"),
-        cpus=cpus, gpus=gpus, entrypoint=run)
+        cpus=cpus, gpus=gpus, entrypoint=run, run_job=SLURM_RUN_JOB)
     return _check_clean(text, "script")
 
 
@@ -233,5 +239,20 @@ done
 wait_for_nodes {nodes}
 
 echo "[kiln] {nodes} node(s) up; running the job"
-{entrypoint}
+{run_job}
+run_job {entrypoint}
 """
+
+# The job runs in the background so that a signal reaches the trap at once (bash runs traps only between
+# foreground commands); USR1 (sent by --signal before the time limit) or TERM becomes the driver's SIGTERM. The
+# script exits with the driver's status: 75 when it stopped with a checkpoint to resume from.
+SLURM_RUN_JOB = """run_job() {
+    "$@" &
+    local driver=$!
+    trap 'echo "[kiln] stop requested: checkpointing"; kill -TERM "$driver" 2>/dev/null || true' USR1 TERM
+    while kill -0 "$driver" 2>/dev/null; do wait "$driver" || true; done
+    local status=0
+    wait "$driver" || status=$?
+    trap - USR1 TERM
+    return "$status"
+}"""

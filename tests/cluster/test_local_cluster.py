@@ -193,17 +193,33 @@ def test_pretraining_job_goes_pending_running_succeeded(head: dict) -> None:
 def test_a_second_job_is_stopped_and_both_are_listed(head: dict) -> None:
     env, address, out = head["env"], head["address"], head["out"]
     job = _submitted_id(kiln(env, "submit", "pretrain", "--config", "configs/tiny-bert.yaml",
-                             f"data_dir={out / 'data'}", "trainer.max_steps=100000", "cluster.num_workers=1",
-                             "--out", str(out / "long"), "--address", address))
+                             f"data_dir={out / 'data'}", "trainer.max_steps=100000", "trainer.log_every=1",
+                             "cluster.num_workers=1", "--out", str(out / "long"), "--address", address))
     head["api"].wait(job, {"RUNNING"}, 300)
+    wait_for_log(env, job, address, "[bert] step 1/", timeout=300)
     stop = kiln(env, "jobs", "stop", job, "--address", address)
     assert stop.returncode == 0 and "stopping" in stop.stdout
     assert head["api"].wait(job, TERMINAL, 120) == "STOPPED"
+    # `ray job stop` SIGTERMs the driver; the head's RAY_JOB_STOP_WAIT_TIME_S leaves it time to have the worker
+    # checkpoint and stop (preemption) before Ray's SIGKILL.
+    logs = wait_for_log(env, job, address, "preempted: every worker stopped at step", timeout=60)
+    summary = json.loads((out / "long" / "train_summary.json").read_text())
+    assert summary["preempted"] and Path(summary["checkpoint"]).is_dir(), logs[-3000:]
     listed = kiln(env, "jobs", "list", "--address", address).stdout.splitlines()
     rows = {line.split("\t")[0]: line.split("\t")[1] for line in listed}
     assert rows[job] == "STOPPED" and rows[head["jobs"]["pretrain"]] == "SUCCEEDED"
     status = kiln(env, "jobs", "status", job, "--address", address)
     assert status.stdout.splitlines()[0] == "STOPPED"
+
+
+def wait_for_log(env: dict[str, str], job: str, address: str, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = kiln(env, "jobs", "logs", job, "--address", address).stdout
+        if text in logs:
+            return logs
+        time.sleep(2)
+    raise AssertionError(f"{text!r} not in the logs of {job} after {timeout} s:\n{logs[-3000:]}")
 
 
 @pytest.mark.e2e

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import yaml
 from cluster import cli
 from cluster.config import ConfigError, load_config
 from cluster.jobs import PretrainJob
-from cluster.render import infer_command, render_kuberay, render_slurm
+from cluster.preemption import EXIT_PREEMPTED, STOP_GRACE_S
+from cluster.render import SLURM_RUN_JOB, infer_command, render_kuberay, render_slurm
 from cluster.submit import entrypoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +48,9 @@ def test_kuberay_manifest_names_the_configured_resources() -> None:
     assert worker["image"] == "registry.example/kiln:1"
     assert worker["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
     assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    # Deleting the RayJob SIGTERMs the driver: long enough before Ray's SIGKILL for one step and a checkpoint.
+    assert {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)} in head["env"]
 
 
 def test_kuberay_secrets_are_references_and_the_runtime_env_holds_none() -> None:
@@ -60,10 +66,10 @@ def test_kuberay_secrets_are_references_and_the_runtime_env_holds_none() -> None
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
                   cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]]
     for container in containers:
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
         assert refs["WANDB_API_KEY"] == {"name": "kiln-secrets", "key": "wandb-api-key", "optional": True}
         assert refs["HF_TOKEN"]["name"] == "kiln-secrets"
-        assert all("value" not in e for e in container["env"])
+        assert {e["name"] for e in container["env"] if "value" in e} <= {"RAY_JOB_STOP_WAIT_TIME_S"}  # no secret
 
 
 def test_kuberay_without_gpu_and_without_image() -> None:
@@ -99,7 +105,40 @@ def test_slurm_script_passes_bash_n_and_is_sized_from_the_config(tmp_path: Path)
     assert "ray start --head --block" in text and "ray start --block --address" in text
     assert "--num-cpus=6 --num-gpus=2" in text
     assert "wait_for_nodes 2" in text and "trap stop_ray EXIT" in text
-    assert entrypoint("pretrain", BERT, overrides, Path("/shared/runs/bert")) in text.splitlines()
+    assert f"run_job {entrypoint('pretrain', BERT, overrides, Path('/shared/runs/bert'))}" in text.splitlines()
+    assert f"#SBATCH --signal=B:USR1@{STOP_GRACE_S}" in text.splitlines()
+
+
+FAKE_DRIVER = """
+import signal, sys, time
+def stop(signum, frame):
+    print("driver: SIGTERM, checkpointing", flush=True)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+print("driver: training", flush=True)
+time.sleep(60)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_slurm_run_job_turns_the_time_limit_signal_into_the_drivers_sigterm(tmp_path: Path, sig: int) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text(f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c '{FAKE_DRIVER}'\n")
+    shell = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)
+    assert shell.stdout.readline().strip() == "driver: training"
+    shell.send_signal(sig)  # what `--signal=B:USR1@...` (or scancel) sends to the batch shell
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == EXIT_PREEMPTED  # the driver's own status, not the signal's
+    assert "stop requested" in out and "driver: SIGTERM, checkpointing" in out
+
+
+def test_slurm_run_job_passes_a_normal_exit_through(tmp_path: Path) -> None:
+    script = tmp_path / "job.sh"
+    script.write_text(f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c 'import sys; sys.exit(3)'\n"
+                      "echo unreachable\n")
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 3 and "unreachable" not in result.stdout
 
 
 def test_slurm_refuses_more_nodes_than_workers() -> None:

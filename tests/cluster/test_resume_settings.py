@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, lightning_checkpoint, resume_checkpoint
+from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, StopOnRequest, lightning_checkpoint, resume_checkpoint
 from cluster.commands import run_out_dir
 from cluster.config import ConfigError, load_config, to_dict
 from cluster.jobs import PretrainJob
@@ -81,16 +81,22 @@ def make_batch(epoch: int, index: int) -> dict[str, Tensor]:
             "next_sentence_label": torch.randint(0, 2, (4,), generator=gen), "sample_id": torch.arange(4)}
 
 
-def train(root: Path, max_steps: int, resume: bool, init_seed: int = 0) -> tuple[pl.Trainer, KilnCheckpoint]:
-    """One run writing checkpoints under root; with resume, continuing from the newest one there."""
+def train(root: Path, max_steps: int, resume: bool, init_seed: int = 0,
+          stop_at: int | None = None) -> tuple[pl.Trainer, KilnCheckpoint]:
+    """One run writing checkpoints under root; with resume, continuing from the newest one there; with stop_at,
+    a stop is requested (cluster/preemption.py) during that step."""
     torch.manual_seed(init_seed)
     module = BertPretrainModule(CFG, OPTIM, max_steps)
     loader = BatchLoader()
     checkpoint = KilnCheckpoint(root, CFG, None, {}, None, every=0, keep_last=5, loader=loader)
+    callbacks: list[pl.Callback] = [checkpoint]
+    if stop_at is not None:
+        stop_file = root.parent / "STOP"
+        callbacks += [StopOnRequest(stop_file, checkpoint), RequestStopAt(stop_file, stop_at)]
     resume_from = resume_checkpoint(root, "auto" if resume else "never")
     trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         gradient_clip_val=1.0, callbacks=[checkpoint], limit_val_batches=0,
+                         gradient_clip_val=1.0, callbacks=callbacks, limit_val_batches=0,
                          plugins=[KilnCheckpointIO()] if resume_from else None)
     torch.manual_seed(123)  # the RNG dropout draws from; a resumed run must replace it with the saved one
     with warnings.catch_warnings():
@@ -129,6 +135,42 @@ def test_resume_without_restoring_rng_diverges(tmp_path: Path, uninterrupted: di
     _, checkpoint = train(tmp_path, 7, resume=True)
     resumed = load_checkpoint(checkpoint.last_saved).state_dict
     assert not all(torch.equal(resumed[n], t) for n, t in uninterrupted.items())
+
+
+class RequestStopAt(pl.Callback):
+    """What the driver's SIGTERM handler does (cluster/preemption.py), during the given step."""
+
+    def __init__(self, stop_file: Path, step: int) -> None:
+        self.stop_file, self.step = stop_file, step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step + 1 == self.step:
+            self.stop_file.write_text("SIGTERM")
+
+
+def stopper(trainer: pl.Trainer) -> StopOnRequest:
+    return next(c for c in trainer.callbacks if isinstance(c, StopOnRequest))
+
+
+def test_a_preempted_run_checkpoints_where_it_stops_and_resumes_bitwise(tmp_path: Path,
+                                                                        uninterrupted: dict[str, Tensor]) -> None:
+    first, checkpoint = train(tmp_path / "ckpt", 7, resume=False, stop_at=3)
+    # The request came during step 3 (every=0: no scheduled save before the last step), so the run stopped after
+    # step 3 with that step's checkpoint instead of going on to max_steps.
+    assert first.global_step == 3 and stopper(first).stopped_at == [3]
+    assert checkpoint.last_saved == tmp_path / "ckpt" / "step-0000003"
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-0000003"]
+    (tmp_path / "STOP").unlink()  # run_training clears a stale request before a run starts
+    second, checkpoint = train(tmp_path / "ckpt", 7, resume=True, init_seed=99)
+    assert second.global_step == 7
+    resumed = load_checkpoint(checkpoint.last_saved).state_dict
+    assert [name for name, t in uninterrupted.items() if not torch.equal(resumed[name], t)] == []
+
+
+def test_a_stop_request_during_the_last_step_is_a_normal_end(tmp_path: Path) -> None:
+    trainer, checkpoint = train(tmp_path / "ckpt", 5, resume=False, stop_at=5)
+    assert trainer.global_step == 5 and stopper(trainer).stopped_at is None  # not reported as preempted
+    assert checkpoint.last_saved == tmp_path / "ckpt" / "step-0000005"
 
 
 def test_resume_picks_newest_complete_checkpoint(tmp_path: Path) -> None:

@@ -1,0 +1,69 @@
+"""Preemption: SIGTERM to a training job makes every rank stop at the same step, checkpoint there, and exit.
+
+Ray Train runs the training function on a thread of each worker actor, where Python cannot install a signal
+handler, and a scheduler's SIGTERM reaches the driver (`kiln pretrain`, a Ray Jobs entrypoint, a SLURM batch
+step) rather than the workers. So the request travels as a file: the driver's handler writes `<out>/STOP`, rank 0
+looks for it after every step, and the ranks agree with one all-reduce, so all of them leave at the same step
+(one rank alone leaving would strand the others in the next gradient all-reduce). The step's checkpoint is written
+at that step's end, the point an exact resume continues from. `<out>` is already shared by the driver and rank 0
+(checkpoints and train_summary.json live there), and a user may create STOP by hand for the same effect.
+
+A second SIGTERM is not caught: the default action ends the driver at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+STOP_FILE = "STOP"
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, run the same command again to continue
+# How long a scheduler should leave between its SIGTERM and its SIGKILL: the current step plus one checkpoint.
+# Ray Jobs waits RAY_JOB_STOP_WAIT_TIME_S (3 s by default) after `ray job stop`; Kiln's heads set this instead,
+# and SLURM scripts ask for the signal this long before the time limit.
+STOP_GRACE_S = 300
+
+
+class Preempted(Exception):
+    """The run stopped early on request and wrote a checkpoint to continue from."""
+
+    def __init__(self, stage: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"[{stage}] preempted: every worker stopped at step {step} and checkpointed to "
+                         f"{checkpoint}; run the same command with trainer.resume=auto to continue")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def stop_file(out_dir: Path) -> Path:
+    return Path(out_dir) / STOP_FILE
+
+
+def clear_stop_request(out_dir: Path) -> None:
+    """A STOP left by an earlier, preempted run must not stop the run that resumes it."""
+    stop_file(out_dir).unlink(missing_ok=True)
+
+
+@contextmanager
+def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
+    """While inside, the first SIGTERM writes the stop request instead of killing the driver."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the driver at once
+        stop_file(out_dir).write_text(f"SIGTERM received by the driver at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        sys.__stdout__.write(f"[{stage}] SIGTERM: every worker stops after its current step and checkpoints "
+                             "(SIGTERM again stops at once, without a checkpoint)\n")
+        sys.__stdout__.flush()
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
