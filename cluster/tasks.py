@@ -84,11 +84,15 @@ def build_pretrain(job: PretrainJob, rank: int, world: int) -> TaskParts:
     _, _, manifest = data_paths(job.data_dir, job.task)
     job = fit_model_to_data(job, manifest)
     train, val = _loaders(job, rank, world)
+    # ZeRO-3 from scratch: the model is built inside DeepSpeed's zero.Init (KilnModule.configure_model), partitioned
+    # module by module. Weights loaded from a checkpoint (init_from) are read whole anyway; that model is built and
+    # loaded here, and DeepSpeed partitions it when the engine starts.
+    deferred = job.cluster.strategy == "deepspeed_stage_3" and job.init_from is None
     if isinstance(job.model, GPTConfig):
-        module = GPTPretrainModule(job.model, job.optim, job.trainer.max_steps)
+        module = GPTPretrainModule(job.model, job.optim, job.trainer.max_steps, deferred=deferred)
         keys = ("train/loss", "train/acc", "train/ppl", "train/tokens_per_s")
     else:
-        module = BertPretrainModule(job.model, job.optim, job.trainer.max_steps)
+        module = BertPretrainModule(job.model, job.optim, job.trainer.max_steps, deferred=deferred)
         keys = ("train/loss", "train/mlm_acc", "train/nsp_acc", "train/tokens_per_s")
     if job.init_from is not None:
         _load_initial_weights(module.model, job)

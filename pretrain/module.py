@@ -1,7 +1,8 @@
 """LightningModules that wrap the plain models. Lightning lives here, never in `pretrain/models/`.
 
 `KilnModule` is the shared base (pretraining here, fine-tuning in `finetune/`). A subclass:
-  - passes `model: nn.Module, optim_cfg: OptimConfig, total_steps: int` to `KilnModule.__init__`;
+  - passes `model: nn.Module, optim_cfg: OptimConfig, total_steps: int` to `KilnModule.__init__` (or, for ZeRO-3, a
+    function that builds the model: it is then built in `configure_model`, see there);
   - implements `compute(batch, stage) -> dict[str, Tensor]` returning at least `loss` (differentiable when
     stage == "train"); every other value is a scalar metric;
   - may override `count_tokens(batch) -> int` (tokens/s; default: sum of `attention_mask`, else numel of
@@ -24,7 +25,7 @@ import collections
 import statistics
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -62,11 +63,15 @@ class KilnModule(L.LightningModule, ABC):
     PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "loss"}  # perplexity key -> the loss key it is exp of
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss",)
 
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], optim_cfg: OptimConfig, total_steps: int) -> None:
         super().__init__()
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        self.model = model
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self._build_model = None if isinstance(model, nn.Module) else model
+        # The CPU RNG as an eager build would have found it here: the deferred build draws from it (on CPU: the same
+        # weights as an eager build; on a GPU zero.Init allocates there, and the CUDA generator draws).
+        self._build_rng = None if isinstance(model, nn.Module) else torch.get_rng_state()
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
         self.peak_flops: float | None = None  # FLOP/s of one device; set by the launcher, None: no train/mfu
@@ -93,6 +98,19 @@ class KilnModule(L.LightningModule, ABC):
 
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         return None
+
+    def configure_model(self) -> None:
+        """Builds a deferred model. Lightning calls this inside the strategy's `model_sharded_context`, which under
+        ZeRO-3 is DeepSpeed's `zero.Init`: each module's parameters are partitioned across the ranks as soon as that
+        module is built, so no rank ever holds the whole model (the models initialise through `Module.apply`, which
+        zero.Init makes gather one module at a time). The build draws from the RNG state saved in `__init__` and
+        leaves the training RNG as it was, so ZeRO-3 starts from the weights (and dropout stream) of a DDP run."""
+        if self.model is not None:
+            return
+        with torch.random.fork_rng():  # the CPU generator and any CUDA one come back as they were
+            torch.set_rng_state(self._build_rng)
+            self.model = self._build_model()
+        self._build_rng = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -215,8 +233,10 @@ class BertPretrainModule(KilnModule):
     BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
                                              "next_sentence_label")
 
-    def __init__(self, model_cfg: BertConfig, optim_cfg: OptimConfig, total_steps: int) -> None:
-        super().__init__(BertForPreTraining(model_cfg), optim_cfg, total_steps)
+    def __init__(self, model_cfg: BertConfig, optim_cfg: OptimConfig, total_steps: int, deferred: bool = False) -> None:
+        """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here."""
+        model = (lambda: BertForPreTraining(model_cfg)) if deferred else BertForPreTraining(model_cfg)
+        super().__init__(model, optim_cfg, total_steps)
         self.model_cfg = model_cfg
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
@@ -239,8 +259,10 @@ class GPTPretrainModule(KilnModule):
 
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
 
-    def __init__(self, model_cfg: GPTConfig, optim_cfg: OptimConfig, total_steps: int) -> None:
-        super().__init__(GPTLMHeadModel(model_cfg), optim_cfg, total_steps)
+    def __init__(self, model_cfg: GPTConfig, optim_cfg: OptimConfig, total_steps: int, deferred: bool = False) -> None:
+        """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here."""
+        model = (lambda: GPTLMHeadModel(model_cfg)) if deferred else GPTLMHeadModel(model_cfg)
+        super().__init__(model, optim_cfg, total_steps)
         self.model_cfg = model_cfg
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:

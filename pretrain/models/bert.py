@@ -210,8 +210,10 @@ class BertModel(nn.Module):
         """(Re)initialise every parameter in place; also the second half of a meta-device build."""
         if self.embeddings.word_embeddings.weight.is_meta:
             return  # shapes only (and the first random init on meta costs seconds of lazy imports)
-        for module in self.modules():
-            init_bert_module(module, self.config.initializer_range)
+        # `apply`, not a loop over modules(): under DeepSpeed's zero.Init (ZeRO-3) `apply` makes each module's own
+        # parameters whole while its function runs. Only leaves draw random numbers, and `apply` (post-order)
+        # visits leaves in the same order as modules() (pre-order), so an eager build's weights are unchanged.
+        self.apply(lambda module: init_bert_module(module, self.config.initializer_range))
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -279,12 +281,15 @@ class BertForPreTraining(nn.Module):
         self.tie_weights()
         if self.cls.predictions.bias.is_meta:
             return  # shapes only; materialize() calls this again on real storage
-        for module in self.modules():
-            # The decoder shares the embedding matrix; initialising it as a Linear would redo the embedding
-            # init and lose its zeroed [PAD] row.
-            if module is not self.cls.predictions.decoder:
-                init_bert_module(module, self.config.initializer_range)
-        nn.init.zeros_(self.cls.predictions.bias)
+        self.apply(self._init_module)  # per module, as BertModel.init_weights (ZeRO-3 gathers inside `apply`)
+
+    def _init_module(self, module: nn.Module) -> None:
+        # The decoder shares the embedding matrix; initialising it as a Linear would redo the embedding
+        # init and lose its zeroed [PAD] row.
+        if module is not self.cls.predictions.decoder:
+            init_bert_module(module, self.config.initializer_range)
+        if module is self.cls.predictions:
+            nn.init.zeros_(module.bias)  # here, where `apply` has made it whole, not on a ZeRO-3 partition
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 masked_positions: Tensor | None = None) -> BertPreTrainingOutput:

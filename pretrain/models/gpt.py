@@ -248,14 +248,16 @@ class GPTModel(nn.Module):
         """(Re)initialise every parameter in place; also the second half of a meta-device build."""
         if self.wte.weight.is_meta:
             return  # shapes only (and the first random init on meta costs seconds of lazy imports)
-        for module in self.modules():
-            init_gpt_module(module, self.config.initializer_range)
+        # `apply`, not loops over modules() / named_parameters(): under DeepSpeed's zero.Init (ZeRO-3) `apply` makes
+        # each module's own parameters whole while its function runs. Only leaves draw random numbers, and `apply`
+        # visits leaves in the same order as those loops, so an eager build's weights are unchanged.
+        self.apply(lambda module: init_gpt_module(module, self.config.initializer_range))
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two of them
         # (three with cross-attention; HF keeps 2 * n_layer there too) to the residual stream.
         std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=std)
+        owners = (GPTSelfAttention, GPTCrossAttention, GPTMLP)
+        residual = {id(m.c_proj) for m in self.modules() if isinstance(m, owners)}
+        self.apply(lambda module: nn.init.normal_(module.weight, mean=0.0, std=std) if id(module) in residual else None)
 
     def forward(self, input_ids: Tensor, past_key_values: list[KVCache] | None = None,
                 encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,

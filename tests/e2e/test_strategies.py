@@ -1,12 +1,13 @@
 """Real Ray Train runs on 2 CPU workers: DDP and DeepSpeed ZeRO-2/3 (the CPU-capable strategy) train the same
-tiny BERT on the same data; the losses they log agree, and each writes a consolidated checkpoint."""
+tiny BERT on the same data for 20 steps; the losses they log agree, and each writes a consolidated checkpoint.
+ZeRO-3 builds its model partitioned (zero.Init, KilnModule.configure_model) from the same weights DDP starts with.
+ZeRO-1 (and 2 and 3 again, without Ray) over 20 steps: tests/cluster/test_zero3_init.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from cluster.config import load_config
 from cluster.jobs import PretrainJob
@@ -17,7 +18,7 @@ from data_pipeline.prepare import prepare
 from pretrain.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
-STEPS = 8
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,13 @@ def test_zero_matches_ddp_on_cpu(data_dir: Path, tmp_path: Path) -> None:
     assert len(ddp) == STEPS
     for stage in ("deepspeed_stage_2", "deepspeed_stage_3"):
         zero, ckpt = _run(data_dir, tmp_path / stage, stage)
-        # Same init, same batches, fp32 AdamW: ZeRO partitions state but does the same arithmetic.
-        torch.testing.assert_close(torch.tensor(zero), torch.tensor(ddp), rtol=2e-3, atol=2e-3)
+        worst = max(abs(a - b) for a, b in zip(zero, ddp, strict=True))
+        # Step 1 is a forward pass over the same weights (ZeRO-3 too: zero.Init draws them like DDP's eager build).
+        assert zero[0] == ddp[0], (stage, zero[0], ddp[0])
+        # Then: same batches, fp32 AdamW, the same clipping (Lightning hands grad_clip to DeepSpeed), but ZeRO
+        # reduce-scatters gradients into flat partitions where DDP all-reduces buckets, so sums are re-associated.
+        # Measured over 20 steps: at most 9.5e-7 apart (two float32 ulps at a loss of ~6.9); 1e-5 allows twenty.
+        assert worst <= 1e-5, f"{stage}: losses up to {worst:.2e} apart: {zero} vs {ddp}"
         full = load_checkpoint(ckpt).state_dict
         reference = load_checkpoint(ddp_ckpt).state_dict
         assert full.keys() == reference.keys()
