@@ -8,9 +8,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-from tokenizers import Tokenizer
 
 from cluster.jobs import DecodeConfig
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import TranslationTokenizers, load_translation_tokenizers
 from finetune.evaluate import accuracy, macro_f1, majority_class_accuracy, mcc
 from finetune.models import CLASSIFICATION_ARCHES, TRANSLATION_ARCHES, load_finetuned
 from finetune.translate import evaluate_translation, translate_texts
@@ -46,7 +47,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, decode: De
 
 def _translation(model: torch.nn.Module, checkpoint: Path, data_dir: Path, split: str,
                  decode: DecodeConfig) -> tuple[dict[str, Any], list[dict]]:
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    tokenizer = checkpoint_tokenizers(checkpoint)
     data = read_split(data_dir / "translation", split, ["src_text", "tgt_text"])
     srcs, refs = data["src_text"], data["tgt_text"]
     scores, hyps = evaluate_translation(model, tokenizer, srcs, refs, beam_size=decode.beam_size,
@@ -86,15 +87,21 @@ def _classification(model: torch.nn.Module, data_dir: Path, split: str) -> tuple
     return metrics, rows
 
 
-def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, Tokenizer]:
-    """(model in eval mode, its tokenizer) of a checkpoint whose model can translate; clear errors otherwise."""
+def checkpoint_tokenizers(checkpoint: Path) -> TranslationTokenizers:
+    """A translation checkpoint's source and target tokenizers (one shared one, unless it carries
+    target_tokenizer.json); a missing or unreadable file is a CheckpointError naming it."""
+    try:
+        return load_translation_tokenizers(Path(checkpoint))
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, TranslationTokenizers]:
+    """(model in eval mode, its tokenizers) of a checkpoint whose model can translate; clear errors otherwise."""
     loaded = load_finetuned(Path(checkpoint))
     if loaded.model_config.arch not in TRANSLATION_ARCHES:
         raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
-    tokenizer_file = Path(checkpoint) / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise CheckpointError(f"{tokenizer_file}: missing; translation needs the checkpoint's tokenizer")
-    return loaded.model.eval(), Tokenizer.from_file(str(tokenizer_file))
+    return loaded.model.eval(), checkpoint_tokenizers(checkpoint)
 
 
 def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int) -> list[str]:

@@ -10,6 +10,7 @@ from finetune.models.classifier import LSTMClassifierConfig
 from finetune.models.convs2s import ConvS2SConfig
 from finetune.models.rnn import RNNSeq2SeqConfig
 from finetune.models.transformer import TransformerConfig
+from finetune.scheduled_sampling import SAMPLING_SCHEDULES, ScheduledSampling
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.optim import OptimConfig
@@ -151,6 +152,13 @@ class FinetuneJob:
     # scratch: {arch: transformer | lstm | lstm_attention | convs2s} or {arch: lstm_classifier}, with its sizes.
     model: TransformerConfig | RNNSeq2SeqConfig | ConvS2SConfig | LSTMClassifierConfig | None = None
     label_smoothing: float = 0.1
+    # Scheduled sampling (translation, every architecture; finetune/scheduled_sampling.py): in training, each decoder
+    # input after [BOS] is replaced by the model's own prediction with probability p, which rises from 0 to this
+    # maximum. 0 = off (plain teacher forcing).
+    scheduled_sampling: float = 0.0
+    scheduled_sampling_schedule: str = "linear"  # linear | inverse_sigmoid (Bengio et al. 2015)
+    # Both schedules pass half the maximum at half this many steps; linear reaches it here. 0 = trainer.max_steps.
+    scheduled_sampling_steps: int = 0
     classifier_dropout: float = 0.1
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -162,6 +170,7 @@ class FinetuneJob:
         if self.task not in FINETUNE_TASKS:
             choices = ", ".join(FINETUNE_TASKS)
             raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {choices})")
+        self._check_scheduled_sampling()
         if self.model is None:
             return
         if SCRATCH_ARCHES[self.model.arch] != self.task:
@@ -171,6 +180,25 @@ class FinetuneJob:
         if given:
             raise ValueError(f"'{given[0]}': model.arch={self.model.arch} trains from scratch and uses no checkpoint "
                              "(drop the model section to fine-tune a pretrained one)")
+
+    def _check_scheduled_sampling(self) -> None:
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise ValueError(f"'scheduled_sampling': a probability in [0, 1] (0 = off), got {self.scheduled_sampling}")
+        if self.scheduled_sampling_schedule not in SAMPLING_SCHEDULES:
+            raise ValueError(f"'scheduled_sampling_schedule': unknown schedule '{self.scheduled_sampling_schedule}' "
+                             f"(choose from {', '.join(SAMPLING_SCHEDULES)})")
+        if self.scheduled_sampling_steps < 0:
+            raise ValueError(f"'scheduled_sampling_steps' must be >= 0 (0 = trainer.max_steps), got "
+                             f"{self.scheduled_sampling_steps}")
+        if self.scheduled_sampling and self.task != "translation":
+            raise ValueError(f"'scheduled_sampling': applies to translation only, not {self.task}")
+
+    def sampling_schedule(self) -> ScheduledSampling | None:
+        """The scheduled-sampling settings TranslationModule takes; None when off."""
+        if not self.scheduled_sampling:
+            return None
+        ramp = self.scheduled_sampling_steps or self.trainer.max_steps
+        return ScheduledSampling(self.scheduled_sampling, self.scheduled_sampling_schedule, ramp)
 
 
 @dataclass

@@ -115,10 +115,13 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
         raise CheckpointError("translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT), or a "
                               "'model' section to train a baseline from scratch")
     else:
-        model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint))
+        model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint),
+                                                        Path(job.data_dir))
     train, val = _loaders(job, rank, world)
-    module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing)
-    return TaskParts(module, train, val, model.config, ("train/loss", "train/acc", "train/tokens_per_s"), new)
+    module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing,
+                               scheduled_sampling=job.sampling_schedule())
+    keys = ("train/loss", "train/acc", "train/sampling_prob", "train/tokens_per_s")  # sampling_prob: when it is on
+    return TaskParts(module, train, val, model.config, keys, new)
 
 
 def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
@@ -142,6 +145,10 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
 
 def scratch_config(job: FinetuneJob, manifest: dict, labels: list[str] | None = None) -> Any:
     """The job's from-scratch model config, speaking the data's vocabulary and covering its lengths."""
+    if "target_tokenizer" in manifest:
+        raise CheckpointError(f"'model.arch': {job.model.arch} trains one vocabulary for source and target, but "
+                              f"{job.data_dir} was prepared with a target tokenizer of its own; prepare it without "
+                              "data.target_tokenizer_path, or warm-start from encoder_checkpoint/decoder_checkpoint")
     values: dict[str, Any] = {"vocab_size": int(manifest["vocab_size"]),
                               "pad_id": int(manifest["special_tokens"]["[PAD]"])}
     if labels is not None:
@@ -190,7 +197,9 @@ def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> Pr
         if not path:
             raise CheckpointError(f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory")
         load_pretrained(Path(path), arch)
-        check_tokenizer_matches_data(Path(path), Path(job.data_dir), key)
+        # a translation decoder speaks the target side: the data's target_tokenizer.json where it has one
+        check_tokenizer_matches_data(Path(path), Path(job.data_dir), key,
+                                     target=job.task == "translation" and key == "decoder_checkpoint")
     return job
 
 

@@ -105,17 +105,22 @@ class ClmCollator:
 
 
 class TranslationCollator:
-    """`src [EOS]` and `[BOS] y [EOS]` -> encoder input, decoder input `[BOS] y`, decoder target `y [EOS]`."""
+    """`src [EOS]` and `[BOS] y [EOS]` -> encoder input, decoder input `[BOS] y`, decoder target `y [EOS]`.
+
+    With a target vocabulary of its own, `tgt_pad_id` pads the decoder input (GPT-2's pad is its end-of-text token,
+    which is also its BOS and EOS): no mask here is read back from the ids, `src_mask` comes from the lengths and
+    the target's padding is IGNORE_INDEX in `tgt_out`, so a pad id equal to a real token is harmless."""
 
     columns = ("sample_id", "src_ids", "tgt_ids")
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, tgt_pad_id: int | None = None) -> None:
         self.pad_id = pad_id
+        self.tgt_pad_id = pad_id if tgt_pad_id is None else tgt_pad_id
 
     def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, Tensor]:
         src = [r["src_ids"] for r in rows]
         tgt_in, tgt_out = [r["tgt_ids"][:-1] for r in rows], [r["tgt_ids"][1:] for r in rows]
-        return {"src_ids": pad(src, self.pad_id), "src_mask": _real(src), "tgt_in": pad(tgt_in, self.pad_id),
+        return {"src_ids": pad(src, self.pad_id), "src_mask": _real(src), "tgt_in": pad(tgt_in, self.tgt_pad_id),
                 "tgt_out": pad(tgt_out, IGNORE_INDEX), "sample_id": _sample_ids(rows)}
 
 

@@ -42,6 +42,9 @@ class DataConfig:
     sample_labelled: int = 1500
     tokenizer: str = "bpe"  # "bpe" (byte-level, like GPT-2) | "wordpiece" | "char"
     tokenizer_path: str | None = None  # load tokenizer.json / vocab.txt / vocab.json+merges.txt instead of training
+    # translation only: targets get their own vocabulary (e.g. a GPT-2 release's, with a BERT's as tokenizer_path),
+    # saved as target_tokenizer.json; each side is framed with its own specials (docs/design.md)
+    target_tokenizer_path: str | None = None
     vocab_size: int = 4096
     tasks: list[str] = field(default_factory=lambda: ["mlm_nsp", "clm", "translation", "classification"])
     seq_len: int = 64  # mlm_nsp rows hold at most seq_len tokens; clm blocks seq_len + 1; classification seq_len
@@ -95,12 +98,23 @@ class DataConfig:
                 raise DataError(f"{key}: must not be empty")
         if (self.src_column is None) != (self.tgt_column is None):
             raise DataError("src_column: set both src_column and tgt_column, or neither")
+        self._check_target_tokenizer()
         if self.labels is not None:
             self.labels = [" ".join(label.split()) for label in self.labels]  # as cleaning normalises labels
             if not self.labels or "" in self.labels or len(set(self.labels)) != len(self.labels):
                 raise DataError(f"labels: need distinct non-empty labels, got {self.labels}")
             if "labelled" not in self.row_kinds():
                 raise DataError("labels: only the classification task reads labels")
+
+    def _check_target_tokenizer(self) -> None:
+        if self.target_tokenizer_path is None:
+            return
+        if self.tasks != ["translation"]:
+            raise DataError(f"target_tokenizer_path: only the translation task has a target side (tasks are "
+                            f"{self.tasks}); prepare the other tasks in a separate run")
+        if self.tokenizer_path is None:
+            raise DataError("target_tokenizer_path: needs tokenizer_path too (the source side's vocabulary, e.g. "
+                            "the BERT release the encoder comes from)")
 
     def row_kinds(self) -> list[str]:
         """The source row kinds the tasks need, in task order."""

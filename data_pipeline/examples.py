@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import SequenceSpecials
 
 SHORT_SEQ_PROB = 0.1  # BERT: a tenth of the rows are shorter, so fine-tuning on short inputs is not a surprise
 NSP_RANDOM_PROB = 0.5
@@ -33,6 +34,9 @@ class BuildParams:
     max_src_len: int
     max_tgt_len: int
     special_ids: dict[str, int]  # "[CLS]" -> id, ...
+    # translation with a second (target) vocabulary: how each side is framed (None: `src [EOS]`, `[BOS] tgt [EOS]`)
+    src_frame: SequenceSpecials | None = None
+    tgt_frame: SequenceSpecials | None = None
 
 
 Examples = tuple[pa.Table, dict[str, int]]  # rows (shard schema less sample_id), counters (e.g. rows dropped)
@@ -148,11 +152,15 @@ def build_clm(rows: pa.Table, params: BuildParams, rng: random.Random) -> Exampl
 
 
 def build_translation(rows: pa.Table, params: BuildParams, rng: random.Random) -> Examples:
-    """`src [EOS]` -> `[BOS] tgt [EOS]`; pairs over the length limits are dropped (truncation would mistranslate)."""
+    """`src [EOS]` -> `[BOS] tgt [EOS]` (or each side framed by its own tokenizer's specials: `params.src_frame`,
+    `params.tgt_frame`); pairs over the length limits are dropped (truncation would mistranslate)."""
     bos, eos = params.special_ids["[BOS]"], params.special_ids["[EOS]"]
+    src_frame = params.src_frame or SequenceSpecials(None, eos, params.special_ids["[PAD]"])
+    tgt_frame = params.tgt_frame or SequenceSpecials(bos, eos, params.special_ids["[PAD]"])
+    src_head = [] if src_frame.bos is None else [src_frame.bos]
     out, too_long = [], 0
     for row in rows.select(["src_ids", "tgt_ids", "src", "tgt"]).to_pylist():
-        src, tgt = [*row["src_ids"], eos], [bos, *row["tgt_ids"], eos]
+        src, tgt = [*src_head, *row["src_ids"], src_frame.eos], [tgt_frame.bos, *row["tgt_ids"], tgt_frame.eos]
         if len(src) > params.max_src_len or len(tgt) > params.max_tgt_len:
             too_long += 1
             continue

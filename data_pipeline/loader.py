@@ -136,10 +136,17 @@ def _mlm_nsp(top: dict) -> Collator:
                           special_ids=special.values())
 
 
+def _translation(top: dict) -> Collator:
+    framing = top.get("translation_specials")  # present when targets have their own tokenizer
+    if framing is None:
+        return TranslationCollator(top["special_tokens"]["[PAD]"])
+    return TranslationCollator(framing["source"]["pad"], framing["target"]["pad"])
+
+
 COLLATORS: dict[str, Callable[[dict], Collator]] = {  # task -> collator, from the top-level manifest
     "mlm_nsp": _mlm_nsp,
     "clm": lambda top: ClmCollator(top["special_tokens"]["[PAD]"]),
-    "translation": lambda top: TranslationCollator(top["special_tokens"]["[PAD]"]),
+    "translation": _translation,
     "classification": lambda top: ClassificationCollator(top["special_tokens"]["[PAD]"]),
 }
 

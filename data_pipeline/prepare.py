@@ -13,6 +13,7 @@ written under a temporary directory beside `out_dir` that is renamed to `out_dir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -38,7 +39,14 @@ from data_pipeline.examples import BUILDERS, BuildParams
 from data_pipeline.raystart import init_ray
 from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
 from data_pipeline.sources import BLOCK_CHARS, SOURCES
-from data_pipeline.tokenizer import load_tokenizer, special_token_ids, tokenize_batch, train_tokenizer
+from data_pipeline.tokenizer import (
+    TARGET_TOKENIZER_FILE,
+    load_tokenizer,
+    special_token_ids,
+    tokenize_batch,
+    train_tokenizer,
+    translation_tokenizers,
+)
 
 FORMAT = "kiln-data/1"
 T = TypeVar("T")
@@ -59,12 +67,16 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
     # Before Ray starts: missing files, bad columns, an unreachable Hub and a bad tokenizer fail at once.
     inputs = SOURCES[cfg.source].resolve(cfg)
     loaded = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path is not None else None
+    target = (load_tokenizer(cfg.target_tokenizer_path, "target_tokenizer_path")
+              if cfg.target_tokenizer_path is not None else None)
+    if loaded is not None and target is not None:
+        translation_tokenizers(loaded, target)  # the specials each side is framed with must exist
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run of this same process id
     tmp.mkdir(parents=True)
     try:
         with _quiet_ray_data():
-            manifest = _prepare_into(cfg, inputs, loaded, tmp, say)
+            manifest = _prepare_into(cfg, inputs, (loaded, target), tmp, say)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         tmp.rename(out_dir)
@@ -75,14 +87,15 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
     return manifest
 
 
-def _prepare_into(cfg: DataConfig, inputs: dict, loaded: Tokenizer | None, out: Path,
+def _prepare_into(cfg: DataConfig, inputs: dict, tokenizers: tuple[Tokenizer | None, Tokenizer | None], out: Path,
                   say: Callable[[str], None]) -> dict:
-    kinds = cfg.row_kinds()
+    """tokenizers: the loaded (source) tokenizer and the target one, each None when not given."""
+    (loaded, target), kinds = tokenizers, cfg.row_kinds()
     tables, sources, dropped = {}, {}, {}
     if loaded is not None:  # one pass: read -> clean -> tokenize, de-duplicated on the driver
         tok, tok_info = loaded, {"file": "tokenizer.json", "kind": "loaded", "loaded_from": cfg.tokenizer_path}
         say(f"tokenizer: loaded {cfg.tokenizer_path} (vocabulary {tok.get_vocab_size()})")
-    results = _concurrently(lambda k: _collect(_cleaned(cfg, k, inputs, loaded), cfg, k), kinds)
+    results = _concurrently(lambda k: _collect(_cleaned(cfg, k, inputs, loaded, target), cfg, k), kinds)
     for kind, (tables[kind], sources[kind], dropped[kind]) in zip(kinds, results, strict=True):
         say(f"{kind}: {sources[kind]['rows_read']} read, {sources[kind]['kept']} kept, "
             f"dropped {dropped[kind]}, splits {sources[kind]['splits']}")
@@ -95,6 +108,10 @@ def _prepare_into(cfg: DataConfig, inputs: dict, loaded: Tokenizer | None, out: 
     special = special_token_ids(tok)
     labels = _label_names(cfg, inputs, tables["labelled"]) if "labelled" in tables else []
     params = BuildParams(cfg.seq_len, cfg.max_src_len, cfg.max_tgt_len, special)
+    extra = {}
+    if target is not None:
+        params, extra = _with_target_tokenizer(cfg, params, tok, target, out)
+        say(f"target tokenizer: loaded {cfg.target_tokenizer_path} (vocabulary {target.get_vocab_size()})")
     tasks = {}
     for task in cfg.tasks:
         tasks[task] = _build_task(cfg, task, tables[BUILDERS[task].input_kind], params, labels, out)
@@ -102,9 +119,22 @@ def _prepare_into(cfg: DataConfig, inputs: dict, loaded: Tokenizer | None, out: 
                                     for s, v in tasks[task]["splits"].items()))
     manifest = {"format": FORMAT, "config": cfg.to_dict(), "seed": cfg.seed, "inputs": inputs,
                 "sources": sources, "dropped": dropped, "tokenizer": tok_info, "special_tokens": special,
-                "vocab_size": tok.get_vocab_size(), "tasks": tasks}
+                "vocab_size": tok.get_vocab_size(), **extra, "tasks": tasks}
     write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _with_target_tokenizer(cfg: DataConfig, params: BuildParams, source: Tokenizer, target: Tokenizer,
+                           out: Path) -> tuple[BuildParams, dict]:
+    """Save the target tokenizer beside tokenizer.json; the manifest fields that record it and each side's framing."""
+    target.save(str(out / TARGET_TOKENIZER_FILE))
+    pair = translation_tokenizers(source, target)
+    info = {"file": TARGET_TOKENIZER_FILE, "kind": "loaded", "loaded_from": cfg.target_tokenizer_path,
+            "sha256": sha256_file(out / TARGET_TOKENIZER_FILE)}
+    extra = {"target_tokenizer": info, "target_special_tokens": special_token_ids(target),
+             "target_vocab_size": target.get_vocab_size(),
+             "translation_specials": {"source": pair.src.to_dict(), "target": pair.tgt.to_dict()}}
+    return dataclasses.replace(params, src_frame=pair.src, tgt_frame=pair.tgt), extra
 
 
 def _concurrently(fn: Callable[[str], T], kinds: list[str]) -> list[T]:
@@ -138,19 +168,23 @@ def _quiet_ray_data() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer | None) -> ray.data.Dataset:
-    """Raw rows of `kind`, cleaned and marked (`drop`, `key`, `split`) in Ray, and tokenized if `tok` is given."""
+def _cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer | None,
+             target: Tokenizer | None = None) -> ray.data.Dataset:
+    """Raw rows of `kind`, cleaned and marked (`drop`, `key`, `split`) in Ray, and tokenized if `tok` is given
+    (translation targets with `target` when given)."""
     test_fraction = 0.0 if kind == "documents" else cfg.test_fraction  # documents: train/validation only
     ds = SOURCES[cfg.source].read(cfg, kind, inputs).map_batches(
         clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={
             "kind": kind, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "seed": cfg.seed,
             "validation_fraction": cfg.validation_fraction, "test_fraction": test_fraction})
-    return ds if tok is None else _tokenized(ds, tok, kind, cfg.tasks)
+    return ds if tok is None else _tokenized(ds, tok, kind, cfg.tasks, target)
 
 
-def _tokenized(ds: ray.data.Dataset, tok: Tokenizer, kind: str, tasks: list[str]) -> ray.data.Dataset:
+def _tokenized(ds: ray.data.Dataset, tok: Tokenizer, kind: str, tasks: list[str],
+               target: Tokenizer | None = None) -> ray.data.Dataset:
     return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={
-        "tokenizer_json": tok.to_str(), "kind": kind, "segments": "mlm_nsp" in tasks, "whole": "clm" in tasks})
+        "tokenizer_json": tok.to_str(), "kind": kind, "segments": "mlm_nsp" in tasks, "whole": "clm" in tasks,
+        "target_tokenizer_json": target.to_str() if target is not None else None})
 
 
 def _collect(ds: ray.data.Dataset, cfg: DataConfig, kind: str) -> tuple[pa.Table, dict, dict[str, int]]:

@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -82,28 +83,30 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokeniz
     return tok
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike[str], key: str = "tokenizer_path") -> Tokenizer:
     """Load a tokenizer.json, or a directory holding tokenizer.json, vocab.txt or vocab.json + merges.txt.
 
     Padding and truncation saved in a tokenizer.json are removed: sentence-transformers releases pad and
-    truncate to a fixed length, which would silently cut every document the data pipeline encodes."""
+    truncate to a fixed length, which would silently cut every document the data pipeline encodes. `key` is the
+    config key errors name."""
     path = os.fspath(path)
     if os.path.isdir(path):
         for name, loader in (("tokenizer.json", _from_file), ("vocab.txt", _load_wordpiece_vocab),
                              ("vocab.json", _load_bpe_vocab)):
             if os.path.isfile(os.path.join(path, name)):
-                return _unpadded(_with_special_tokens(loader(os.path.join(path, name))))
-        raise DataError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory (tokenizer_path)")
+                return _unpadded(_with_special_tokens(loader(os.path.join(path, name), key)))
+        raise DataError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory ({key})")
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file or directory (tokenizer_path)")
-    return _unpadded(_with_special_tokens(_from_file(path)))
+        raise DataError(f"{path}: no such file or directory ({key})")
+    return _unpadded(_with_special_tokens(_from_file(path, key)))
 
 
-def _from_file(path: str) -> Tokenizer:
+def _from_file(path: str, key: str = "") -> Tokenizer:
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise DataError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+        where = f" ({key})" if key else ""  # the config key, when a user named the file
+        raise DataError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]}){where}") from None
 
 
 def _unpadded(tok: Tokenizer) -> Tokenizer:
@@ -121,7 +124,7 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     return ids  # type: ignore[return-value]
 
 
-def _load_wordpiece_vocab(vocab_path: str) -> Tokenizer:
+def _load_wordpiece_vocab(vocab_path: str, key: str) -> Tokenizer:
     """A BERT vocab.txt; lower-cases input when the vocabulary has no upper-case word (an uncased model)."""
     tok = Tokenizer(models.WordPiece.from_file(vocab_path, unk_token="[UNK]"))
     config_path = os.path.join(os.path.dirname(vocab_path), "tokenizer_config.json")
@@ -136,11 +139,11 @@ def _load_wordpiece_vocab(vocab_path: str) -> Tokenizer:
     return tok
 
 
-def _load_bpe_vocab(vocab_path: str) -> Tokenizer:
+def _load_bpe_vocab(vocab_path: str, key: str) -> Tokenizer:
     """GPT-2 style vocab.json + merges.txt (gives GPT-2's exact ids, see the design sketch)."""
     merges = os.path.join(os.path.dirname(vocab_path), "merges.txt")
     if not os.path.isfile(merges):
-        raise DataError(f"{merges}: missing (vocab.json needs merges.txt beside it) (tokenizer_path)")
+        raise DataError(f"{merges}: missing (vocab.json needs merges.txt beside it) ({key})")
     tok = Tokenizer(models.BPE.from_file(vocab_path, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -154,12 +157,88 @@ def _with_special_tokens(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+# ---------------------------------------------------------------------- translation: source and target sides
+TARGET_TOKENIZER_FILE = "target_tokenizer.json"  # beside tokenizer.json when the target has its own vocabulary
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
+
+
+@dataclass(frozen=True)
+class SequenceSpecials:
+    """How one side of a translation pair is framed: `[bos] ids [eos]` (no bos: `ids [eos]`), padded with `pad`."""
+
+    bos: int | None
+    eos: int
+    pad: int
+
+    def to_dict(self) -> dict[str, int | None]:
+        return {"bos": self.bos, "eos": self.eos, "pad": self.pad}
+
+
+@dataclass(frozen=True)
+class TranslationTokenizers:
+    """The source and target tokenizers of a translation model or data directory, and how each side is framed.
+
+    With one shared tokenizer (`target is source`) the Kiln format holds: `src [EOS]`, `[BOS] tgt [EOS]`. With two
+    (a BERT release's WordPiece for the encoder, a GPT-2 release's BPE for the decoder) each side uses its own
+    tokenizer's specials: `[CLS] src [SEP]` as BERT was trained, and GPT-2's `<|endoftext|>` as BOS, EOS and PAD
+    (as Hugging Face's BERT2GPT2 recipes do), or `[BOS]`/`[EOS]`/`[PAD]` for a target tokenizer without it."""
+
+    source: Tokenizer
+    target: Tokenizer
+    src: SequenceSpecials
+    tgt: SequenceSpecials
+
+    @property
+    def shared(self) -> bool:
+        return self.target is self.source
+
+
+def _special(tok: Tokenizer, token: str, side: str) -> int:
+    token_id = tok.token_to_id(token)
+    if token_id is None:
+        raise DataError(f"{side} tokenizer has no {token} token; Kiln tokenizers define {' '.join(SPECIAL_TOKENS)} "
+                        "(docs/design.md)")
+    return token_id
+
+
+def translation_tokenizers(source: Tokenizer, target: Tokenizer | None = None) -> TranslationTokenizers:
+    """The framing rules of docs/design.md ("Special tokens"), as data preparation and every reader apply them."""
+    if target is None or target is source:
+        pad, bos, eos = (_special(source, t, "the") for t in ("[PAD]", "[BOS]", "[EOS]"))
+        return TranslationTokenizers(source, source, SequenceSpecials(None, eos, pad), SequenceSpecials(bos, eos, pad))
+    cls, sep, pad = (_special(source, t, "the source") for t in ("[CLS]", "[SEP]", "[PAD]"))
+    eot = target.token_to_id(END_OF_TEXT)
+    if eot is not None:
+        tgt = SequenceSpecials(eot, eot, eot)
+    else:
+        tgt = SequenceSpecials(*(_special(target, t, "the target") for t in ("[BOS]", "[EOS]", "[PAD]")))
+    return TranslationTokenizers(source, target, SequenceSpecials(cls, sep, pad), tgt)
+
+
+def as_translation_tokenizers(tokenizers: Tokenizer | TranslationTokenizers) -> TranslationTokenizers:
+    """Callers holding one shared tokenizer may pass it as it is."""
+    return tokenizers if isinstance(tokenizers, TranslationTokenizers) else translation_tokenizers(tokenizers)
+
+
+def load_translation_tokenizers(directory: str | os.PathLike[str]) -> TranslationTokenizers:
+    """The one way to read a translation checkpoint's (or data directory's) tokenizers: `tokenizer.json` for the
+    source and, when present, `target_tokenizer.json` for the target; without it the source's serves both, so every
+    checkpoint written before target tokenizers existed reads as it always did."""
+    root = os.fspath(directory)
+    source_file, target_file = os.path.join(root, "tokenizer.json"), os.path.join(root, TARGET_TOKENIZER_FILE)
+    if not os.path.isfile(source_file):
+        raise DataError(f"{source_file}: missing; translation needs the tokenizer it was trained with")
+    source = _from_file(source_file)
+    return translation_tokenizers(source, _from_file(target_file) if os.path.isfile(target_file) else None)
+
+
 # ------------------------------------------------------------------------------------ batch encoding
 
 _CACHE: dict[int, Tokenizer] = {}  # per worker process: parse the tokenizer JSON once, not once per batch
 
 
-def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bool, whole: bool) -> pa.Table:
+def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bool, whole: bool,
+                   target_tokenizer_json: str | None = None) -> pa.Table:
     """Ray UDF: add token-id columns (no special tokens) to a cleaned batch of one row kind.
 
     documents: `segments` (one id list per line, for mlm_nsp) and/or `ids` (the whole text, for clm), and
@@ -167,13 +246,13 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bo
     pairs: `src_ids`, `tgt_ids`; labelled: `ids`. Rows that cleaning marked for dropping (a `drop`
     column) get empty lists: their tokens would be thrown away.
     """
-    key = hash(tokenizer_json)
-    tok = _CACHE.get(key) or _CACHE.setdefault(key, Tokenizer.from_str(tokenizer_json))
+    tok = _cached(tokenizer_json)
     keep = [not reason for reason in batch.column("drop").to_pylist()] if "drop" in batch.column_names else None
     ids_type = pa.list_(pa.int32())
-    if kind == "pairs":
-        for name in ("src", "tgt"):
-            batch = batch.append_column(f"{name}_ids", pa.array(_encode(tok, _texts(batch, name, keep)), ids_type))
+    if kind == "pairs":  # targets with the target tokenizer when there is one (a second vocabulary)
+        sides = (("src", tok), ("tgt", _cached(target_tokenizer_json) if target_tokenizer_json else tok))
+        for name, side_tok in sides:
+            batch = batch.append_column(f"{name}_ids", pa.array(_encode(side_tok, _texts(batch, name, keep)), ids_type))
         return batch
     texts = _texts(batch, "text", keep)
     if kind == "documents" and segments:
@@ -189,6 +268,11 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bo
     if kind != "documents" or whole:
         batch = batch.append_column("ids", pa.array(_encode(tok, texts), ids_type))
     return batch.drop_columns(["text"]) if kind == "documents" else batch
+
+
+def _cached(tokenizer_json: str) -> Tokenizer:
+    key = hash(tokenizer_json)
+    return _CACHE.get(key) or _CACHE.setdefault(key, Tokenizer.from_str(tokenizer_json))
 
 
 def _texts(batch: pa.Table, name: str, keep: list[bool] | None) -> list[str]:

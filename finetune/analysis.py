@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from data_pipeline.tokenizer import TranslationTokenizers, as_translation_tokenizers
 from finetune.decode import LENGTH_PENALTIES, Hypothesis, beam_search, normalised_score
 from finetune.evaluate import bleu
-from finetune.translate import BOS, EOS, PAD, encode_sources, pad_batch, source_limit, special_id
+from finetune.translate import Tokenizers, encode_sources, pad_batch, source_limit
 
 VERDICTS = ("correct", "search", "model", "unreachable")
 
@@ -144,8 +144,7 @@ class _Run:
     """Everything analyze_beam needs to carry between batches."""
 
     model: nn.Module
-    tokenizer: Tokenizer
-    ids: dict[str, int]
+    tokenizers: TranslationTokenizers  # sources framed and padded by .src, outputs started/ended by .tgt
     length_penalty: str
     alpha: float
     max_len: int
@@ -159,8 +158,9 @@ def _score_refs(run: _Run, chunk: list[int], src_ids: Tensor, src_mask: Tensor) 
     if not reach:
         return
     sel = torch.tensor(reach, device=src_ids.device)
-    targets = [run.sentences[chunk[i]]["ref_ids"] + [run.ids[EOS]] for i in reach]
-    lps = score_sequences(run.model, src_ids[sel], src_mask[sel], targets, run.ids[BOS], run.ids[PAD]).tolist()
+    tgt = run.tokenizers.tgt
+    targets = [run.sentences[chunk[i]]["ref_ids"] + [tgt.eos] for i in reach]
+    lps = score_sequences(run.model, src_ids[sel], src_mask[sel], targets, tgt.bos, tgt.pad).tolist()
     for i, target, lp in zip(reach, targets, lps, strict=True):
         sent = run.sentences[chunk[i]]
         sent["ref_logprob"] = lp
@@ -168,18 +168,19 @@ def _score_refs(run: _Run, chunk: list[int], src_ids: Tensor, src_mask: Tensor) 
 
 
 def _search(run: _Run, chunk: list[int], src_ids: Tensor, src_mask: Tensor, beam: int) -> None:
-    eos = run.ids[EOS]
+    tgt = run.tokenizers.tgt
+    eos = tgt.eos
     start = time.perf_counter()
-    found = beam_search(run.model, src_ids, src_mask, run.ids[BOS], eos, run.max_len, beam_size=beam,
+    found = beam_search(run.model, src_ids, src_mask, tgt.bos, eos, run.max_len, beam_size=beam,
                         length_penalty=run.length_penalty, alpha=run.alpha)
     run.seconds[beam] += time.perf_counter() - start
     hyps = [h[0] if h else Hypothesis([], -float("inf"), -float("inf")) for h in found]
     targets = [_target(h, run.max_len, eos) for h in hyps]
-    lps = score_sequences(run.model, src_ids, src_mask, targets, run.ids[BOS], run.ids[PAD]).tolist()
+    lps = score_sequences(run.model, src_ids, src_mask, targets, tgt.bos, tgt.pad).tolist()
     for row, hyp, target, lp in zip(chunk, hyps, targets, lps, strict=True):
         run.max_diff = max(run.max_diff, abs(lp - hyp.logprob))
         sent = run.sentences[row]
-        text = run.tokenizer.decode(hyp.tokens, skip_special_tokens=True)
+        text = run.tokenizers.target.decode(hyp.tokens, skip_special_tokens=True)
         same = hyp.tokens == sent["ref_ids"] or text == sent["ref_detok"]
         score = normalised_score(lp, len(target), run.length_penalty, run.alpha)
         sent["outputs"][str(beam)] = {
@@ -200,19 +201,19 @@ def _row(run: _Run, beam: int, refs: Sequence[str]) -> BeamRow:
 
 
 @torch.no_grad()
-def analyze_beam(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], refs: Sequence[str],
+def analyze_beam(model: nn.Module, tokenizer: Tokenizers, srcs: Sequence[str], refs: Sequence[str],
                  beam_sizes: Sequence[int] = (1, 3, 5, 10), length_penalty: str = "gnmt", alpha: float = 1.0,
                  max_len: int = 64, batch_size: int = 32) -> BeamAnalysis:
     """Search vs model errors and BLEU per beam width (module docstring) for line-aligned sources/references."""
     _check_args(srcs, refs, beam_sizes, length_penalty, max_len, batch_size)
-    ids = {t: special_id(tokenizer, t) for t in (PAD, BOS, EOS)}
-    rows = encode_sources(tokenizer, srcs, source_limit(model, None))
-    ref_ids = [enc.ids for enc in tokenizer.encode_batch(list(refs), add_special_tokens=False)]
+    pair = as_translation_tokenizers(tokenizer)  # references are target text: the target tokenizer's ids
+    rows = encode_sources(pair, srcs, source_limit(model, None))
+    ref_ids = [enc.ids for enc in pair.target.encode_batch(list(refs), add_special_tokens=False)]
     sentences = [{"index": i, "source": s, "reference": r, "ref_ids": ref_ids[i],
-                  "ref_detok": tokenizer.decode(ref_ids[i], skip_special_tokens=True),
+                  "ref_detok": pair.target.decode(ref_ids[i], skip_special_tokens=True),
                   "reachable": len(ref_ids[i]) + 1 <= max_len, "ref_logprob": None, "ref_score": None, "outputs": {}}
                  for i, (s, r) in enumerate(zip(srcs, refs, strict=True))]
-    run = _Run(model, tokenizer, ids, length_penalty, alpha, max_len, sentences, {b: 0.0 for b in beam_sizes})
+    run = _Run(model, pair, length_penalty, alpha, max_len, sentences, {b: 0.0 for b in beam_sizes})
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # fewer pad positions per batch
     was_training = model.training
@@ -220,7 +221,7 @@ def analyze_beam(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], re
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            src_ids, src_mask = pad_batch([rows[i] for i in chunk], ids[PAD], device)
+            src_ids, src_mask = pad_batch([rows[i] for i in chunk], pair.src.pad, device)
             _score_refs(run, chunk, src_ids, src_mask)
             for beam in beam_sizes:
                 _search(run, chunk, src_ids, src_mask, beam)

@@ -17,8 +17,9 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from data_pipeline.tokenizer import as_translation_tokenizers
 from finetune.decode import beam_search
-from finetune.translate import BOS, EOS, PAD, encode_sources, pad_batch, source_limit, special_id
+from finetune.translate import Tokenizers, encode_sources, pad_batch, source_limit
 
 
 def _labels(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
@@ -79,7 +80,7 @@ def _require_attention(model: nn.Module, src_ids: Tensor, src_mask: Tensor, bos:
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], out_dir: Path, beam_size: int = 5,
+def attention_maps(model: nn.Module, tokenizer: Tokenizers, srcs: Sequence[str], out_dir: Path, beam_size: int = 5,
                    length_penalty: str = "gnmt", alpha: float = 1.0, max_len: int = 64) -> list[Path]:
     """Translate each source, plot its cross-attention on its own output; one `attention_NNN.png` per source.
 
@@ -88,9 +89,10 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], 
     """
     if not srcs:
         raise ValueError("no sentences to plot")
-    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
+    pair = as_translation_tokenizers(tokenizer)  # columns label source tokens, rows target tokens
+    pad, bos, eos = pair.src.pad, pair.tgt.bos, pair.tgt.eos
     device = next(model.parameters()).device
-    rows = encode_sources(tokenizer, srcs, source_limit(model, None))
+    rows = encode_sources(pair, srcs, source_limit(model, None))
     out_dir = Path(out_dir)
     paths: list[Path] = []
     was_training = model.training
@@ -104,10 +106,10 @@ def attention_maps(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], 
             tgt_in = torch.tensor([[bos, *best.tokens]], dtype=torch.long, device=device)  # (1,U)
             weights = model.cross_attention(src_ids, src_mask, tgt_in)[0]  # (U,S)
             # the last row predicts [EOS], unless the output was cut off at max_len
-            predicted = _labels(tokenizer, best.tokens) + (["[EOS]"] if len(best.tokens) < max_len else ["(cut)"])
-            title = f"{text}\n→ {tokenizer.decode(best.tokens, skip_special_tokens=True)}"
-            paths.append(plot_attention(weights, _labels(tokenizer, row), predicted, out_dir / f"attention_{i:03d}.png",
-                                        title))
+            predicted = _labels(pair.target, best.tokens) + (["[EOS]"] if len(best.tokens) < max_len else ["(cut)"])
+            title = f"{text}\n→ {pair.target.decode(best.tokens, skip_special_tokens=True)}"
+            paths.append(plot_attention(weights, _labels(pair.source, row), predicted,
+                                        out_dir / f"attention_{i:03d}.png", title))
     finally:
         model.train(was_training)
     return paths

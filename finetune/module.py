@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finetune.scheduled_sampling import ScheduledSampling, mix_decoder_inputs
 from pretrain.module import KilnModule, require_keys
 from pretrain.optim import OptimConfig
 
@@ -45,9 +46,12 @@ def classification_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
 
 
 class TranslationModule(KilnModule):
-    """Teacher-forced training of an encoder-decoder (e.g. WarmStartedSeq2Seq) on `translation` batches.
+    """Teacher-forced training of an encoder-decoder (e.g. WarmStartedSeq2Seq) on `translation` batches, with
+    optional scheduled sampling (finetune/scheduled_sampling.py) in training steps; evaluation is always teacher
+    forced, so validation losses compare across settings.
 
-    Logs `{stage}/loss` (label-smoothed), `nll`, `acc` (token accuracy) and `ppl`.
+    Logs `{stage}/loss` (label-smoothed), `nll`, `acc` (token accuracy) and `ppl`; with scheduled sampling also
+    `train/sampling_prob`, the p of that step.
     """
 
     PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "nll"}
@@ -55,16 +59,35 @@ class TranslationModule(KilnModule):
     BATCH_KEYS: ClassVar[tuple[str, ...]] = ("src_ids", "src_mask", "tgt_in", "tgt_out")
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int,
-                 label_smoothing: float = 0.1) -> None:
+                 label_smoothing: float = 0.1, scheduled_sampling: ScheduledSampling | None = None) -> None:
         super().__init__(model, optim_cfg, total_steps)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
+        self.scheduled_sampling = scheduled_sampling
+        # The schedule's step under a Lightning Trainer is its optimizer-step count (restored on resume, so the
+        # schedule resumes with it); a loop that drives `compute` without a Trainer (benchmarks) sets this instead.
+        self.manual_step = 0
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, self.BATCH_KEYS, "TranslationModule")
-        logits = self.model(batch["src_ids"], batch["src_mask"], batch["tgt_in"])  # (B,U,V)
-        return translation_loss(logits, batch["tgt_out"], self.label_smoothing)
+        tgt_in, extra = batch["tgt_in"], {}
+        if stage == "train" and self.scheduled_sampling is not None:
+            prob = self.scheduled_sampling.probability(self.global_step if self._trainer else self.manual_step)
+            tgt_in = self.sampled_decoder_inputs(batch, prob)
+            extra = {"sampling_prob": torch.tensor(prob)}
+        logits = self.model(batch["src_ids"], batch["src_mask"], tgt_in)  # (B,U,V)
+        return {**translation_loss(logits, batch["tgt_out"], self.label_smoothing), **extra}
+
+    def sampled_decoder_inputs(self, batch: dict[str, Tensor], prob: float) -> Tensor:
+        """Scheduled sampling's first pass: the model's argmax predictions, teacher forced and without gradients
+        (in training mode, so dropout makes them a little noisier than at inference), mixed into tgt_in with
+        probability `prob`. At prob 0 nothing runs and no random number is drawn: exactly teacher forcing."""
+        if prob <= 0.0:
+            return batch["tgt_in"]
+        with torch.no_grad():
+            predicted = self.model(batch["src_ids"], batch["src_mask"], batch["tgt_in"]).argmax(dim=-1)  # (B,U)
+        return mix_decoder_inputs(batch["tgt_in"], batch["tgt_out"], predicted, prob)
 
     def count_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["src_mask"].sum()) + int((batch["tgt_out"] != IGNORE_INDEX).sum())

@@ -1,8 +1,11 @@
 """Text in, text out: tokenise sources as the data pipeline does, beam-search, detokenise, score.
 
 Sources are encoded as `src [EOS]` and the decoder starts from `[BOS]` (docs/design.md, translation rows),
-with the one shared tokenizer. Special-token ids are read from the tokenizer (and must exist there), not
-assumed, so a user-supplied tokenizer with the Kiln specials works the same way.
+with the one shared tokenizer. A model trained with a target vocabulary of its own gets a
+`TranslationTokenizers` instead (data_pipeline.tokenizer.load_translation_tokenizers reads it from a checkpoint):
+sources are encoded and framed by the source tokenizer (`[CLS] src [SEP]`), outputs start from and stop at the
+target tokenizer's specials and are detokenised by it. Special-token ids are read from the tokenizers (and must
+exist there), not assumed, so a user-supplied tokenizer with the Kiln specials works the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from data_pipeline.tokenizer import TranslationTokenizers, as_translation_tokenizers
 from finetune.decode import LENGTH_PENALTIES, beam_search, check_sampling_args, sample_decode
 from finetune.evaluate import bleu, chrf, copy_source_bleu
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
+Tokenizers = Tokenizer | TranslationTokenizers  # one shared tokenizer, or a source and a target one
 
 
 @dataclass
@@ -47,13 +52,15 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
     return token_id
 
 
-def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_src_len: int) -> list[list[int]]:
-    """`src [EOS]` per text, the source truncated so that the whole row has at most max_src_len ids."""
-    if max_src_len < 2:
-        raise ValueError(f"max_src_len must be >= 2 (one token + [EOS]), got {max_src_len}")
-    eos = special_id(tokenizer, EOS)
-    encoded = tokenizer.encode_batch(list(texts), add_special_tokens=False)
-    return [enc.ids[: max_src_len - 1] + [eos] for enc in encoded]
+def encode_sources(tokenizer: Tokenizers, texts: Sequence[str], max_src_len: int) -> list[list[int]]:
+    """`src [EOS]` per text (`[CLS] src [SEP]` with a source tokenizer of its own), the source truncated so that
+    the whole row has at most max_src_len ids."""
+    pair = as_translation_tokenizers(tokenizer)
+    head = [] if pair.src.bos is None else [pair.src.bos]
+    if max_src_len < len(head) + 2:
+        raise ValueError(f"max_src_len must be >= {len(head) + 2} (one token + the specials), got {max_src_len}")
+    encoded = pair.source.encode_batch(list(texts), add_special_tokens=False)
+    return [head + enc.ids[: max_src_len - len(head) - 1] + [pair.src.eos] for enc in encoded]
 
 
 def pad_batch(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -79,7 +86,7 @@ def source_limit(model: nn.Module, max_src_len: int | None) -> int:
 
 
 @torch.no_grad()
-def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], beam_size: int = 5,
+def translate_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str], beam_size: int = 5,
                     length_penalty: str = "gnmt", alpha: float = 1.0, max_len: int = 64, batch_size: int = 32,
                     max_src_len: int | None = None) -> list[str]:
     """Translate `texts` (in order) with batched beam search; returns detokenised strings.
@@ -94,8 +101,8 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]
     if not texts:
         return []
     device = next(model.parameters()).device
-    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
-    rows = encode_sources(tokenizer, texts, source_limit(model, max_src_len))
+    pair = as_translation_tokenizers(tokenizer)
+    rows = encode_sources(pair, texts, source_limit(model, max_src_len))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     outputs: list[str] = [""] * len(rows)
     was_training = model.training
@@ -103,19 +110,19 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str]
     try:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            src_ids, src_mask = pad_batch([rows[i] for i in chunk], pad, device)
-            hyps = beam_search(model, src_ids, src_mask, bos, eos, max_len, beam_size=beam_size,
+            src_ids, src_mask = pad_batch([rows[i] for i in chunk], pair.src.pad, device)
+            hyps = beam_search(model, src_ids, src_mask, pair.tgt.bos, pair.tgt.eos, max_len, beam_size=beam_size,
                                length_penalty=length_penalty, alpha=alpha)
             for i, best in zip(chunk, hyps, strict=True):
                 tokens = best[0].tokens if best else []
-                outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+                outputs[i] = pair.target.decode(tokens, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outputs
 
 
 @torch.no_grad()
-def sample_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], max_len: int = 64,
+def sample_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str], max_len: int = 64,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  batch_size: int = 32) -> list[str]:
     """One draw per text (in order) from the tempered, top-k / top-p filtered model distribution; detokenised.
@@ -124,23 +131,24 @@ def sample_texts(model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], m
     if not texts:
         return []
     device = next(model.parameters()).device
-    pad, bos, eos = (special_id(tokenizer, t) for t in (PAD, BOS, EOS))
-    rows = encode_sources(tokenizer, texts, source_limit(model, None))
+    pair = as_translation_tokenizers(tokenizer)
+    rows = encode_sources(pair, texts, source_limit(model, None))
     generator = torch.Generator().manual_seed(seed)
     outputs: list[str] = []
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(rows), batch_size):
-            src_ids, src_mask = pad_batch(rows[start : start + batch_size], pad, device)
-            ids = sample_decode(model, src_ids, src_mask, bos, eos, max_len, temperature, top_k, top_p, generator)
-            outputs += tokenizer.decode_batch(ids, skip_special_tokens=True)
+            src_ids, src_mask = pad_batch(rows[start : start + batch_size], pair.src.pad, device)
+            ids = sample_decode(model, src_ids, src_mask, pair.tgt.bos, pair.tgt.eos, max_len, temperature, top_k,
+                                top_p, generator)
+            outputs += pair.target.decode_batch(ids, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outputs
 
 
-def evaluate_translation(model: nn.Module, tokenizer: Tokenizer, srcs: Sequence[str], refs: Sequence[str],
+def evaluate_translation(model: nn.Module, tokenizer: Tokenizers, srcs: Sequence[str], refs: Sequence[str],
                          beam_size: int = 5, length_penalty: str = "gnmt", alpha: float = 1.0, max_len: int = 64,
                          batch_size: int = 32) -> tuple[dict[str, float], list[str]]:
     """BLEU and chrF of the model's translations, next to the copy-the-source baseline; plus the hypotheses."""

@@ -4,6 +4,7 @@
       model.safetensors        weights; a tied matrix is stored once, its other names kept in the metadata
       config.json              {"arch": "bert" | "gpt" | ..., "config": dataclasses.asdict(model_config)}
       tokenizer.json           copied from the data directory (when given)
+      target_tokenizer.json    translation with a target vocabulary of its own: copied with tokenizer.json
       trainer_state/state.pt   optimizer / scheduler / step / loader / RNG dicts (torch.save; weights_only load)
       manifest.json            sha256 + size of every file above, data-manifest sha256, job config, git commit
 
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 
@@ -108,6 +110,9 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_f
         _write_json(tmp / CONFIG_FILE, {"arch": arch, "config": dataclasses.asdict(model_config)})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            target = _target_tokenizer_beside(Path(tokenizer_file))
+            if target is not None:
+                shutil.copyfile(target, tmp / TARGET_TOKENIZER_FILE)
         if trainer_state is not None:
             (tmp / TRAINER_STATE_FILE).parent.mkdir(parents=True)
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
@@ -124,6 +129,13 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_f
         raise
     _move_into_place(tmp, path)
     return path
+
+
+def _target_tokenizer_beside(tokenizer_file: Path) -> Path | None:
+    """A data or checkpoint directory's tokenizer.json and its target_tokenizer.json (translation data prepared with
+    two vocabularies) are one pair: whoever saves the first from there saves both, so no writer can drop it."""
+    target = tokenizer_file.with_name(TARGET_TOKENIZER_FILE)
+    return target if tokenizer_file.name == TOKENIZER_FILE and target.is_file() else None
 
 
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights (4) + AdamW's two fp32 moments in trainer_state (8)

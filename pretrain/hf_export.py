@@ -4,8 +4,11 @@
       config.json              HF config of the family (architectures, model_type, sizes, activations, eps)
       generation_config.json   bos/eos/pad (and decoder_start) ids; generative families only
       model.safetensors        HF state-dict names; tied matrices stored once, as HF's save_pretrained does
-      tokenizer.json           the checkpoint's tokenizer, copied
+      tokenizer.json           the checkpoint's tokenizer, copied (a translation model's: the source side's)
       tokenizer_config.json    PreTrainedTokenizerFast + the Kiln special tokens (docs/design.md)
+      decoder_tokenizer/       a translation model trained with a target tokenizer of its own (a GPT-2 release's):
+                               its tokenizer.json and tokenizer_config.json, bos/eos/pad named as the decoder uses
+                               them; config.json's decoder_start/bos/eos/pad ids are that tokenizer's
 
 Nothing here imports `transformers` (it is only a test dependency): the configs are written by hand and the
 tests load the result with `transformers` and compare logits. Nor does anything import `finetune/`
@@ -31,6 +34,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE, load_translation_tokenizers
 from pretrain.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -396,7 +400,10 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     family = _family(arch, str(config_file))
     parts = parse_config(arch, values, str(config_file))
     vocab_size = parts.bert.vocab_size if parts.bert else parts.gpt.vocab_size
-    specials = _check_tokenizer(checkpoint / TOKENIZER_FILE, vocab_size, NEEDED_SPECIALS[arch])
+    two_tokenizers = arch == "seq2seq_warm" and (checkpoint / TARGET_TOKENIZER_FILE).is_file()
+    needed = ("pad_token",) if two_tokenizers else NEEDED_SPECIALS[arch]
+    specials = _check_tokenizer(checkpoint / TOKENIZER_FILE, vocab_size, needed)
+    target = _target_specials(checkpoint, parts) if two_tokenizers else None
     weights = kiln_to_hf_state_dict(arch, parts, load_weights(weights_file), str(weights_file))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}"  # as pretrain.checkpoint: hidden until complete
@@ -405,13 +412,18 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     tmp.mkdir()  # (not tempfile.mkdtemp: its 0700 mode would outlive the rename)
     try:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # HF refuses other formats
-        ids = {attr: i for attr, (_, i) in specials.items()}
+        ids = {attr: i for attr, (_, i) in (target or specials).items()}  # the decoder's, where it has its own
         _write_json(tmp / "config.json", hf_config(arch, parts, _main_dtype(weights), ids))
         if family.generation is not None:
             _write_json(tmp / "generation_config.json", family.generation({**KILN_SPECIAL_IDS, **ids}))
         shutil.copyfile(checkpoint / TOKENIZER_FILE, tmp / "tokenizer.json")
         _write_json(tmp / "tokenizer_config.json",
                     tokenizer_config(family.max_length(parts), family.model_input_names, specials))
+        if target is not None:
+            (tmp / "decoder_tokenizer").mkdir()
+            shutil.copyfile(checkpoint / TARGET_TOKENIZER_FILE, tmp / "decoder_tokenizer" / "tokenizer.json")
+            _write_json(tmp / "decoder_tokenizer" / "tokenizer_config.json",
+                        tokenizer_config(_decoder_positions(parts), _GPT_INPUTS, target))
         _check_out(out)  # something may have appeared there while we wrote
         if out.exists():
             out.rmdir()
@@ -470,6 +482,15 @@ def _check_tokenizer(file: Path, vocab_size: int, needed: tuple[str, ...]) -> di
     if n > vocab_size:
         raise CheckpointError(f"{file}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}")
     return {attr: (token, i) for attr, (token, i) in found.items() if i is not None}
+
+
+def _target_specials(checkpoint: Path, parts: Parts) -> dict[str, tuple[str, int]]:
+    """The decoder side of a translation checkpoint with two tokenizers: bos/eos/pad as Kiln framed the targets
+    (GPT-2's <|endoftext|> for all three; data_pipeline.tokenizer.translation_tokenizers), checked to fit."""
+    _check_tokenizer(checkpoint / TARGET_TOKENIZER_FILE, parts.gpt.vocab_size, ())
+    pair = load_translation_tokenizers(checkpoint)
+    ids = {"bos_token": pair.tgt.bos, "eos_token": pair.tgt.eos, "pad_token": pair.tgt.pad}
+    return {attr: (pair.target.id_to_token(i), i) for attr, i in ids.items() if i is not None}
 
 
 def _main_dtype(weights: dict[str, Tensor]) -> torch.dtype:

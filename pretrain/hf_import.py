@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from data_pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from data_pipeline.tokenizer import SPECIAL_TOKENS, TARGET_TOKENIZER_FILE, load_tokenizer
 from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, save_checkpoint
 from pretrain.hf_export import (
     HF_BUFFER_SUFFIXES,
@@ -479,9 +479,13 @@ def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
     return None
 
 
-def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str) -> None:
-    """The prepared data must be tokenized with the checkpoint's vocabulary, or every id means another token."""
-    ckpt_file, data_file = Path(checkpoint) / TOKENIZER_FILE, Path(data_dir) / TOKENIZER_FILE
+def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str, target: bool = False) -> None:
+    """The prepared data must be tokenized with the checkpoint's vocabulary, or every id means another token.
+    target: compare with the data's target-side tokenizer (target_tokenizer.json, where translation data has one)."""
+    data_name, data_key = TOKENIZER_FILE, "data.tokenizer_path"
+    if target and (Path(data_dir) / TARGET_TOKENIZER_FILE).is_file():
+        data_name, data_key = TARGET_TOKENIZER_FILE, "data.target_tokenizer_path"
+    ckpt_file, data_file = Path(checkpoint) / TOKENIZER_FILE, Path(data_dir) / data_name
     if not ckpt_file.is_file():
         return  # a checkpoint saved without its tokenizer: nothing to compare against
     if not data_file.is_file():
@@ -492,4 +496,4 @@ def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str) -> 
         raise CheckpointError(
             f"'{key}': {ckpt_file} and {data_file} differ ({diff}), so the data's token ids do not mean what the "
             f"checkpoint learned. Prepare the data with the checkpoint's vocabulary: `kiln data prepare` with "
-            f"data.tokenizer_path={Path(checkpoint)}, and point data_dir at the result")
+            f"{data_key}={Path(checkpoint)}, and point data_dir at the result")

@@ -12,7 +12,8 @@
 
 Source and target share the one Kiln tokenizer (docs/design.md), so one embedding serves both, and the output
 projection can be tied to it (Press & Wolf, 2017) when embedding_dim == hidden_size. Rows are right-padded;
-the encoder packs them, so padding never changes a result. Scheduled sampling is not implemented.
+the encoder packs them, so padding never changes a result. Scheduled sampling needs nothing from the model: it is
+the training module's two-pass form (finetune/scheduled_sampling.py), shared by every architecture.
 
 Read top to bottom: config → cache → encoder → attention → the three decoders → model.
 """

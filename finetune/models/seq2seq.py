@@ -2,13 +2,15 @@
 for Sequence Generation Tasks"): a pretrained BERT encoder and a pretrained GPT decoder, joined by freshly
 initialised cross-attention in every decoder block.
 
-Source and target share the one Kiln tokenizer (docs/design.md): the data pipeline trains a single
-vocabulary over every task, so the encoder's input embeddings, the decoder's input embeddings and its tied
-output projection all index the same ids. That is what makes warm-starting both halves possible at all, and
-why `Seq2SeqConfig` insists that encoder and decoder have the same vocab_size and `from_pretrained` that the
-two checkpoints carry the same tokenizer.json.
+Usually source and target share the one Kiln tokenizer (docs/design.md): the data pipeline trains a single
+vocabulary over every task, so the encoder's input embeddings and the decoder's embeddings and tied output
+projection index the same ids. Two released checkpoints (a BERT and a GPT-2) come with two vocabularies instead:
+the encoder reads source ids of its tokenizer and the decoder writes target ids of its own, so the two
+vocab_sizes may differ. Either way each half must speak the data's tokenizer of its side, which
+`from_pretrained` checks before any training step.
 
-Sequence formats (docs/design.md): the source is `src [EOS]`, the decoder input `[BOS] y`, the target `y [EOS]`.
+Sequence formats (docs/design.md): the source is `src [EOS]`, the decoder input `[BOS] y`, the target `y [EOS]`;
+with two tokenizers `[CLS] src [SEP]` and GPT-2's `<|endoftext|>` as BOS and EOS.
 
 Read top to bottom: config → model (encode, forward, decode_step, reorder_cache, cross_attention) →
 from_pretrained.
@@ -22,7 +24,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from finetune.models.warm_start import check_same_tokenizer, config_from_dict, copy_matching, load_pretrained
+from finetune.models.warm_start import check_tokenizers, config_from_dict, copy_matching, load_pretrained
 from pretrain.models.bert import BertConfig, BertModel, init_bert_module
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel, KVCache, reorder_cache
 
@@ -48,9 +50,6 @@ class Seq2SeqConfig:
         if not self.decoder.add_cross_attention:
             raise ValueError("Seq2SeqConfig.decoder.add_cross_attention must be True (the decoder attends to the "
                              "encoder through it)")
-        if self.encoder.vocab_size != self.decoder.vocab_size:
-            raise ValueError(f"Seq2SeqConfig: encoder.vocab_size={self.encoder.vocab_size} != decoder.vocab_size="
-                             f"{self.decoder.vocab_size}; source and target share one tokenizer")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Seq2SeqConfig:
@@ -139,15 +138,17 @@ class WarmStartedSeq2Seq(nn.Module):
         return seen[0].mean(dim=1)  # (B, nh, U, S) -> (B, U, S)
 
     @classmethod
-    def from_pretrained(cls, bert_ckpt: Path, gpt_ckpt: Path) -> tuple[WarmStartedSeq2Seq, list[str]]:
+    def from_pretrained(cls, bert_ckpt: Path, gpt_ckpt: Path,
+                        data_dir: Path | None = None) -> tuple[WarmStartedSeq2Seq, list[str]]:
         """Encoder from a BERT pretraining checkpoint (its `bert.*` weights; the MLM/NSP heads are dropped),
         decoder from a GPT checkpoint; cross-attention (and the projection) initialised fresh.
 
         Returns the model and the names of the freshly initialised tensors. Raises CheckpointError when a
-        checkpoint is of the wrong family, the tokenizers differ, or any other tensor differs in name or shape.
+        checkpoint is of the wrong family, does not speak the tokenizer of its side of `data_dir` (without
+        data_dir: when the two checkpoints' tokenizers differ), or any other tensor differs in name or shape.
         """
         bert, gpt = load_pretrained(bert_ckpt, "bert"), load_pretrained(gpt_ckpt, "gpt")
-        check_same_tokenizer(bert_ckpt, gpt_ckpt)
+        check_tokenizers(bert, gpt, data_dir)
         config = Seq2SeqConfig(encoder=bert.model_config, decoder=replace(gpt.model_config, add_cross_attention=True))
         model = cls(config)
         enc_source = {k.removeprefix("bert."): v for k, v in bert.model.state_dict().items() if k.startswith("bert.")}

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.tokenizer import load_translation_tokenizers
 from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from pretrain.hf_import import check_tokenizer_matches_data
 
 _SHOW = 5  # how many offending names an error message lists
 
@@ -43,10 +45,28 @@ def load_pretrained(path: Path, expected_arch: str) -> LoadedCheckpoint:
 
 
 def check_same_tokenizer(first: Path, second: Path) -> None:
-    """Encoder and decoder must have been pretrained on the one shared tokenizer (docs/design.md)."""
+    """Without prepared data to compare with, encoder and decoder must share one tokenizer (docs/design.md)."""
     a, b = Path(first) / "tokenizer.json", Path(second) / "tokenizer.json"
     if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
-        raise CheckpointError(f"{a} and {b} differ: encoder and decoder must share one tokenizer (docs/design.md)")
+        raise CheckpointError(f"{a} and {b} differ: encoder and decoder must share one tokenizer (docs/design.md), "
+                              "unless the data gives each side its own (data.target_tokenizer_path)")
+
+
+def check_tokenizers(encoder: LoadedCheckpoint, decoder: LoadedCheckpoint, data_dir: Path | None) -> None:
+    """Each half must speak its side of the data: the encoder the source tokenizer (tokenizer.json), the decoder
+    the target one (target_tokenizer.json where the data has one, else the shared tokenizer.json), and have an
+    embedding row for every id of it."""
+    if data_dir is None:
+        check_same_tokenizer(encoder.path, decoder.path)
+        return
+    pair = load_translation_tokenizers(data_dir)
+    for ckpt, key, tok, rows in ((encoder, "encoder_checkpoint", pair.source, encoder.model_config.vocab_size),
+                                 (decoder, "decoder_checkpoint", pair.target, decoder.model_config.vocab_size)):
+        check_tokenizer_matches_data(ckpt.path, Path(data_dir), key, target=key == "decoder_checkpoint")
+        if tok.get_vocab_size() > rows:
+            side = "source" if key == "encoder_checkpoint" else "target"
+            raise CheckpointError(f"'{key}': {ckpt.path} has {rows} embedding rows, but the data's {side} tokenizer "
+                                  f"has {tok.get_vocab_size()} tokens ({data_dir})")
 
 
 def copy_matching(target: nn.Module, source: dict[str, Tensor], where: str,

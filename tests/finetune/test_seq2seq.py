@@ -43,8 +43,9 @@ def test_config_round_trips_through_asdict() -> None:
         Seq2SeqConfig.from_dict({**dataclasses.asdict(cfg), "decoder": {"n_embed": 3}})
     with pytest.raises(ValueError, match="add_cross_attention"):
         Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config())
-    with pytest.raises(ValueError, match="vocab_size"):
-        Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config(vocab_size=99, add_cross_attention=True))
+    # two released checkpoints, two vocabularies: the decoder's need not be the encoder's
+    two = Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config(vocab_size=99, add_cross_attention=True))
+    assert WarmStartedSeq2Seq(two).decoder.lm_head.weight.shape[0] == 99
 
 
 @pytest.mark.parametrize("dec_width", [64, 32])
