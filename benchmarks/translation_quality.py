@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.config import load_config  # noqa: E402
-from cluster.jobs import FinetuneJob, PrepareJob  # noqa: E402
+from cluster.jobs import FinetuneJob, PrepareJob, PretrainJob  # noqa: E402
 
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k" / "raw"
 ARCHES = {
@@ -54,20 +54,27 @@ def prepared(work: Path) -> Path:
     return out
 
 
-def train_for(job: FinetuneJob, minutes: float, log_every: int = 50) -> tuple[torch.nn.Module, int, float]:
-    """Train in this process until the budget is spent; returns (model, steps, final train loss)."""
+def train_for(job: FinetuneJob | PretrainJob, minutes: float, log_every: int = 50,
+              max_steps: int | None = None, fresh_weights: bool = False,
+              losses: list[float] | None = None) -> tuple[torch.nn.Module, int, float]:
+    """Train in this process until the budget (or max_steps) is spent; returns (model, steps, final train loss).
+    fresh_weights: re-initialise the built model (a warm-started architecture trained from scratch instead);
+    losses: a list every step's training loss is appended to."""
     from cluster.tasks import TASKS, preflight
 
     job = preflight(job)
     torch.manual_seed(job.trainer.seed)
     parts = TASKS[job.task](job, 0, 1)
     module = parts.module
+    if fresh_weights:
+        module.model.init_weights()
     opt_cfg = module.configure_optimizers()
     optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     module.model.train()
     deadline, steps, loss = time.monotonic() + 60 * minutes, 0, float("nan")
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and steps != max_steps:
         for batch in parts.train_loader:
+            module.manual_step = steps  # scheduled sampling's step (TranslationModule) without a Trainer
             out = module.compute(batch, "train")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -75,21 +82,24 @@ def train_for(job: FinetuneJob, minutes: float, log_every: int = 50) -> tuple[to
             optimizer.step()
             scheduler.step()
             steps, loss = steps + 1, out["loss"].item()
+            if losses is not None:
+                losses.append(loss)
             if steps % log_every == 0:
                 print(f"  step {steps} loss {loss:.3f}", flush=True)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or steps == max_steps:
                 break
     return module.model.eval(), steps, loss
 
 
-def score(model: torch.nn.Module, data_dir: Path) -> dict[str, float]:
+def score(model: torch.nn.Module, data_dir: Path, limit: int | None = None) -> dict[str, float]:
+    """BLEU/chrF on test_2016_flickr (its first `limit` sentences when given: smoke runs only)."""
     from tokenizers import Tokenizer
 
     from finetune.translate import evaluate_translation
 
     tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
-    srcs = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()
-    refs = (MULTI30K / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()
+    srcs = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:limit]
+    refs = (MULTI30K / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[:limit]
     start = time.perf_counter()
     scores, _ = evaluate_translation(model, tokenizer, srcs, refs, beam_size=5, length_penalty="gnmt", alpha=0.6,
                                      max_len=64, batch_size=64)

@@ -59,6 +59,16 @@ def test_classification_metrics_known_values() -> None:
     assert report["accuracy"] == pytest.approx(4 / 6)
 
 
+def test_mcc_of_a_constant_predictor_is_zero_at_any_size() -> None:
+    # torchmetrics' binary eps smoothing gave +-0.005 on 3,357 rows (the SST-2 validation split), growing with size
+    gold = [1] * 1926 + [0] * 1431
+    assert mcc([1] * len(gold), gold) == 0.0
+    assert mcc([0] * len(gold), gold) == 0.0
+    assert mcc([1, 0, 1, 0], [1] * 4) == 0.0  # constant labels: also 0/0
+    assert mcc([1] * 4, [1] * 4) == pytest.approx(1.0)  # all right or all wrong keep their limits
+    assert mcc([0] * 4, [1] * 4) == pytest.approx(-1.0)
+
+
 def test_macro_f1_ignores_classes_absent_from_labels_and_predictions() -> None:
     assert macro_f1([0, 1], [0, 1], num_classes=10) == pytest.approx(1.0)
 
