@@ -17,6 +17,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
 
 EPILOG = ("Overrides: dotted keys after the config, e.g. "
           "`kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`.")
+TRAINING_EPILOG = (f"{EPILOG} Exit codes: 0 done; 2 bad input (one line names the file or key); {EXIT_PREEMPTED} "
+                   "stopped on SIGTERM (or a file <out>/STOP) after every worker checkpointed the same step: rerun "
+                   "with trainer.resume=auto to continue.")
 
 
 def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -45,7 +48,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         help="pretrain a BERT (MLM+NSP) or GPT (causal LM) on Ray Train + Lightning",
         description="Pretrain on prepared shards with N Ray Train workers, each a Lightning Trainer "
         "(DDP or DeepSpeed ZeRO-1/2/3).",
-        epilog=EPILOG,
+        epilog=TRAINING_EPILOG,
     )
     _config_args(p, "run directory: checkpoints, metrics.csv, loss curve, W&B offline run [runs/pretrain]")
     p = sub.add_parser(
@@ -55,7 +58,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         "new cross-attention, a [CLS] classifier on a BERT encoder, or (decoder_checkpoint alone) a GPT last-token "
         "classifier. A `model` section trains a baseline from scratch instead: model.arch=transformer | lstm | "
         "lstm_attention (model.attention=bahdanau | luong_dot | luong_general) | convs2s | lstm_classifier.",
-        epilog=EPILOG,
+        epilog=TRAINING_EPILOG,
     )
     _config_args(p, "run directory [runs/finetune]")
 

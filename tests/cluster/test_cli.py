@@ -10,6 +10,7 @@ import pytest
 
 from cluster.cli import build_parser
 from cluster.config import ConfigError
+from cluster.preemption import EXIT_PREEMPTED, Preempted
 from cluster.rundir import MARKER, prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,3 +89,21 @@ def test_overrides_after_options_are_collected(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["pretrain", "--config", "configs/tiny-bert.yaml", "--bogus"])
     assert exit_info.value.code == 2
+
+
+def test_a_preempted_run_exits_75_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster import cli
+
+    def preempted(args: object) -> int:
+        raise Preempted("bert", 12, Path("runs/x/checkpoints/step-0000012"))
+
+    monkeypatch.setattr(cli, "_handler", lambda args: preempted)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--config", "configs/tiny-bert.yaml"])
+    assert exit_info.value.code == EXIT_PREEMPTED == 75
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["[bert] preempted: every worker stopped at step 12 and checkpointed to "
+                                    "runs/x/checkpoints/step-0000012; run the same command with trainer.resume=auto "
+                                    "to continue"]
+    assert "Traceback" not in out.err
