@@ -267,9 +267,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _config(QuickstartJob, args)
     if cfg is None:
         return 0
+    from cluster.preemption import Preempted
     from cluster.quickstart import run_quickstart
 
-    report = run_quickstart(cfg, args.out or Path("runs/quickstart"), overwrite=args.overwrite)
+    try:
+        report = run_quickstart(cfg, args.out or Path("runs/quickstart"), overwrite=args.overwrite)
+    except Preempted as stopped:  # its stages chain into one another: a stopped one is not resumed on its own
+        raise Preempted(stopped.stage, stopped.step, stopped.checkpoint,
+                        hint="the quickstart does not resume: run it again with --overwrite") from None
     print(f"[quickstart] report: {report}")
     return 0
 

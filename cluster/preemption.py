@@ -30,13 +30,16 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, run the same comm
 STOP_GRACE_S = 300
 
 
+RESUME_HINT = "run the same command with trainer.resume=auto to continue"
+
+
 class Preempted(Exception):
     """The run stopped early on request and wrote a checkpoint to continue from."""
 
-    def __init__(self, stage: str, step: int, checkpoint: Path) -> None:
+    def __init__(self, stage: str, step: int, checkpoint: Path, hint: str = RESUME_HINT) -> None:
         super().__init__(f"[{stage}] preempted: every worker stopped at step {step} and checkpointed to "
-                         f"{checkpoint}; run the same command with trainer.resume=auto to continue")
-        self.step, self.checkpoint = step, checkpoint
+                         f"{checkpoint}; {hint}")
+        self.stage, self.step, self.checkpoint = stage, step, checkpoint
 
 
 def stop_file(out_dir: Path) -> Path:

@@ -107,3 +107,20 @@ def test_a_preempted_run_exits_75_with_one_line(monkeypatch: pytest.MonkeyPatch,
                                     "runs/x/checkpoints/step-0000012; run the same command with trainer.resume=auto "
                                     "to continue"]
     assert "Traceback" not in out.err
+
+
+def test_a_preempted_quickstart_says_it_starts_over(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import cluster.quickstart
+    from cluster import cli
+
+    def stopped(*args: object, **kwargs: object) -> Path:
+        raise Preempted("gpt", 3, Path("runs/q/gpt/checkpoints/step-0000003"))
+
+    monkeypatch.setattr(cluster.quickstart, "run_quickstart", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quickstart", "--out", "runs/never-written"])
+    assert exit_info.value.code == EXIT_PREEMPTED
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[gpt] preempted: every worker stopped at step 3")
+    assert line.endswith("the quickstart does not resume: run it again with --overwrite")
