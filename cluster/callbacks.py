@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch import nn
+from torch import Tensor, nn
 
 from pretrain.checkpoint import (
     MODEL_FILE,
@@ -138,15 +138,16 @@ class KilnCheckpoint(pl.Callback):
             return
         rngs = _gather_rng_states()
         model: nn.Module = pl_module.model
-        with _gathered(trainer, model):
-            if trainer.global_rank == 0:
-                path = self.root / f"step-{trainer.global_step:07d}"
-                if not path.exists():
-                    save_checkpoint(path, model, self.model_config, self.tokenizer_file, job_config=self.job_config,
-                                    trainer_state=self._trainer_state(trainer, rngs),
-                                    data_manifest=self.data_manifest)
-                    prune_checkpoints(self.root, self.keep_last)
-                self.last_saved = path
+        # ZeRO-3 partitions the weights: rank 0 gets them whole, gathered one module at a time (a collective).
+        weights = zero3_state_dict(model, trainer.global_rank) if _zero_stage(trainer) == 3 else None
+        if trainer.global_rank == 0:
+            path = self.root / f"step-{trainer.global_step:07d}"
+            if not path.exists():
+                save_checkpoint(path, model, self.model_config, self.tokenizer_file, job_config=self.job_config,
+                                trainer_state=self._trainer_state(trainer, rngs), data_manifest=self.data_manifest,
+                                state_dict=weights)
+                prune_checkpoints(self.root, self.keep_last)
+            self.last_saved = path
         self._saved_step = trainer.global_step
         trainer.strategy.barrier("kiln-checkpoint")
 
@@ -250,23 +251,26 @@ def _zero_stage(trainer: pl.Trainer) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
 
 
-class _gathered:
-    """Context manager: full parameters on every rank while inside (a no-op unless ZeRO-3 partitions them)."""
+def zero3_state_dict(model: nn.Module, rank: int) -> dict[str, Tensor] | None:
+    """ZeRO-3: `model.state_dict()` (same keys) on rank 0, None elsewhere. Each module's own parameters are gathered
+    in turn and copied to CPU, so no rank ever holds more than one module's full weights (gathering the whole model
+    at once would undo ZeRO-3's memory saving at every save). A collective: every rank calls it."""
+    import deepspeed
 
-    def __init__(self, trainer: pl.Trainer, model: nn.Module) -> None:
-        self.ctx = None
-        if _zero_stage(trainer) == 3:
-            import deepspeed
-
-            self.ctx = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+    state: dict[str, Tensor] = {}
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(list(own.values()), modifier_rank=0):
+            if rank == 0:
+                for name, param in own.items():
+                    state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
+        if rank == 0:  # buffers are not partitioned
+            for name, buffer in module.named_buffers(recurse=False):
+                if name not in module._non_persistent_buffers_set:
+                    state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu().clone()
+    if rank != 0:
+        return None
+    return {key: state[key] for key in model.state_dict(keep_vars=True)}  # state_dict's order (and its tied keys)
 
 
 def set_threads(cpus: int) -> None:

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cluster.callbacks import zero3_state_dict
 from cluster.jobs import ClusterConfig
 from finetune.models.classifier import EncoderClassifier
 from finetune.module import ClassificationModule
@@ -130,6 +131,13 @@ def _zero3_build(family: str, strategy: Any) -> KilnModule:
     assert gathered.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(gathered[key], value), key
+    # What a checkpoint save writes: the same weights, on rank 0 only, gathered one module at a time.
+    consolidated = zero3_state_dict(module.model, int(os.environ["RANK"]))
+    if int(os.environ["RANK"]) != 0:
+        assert consolidated is None
+    else:
+        assert list(consolidated) == list(expected)
+        assert [key for key, value in expected.items() if not torch.equal(consolidated[key], value)] == []
     if family == "bert":
         model = module.model
         assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
