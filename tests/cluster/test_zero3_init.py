@@ -230,7 +230,7 @@ def test_zero_matches_ddp_over_20_steps(tmp_path: Path) -> None:
     bert_ckpt = save_checkpoint(tmp_path / "bert", BertForPreTraining(cfg), cfg)
     mp.spawn(_rank, args=(_free_port(), bert_ckpt, tmp_path), nprocs=WORLD, join=True)
     for rank in range(WORLD):
-        results = torch.load(tmp_path / f"losses-{rank}.pt")
+        results = torch.load(tmp_path / f"losses-{rank}.pt", weights_only=True)
         for (family, stage), (zero, ddp) in results.items():
             where = f"{family}, ZeRO-{stage}, rank {rank}"
             assert len(zero) == len(ddp) == STEPS

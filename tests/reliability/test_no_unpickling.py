@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("cluster", "data_pipeline", "pretrain", "finetune", "benchmarks")
+PACKAGES = ("cluster", "data_pipeline", "pretrain", "finetune", "benchmarks", "tests")
 FORBIDDEN = {("pickle", "load"), ("pickle", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
              ("joblib", "load"), ("dill", "load"), ("dill", "loads"), ("pickle", "Unpickler")}
 
