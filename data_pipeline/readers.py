@@ -9,7 +9,8 @@ whole file is at fault), so a user can go straight to the culprit.
 Formats, by file name (a trailing .gz is looked through, except for Parquet):
     .jsonl .json   one JSON object per line          columns are keys
     .csv           comma-separated, header row       columns are header names; quoted fields may span lines
-    .tsv           tab-separated, header row         positional (no header) for pairs without src/tgt_column
+    .tsv           tab-separated, header row         no header for pairs without src/tgt_column (2 columns)
+                                                     or with column indices (src_column: 1, tgt_column: 0)
     .parquet       Parquet                           the number in messages is the row (1-based)
     anything else  plain text: documents by `text_unit`; pairs and labelled rows as .tsv
 """
@@ -23,6 +24,7 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import IO, TYPE_CHECKING
 
 import pyarrow as pa
@@ -56,8 +58,8 @@ class ReadOptions:
     encoding_errors: str = "strict"
     text_column: str = "text"
     label_column: str = "label"
-    src_column: str | None = None
-    tgt_column: str | None = None
+    src_column: str | int | None = None  # a header name, or a 0-based index into a header-less TSV line
+    tgt_column: str | int | None = None
     labels: tuple[str, ...] | None = None  # the allowed labels; None: any (the set is inferred)
 
     @classmethod
@@ -65,8 +67,9 @@ class ReadOptions:
         return cls(kind, cfg.text_unit, cfg.wikitext_headings, cfg.encoding_errors, cfg.text_column,
                    cfg.label_column, cfg.src_column, cfg.tgt_column, tuple(cfg.labels) if cfg.labels else None)
 
-    def columns(self, fmt: str) -> dict[str, str] | None:
-        """Config key -> column name, in KIND_FIELDS order; None: positional (pairs in header-less TSV)."""
+    def columns(self, fmt: str, path: str = "") -> Columns | None:
+        """Config key -> column name (or index), in KIND_FIELDS order; None: two positional columns
+        (pairs in header-less TSV)."""
         if self.kind == "documents":
             return {"text_column": self.text_column}
         if self.kind == "labelled":
@@ -76,6 +79,10 @@ class ReadOptions:
         if self.src_column is None or self.tgt_column is None:
             raise DataError(f"src_column: {fmt} pairs need both src_column and tgt_column "
                             f"(got {self.src_column!r}, {self.tgt_column!r})")
+        if isinstance(self.src_column, int) and fmt not in ("tsv", "text"):
+            where = f"{path} is {fmt}" if path else f"the input is {fmt}"
+            raise DataError(f"src_column: column indices ({self.src_column}, {self.tgt_column}) are for "
+                            f"header-less tab-separated files, but {where}; name the columns instead")
         return {"src_column": self.src_column, "tgt_column": self.tgt_column}
 
 
@@ -191,7 +198,9 @@ def _misaligned(short: str, line: int, long_: str, long_lines: int) -> None:
 
 # ------------------------------------------------------------------------------------------- records
 
-Columns = dict[str, str]  # config key ("text_column", ...) -> column name, in the order values come back
+# config key ("text_column", ...) -> column name, in the order values come back; an int is a 0-based
+# column index into a header-less TSV line (src_column / tgt_column only)
+Columns = dict[str, str | int]
 Record = tuple[int, list[object], int]  # (line or row number, values, lines with replaced bytes)
 
 
@@ -204,9 +213,26 @@ def file_rows(path: str, partner: str, opts: ReadOptions) -> Iterator[dict]:
     if opts.kind == "documents" and fmt == "text":
         yield from text_documents(path, opts)
         return
-    columns = opts.columns(fmt)
+    columns = opts.columns(fmt, path)
     for number, values, bad in records(path, fmt, columns, opts.encoding_errors):
         yield make_row(path, number, values, bad, opts, columns)
+
+
+def check_file(path: str, partner: str, opts: ReadOptions, limit: int | None = None) -> int:
+    """Parse a file (or an aligned pair) as `file_rows` does, keeping nothing; the rows checked.
+
+    The driver's pre-flight check before Ray starts: every DataError the Ray tasks would raise, it raises.
+    Plain-text documents are checked line by line (one document may be a whole file, text_unit: file), so
+    memory stays flat whatever the size; `limit` stops after that many rows (lines).
+    """
+    if not partner and opts.kind == "documents" and file_format(path) == "text":
+        rows: Iterator[object] = iter_lines(path, opts.encoding_errors)
+    else:
+        rows = file_rows(path, partner, opts)
+    try:
+        return sum(1 for _ in islice(rows, limit))
+    finally:
+        rows.close()  # type: ignore[attr-defined]  # a generator: closes the file when stopped early
 
 
 def make_row(path: str, number: int, values: list[object], replaced: int, opts: ReadOptions,
@@ -290,11 +316,14 @@ def _csv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Re
 
 
 def _tsv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Record]:
-    """Tab-separated, no quoting; a header names the columns unless `columns` is None (then exactly 2)."""
+    """Tab-separated, no quoting. `columns` None: no header, exactly 2 columns; column indices: no header,
+    every line as wide as the first; column names: the first non-blank line is the header."""
     lines = iter_lines(path, errors)
     index: list[int] | None = None
-    width = 2
-    if columns is not None:
+    width: int | None = 2
+    if columns is not None and all(isinstance(c, int) for c in columns.values()):
+        index, width = [int(c) for c in columns.values()], None  # the first line sets the width
+    elif columns is not None:
         for number, line, _ in lines:
             if line.strip():
                 header = line.split("\t")
@@ -304,10 +333,21 @@ def _tsv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Re
         if not line.strip():
             continue
         fields = line.split("\t")
+        if width is None:
+            width = _indexed_width(path, number, len(fields), columns or {})
         if len(fields) != width:
             what = "tab-separated columns" if index is not None else "tab-separated columns (source, target)"
             raise DataError(f"{path}:{number}: expected {width} {what}, found {len(fields)}")
         yield number, list(fields) if index is None else [fields[i] for i in index], bad
+
+
+def _indexed_width(path: str, number: int, width: int, columns: Columns) -> int:
+    """The first line's width, which every column index must fit (indices count from 0)."""
+    for key, column in columns.items():
+        if not isinstance(column, int) or column >= width:
+            raise DataError(f"{path}:{number}: {key} {column} is out of range: the line has {width} "
+                            f"tab-separated columns (indices 0-{width - 1})")
+    return width
 
 
 def _parquet_records(path: str, columns: Columns | None, errors: str) -> Iterator[Record]:

@@ -1,4 +1,4 @@
-"""Tokenizers: train one of three kinds, or load an existing vocabulary; special tokens at fixed ids.
+"""Tokenizers: train one of four kinds, or load an existing vocabulary; special tokens at fixed ids.
 
 Kiln-trained tokenizers put `[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 [BOS]=5 [EOS]=6` (docs/design.md).
 A loaded vocabulary (a released BERT `vocab.txt`, GPT-2 `vocab.json`+`merges.txt`) keeps its own ids, so
@@ -39,6 +39,22 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def _train_plain_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """BPE over characters, not bytes (as subword-nmt and SentencePiece's BPE): a space becomes "▁" and
+    starts the next word's token, so decode(encode(x)) == x for text of characters seen in training; a
+    character never seen is [UNK]. The alphabet is capped so the vocabulary stays within `vocab_size`."""
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    # prepend_scheme "never": no space is invented before the first word, as byte-level BPE does not
+    # (add_prefix_space=False); every space is kept, so the decoder restores the text exactly.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  limit_alphabet=vocab_size - len(SPECIAL_TOKENS))
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
 def _train_wordpiece(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     """Cased BERT-style WordPiece (whitespace and punctuation are split off, so decoding is not exact)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -67,6 +83,7 @@ def _train_char(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 
 TOKENIZER_KINDS: dict[str, Callable[[Iterator[str], int], Tokenizer]] = {
     "bpe": _train_bpe,
+    "plain_bpe": _train_plain_bpe,
     "wordpiece": _train_wordpiece,
     "char": _train_char,
 }

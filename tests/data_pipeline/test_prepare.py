@@ -36,6 +36,64 @@ def test_non_empty_output_is_refused_before_any_work(tmp_path: Path, monkeypatch
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
 
 
+def _bad_inputs(tmp: Path) -> list[tuple[DataConfig, str]]:
+    """(config, error) for each kind of bad input; every file is fine up to its bad line."""
+    good = "".join(f"sentence {i}\tphrase {i}\n" for i in range(100))
+    tsv = write(tmp / "cols.tsv", good + "one\ttwo\tthree\n")
+    de, en = write(tmp / "a.de", "eins\nzwei\ndrei\n"), write(tmp / "a.en", "one\ntwo\n")
+    sst = write(tmp / "sst.tsv", "sentence\tlabel\n" + "".join(f"review {i}\t{i % 2}\n" for i in range(50)))
+    empty, gz = write(tmp / "empty.txt", "\n \n"), write(tmp / "packed.txt", "some text\n", gz=True)
+    utf8 = write(tmp / "latin1.txt", b"fine\n" * 40 + b"caf\xe9\n")
+    tatoeba = write(tmp / "kor.txt", "Hi.\t안녕.\tCC-BY 2.0 (France)\n" * 3)
+    text = {"source": "text", "tasks": ["clm"]}
+    pairs = {"source": "parallel", "tasks": ["translation"]}
+    return [
+        (DataConfig(**text, paths=[str(empty)]), rf"^{empty}: file is empty$"),
+        (DataConfig(**text, paths=[str(utf8)]), rf"^{utf8}:41: not valid UTF-8 \(byte 0xe9 at column 4\)"),
+        (DataConfig(**text, paths=[str(gz)]), rf"^{gz}:1: gzip-compressed data but the name does not end in .gz"),
+        (DataConfig(**text, paths=[str(tmp / "gone.txt")]), rf"^{tmp}/gone.txt: no such file or directory"),
+        (DataConfig(**pairs, paths=[str(tsv)]), rf"^{tsv}:101: expected 2 tab-separated columns \(source, target\)"),
+        (DataConfig(**pairs, paths=[str(de), str(en)]), rf"^{en}:3: file ends here but {de} has 3 lines"),
+        (DataConfig(**pairs, paths=[str(tatoeba)], src_column=3, tgt_column=0),
+         rf"^{tatoeba}:1: src_column 3 is out of range: the line has 3 tab-separated columns"),
+        (DataConfig(source="labelled", paths=[str(sst)], tasks=["classification"], text_column="sentence",
+                    labels=["0"]), rf"^{sst}:3: label '1' is not one of the given labels \['0'\] \(labels\)$"),
+    ]
+
+
+def test_bad_input_fails_before_ray_starts_and_leaves_no_output(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for bad input")
+
+    monkeypatch.setattr(prepare_module, "init_ray", no_ray)
+    monkeypatch.setattr(ray, "init", no_ray)
+    (tmp_path / "in").mkdir()
+    for cfg, message in _bad_inputs(tmp_path / "in"):
+        with pytest.raises(DataError, match=message):
+            prepare(cfg, tmp_path / "runs" / "out")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in"], message  # no output, its parent or temporary
+
+
+def test_data_prepare_command_fails_in_one_line_with_exit_2_before_ray(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli import main
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray was started for bad input")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    bad = write(tmp_path / "pairs.tsv", "one\tun\ntwo\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "prepare", "data.source=parallel", f"data.paths=[{bad}]", "data.tasks=[translation]",
+              "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{bad}:2: expected 2 tab-separated columns (source, target), found 1") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     if ray.is_initialized():  # another test module's Ray: use it, leave it running
@@ -52,7 +110,8 @@ def _files(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, tmp_path: Path) -> None:
+def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     messages: list[str] = []
     manifest = prepare(TINY, tmp_path / "a", progress=messages.append)
     (tmp_path / "b").mkdir()  # an existing empty directory is fine
@@ -94,7 +153,9 @@ def test_prepare_sample_is_complete_deterministic_and_loadable(local_ray: None, 
     assert files["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
     assert read_manifest(tmp_path / "files" / "classification")["labels"] == ["bad", "fine", "good"]
 
-    # Bad input found inside a Ray task comes back as a DataError naming the file and line.
+    # Bad input found inside a Ray task (the driver's pre-flight check skipped, as for a bad line past the head
+    # of a large input) comes back as a DataError naming the file and line.
+    monkeypatch.setattr(prepare_module, "preflight", lambda cfg, inputs: None)
     bad = write(tmp_path / "pairs.tsv", "one\tun\ntwo\tdeux\tzwei\n")
     with pytest.raises(DataError, match=rf"^{bad}:2: expected 2 tab-separated columns"):
         prepare(DataConfig(source="parallel", paths=[str(bad)], tasks=["translation"]), tmp_path / "c")
@@ -107,7 +168,8 @@ WIKI = "".join(f" = Article {a} =\n\n" + "".join(f" Paragraph {p} of article {a}
 
 
 @pytest.mark.e2e
-def test_prepare_reads_files_of_every_kind_and_names_bad_input(local_ray: None, tmp_path: Path) -> None:
+def test_prepare_reads_files_of_every_kind_and_names_bad_input(local_ray: None, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     wiki = write(tmp_path / "wiki.txt.gz", WIKI, gz=True)
     gpt = DataConfig(source="text", paths=[str(wiki)], text_unit="file", wikitext_headings=True, tasks=["clm"],
                      seq_len=16, tokenizer="char", vocab_size=100, validation_fraction=0.1)
@@ -137,7 +199,9 @@ def test_prepare_reads_files_of_every_kind_and_names_bad_input(local_ray: None, 
     train = read_split(tmp_path / "sst" / "classification", "train").to_pylist()
     assert all(r["label"] == (0 if r["text"].endswith("good") or r["text"].startswith("caf") else 1) for r in train)
 
-    # Bad input found inside a Ray task: a one-line DataError naming file and line, and nothing written.
+    # Bad input found inside a Ray task (pre-flight skipped): a one-line DataError naming file and line, and
+    # nothing written.
+    monkeypatch.setattr(prepare_module, "preflight", lambda cfg, inputs: None)
     de, en = write(tmp_path / "pairs.de", "eins\nzwei\ndrei\n"), write(tmp_path / "pairs.en", "one\ntwo\n")
     bad_cases = [
         (DataConfig(**{**cls.to_dict(), "encoding_errors": "strict"}), rf"^{sst}:62: not valid UTF-8"),
@@ -211,3 +275,19 @@ def test_label_names_given_from_classlabel_or_inferred() -> None:
     assert prepare_module._label_names(infer, {"label_names": {"label": ["2", "10"]}}, table) == ["2", "10"]
     with pytest.raises(DataError, match=r"^f:1: label '10' is not one of the given labels \['2'\] \(labels\)$"):
         prepare_module._label_names(infer, {"label_names": {"label": ["2"]}}, table)
+
+
+@pytest.mark.e2e
+def test_prepare_reads_tatoeba_columns_by_index_with_plain_bpe(local_ray: None, tmp_path: Path) -> None:
+    # The current Tatoeba release: english<TAB>other<TAB>attribution, no header; ko -> en is columns 1 -> 0.
+    lines = (f"I see {i} cats.\t고양이 {i} 마리가 보여요.\tCC-BY 2.0 (France) #{i}\n" for i in range(200))
+    tatoeba = write(tmp_path / "kor.txt", "".join(lines))
+    cfg = DataConfig(source="parallel", paths=[str(tatoeba)], src_column=1, tgt_column=0, tasks=["translation"],
+                     tokenizer="plain_bpe", vocab_size=200, validation_fraction=0.1, test_fraction=0.1)
+    manifest = prepare(cfg, tmp_path / "ko-en")
+    assert manifest["sources"]["pairs"]["rows_read"] == 200 and manifest["tokenizer"]["kind"] == "plain_bpe"
+    tok = load_tokenizer(tmp_path / "ko-en" / "tokenizer.json")
+    eos = manifest["special_tokens"]["[EOS]"]
+    for row in read_split(tmp_path / "ko-en" / "translation", "train").to_pylist():
+        assert row["src_text"].startswith("고양이") and row["tgt_text"].startswith("I see")
+        assert tok.decode(row["src_ids"][:-1]) == row["src_text"] and row["src_ids"][-1] == eos  # exact round trip

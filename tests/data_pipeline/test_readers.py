@@ -124,6 +124,31 @@ def test_tsv_wrong_column_count_names_the_line(tmp_path: Path) -> None:
         rows(named, "pairs", src_column="en", tgt_column="fr")
 
 
+def test_column_indices_read_header_less_tsv_such_as_tatoeba(tmp_path: Path) -> None:
+    # The current Tatoeba release: english<TAB>other<TAB>attribution, no header; ko -> en is columns 1 -> 0.
+    tatoeba = write(tmp_path / "kor.txt", "Hi.\t안녕.\tCC-BY 2.0 (France) #1 (a) & #2 (b)\n\n"
+                                          "Run!\t뛰어!\tCC-BY 2.0 (France) #3 (c) & #4 (d)\n")
+    assert [(r["src"], r["tgt"], r["origin"]) for r in rows(tatoeba, "pairs", src_column=1, tgt_column=0)] == [
+        ("안녕.", "Hi.", f"{tatoeba}:1"), ("뛰어!", "Run!", f"{tatoeba}:3")]
+    tsv = write(tmp_path / "pairs.tsv", "en\tfr\none\tun\n")  # a .tsv with indices has no header either
+    assert [(r["src"], r["tgt"]) for r in rows(tsv, "pairs", src_column=0, tgt_column=1)] == [("en", "fr"),
+                                                                                              ("one", "un")]
+
+
+def test_column_index_out_of_range_or_width_change_names_file_and_line(tmp_path: Path) -> None:
+    two = write(tmp_path / "two.txt", "\nHi.\tSalut.\n")
+    with pytest.raises(DataError, match=rf"^{two}:2: src_column 2 is out of range: the line has 2 tab-separated "
+                                        r"columns \(indices 0-1\)$"):
+        rows(two, "pairs", src_column=2, tgt_column=0)
+    ragged = write(tmp_path / "ragged.txt", "Hi.\tSalut.\tCC-BY\nRun!\tCours !\n")
+    with pytest.raises(DataError, match=rf"^{ragged}:2: expected 3 tab-separated columns, found 2$"):
+        rows(ragged, "pairs", src_column=1, tgt_column=0)
+    csv_file = write(tmp_path / "p.csv", "en,fr\none,un\n")
+    with pytest.raises(DataError, match=rf"^src_column: column indices \(1, 0\) are for header-less tab-separated "
+                                        rf"files, but {csv_file} is csv; name the columns instead$"):
+        rows(csv_file, "pairs", src_column=1, tgt_column=0)
+
+
 @pytest.mark.parametrize(("name", "content"), [
     ("p.csv", 'en,fr\none,un\n"two, too",deux\n'),
     ("p.jsonl", '{"en": "one", "fr": "un"}\n{"en": "two, too", "fr": "deux"}\n'),

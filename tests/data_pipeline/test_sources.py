@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,6 +71,59 @@ def test_two_plain_paths_are_a_line_aligned_pair(tmp_path: Path) -> None:
     tsvs = [str(write(tmp_path / f"{n}.tsv", "a\tb\n")) for n in "xy"]
     cfg = DataConfig(source="parallel", paths=tsvs, tasks=["translation"])
     assert sources._file_tasks(cfg, "pairs", tsvs) == [{"path": p, "partner": ""} for p in tsvs]
+
+
+# ---------------------------------------------------------------------------------------- pre-flight
+
+
+def _preflight(cfg: DataConfig) -> dict | None:
+    return sources.preflight(cfg, SOURCES[cfg.source].resolve(cfg))
+
+
+def test_preflight_parses_every_line_as_the_read_tasks_do(tmp_path: Path) -> None:
+    bad = write(tmp_path / "pairs.tsv", "".join(f"{i}\tdeux\n" for i in range(5000)) + "x\ty\tz\n")
+    cfg = DataConfig(source="parallel", paths=[str(bad)], tasks=["translation"])
+    with pytest.raises(DataError, match=rf"^{bad}:5001: expected 2 tab-separated columns \(source, target\), found 3$"):
+        _preflight(cfg)
+    good = write(tmp_path / "good.tsv", "one\tun\n")
+    assert _preflight(DataConfig(**{**cfg.to_dict(), "paths": [str(good)]})) == {
+        "files": 1, "bytes": good.stat().st_size, "rows": 1, "whole": True}
+    assert _preflight(DataConfig(tasks=["clm"])) is None  # the built-in sample: nothing to read
+
+
+def test_preflight_of_a_large_input_checks_the_head_of_each_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "PREFLIGHT_FULL_BYTES", 100)
+    monkeypatch.setattr(sources, "PREFLIGHT_HEAD_ROWS", 3)
+    late = write(tmp_path / "late.txt", b"a\nb\nc\nd\n" + b"e\n" * 50 + b"caf\xe9\n")  # bad byte on line 55
+    cfg = DataConfig(source="text", paths=[str(late)], text_unit="line", tasks=["clm"])
+    assert _preflight(cfg) == {"files": 1, "bytes": late.stat().st_size, "rows": 3, "whole": False}
+    monkeypatch.setattr(sources, "PREFLIGHT_FULL_BYTES", 1000)
+    with pytest.raises(DataError, match=rf"^{late}:55: not valid UTF-8"):  # whole: the last line is reached
+        _preflight(cfg)
+
+
+def test_preflight_streams_a_one_document_file_in_flat_memory(tmp_path: Path) -> None:
+    # text_unit: file makes the whole file one document for the Ray task; the check holds one line at a time.
+    big = write(tmp_path / "big.txt", "".join(f"line {i} of a large single document\n" for i in range(100_000)))
+    cfg = DataConfig(source="text", paths=[str(big)], text_unit="file", tasks=["clm"])
+    inputs = SOURCES["text"].resolve(cfg)
+    tracemalloc.start()
+    try:
+        assert sources.preflight(cfg, inputs)["rows"] == 100_000  # type: ignore[index]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert big.stat().st_size > 3_000_000 and peak < 500_000
+
+
+def test_preflight_reads_hugging_face_rows(saved_sst: Path) -> None:
+    cfg = DataConfig(source="hf", hf_name=str(saved_sst), text_column="sentence", tasks=["classification"],
+                     labels=["negative"])
+    with pytest.raises(DataError, match=r"data-00000-of-00001.arrow:2: label 'positive' is not one of the given"):
+        _preflight(cfg)
+    checked = _preflight(DataConfig(**{**cfg.to_dict(), "labels": None}))
+    assert checked is not None and checked["rows"] == 3 and checked["whole"]
 
 
 # ------------------------------------------------------------------------------------ Hugging Face

@@ -45,6 +45,17 @@ def test_byte_level_bpe_round_trips_exactly(corpus: list[str]) -> None:
     assert tok.token_to_id("[UNK]") == 1 and 1 not in tok.encode("unseen: Ω≈ç√∫").ids  # bytes cover everything
 
 
+def test_plain_bpe_merges_characters_and_round_trips_text_of_its_alphabet(corpus: list[str]) -> None:
+    tok = train_tokenizer("plain_bpe", corpus, vocab_size=800)
+    for text in [*TRICKY, *corpus[:10], " leading space", "two  spaces\n\nand lines"]:
+        assert tok.decode(tok.encode(text).ids) == text
+    assert tok.encode("the statement").tokens[-1].startswith("▁")  # a space starts the next word's token
+    assert not any(t.startswith("Ġ") for t in tok.get_vocab())  # characters, not GPT-2's byte symbols
+    assert tok.encode("\u2603").ids == [1]  # a character never seen is [UNK]: not byte-level
+    small = train_tokenizer("plain_bpe", corpus, vocab_size=64)
+    assert small.get_vocab_size() <= 64  # the alphabet is capped to fit the vocabulary
+
+
 def test_char_tokenizer_is_one_token_per_character(corpus: list[str]) -> None:
     tok = train_tokenizer("char", corpus, vocab_size=5000)
     text = "The if statement\n"
