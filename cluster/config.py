@@ -10,13 +10,19 @@ Two conventions the loader understands:
   preset; keys written in the YAML or on the command line win over it.
 - model families: a field typed as a union of dataclasses (`BertConfig | GPTConfig`) picks the member
   whose `arch` default equals the mapping's `arch` key.
+- locations: a field marked `field(metadata={"path": KIND})` holds a path (see `PATH_KINDS`).
+  `load_config` makes relative ones absolute against the directory `kiln` runs in, on the driver:
+  Ray Train workers run in another working directory, so a path they read must not depend on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -33,6 +39,16 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message is one line naming the key or file."""
 
 
+# The `metadata={"path": KIND}` kinds of location fields:
+#   "path": a file, directory or glob;
+#   "checkpoint": a Kiln checkpoint directory, a run directory (meaning its newest complete
+#     checkpoint), or `hf:<directory or Hub name>` (a Hub name is kept as written);
+#   "local_or_name": a local path where one exists, else a name (a Hub dataset) kept as written.
+PATH_KINDS = ("path", "checkpoint", "local_or_name")
+HF_PREFIX = "hf:"  # pretrain.hf_import's prefix, repeated: loading a config never imports torch
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://... are never relative
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
     """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, build `cls`."""
     raw = read_yaml(path) if path is not None else {}
@@ -42,7 +58,63 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         key, value = parse_override(item)
         set_dotted(raw, key, value)
         override_keys.add(key)
-    return build(cls, raw, source=source, override_keys=override_keys)
+    return resolve_paths(build(cls, raw, source=source, override_keys=override_keys))
+
+
+def absolute_path(value: str, cwd: str | Path | None = None) -> str:
+    """`value` made absolute against `cwd` (default: the working directory); a URI as it is."""
+    if _URI.match(value):
+        return value
+    return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(value)))
+
+
+def resolve_location(value: str, kind: str, cwd: str | Path | None = None) -> str:
+    """One location field's value with relative paths made absolute (see PATH_KINDS)."""
+    if kind == "path":
+        return absolute_path(value, cwd)
+    if kind == "local_or_name":
+        return absolute_path(value, cwd) if _is_local(value, cwd) else value
+    if value.startswith(HF_PREFIX):
+        name = value.removeprefix(HF_PREFIX)
+        return HF_PREFIX + absolute_path(name, cwd) if _is_local(name, cwd) else value
+    path = absolute_path(value, cwd)
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "manifest.json")):
+        return path  # a checkpoint itself, or a URI, or nothing yet: its loader says what is wrong
+    from pretrain.checkpoint import resolve_checkpoint  # imports torch: only for a run directory
+
+    return str(resolve_checkpoint(Path(path), warn=lambda msg: print(msg, file=sys.stderr)))
+
+
+def _is_local(value: str, cwd: str | Path | None) -> bool:
+    """Whether `value` is a path on this machine (or a glob that matches) rather than a name."""
+    if _URI.match(value):
+        return False
+    if value.startswith(("/", "./", "../", "~")):
+        return True
+    return bool(glob.glob(absolute_path(value, cwd)))
+
+
+def resolve_paths(cfg: T, cwd: str | Path | None = None) -> T:
+    """`cfg` (a dataclass tree, changed in place and returned), every location field resolved."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = f.metadata.get("path")
+        if kind is not None:
+            if kind not in PATH_KINDS:
+                raise TypeError(f"{type(cfg).__name__}.{f.name}: unknown path kind {kind!r}")
+            value = _resolve_value(value, kind, cwd)
+            object.__setattr__(cfg, f.name, value)  # object's: a frozen dataclass is resolved alike
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            resolve_paths(value, cwd)
+    return cfg
+
+
+def _resolve_value(value: Any, kind: str, cwd: str | Path | None) -> Any:
+    if isinstance(value, str):
+        return resolve_location(value, kind, cwd)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve_value(v, kind, cwd) for v in value)
+    return value  # None: not set
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from cluster.config import from_preset
+from cluster.config import ConfigError, from_preset
 from data_pipeline.config import DataConfig
 from finetune.models.classifier import LSTMClassifierConfig
 from finetune.models.convs2s import ConvS2SConfig
@@ -24,6 +28,28 @@ SCRATCH_ARCHES = {"transformer": "translation", "lstm": "translation", "lstm_att
 STRATEGY_NAMES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("never", "auto")
+# Where the installed Lightning lists the precision strings its Trainer takes (read, not imported:
+# importing Lightning costs seconds, and a config error must come at once).
+LIGHTNING_PRECISION_FILE = ("fabric", "plugins", "precision", "precision.py")
+LIGHTNING_PRECISION_NAMES = ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS")
+
+
+@functools.cache
+def lightning_precisions() -> tuple[str, ...]:
+    """The `precision=` strings the installed Lightning takes ("32-true", "bf16-mixed", "16"...)."""
+    spec = importlib.util.find_spec("lightning")  # a top-level package: found without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("trainer.precision: Lightning is not installed; cannot check a precision")
+    source = Path(next(iter(spec.submodule_search_locations)), *LIGHTNING_PRECISION_FILE)
+    values: list[str] = []
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in LIGHTNING_PRECISION_NAMES
+                                                for t in node.targets):
+            values += [c.value for c in ast.walk(node.value)
+                       if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+    if not values:
+        raise ConfigError(f"trainer.precision: found no precision values in {source}")
+    return tuple(values)
 
 
 @dataclass
@@ -59,6 +85,9 @@ class TrainerConfig:
                 raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
+        if self.precision not in lightning_precisions():
+            raise ValueError(f"'precision': unknown precision {self.precision!r} (choose from "
+                             f"{', '.join(lightning_precisions())})")
 
 
 @dataclass
@@ -113,11 +142,13 @@ class PrepareJob:
 
 @dataclass
 class PretrainJob:
-    data_dir: str = "runs/data"  # output of `kiln data prepare`
+    # output of `kiln data prepare`
+    data_dir: str = field(default="runs/data", metadata={"path": "path"})
     task: str = "mlm_nsp"  # mlm_nsp (BERT) | clm (GPT)
-    # Continued pretraining: start from these weights instead of a random init. A Kiln checkpoint directory of the
-    # task's family or `hf:<dir or hub name>` (imported on the driver). The model section is then the checkpoint's.
-    init_from: str | None = None
+    # Continued pretraining: start from these weights instead of a random init. A Kiln checkpoint
+    # directory of the task's family (or a run directory: its newest complete checkpoint) or
+    # `hf:<dir or hub name>` (imported on the driver). The model section is then the checkpoint's.
+    init_from: str | None = field(default=None, metadata={"path": "checkpoint"})
     # clm: packed documents do not attend to each other (positions restart at each [BOS], attention stays within
     # the document); off = GPT-2's plain packing, where a block's tokens see the previous documents in it.
     document_attention: bool = False
@@ -140,14 +171,16 @@ class PretrainJob:
 
 @dataclass
 class FinetuneJob:
-    data_dir: str = "runs/data"
+    data_dir: str = field(default="runs/data", metadata={"path": "path"})
     task: str = "translation"  # translation | classification
-    # A Kiln BERT checkpoint directory or hf:<dir or hub name>: the encoder of the warm-started translation model,
-    # or the classifier's encoder.
-    encoder_checkpoint: str | None = None
+    # A Kiln BERT checkpoint directory (or a run directory: its newest complete checkpoint) or
+    # hf:<dir or hub name>: the encoder of the warm-started translation model, or the classifier's
+    # encoder. Relative paths, here and in every path field, are against the working directory
+    # of `kiln` (cluster.config, "locations").
+    encoder_checkpoint: str | None = field(default=None, metadata={"path": "checkpoint"})
     # A Kiln GPT checkpoint directory or hf:<...>: the translation decoder; for classification given alone, the
     # classifier reads the GPT's last real token (gpt_classifier).
-    decoder_checkpoint: str | None = None
+    decoder_checkpoint: str | None = field(default=None, metadata={"path": "checkpoint"})
     # None: the task's pretrained model (warm-started seq2seq, or a BERT/GPT classifier). A baseline trained from
     # scratch: {arch: transformer | lstm | lstm_attention | convs2s} or {arch: lstm_classifier}, with its sizes.
     model: TransformerConfig | RNNSeq2SeqConfig | ConvS2SConfig | LSTMClassifierConfig | None = None

@@ -3,11 +3,57 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cluster.config import ConfigError
 
 MARKER = ".kiln-run"
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The errors that mean "the input is wrong" (the CLI prints them as one line, exit 2)."""
+    from data_pipeline.errors import DataError
+    from pretrain.checkpoint import CheckpointError
+
+    return ConfigError, DataError, CheckpointError
+
+
+@contextmanager
+def run_dir(out: Path, resume: str = "never", overwrite: bool = False) -> Iterator[Path]:
+    """The output directory of one run (see `prepare_run_dir`; with resume="auto" an earlier Kiln
+    run's is continued). When the run fails on bad input before it wrote a checkpoint, what this
+    command created is removed again, so a corrected rerun can use the same --out; a directory that
+    was there before is kept."""
+    out = Path(out)
+    created, was_empty = not out.exists(), out.is_dir() and not any(out.iterdir())
+    if resume == "auto" and (out / MARKER).is_file():
+        created = was_empty = False  # a run being continued: none of its files are this command's
+    else:
+        prepare_run_dir(out, overwrite)
+    try:
+        yield out
+    except user_error_types():
+        if (created or was_empty) and not _has_checkpoint(out):
+            _remove_made(out, keep_dir=not created)
+        raise
+
+
+def _has_checkpoint(out: Path) -> bool:
+    root = out / "checkpoints"
+    return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def _remove_made(out: Path, keep_dir: bool) -> None:
+    if not keep_dir:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 
 from cluster.jobs import PRETRAIN_TASKS, FinetuneJob, PretrainJob
 from data_pipeline.loader import make_loader, read_manifest
+from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from finetune.module import ClassificationModule, TranslationModule
@@ -172,10 +173,18 @@ def scratch_model(job: FinetuneJob, manifest: dict, labels: list[str] | None = N
 
 def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
     """Driver-side checks before any worker starts: data present, checkpoints of the right family, speaking the
-    data's vocabulary. `hf:` checkpoints are converted into `out_dir/imported/`; returns the job to launch."""
+    data's vocabulary, and the data holding what every worker will read. `hf:` checkpoints are
+    converted into `out_dir/imported/`; returns the job to launch."""
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    job = _check_model(job, manifest, out_dir)
+    check_prepared_data(job, manifest)
+    return job
+
+
+def _check_model(job: Job, manifest: dict, out_dir: Path | None) -> Job:
+    """The model the job builds fits the data: checkpoints of the right family and vocabulary."""
     from finetune.models.warm_start import load_pretrained
 
-    _, _, manifest = data_paths(job.data_dir, job.task)
     if isinstance(job, PretrainJob):
         if job.init_from:
             job = _continued_pretraining(job, out_dir)
@@ -201,6 +210,34 @@ def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> Pr
         check_tokenizer_matches_data(Path(path), Path(job.data_dir), key,
                                      target=job.task == "translation" and key == "decoder_checkpoint")
     return job
+
+
+def check_prepared_data(job: PretrainJob | FinetuneJob, manifest: dict) -> None:
+    """On the driver, what every worker will open: the tokenizer(s), the task's manifest, the
+    shards of its train and validation splits, and a batch per rank. (Shard sha256s stay the
+    workers' check: hashing every shard twice would cost a large corpus minutes.)"""
+    from data_pipeline.errors import DataError
+
+    root, task_dir = Path(job.data_dir), Path(job.data_dir) / job.task
+    files = [root / "tokenizer.json"]
+    if "target_tokenizer" in manifest:
+        files.append(root / TARGET_TOKENIZER_FILE)
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"{file}: missing from the prepared data; run `kiln data prepare`")
+    task_manifest = task_dir / "manifest.json"
+    splits = read_manifest(task_manifest).get("splits", {})
+    for split in ("train", "validation"):
+        if split not in splits:
+            raise DataError(f"{task_manifest}: no split {split!r}; it has {sorted(splits)}")
+        for shard in splits[split]["shards"]:
+            if not (task_dir / shard["file"]).is_file():
+                raise DataError(f"{task_dir / shard['file']}: missing (listed in {task_manifest})")
+    world, batch = job.cluster.num_workers, job.trainer.batch_size
+    train, val = int(splits["train"]["rows"]), int(splits["validation"]["rows"])
+    if train // world // batch == 0 or val == 0:
+        raise DataError(f"{task_dir}: {train} train and {val} validation rows make no batch of "
+                        f"{batch} on each of {world} workers; lower trainer.batch_size or add data")
 
 
 def count_parameters(job: PretrainJob | FinetuneJob) -> int:

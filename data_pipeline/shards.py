@@ -108,5 +108,9 @@ def read_split(task_dir: str | os.PathLike[str], split: str, columns: list[str] 
         path = task_dir / shard["file"]
         if verify and sha256_file(path) != shard["sha256"]:
             raise DataError(f"{path}: sha256 does not match {task_dir / MANIFEST}; the shard changed or is corrupt")
-        tables.append(pq.read_table(path, columns=columns))
+        try:
+            tables.append(pq.read_table(path, columns=columns))
+        except (OSError, pa.ArrowException) as e:  # truncated, overwritten, not Parquet at all
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: cannot read this shard ({first}); prepare it again") from None
     return pa.concat_tables(tables)

@@ -59,10 +59,10 @@ class LMBaselineJob:
     valid / test line ranges (`split_path`), or by default from the built-in sample's documents (no files)."""
 
     model: str = "ngram"  # ngram | char_lstm | gpt (scores valid/test with `gpt_checkpoint`; trains nothing)
-    train_path: str | None = None
-    valid_path: str | None = None
-    test_path: str | None = None
-    split_path: str | None = None
+    train_path: str | None = field(default=None, metadata={"path": "path"})
+    valid_path: str | None = field(default=None, metadata={"path": "path"})
+    test_path: str | None = field(default=None, metadata={"path": "path"})
+    split_path: str | None = field(default=None, metadata={"path": "path"})
     valid_fraction: float = 0.05  # of split_path's lines (and of the sample's documents)
     test_fraction: float = 0.05
     sample_docs: int = 1000  # the built-in sample has ~160 documents; all of them by default
@@ -91,12 +91,12 @@ class LMBaselineJob:
     # little from more, and on a shared CPU OpenMP spin-waiting made 2 threads 10-30x slower than 1 (measured).
     threads: int = 1
     # GPT
-    gpt_checkpoint: str | None = None
+    gpt_checkpoint: str | None = field(default=None, metadata={"path": "checkpoint"})
     gpt_window: int | None = None  # None: the model's n_positions
     gpt_stride: int | None = None  # None: half the window, so every scored token sees >= window/2 context
     seed: int = 0
     save_model: bool = True
-    out_dir: str = "runs/lm-baseline"
+    out_dir: str = field(default="runs/lm-baseline", metadata={"path": "path"})
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:

@@ -471,6 +471,23 @@ def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print, sin
     return None
 
 
+def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
+    """The checkpoint `path` means: itself when it is one (it has a manifest.json); for a run
+    directory (one with `checkpoints/`) or a directory of checkpoints, its newest complete one whose
+    sha256s match. Anything else is returned as is, for its loader to explain."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file() or not path.is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if root is path and not any((p / MANIFEST_FILE).exists() for p in path.iterdir()):
+        return path  # neither a run directory nor a directory of checkpoints
+    newest = newest_valid_checkpoint(root, warn=warn)
+    if newest is None:
+        raise CheckpointError(f"{path}: holds no complete checkpoint (none under {root} has a "
+                              "valid manifest.json)")
+    return newest
+
+
 def clean_partial_saves(root: Path) -> list[Path]:
     """Remove `.tmp-*` directories left by saves that were killed midway (never listed, never resumed from)."""
     root = Path(root)

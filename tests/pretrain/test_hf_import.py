@@ -484,9 +484,13 @@ def test_hub_names_offline_give_one_line(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 # ---------------------------------------------------------------- `encoder_checkpoint: hf:<path>` in a fine-tuning job
 def fake_data_dir(root: Path, tokenizer: Tokenizer) -> Path:
-    """What the driver-side checks read of a prepared data directory: the manifest's tasks and the tokenizer."""
+    """What the driver-side checks read of a prepared data directory: the manifest's tasks, the tokenizer and
+    the task's split sizes (a batch of 32 for each of 2 workers; no shard files listed)."""
     root.mkdir()
     (root / "manifest.json").write_text(json.dumps({"tasks": {"classification": {}}, "vocab_size": 0}))
+    (root / "classification").mkdir()
+    splits = {"train": {"rows": 64, "shards": []}, "validation": {"rows": 1, "shards": []}}
+    (root / "classification" / "manifest.json").write_text(json.dumps({"splits": splits}))
     tokenizer.save(str(root / "tokenizer.json"))
     return root
 
