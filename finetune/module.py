@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from finetune.flops import BatchShape, training_flops
 from finetune.scheduled_sampling import ScheduledSampling, mix_decoder_inputs
+from pretrain.flops import TRAIN_MULTIPLIER
 from pretrain.module import KilnModule, require_keys
 from pretrain.optim import OptimConfig
 
@@ -68,6 +70,7 @@ class TranslationModule(KilnModule):
         # The schedule's step under a Lightning Trainer is its optimizer-step count (restored on resume, so the
         # schedule resumes with it); a loop that drives `compute` without a Trainer (benchmarks) sets this instead.
         self.manual_step = 0
+        self._sampled = False  # whether the last training step ran scheduled sampling's extra forward pass
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, self.BATCH_KEYS, "TranslationModule")
@@ -76,6 +79,7 @@ class TranslationModule(KilnModule):
             prob = self.scheduled_sampling.probability(self.global_step if self._trainer else self.manual_step)
             tgt_in = self.sampled_decoder_inputs(batch, prob)
             extra = {"sampling_prob": torch.tensor(prob)}
+            self._sampled = prob > 0.0
         logits = self.model(batch["src_ids"], batch["src_mask"], tgt_in)  # (B,U,V)
         return {**translation_loss(logits, batch["tgt_out"], self.label_smoothing), **extra}
 
@@ -92,6 +96,19 @@ class TranslationModule(KilnModule):
     def count_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["src_mask"].sum()) + int((batch["tgt_out"] != IGNORE_INDEX).sum())
 
+    def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
+        """Training FLOPs of the batch (finetune/flops.py) per counted token, for train/mfu; with scheduled
+        sampling the extra no-grad forward pass too (a third of a training step's count)."""
+        shape = BatchShape(sequences=batch["src_ids"].size(0), src_tokens=int(batch["src_mask"].sum()),
+                           src_len=batch["src_ids"].size(1),
+                           tgt_tokens=int((batch["tgt_out"] != IGNORE_INDEX).sum()), tgt_len=batch["tgt_in"].size(1))
+        flops = training_flops(getattr(self.model, "config", None), shape)
+        if flops is None:
+            return None
+        if self._sampled:
+            flops += flops / TRAIN_MULTIPLIER
+        return flops / max(shape.src_tokens + shape.tgt_tokens, 1)
+
 
 class ClassificationModule(KilnModule):
     """Sequence classification (e.g. EncoderClassifier) on `classification` batches; logs loss and acc."""
@@ -104,3 +121,11 @@ class ClassificationModule(KilnModule):
         require_keys(batch, self.BATCH_KEYS, "ClassificationModule")
         logits = self.model(batch["input_ids"], batch["attention_mask"])  # (B, num_labels)
         return classification_loss(logits, batch["labels"])
+
+    def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
+        """Training FLOPs of the batch (finetune/flops.py) per real input token, for train/mfu."""
+        tokens = int(batch["attention_mask"].sum())  # what count_tokens counts
+        shape = BatchShape(sequences=batch["input_ids"].size(0), src_tokens=tokens,
+                           src_len=batch["input_ids"].size(1))
+        flops = training_flops(getattr(self.model, "config", None), shape)
+        return None if flops is None else flops / max(tokens, 1)

@@ -17,6 +17,9 @@ What is counted is what Kiln computes, component by component, rather than 6 × 
 Embedding lookups, LayerNorm, GELU, softmax and the optimizer step are not counted (as in PaLM); they are
 memory-bound and small next to the matmuls. Padding is not counted either: callers multiply by real tokens.
 
+The fine-tuning architectures (encoder-decoders, LSTMs, ConvS2S, classifiers) are counted the same way in
+finetune/flops.py.
+
 Peaks: a table of dense tensor-core (bf16/fp16) and plain fp32 FLOP/s for NVIDIA H100/H200/A100 (datasheets,
 the "with sparsity" figures halved); anything else, and every CPU, is measured once with a square matmul.
 """
@@ -33,8 +36,9 @@ from pretrain.models.gpt import GPTConfig
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 
 
-def _layer_forward_flops(d: int, ff: int, seq_len: int) -> float:
-    """Forward FLOPs per token of one Transformer block: 4 d×d projections, 2 MLP matrices, attention over T."""
+def transformer_layer_flops(d: int, ff: int, seq_len: int) -> float:
+    """Forward FLOPs per token of one Transformer block: 4 d×d projections, 2 MLP matrices, attention over T.
+    (Also the building block of the encoder-decoder counts in finetune/flops.py.)"""
     return 2.0 * (4 * d * d + 2 * d * ff) + 4.0 * seq_len * d
 
 
@@ -45,7 +49,7 @@ def encoder_flops_per_token(cfg: BertConfig, seq_len: int, masked_fraction: floa
     if seq_len < 1 or not 0.0 <= masked_fraction <= 1.0:
         raise ValueError(f"need seq_len >= 1 and 0 <= masked_fraction <= 1, got {seq_len}, {masked_fraction}")
     d, V = cfg.hidden_size, cfg.vocab_size
-    body = cfg.num_hidden_layers * _layer_forward_flops(d, cfg.intermediate_size, seq_len)
+    body = cfg.num_hidden_layers * transformer_layer_flops(d, cfg.intermediate_size, seq_len)
     mlm_head = masked_fraction * 2.0 * (d * d + d * V)
     nsp_head = 2.0 * (d * d + 2 * d) / seq_len
     return TRAIN_MULTIPLIER * (body + mlm_head + nsp_head)
@@ -58,7 +62,7 @@ def decoder_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     if cfg.add_cross_attention:
         raise ValueError("decoder_flops_per_token counts a decoder-only GPT; this config has cross-attention")
     d = cfg.n_embd
-    body = cfg.n_layer * _layer_forward_flops(d, cfg.inner_size, seq_len)
+    body = cfg.n_layer * transformer_layer_flops(d, cfg.inner_size, seq_len)
     return TRAIN_MULTIPLIER * (body + 2.0 * d * cfg.vocab_size)
 
 
