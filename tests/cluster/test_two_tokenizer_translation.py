@@ -22,6 +22,7 @@ import torch
 from num2words import num2words
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cluster import evaluation
 from cluster.config import load_config
 from cluster.evaluation import evaluate_checkpoint, translate_lines, translation_model
 from cluster.jobs import DecodeConfig, FinetuneJob
@@ -256,6 +257,13 @@ def test_checkpoint_translates_and_evaluates_with_both_tokenizers(trained: dict,
     assert metrics["sentences"] > 0 and 0.0 <= metrics["bleu"] <= 100.0
     first = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert set(first) == {"source", "reference", "hypothesis"}
+    # `kiln evaluate --src --ref`: the same pairs as raw files, through both of the checkpoint's tokenizers
+    test = read_split(data_dir / "translation", "test").to_pydict()
+    for name, column in (("src.txt", "src_text"), ("ref.txt", "tgt_text")):
+        (tmp_path / name).write_text("".join(f"{t}\n" for t in test[column]), encoding="utf-8")
+    raw = evaluation.evaluate_parallel_files(ckpt, tmp_path / "src.txt", tmp_path / "ref.txt",
+                                             DecodeConfig(beam_size=2, max_len=32))
+    assert raw == metrics
 
 
 def test_export_is_an_encoder_decoder_with_gpt2s_vocabulary(trained: dict, releases: tuple[Path, Path],
