@@ -21,18 +21,22 @@ class DataConfig:
 
     source: str = "sample"  # "sample" | "text" | "parallel" | "labelled" | "hf" (docs/data.md)
     # text: files/dirs/globs (.gz ok) of plain text, or .jsonl/.csv/.tsv/.parquet with a text_column;
-    # parallel: two line-aligned files (src, tgt), or .tsv (2 columns, or src_column/tgt_column by header),
-    # .csv/.jsonl/.parquet with src_column/tgt_column; labelled: .tsv (header)/.csv/.jsonl/.parquet.
-    paths: list[str] = field(default_factory=list)
+    # parallel: two line-aligned files (src, tgt), or .tsv (2 columns, or src_column/tgt_column by header name,
+    # or by 0-based index into header-less lines), .csv/.jsonl/.parquet with src_column/tgt_column;
+    # labelled: .tsv (header)/.csv/.jsonl/.parquet.
+    paths: list[str] = field(default_factory=list, metadata={"path": "path"})
     text_unit: str = "block"  # plain text: one document per "file", per non-blank "line", or per blank-line "block"
     wikitext_headings: bool = False  # a " = Title = " line also starts a document (WikiText's articles)
     encoding_errors: str = "strict"  # "replace": undecodable bytes become U+FFFD, counted in the manifest
     text_column: str = "text"
     label_column: str = "label"
-    src_column: str | None = None  # parallel data in named columns (None: two positional TSV columns)
-    tgt_column: str | None = None
+    # parallel data in named columns, or (int) in columns 0, 1, ... of a header-less TSV such as Tatoeba's
+    # english<TAB>other<TAB>attribution (None: two positional TSV columns)
+    src_column: str | int | None = None
+    tgt_column: str | int | None = None
     labels: list[str] | None = None  # the label set, in id order; a label outside it is an error. None: inferred
-    hf_name: str | None = None  # source hf: a save_to_disk directory, data files (path or glob), or a Hub name
+    # source hf: a save_to_disk directory, data files (path or glob), or a Hub name
+    hf_name: str | None = field(default=None, metadata={"path": "local_or_name"})
     hf_split: str = "train"
     seed: int = 0
     # Sizes of the built-in sample. Documents are capped at what the Python install bundles
@@ -40,13 +44,17 @@ class DataConfig:
     sample_docs: int = 1000
     sample_pairs: int = 6000
     sample_labelled: int = 1500
-    tokenizer: str = "bpe"  # "bpe" (byte-level, like GPT-2) | "wordpiece" | "char"
-    tokenizer_path: str | None = None  # load tokenizer.json / vocab.txt / vocab.json+merges.txt instead of training
+    tokenizer: str = "bpe"  # "bpe" (byte-level, like GPT-2) | "plain_bpe" (characters) | "wordpiece" | "char"
+    # load tokenizer.json / vocab.txt / vocab.json+merges.txt instead of training
+    tokenizer_path: str | None = field(default=None, metadata={"path": "path"})
     # translation only: targets get their own vocabulary (e.g. a GPT-2 release's, with a BERT's as tokenizer_path),
     # saved as target_tokenizer.json; each side is framed with its own specials (docs/design.md)
-    target_tokenizer_path: str | None = None
+    target_tokenizer_path: str | None = field(default=None, metadata={"path": "path"})
     vocab_size: int = 4096
     tasks: list[str] = field(default_factory=lambda: ["mlm_nsp", "clm", "translation", "classification"])
+    # mlm_nsp: cut each document into segment pairs this many times, with fresh random cuts and
+    # negatives each pass (BERT's dupe_factor); > 1 keeps a small corpus's pairs from being memorised
+    nsp_dupe_factor: int = 1
     seq_len: int = 64  # mlm_nsp rows hold at most seq_len tokens; clm blocks seq_len + 1; classification seq_len
     max_src_len: int = 64  # translation pairs longer than this (in tokens, with [EOS]) are dropped
     max_tgt_len: int = 64  # ... and with [BOS] and [EOS]
@@ -98,6 +106,7 @@ class DataConfig:
                 raise DataError(f"{key}: must not be empty")
         if (self.src_column is None) != (self.tgt_column is None):
             raise DataError("src_column: set both src_column and tgt_column, or neither")
+        self._check_column_indices()
         self._check_target_tokenizer()
         if self.labels is not None:
             self.labels = [" ".join(label.split()) for label in self.labels]  # as cleaning normalises labels
@@ -105,6 +114,19 @@ class DataConfig:
                 raise DataError(f"labels: need distinct non-empty labels, got {self.labels}")
             if "labelled" not in self.row_kinds():
                 raise DataError("labels: only the classification task reads labels")
+
+    def _check_column_indices(self) -> None:
+        indices = [isinstance(c, int) for c in (self.src_column, self.tgt_column)]
+        if not any(indices):
+            return
+        pair = f"{self.src_column!r} and {self.tgt_column!r}"
+        if not all(indices):
+            raise DataError(f"src_column: give both columns as header names or both as 0-based indices, got {pair}")
+        if min(self.src_column, self.tgt_column) < 0 or self.src_column == self.tgt_column:  # type: ignore[type-var]
+            raise DataError(f"src_column: column indices count from 0 and must differ, got {pair}")
+        if self.source != "parallel":
+            raise DataError(f"src_column: column indices are for header-less tab-separated files (source "
+                            f"'parallel'); name the columns of source {self.source!r}")
 
     def _check_target_tokenizer(self) -> None:
         if self.target_tokenizer_path is None:
@@ -122,7 +144,8 @@ class DataConfig:
 
     def _check_numbers(self) -> None:
         minimum = {"sample_docs": 2, "sample_pairs": 1, "sample_labelled": 1, "shard_rows": 1, "min_chars": 0,
-                   "seq_len": 8, "max_src_len": 2, "max_tgt_len": 3, "seed": 0}
+                   "seq_len": 8, "max_src_len": 2, "max_tgt_len": 3, "seed": 0,
+                   "nsp_dupe_factor": 1}
         for key, low in minimum.items():
             if getattr(self, key) < low:
                 raise DataError(f"{key}: must be >= {low}, got {getattr(self, key)}")

@@ -37,6 +37,9 @@ class BuildParams:
     # translation with a second (target) vocabulary: how each side is framed (None: `src [EOS]`, `[BOS] tgt [EOS]`)
     src_frame: SequenceSpecials | None = None
     tgt_frame: SequenceSpecials | None = None
+    # mlm_nsp: how many times each document is cut into pairs, each pass with its own cuts, short
+    # rows and negatives (BERT's dupe_factor); on a small corpus one pass is soon memorised
+    nsp_dupe_factor: int = 1
 
 
 Examples = tuple[pa.Table, dict[str, int]]  # rows (shard schema less sample_id), counters (e.g. rows dropped)
@@ -52,8 +55,9 @@ def build_mlm_nsp(rows: pa.Table, params: BuildParams, rng: random.Random) -> Ex
     if len(docs) < 2:
         raise DataError(f"tasks: mlm_nsp needs at least 2 non-empty documents in a split, found {len(docs)}")
     out: list[dict] = []
-    for index in range(len(docs)):
-        out.extend(_document_pairs(docs, index, params.seq_len - 3, params.special_ids, rng))
+    for _ in range(params.nsp_dupe_factor):
+        for index in range(len(docs)):
+            out.extend(_document_pairs(docs, index, params.seq_len - 3, params.special_ids, rng))
     return _table(out, "mlm_nsp"), {}
 
 

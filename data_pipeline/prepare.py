@@ -38,7 +38,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS, BuildParams
 from data_pipeline.raystart import init_ray
 from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
-from data_pipeline.sources import BLOCK_CHARS, SOURCES
+from data_pipeline.sources import BLOCK_CHARS, SOURCES, preflight
 from data_pipeline.tokenizer import (
     TARGET_TOKENIZER_FILE,
     load_tokenizer,
@@ -64,13 +64,18 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
         if progress is not None:
             progress(f"{message} [{time.perf_counter() - start:.1f} s]")
 
-    # Before Ray starts: missing files, bad columns, an unreachable Hub and a bad tokenizer fail at once.
+    # Before Ray starts and before anything is written: missing files, bad columns, an unreachable Hub, a
+    # bad line anywhere in the input (the pre-flight parse) and a bad tokenizer fail at once.
     inputs = SOURCES[cfg.source].resolve(cfg)
     loaded = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path is not None else None
     target = (load_tokenizer(cfg.target_tokenizer_path, "target_tokenizer_path")
               if cfg.target_tokenizer_path is not None else None)
     if loaded is not None and target is not None:
         translation_tokenizers(loaded, target)  # the specials each side is framed with must exist
+    checked = preflight(cfg, inputs)  # last: the one check whose time grows with the input
+    if checked is not None:
+        say(f"inputs: checked {'every line of' if checked['whole'] else 'the head of each of'} "
+            f"{checked['files']} file(s), {checked['bytes'] / 1e6:.1f} MB")
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run of this same process id
     tmp.mkdir(parents=True)
@@ -107,7 +112,8 @@ def _prepare_into(cfg: DataConfig, inputs: dict, tokenizers: tuple[Tokenizer | N
     tok_info["sha256"] = sha256_file(out / "tokenizer.json")
     special = special_token_ids(tok)
     labels = _label_names(cfg, inputs, tables["labelled"]) if "labelled" in tables else []
-    params = BuildParams(cfg.seq_len, cfg.max_src_len, cfg.max_tgt_len, special)
+    params = BuildParams(cfg.seq_len, cfg.max_src_len, cfg.max_tgt_len, special,
+                         nsp_dupe_factor=cfg.nsp_dupe_factor)
     extra = {}
     if target is not None:
         params, extra = _with_target_tokenizer(cfg, params, tok, target, out)

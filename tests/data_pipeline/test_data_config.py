@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from data_pipeline.config import DataConfig
@@ -33,6 +35,7 @@ def test_defaults_are_valid_and_serialisable() -> None:
     ({"test_fraction": -0.1}, "test_fraction"),
     ({"min_chars": 10, "max_chars": 5}, "max_chars"),
     ({"shard_rows": 0}, "shard_rows"),
+    ({"nsp_dupe_factor": 0}, "nsp_dupe_factor"),
     ({"sample_pairs": 20_001}, "sample_pairs"),
     ({"tokenizer_path": 3}, "tokenizer_path"),
     ({"text_column": ""}, "text_column"),
@@ -41,6 +44,15 @@ def test_defaults_are_valid_and_serialisable() -> None:
      "wikitext_headings"),
     ({"encoding_errors": "ignore"}, "encoding_errors"),
     ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": "en"}, "src_column"),
+    ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": 1, "tgt_column": "en"},
+     "src_column"),
+    ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": -1, "tgt_column": 0},
+     "src_column"),
+    ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": 1, "tgt_column": 1},
+     "src_column"),
+    ({"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": True, "tgt_column": 0},
+     "src_column"),
+    ({"source": "hf", "hf_name": "d", "tasks": ["translation"], "src_column": 1, "tgt_column": 0}, "src_column"),
     ({"source": "hf", "tasks": ["clm"]}, "hf_name"),
     ({"source": "hf", "hf_name": "d", "paths": ["a"], "tasks": ["clm"]}, "paths"),
     ({"hf_name": "d"}, "hf_name"),
@@ -67,3 +79,24 @@ def test_input_keys_have_useful_defaults() -> None:
     assert (cfg.text_unit, cfg.wikitext_headings, cfg.encoding_errors, cfg.hf_split) == ("block", False, "strict",
                                                                                          "train")
     assert DataConfig(source="hf", hf_name="some/dir", tasks=["clm", "mlm_nsp"]).row_kinds() == ["documents"]
+
+
+def test_column_indices_for_header_less_parallel_files() -> None:
+    cfg = DataConfig(source="parallel", paths=["en-ko.tsv"], tasks=["translation"], src_column=1, tgt_column=0)
+    assert (cfg.src_column, cfg.tgt_column) == (1, 0)
+    assert cfg.to_dict()["src_column"] == 1  # the manifest records the index
+
+
+def test_column_indices_load_from_yaml_and_overrides(tmp_path: Path) -> None:
+    from cluster.config import ConfigError, load_config
+    from cluster.jobs import PrepareJob
+
+    path = tmp_path / "data.yaml"
+    path.write_text("data:\n  source: parallel\n  paths: [en-ko.tsv]\n  tasks: [translation]\n"
+                    "  src_column: 1\n  tgt_column: 0\n")
+    cfg = load_config(PrepareJob, path, [])
+    assert (cfg.data.src_column, cfg.data.tgt_column) == (1, 0)
+    names = load_config(PrepareJob, path, ["data.src_column=ko", "data.tgt_column=en"]).data
+    assert (names.src_column, names.tgt_column) == ("ko", "en")
+    with pytest.raises(ConfigError, match=r"src_column: give both columns as header names or both as 0-based"):
+        load_config(PrepareJob, path, ["data.src_column=ko"])

@@ -77,6 +77,17 @@ def test_mlm_nsp_uses_most_of_the_text_and_is_seeded() -> None:
     assert len(used) > 0.5 * total
 
 
+def test_mlm_nsp_dupe_factor_cuts_each_document_again_with_fresh_pairs() -> None:
+    docs = synthetic_documents(60)
+    once, _ = build("mlm_nsp", docs, params())
+    thrice, _ = build("mlm_nsp", docs, params(nsp_dupe_factor=3))
+    assert 2.5 * len(once) < len(thrice) < 3.5 * len(once)
+    distinct = {tuple(r["input_ids"]) for r in thrice}
+    assert len(distinct) > 2 * len(once)  # new cuts and new negatives, not three copies of one pass
+    share_random = sum(r["next_sentence_label"] for r in thrice) / len(thrice)
+    assert 0.45 < share_random < 0.55
+
+
 def test_mlm_nsp_needs_two_documents() -> None:
     with pytest.raises(DataError, match="at least 2 non-empty documents"):
         build("mlm_nsp", synthetic_documents(1), params())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 SMALL = [
     "data.sample_docs=120", "data.sample_pairs=2500", "data.sample_labelled=600", "data.vocab_size=1024",
-    "bert.trainer.max_steps=40", "bert.trainer.val_every=20", "gpt.trainer.max_steps=40", "gpt.trainer.val_every=20",
+    "bert.trainer.max_steps=500", "bert.trainer.val_every=250", "gpt.trainer.max_steps=40", "gpt.trainer.val_every=20",
     "translation.trainer.max_steps=250", "translation.trainer.val_every=125", "translation.decode.beam_size=2",
     "classification.trainer.max_steps=60", "classification.trainer.val_every=30",
     "bert.trainer.log_every=5", "gpt.trainer.log_every=5", "translation.trainer.log_every=10",
@@ -37,7 +38,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_report_and_artifacts(run: Path) -> None:
     report = (run / "report.md").read_text()
-    for needle in ("BLEU", "copy the source", "majority class", "loss_curve.png", "Sample translations"):
+    for needle in ("BLEU", "copy the source", "commonest label", "loss_curve.png",
+                   "Sample translations"):
         assert needle in report
     for stage in ("bert", "gpt", "translation", "classification"):
         assert (run / stage / "loss_curve.png").stat().st_size > 5_000
@@ -55,4 +57,23 @@ def test_losses_fall_and_transfer_beats_baselines(run: Path) -> None:
     tr = summary["translation"]
     assert tr["bleu"] > tr["copy_source_bleu"] + 5, tr
     cl = summary["classification"]
-    assert 0.0 <= cl["accuracy"] <= 1.0 and cl["examples"] > 0
+    assert cl["examples"] >= 20, cl
+    # No constant answer scores more than the test split's commonest-label rate, so beating it
+    # (and uniform chance) means the classifier reads the text. The bag-of-words baseline is not
+    # asserted: at this size (~540 training texts, 60 steps) it is likely the stronger, and on ~30
+    # test texts one text is 3 points; the full quickstart reports that comparison (README).
+    for floor in ("split_majority_rate", "uniform_chance", "majority_class_accuracy"):
+        assert cl["accuracy"] > cl[floor], (floor, cl)
+    assert 0.0 <= cl["bow_accuracy"] <= 1.0, cl
+
+
+def test_bert_beats_its_chance_levels(run: Path) -> None:
+    bert = json.loads((run / "summary.json").read_text())["pretraining"]["bert"]
+    # MLM on validation: well above always guessing the commonest token. NSP: the training loss
+    # falls well below chance's ln 2 (labels wired right); validation NSP needs the full stage to
+    # clear chance clearly (0.52-0.57 at 400-500 steps), so it is not asserted here.
+    assert bert["mlm_acc"] > 1.5 * bert["unigram_accuracy"], bert
+    _, nsp_loss = loss_drop(run / "bert" / "metrics.csv", "train/nsp_loss", window=10)
+    assert nsp_loss < math.log(2) - 0.05, nsp_loss
+    report = (run / "report.md").read_text()
+    assert "unigram guess" in report and "bag-of-words" in report
