@@ -7,6 +7,10 @@ accelerator over gloo), so `CPUCapableDeepSpeedStrategy` lifts the three CUDA-on
 3. `deepspeed.initialize` is given `device_rank=root_device.index`, which is None on CPU and breaks
    DeepSpeed's `device_rank >= 0` check → pass the local rank.
 On a GPU every override defers to the parent, so the CUDA path is Lightning's own.
+
+It also gives `KilnModule` the loss to return for a step skipped on a non-finite loss
+(`loss_for_skipped_step`): under DeepSpeed the engine, not Lightning, owns the backward and the
+optimizer step, so the skip is the engine's.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
-from lightning.pytorch.strategies import DDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 from ray.train.lightning import RayDDPStrategy, RayDeepSpeedStrategy
+from torch import Tensor
 
 from cluster.jobs import ClusterConfig
 
@@ -27,6 +33,36 @@ from cluster.jobs import ClusterConfig
 class CPUCapableDeepSpeedStrategy(RayDeepSpeedStrategy):
     def _on_cuda(self) -> bool:
         return isinstance(self.accelerator, CUDAAccelerator)
+
+    @property
+    def root_device(self) -> torch.device:
+        # On CPU there is one device; asking Ray Train for it would tie the strategy to a Ray Train
+        # session (the tests run it in plain torch.multiprocessing ranks).
+        return super().root_device if self._on_cuda() else torch.device("cpu")
+
+    @staticmethod
+    def loss_for_skipped_step(loss: Tensor) -> Tensor:
+        """The loss `KilnModule.training_step` returns when every rank agreed to skip the step (a
+        non-finite loss); supplying it tells the module that the engine, not Kiln, skips the step.
+
+        As in the default (`KilnModule._skipped_step_loss`) its gradients are all NaN, so every rank
+        runs the same backward and collectives. But under DeepSpeed Kiln cannot drop the gradients
+        before the step as it does for DDP: the engine owns them (flat ZeRO partitions, reduced in
+        backward hooks, accumulated over the window) and the step. Leaving out the backward or the
+        step instead would desynchronise the engine's window (its micro-step count, the reductions
+        at the window's end) from Lightning's global_step, and Lightning refuses a None loss under
+        DeepSpeed. Lightning manual optimisation would change every module's training loop for one
+        strategy, and clipping, accumulation and scheduling would become Kiln's to redo.
+        So the engine skips it: before stepping, every ZeRO stage computes the global gradient norm
+        (all-reduced over the ranks), finds it non-finite and takes the path it takes on an fp16
+        overflow: the window's gradients are cleared and the optimizer is not stepped (parameters,
+        fp32 master weights, Adam moments and step counts unchanged); `engine.skipped_steps` counts
+        it. Lightning still counts the step (global_step, LR schedule), as under DDP.
+        This relies on two DeepSpeed defaults, left unset in `_deepspeed` (setting them would break
+        older DeepSpeed releases without the keys): `zero_optimization.compute_grad_norm` and, for
+        bf16 under ZeRO-1/2, `bf16.check_grad_overflow`; tests/cluster/test_zero_nonfinite.py
+        holds the installed DeepSpeed to that."""
+        return loss * float("nan")
 
     def setup_environment(self) -> None:
         if self._on_cuda():
@@ -97,4 +133,4 @@ def build_strategy(cfg: ClusterConfig, batch_size: int) -> Strategy:
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:
-    return isinstance(trainer.strategy, RayDeepSpeedStrategy)
+    return isinstance(trainer.strategy, DeepSpeedStrategy)

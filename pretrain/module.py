@@ -83,6 +83,7 @@ class KilnModule(L.LightningModule, ABC):
         self.max_nonfinite_steps = 5  # consecutive non-finite losses before the run stops (trainer.max_nonfinite_steps)
         self.skipped_steps = 0
         self._nonfinite_run = 0
+        self._drop_gradients = False  # a skip in this accumulation window: no optimizer step
         self._recent: collections.deque[float] = collections.deque(maxlen=100)
 
     @abstractmethod
@@ -120,10 +121,10 @@ class KilnModule(L.LightningModule, ABC):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     # ---- training ----
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.compute(batch, "train")
         if not self._loss_is_usable(out["loss"]):
-            return None  # Lightning skips backward and the optimizer step; every rank agreed to (see below)
+            return self._skipped_step_loss(out["loss"])  # every rank agreed (see _loss_is_usable)
         n = batch_size_of(batch)
         for key, value in out.items():
             self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False, prog_bar=key in self.PROG_BAR,
@@ -162,6 +163,30 @@ class KilnModule(L.LightningModule, ABC):
                            f"{statistics.median(self._recent):.4g}")
         self._recent.append(value)
         return True
+
+    def _skipped_step_loss(self, loss: Tensor) -> Tensor:
+        """What `training_step` returns for a step that every rank skips. Not None: Lightning
+        refuses None from a run of more than one process (and under DeepSpeed at all). Its gradients
+        are all NaN (NaN x anything is NaN, a finite loss included), so every rank runs the same
+        backward and all-reduce and none waits on another. Then the optimizer must not step: a
+        strategy that skips a step on non-finite gradients itself supplies `loss_for_skipped_step`
+        (DeepSpeed: cluster.strategies, which explains why); otherwise (DDP, one device)
+        `on_before_optimizer_step` drops the gradients of this step's accumulation window, so the
+        optimizer finds none and leaves every parameter, moment and step count as it was (under
+        "16-mixed" the GradScaler has already seen the NaN and skips its step as on any overflow).
+        Lightning still counts the step (global_step, the LR schedule), under every strategy."""
+        strategy_hook = getattr(self.trainer.strategy, "loss_for_skipped_step", None)
+        if strategy_hook is not None:
+            return strategy_hook(loss)
+        self._drop_gradients = True
+        return loss * float("nan")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_gradients:
+            # None, not zero: AdamW skips a parameter without a gradient, where a zero gradient
+            # would still decay its moments, apply weight decay and advance its step count.
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_gradients = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._t_last is None:
