@@ -25,6 +25,8 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
+from cluster import progress
+from cluster.progress import EventWriter
 from pretrain.checkpoint import (
     MODEL_FILE,
     CheckpointError,
@@ -41,11 +43,28 @@ from pretrain.checkpoint import (
 RESUME_KEYS = ("optimizer", "scheduler", "lightning", "rng_per_rank")  # what a resume needs in trainer_state
 
 
+_EVENTS: EventWriter | None = None  # rank 0 of a training worker: lines travel to the driver's console
+
+
+def send_lines_to(path: Path | None) -> None:
+    """From now on `emit` in this process (rank 0 of a training worker) appends its lines to the run's
+    progress events, which the driver shows (cluster.progress); None: back to stdout."""
+    global _EVENTS
+    _EVENTS = None if path is None else EventWriter(path)
+
+
 def emit(line: str) -> None:
-    """Write a progress line once. Ray Train patches `print` into its logger, and W&B wraps stdout, so a plain
-    `print` reaches the driver twice; the process's own stdout is forwarded exactly once."""
-    sys.__stdout__.write(line + "\n")
-    sys.__stdout__.flush()
+    """A line for the user. On rank 0 of a training worker it becomes a note event for the driver's console
+    (worker stdout goes only to the run's logs/ray.log); on the driver it is printed without tearing a live
+    progress line; elsewhere it goes to the process's own stdout (Ray Train patches `print` into its logger
+    and W&B wraps sys.stdout, so a `print` would be written twice)."""
+    if _EVENTS is not None:
+        _EVENTS.write(kind="note", text=line)
+    elif progress.active():
+        progress.say(line)
+    else:
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
 
 
 def quiet_worker_logs() -> None:
@@ -59,32 +78,49 @@ def quiet_worker_logs() -> None:
 
 
 class ProgressPrinter(pl.Callback):
-    """One line every `every` steps from rank 0 (Ray forwards worker stdout to the driver; a tqdm bar does not
-    survive that trip)."""
+    """Rank 0's progress as events for the driver's console (cluster.progress): every `every` steps and the
+    last (the plain lines of a log), in between at most one each LIVE_INTERVAL_S (a terminal's live line), and
+    every validation's results. Without `events` (a Trainer outside Kiln's launcher) the plain lines are
+    printed instead."""
 
-    def __init__(self, stage: str, every: int, keys: tuple[str, ...]) -> None:
-        self.stage, self.every, self.keys = stage, every, keys
-        self._start, self._start_step = 0.0, 0
+    LIVE_INTERVAL_S = 0.5
+
+    def __init__(self, stage: str, every: int, keys: tuple[str, ...], events: Path | None = None) -> None:
+        self.stage, self.every, self.keys = stage, max(1, every), keys
+        self.writer = EventWriter(events) if events is not None else None
+        self._start, self._start_step, self._sent = 0.0, 0, 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step  # > 0 when resumed
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if trainer.global_rank != 0 or (step % self.every and step != trainer.max_steps):
+        step, now = trainer.global_step, time.perf_counter()
+        logged = step % self.every == 0 or step >= trainer.max_steps
+        if trainer.global_rank != 0 or not (logged or (self.writer and now - self._sent >= self.LIVE_INTERVAL_S)):
             return
+        self._sent = now
         metrics = trainer.callback_metrics
-        shown = " ".join(f"{k.split('/')[-1]} {float(metrics[k]):.4g}" for k in self.keys if k in metrics)
-        elapsed = time.perf_counter() - self._start
-        eta = elapsed / max(step - self._start_step, 1) * (trainer.max_steps - step)
-        emit(f"[{self.stage}] step {step}/{trainer.max_steps} {shown} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left")
+        elapsed = now - self._start
+        self._send({"kind": "step", "step": step, "max_steps": trainer.max_steps,
+                    "metrics": {k.split("/")[-1]: float(metrics[k]) for k in self.keys if k in metrics},
+                    "elapsed": elapsed,
+                    "eta": elapsed / max(step - self._start_step, 1) * (trainer.max_steps - step)})
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        shown = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/"))
-        emit(f"[{self.stage}] validation at step {trainer.global_step}: {shown}")
+        self._send({"kind": "validation", "step": trainer.global_step,
+                    "metrics": {k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val/")}})
+
+    def _send(self, event: dict[str, Any]) -> None:
+        event["stage"] = self.stage
+        if self.writer is not None:
+            self.writer.write(**event)
+        elif event["kind"] == "validation":
+            emit(progress.format_validation(event))
+        elif event["step"] % self.every == 0 or event["step"] >= event["max_steps"]:
+            emit(progress.format_step(event))
 
 
 class KilnCheckpoint(pl.Callback):
@@ -166,6 +202,29 @@ class KilnCheckpoint(pl.Callback):
             state["lightning"] = {"loops": trainer._checkpoint_connector._get_loops_state_dict(),
                                   "pytorch-lightning_version": pl.__version__}
         return state
+
+
+class LogLastStep(pl.Callback):
+    """Makes the last training step a logging step, so every run's metrics.csv (and W&B history) ends with its
+    final step's row, however `trainer.log_every` relates to `max_steps`.
+
+    Lightning logs a training step only when `(step + 1) % log_every_n_steps == 0` (or on `should_stop`), so a run
+    shorter than log_every logged nothing and left no metrics.csv. Lowering `log_every_n_steps` here, after
+    the last optimizer step and before Lightning decides whether to log it, sends that step through Lightning's
+    own path: the same step numbering, and the values the module logs in its own `on_train_batch_end`
+    (tokens/s, MFU), which run after this hook. Setting `should_stop` instead would also log it, but adds a
+    validation pass at the end that the run did not ask for."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= trainer.max_steps > 0 and trainer.log_every_n_steps > 1:
+            self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._every is not None:  # the Trainer as configured again, should it be used after fit
+            trainer.log_every_n_steps, self._every = self._every, None
 
 
 class StopOnRequest(pl.Callback):

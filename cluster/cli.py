@@ -64,12 +64,8 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="score a fine-tuned checkpoint on a prepared split (BLEU/chrF or accuracy/F1)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="fine-tuned checkpoint directory")
-    p.add_argument("--data", type=Path, required=True, help="prepared data directory (output of `kiln data prepare`)")
-    p.add_argument("--split", default="test", help="split to score [test]")
-    p.add_argument("--beam", type=int, default=4, help="beam width for translation [4]")
-    p.add_argument("--out", type=Path, help="write metrics.json (and translations.txt) here")
+    _add_evaluate(sub)
+    _add_predict(sub)
     p = sub.add_parser("translate", help="translate lines from a file or stdin with a fine-tuned checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
     p.add_argument("--input", type=Path, help="text file, one sentence per line [stdin]")
@@ -93,6 +89,63 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     _config_args(p, "output directory [the config's out_dir]")
+
+
+CHECKPOINT_HELP = ("fine-tuned checkpoint directory, or a run directory (its newest complete "
+                   "checkpoint)")
+EVAL_EPILOG = "Exit codes: 0 done; 2 bad input (one line names the file and line)."
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a fine-tuned checkpoint (BLEU/chrF or accuracy/F1) on a prepared split or raw "
+        "files",
+        description="Score a translation model or a classifier on one source: a split of a "
+        "prepared data directory (--data DIR --split), a raw labelled file for a classifier "
+        "(--input: TSV/CSV with a header, JSONL or Parquet; columns by name), or two line-aligned "
+        "raw files for translation (--src, --ref). Raw files are cleaned as `kiln data prepare` "
+        "cleans them and tokenised with the checkpoint's own tokenizer(s). Prints the metrics as "
+        "JSON; --out also writes metrics.json and predictions.jsonl.",
+        epilog=EVAL_EPILOG,
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="prepared data directory (output of `kiln data prepare`)")
+    p.add_argument("--split", metavar="NAME", help="with --data: split to score [test]")
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="classifiers: a labelled TSV/CSV/JSONL/Parquet file")
+    p.add_argument("--text-column", metavar="NAME", help="with --input: the text column [text]")
+    p.add_argument("--label-column", metavar="NAME", help="with --input: the label column [label]")
+    p.add_argument("--src", type=Path, metavar="FILE",
+                   help="translation: source file, one sentence per line")
+    p.add_argument("--ref", type=Path, metavar="FILE",
+                   help="translation: reference file, line-aligned with --src")
+    p.add_argument("--beam", type=int, default=4, metavar="N",
+                   help="beam width for translation [4]")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="write metrics.json and predictions.jsonl here")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="label raw text with a fine-tuned classifier: the label and every label's probability",
+        description="Classify texts with a BERT [CLS], GPT last-token or biLSTM classifier "
+        "checkpoint: every non-blank line of a plain-text file (or of stdin), or one column of a "
+        "TSV/CSV (header), JSONL or Parquet file. Texts are cleaned as `kiln data prepare` cleans "
+        "them, tokenised with the checkpoint's tokenizer and cut to the sequence length it was "
+        "trained with. Writes one row per text: its line, the text, the label and prob_<label> "
+        "for every label (TSV with a header, or JSONL with a `probabilities` object).",
+        epilog=EVAL_EPILOG,
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="texts: .txt one per line, or .tsv/.csv/.jsonl/.parquet [stdin]")
+    p.add_argument("--column", metavar="NAME",
+                   help="the text column of a .tsv/.csv/.jsonl/.parquet input [text]")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="output file, .tsv or .jsonl [TSV on stdout]")
 
 
 def _add_analysis(sub: argparse._SubParsersAction) -> None:
@@ -203,10 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kiln", description="Kiln: distributed pretraining and fine-tuning of Transformer language models."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_data, _add_training, _add_eval, _add_ops, _add_cluster, _add_quickstart):
         add(sub)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
+    """`kiln pretrain ... --verbose` (and `kiln data prepare ... --verbose`) as well as `kiln --verbose ...`;
+    SUPPRESS: a subcommand without the flag leaves the top level's value alone."""
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
+
+
+VERBOSE_HELP = ("also show Ray's and W&B's own output (Ray start-up, worker stdout/stderr with their (pid=...) "
+                "prefixes, warnings) on the console; it is always written to <out>/logs/ray.log")
 
 
 # Commands that only talk to a Ray cluster or to W&B have their handlers outside cluster.commands, whose job
@@ -232,6 +301,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, DataError, CheckpointError, RayStartError)
 
 
+# Path arguments left as written: --config is read here at once and named so in messages (and
+# `submit` / `render` pass it on, relative to the uploaded project); submit's --out: the cluster.
+KEEP_AS_WRITTEN = {"config"}
+REMOTE_PATH_ARGS = {"submit": {"out"}}
+
+
+def resolve_path_args(args: argparse.Namespace) -> None:
+    """Relative path arguments made absolute against the working directory, as config paths are
+    (cluster.config); `--checkpoint` given a run directory means its newest complete checkpoint."""
+    from cluster.config import absolute_path
+
+    remote = KEEP_AS_WRITTEN | REMOTE_PATH_ARGS.get(args.command, set())
+    for name, value in vars(args).items():
+        if isinstance(value, Path) and name not in remote:
+            setattr(args, name, Path(absolute_path(str(value))))
+    if isinstance(getattr(args, "checkpoint", None), Path):
+        from pretrain.checkpoint import resolve_checkpoint
+
+        args.checkpoint = resolve_checkpoint(args.checkpoint,
+                                             warn=lambda msg: print(msg, file=sys.stderr))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -243,11 +334,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.verbose:  # read where Ray starts (data_pipeline.raystart) and by W&B setup (cluster.tracking)
+        os.environ["KILN_VERBOSE"] = "1"
     if args.command in ("submit", "jobs", "cluster"):
         from cluster.submit import use_token_auth_if_available
 
         use_token_auth_if_available()
     try:
+        resolve_path_args(args)
         code = _handler(args)(args)
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from cluster.config import ConfigError, load_config, to_yaml
 from cluster.jobs import FinetuneJob, PrepareJob, PretrainJob, QuickstartJob
+from cluster.rundir import run_dir
 
 T = TypeVar("T")
 
@@ -48,6 +49,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs/data")
     manifest = prepare(cfg.data, out, progress=lambda msg: print(f"[data] {msg}", flush=True))
     print(f"[data] wrote {out} (tasks: {', '.join(manifest['tasks'])}, vocab {manifest['vocab_size']})")
+    from data_pipeline.raystart import keep_ray_log
+
+    keep_ray_log(Path(out) / "logs" / "ray.log")  # Ray's own output, held until `out` existed
     return 0
 
 
@@ -58,12 +62,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from cluster.launch import run_training
     from cluster.report import plot_curves
 
-    out = run_out_dir(args.out or Path("runs/pretrain"), cfg.trainer.resume)
-    result = run_training(cfg, out, stage=cfg.model.arch)
+    # run_dir: removed again when bad input stops the run before its first checkpoint
+    with run_dir(args.out or Path("runs/pretrain"), cfg.trainer.resume) as out:
+        result = run_training(cfg, out, stage=cfg.model.arch)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.model.arch} pretraining")
     _track(cfg, out, cfg.model.arch, result.checkpoint)
-    print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}")
+    print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}\n{_outputs(cfg.model.arch, out)}")
     return 0
+
+
+def _outputs(stage: str, out: Path) -> str:
+    return (f"[{stage}] outputs: {out} (metrics.csv, loss_curve.png; Ray's and the workers' own output in "
+            "logs/ray.log)")
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -74,22 +84,80 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from cluster.launch import run_training
     from cluster.report import plot_curves
 
-    out = run_out_dir(args.out or Path("runs/finetune"), cfg.trainer.resume)
-    result = run_training(cfg, out, stage=cfg.task)
+    with run_dir(args.out or Path("runs/finetune"), cfg.trainer.resume) as out:
+        result = run_training(cfg, out, stage=cfg.task)
     plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.task} fine-tuning")
     metrics = evaluate_checkpoint(result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval")
     _track(cfg, out, cfg.task, result.checkpoint)
-    print(f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}")
+    print(f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}\n"
+          f"{_outputs(cfg.task, out)}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cluster.evaluation import evaluate_checkpoint
+    from cluster import evaluation
     from cluster.jobs import DecodeConfig
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, DecodeConfig(beam_size=args.beam), args.out)
+    source, decode = _evaluation_source(args), DecodeConfig(beam_size=args.beam)
+    if source == "data":
+        metrics = evaluation.evaluate_checkpoint(args.checkpoint, args.data, args.split or "test",
+                                                 decode, args.out)
+    elif source == "input":
+        metrics = evaluation.evaluate_labelled_file(args.checkpoint, args.input,
+                                                    args.text_column or "text",
+                                                    args.label_column or "label", args.out)
+    else:
+        metrics = evaluation.evaluate_parallel_files(args.checkpoint, args.src, args.ref, decode,
+                                                     args.out)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _evaluation_source(args: argparse.Namespace) -> str:
+    """Which one of `kiln evaluate`'s sources was given ("data", "input" or "src"), with only
+    its own options."""
+    given = [name for name, on in (("data", args.data is not None),
+                                    ("input", args.input is not None),
+                                    ("src", args.src is not None or args.ref is not None)) if on]
+    if len(given) != 1:
+        raise ConfigError("kiln evaluate: give one of --data DIR [--split NAME], --input FILE "
+                          "(a classifier) or --src FILE --ref FILE (translation)")
+    if given == ["src"] and (args.src is None or args.ref is None):
+        raise ConfigError("kiln evaluate: --src and --ref go together")
+    options = (("--split", args.split, "data"), ("--text-column", args.text_column, "input"),
+               ("--label-column", args.label_column, "input"))
+    for flag, value, source in options:
+        if value is not None and source != given[0]:
+            raise ConfigError(f"kiln evaluate: {flag} applies only with --{source}")
+    return given[0]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finetune import predict
+
+    fmt = _predictions_format(args.out)
+    # the input first: a bad file fails before the model loads
+    rows = predict.read_texts(args.input, args.column, sys.stdin if args.input is None else None)
+    classifier = predict.load_classifier(args.checkpoint)
+    records = predict.prediction_records(classifier, rows)
+    text = predict.format_predictions(records, classifier.label_names, fmt)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"[predict] {len(rows)} texts labelled → {args.out}")
+    return 0
+
+
+def _predictions_format(out: Path | None) -> str:
+    """`kiln predict --out`: the suffix chooses TSV or JSONL; stdout gets TSV."""
+    suffix = "" if out is None else out.suffix.lower()
+    if out is None or suffix == ".tsv":
+        return "tsv"
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    raise ConfigError(f"--out {out}: name a .tsv or .jsonl file (its suffix chooses the format)")
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -203,8 +271,8 @@ def cmd_lm_baseline(args: argparse.Namespace) -> int:
     job = _config(LMBaselineJob, args)
     if job is None:
         return 0
-    out = fresh_out_dir(args.out or Path(job.out_dir))
-    metrics = run_lm_baseline(job, out)
+    with run_dir(args.out or Path(job.out_dir)) as out:  # removed again on bad input
+        metrics = run_lm_baseline(job, out)
     print(format_summary(metrics))
     print(f"[lm-baseline] metrics: {out / 'metrics.json'}")
     return 0

@@ -6,6 +6,7 @@ registry builds the LightningModule and this rank's loaders, and the strategy re
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -14,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, build, to_dict
-from cluster.jobs import FinetuneJob, PretrainJob
+from cluster.config import ConfigError, build, resolve_paths, to_dict
+from cluster.jobs import ClusterConfig, FinetuneJob, PretrainJob
 from cluster.preemption import Preempted, clear_stop_request, stop_file, stop_on_sigterm
+from cluster.progress import follow_progress, progress_file
 from cluster.tracking import check_online_credentials, ensure_run_id
 
 JOB_TYPES: dict[str, type] = {"pretrain": PretrainJob, "finetune": FinetuneJob}
+RAY_LOG = "ray.log"  # under <out>/logs/: Ray's own output and every worker's stdout/stderr
 
 
 @dataclass
@@ -31,14 +34,22 @@ class TrainResult:
     new_tensors: list[str]
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS) when given; otherwise start a local Ray bound to loopback."""
+def init_ray(address: str | None = None, log_dir: Path | None = None) -> None:
+    """Connect to `address` (or RAY_ADDRESS) when given; otherwise start a local Ray bound to loopback. Ray's own
+    output goes to `log_dir`/ray.log from now on (data_pipeline.raystart; `kiln --verbose` shows it too)."""
     from data_pipeline.raystart import init_ray as start
+    from data_pipeline.raystart import log_to
 
-    # Workers print progress lines; Ray's own INFO chatter and dedup notices would bury them.
+    if log_dir is not None:
+        log_to(Path(log_dir) / RAY_LOG)
+    # --verbose shows every worker line as Ray forwards it, without its "[repeated Nx]" merging.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    start(address, logging_level="WARNING")
+    # Ray Train's PreemptionWatcher (node drains; an actor whose constructor arguments Ray keeps in the object
+    # store, which its core worker reports as an error line) does nothing Kiln uses: Kiln's preemption is the
+    # STOP file (cluster/preemption.py). Ray Train passes this variable on from the driver to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    start(address)
 
 
 def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> TrainResult:
@@ -50,6 +61,9 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     from pretrain.checkpoint import check_free_space
 
     out_dir = Path(out_dir).resolve()
+    # load_config resolved the paths already; a job built in code gets it too: workers run elsewhere
+    job = resolve_paths(copy.deepcopy(job))
+    check_gpus(job.cluster)
     # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
     # converted into out_dir/imported/ and the job returned points at the converted copies.
     job = preflight(job, out_dir)
@@ -60,7 +74,8 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     if job.wandb.mode != "disabled":
         check_online_credentials(job.wandb.mode)
         ensure_run_id(out_dir)
-    init_ray(job.cluster.address)
+    init_ray(job.cluster.address, out_dir / "logs")
+    check_gpus(job.cluster, connected=True)
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
     # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts after a
     # failure (cluster.max_failures) continues from them instead of starting over (see train_worker).
@@ -76,13 +91,78 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
                              failure_config=FailureConfig(max_failures=job.cluster.max_failures)),
     )
     start = time.perf_counter()
-    with stop_on_sigterm(out_dir, stage):  # SIGTERM: every rank checkpoints at one step and stops (preemption)
-        trainer.fit()
+    # SIGTERM: every rank checkpoints at one step and stops (preemption); rank 0's progress on the console
+    with stop_on_sigterm(out_dir, stage), follow_progress(out_dir, job.trainer.log_every):
+        fit_reporting_user_errors(trainer)
     seconds = time.perf_counter() - start
     summary = json.loads((out_dir / "train_summary.json").read_text())
     if summary.get("preempted"):
         raise Preempted(stage, summary["steps"], Path(summary["checkpoint"]))
     return TrainResult(out_dir, Path(summary["checkpoint"]), out_dir / "metrics.csv", seconds, summary["new_tensors"])
+
+
+def check_gpus(cluster: ClusterConfig, connected: bool = False) -> None:
+    """cluster.use_gpu asks Ray for a GPU per worker; where there is none, Ray waits forever. Refuse
+    at once: before a local Ray starts when this machine has too few, or once connected when the
+    cluster offers none (a remote cluster with some may be scaling up to the rest)."""
+    if not cluster.use_gpu:
+        return
+    import ray
+
+    remote = bool(cluster.address or os.environ.get("RAY_ADDRESS"))
+    if not connected:
+        if remote or ray.is_initialized():
+            return  # not a local start: checked once connected
+        import torch
+
+        have, where = torch.cuda.device_count(), "this machine has"
+    else:
+        have, where = int(ray.cluster_resources().get("GPU", 0)), "the Ray cluster offers"
+        if remote and have:
+            return
+    need = cluster.num_workers
+    if have < need:
+        raise ConfigError(f"cluster.use_gpu=true needs {need} GPU(s), one per worker "
+                          f"(cluster.num_workers={need}), but {where} {have}; "
+                          "set cluster.use_gpu=false")
+
+
+def fit_reporting_user_errors(trainer: Any) -> None:
+    """`trainer.fit()`; a config, data or checkpoint error raised on a worker is re-raised here as
+    itself, so the CLI reports it as a driver's (one line, exit 2), not as Ray Train's wrapper."""
+    try:
+        trainer.fit()
+    except Exception as err:
+        found = worker_user_error(err)
+        if found is None:
+            raise
+        raise found from err
+
+
+def worker_user_error(err: BaseException) -> BaseException | None:
+    """The user error (cluster.rundir.user_error_types) inside what Ray Train raised, lowest rank
+    first. Ray Train v2 raises WorkerGroupError(worker_failures={rank: error}) or
+    ControllerError(controller_failure), v1 a TrainingFailedError whose __cause__ is the worker's
+    error; a RayTaskError (subclass of its cause's type, str a traceback) stands for `.cause`."""
+    from cluster.rundir import user_error_types
+
+    types, seen, queue = user_error_types(), set(), [err]
+    while queue:
+        current = queue.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = getattr(current, "cause", None)  # RayTaskError
+        if isinstance(inner, BaseException):
+            queue.insert(0, inner)
+            continue
+        if isinstance(current, types):
+            return current
+        failures = getattr(current, "worker_failures", None) or {}
+        queue += [failures[rank] for rank in sorted(failures)]
+        queue += [getattr(current, name, None) for name in ("controller_failure", "_base_exc")]
+        queue += [current.__cause__, current.__context__]
+    return None
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -92,10 +172,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from cluster.callbacks import (
         KilnCheckpoint,
+        LogLastStep,
         StopOnRequest,
         emit,
         quiet_worker_logs,
         retry_checkpoint,
+        send_lines_to,
         set_threads,
     )
     from cluster.tasks import TASKS, data_paths
@@ -108,6 +190,8 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(job.cluster.cpus_per_worker)
     quiet_worker_logs()
+    if rank == 0:  # rank 0's lines (emit) reach the user's console through the driver (cluster.progress)
+        send_lines_to(progress_file(out_dir))
     peak, peak_source = peak_flops(job.trainer.peak_flops, _worker_device(job.cluster.use_gpu), job.trainer.precision)
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, rank, world)
@@ -125,7 +209,9 @@ def train_worker(config: dict[str, Any]) -> None:
         resume_from = Path(config["resume_from"])
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
     stopper = StopOnRequest(stop_file(out_dir), checkpoint)
-    trainer = _build_trainer(job, out_dir, stage, parts, [checkpoint, stopper], resume=resume_from is not None)
+    # LogLastStep: metrics.csv always ends with the last step's row, even in a run shorter than log_every
+    trainer = _build_trainer(job, out_dir, stage, parts, [checkpoint, stopper, LogLastStep()],
+                             resume=resume_from is not None)
     if rank == 0:
         emit(f"[{stage}] MFU against {peak / 1e9:.4g} GFLOP/s per worker, {peak_source}")
         if parts.new_tensors:
@@ -172,7 +258,8 @@ def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, pa
         limit_val_batches=job.trainer.limit_val_batches,
         log_every_n_steps=job.trainer.log_every,
         logger=build_loggers(job.wandb, out_dir, stage, to_dict(job)),
-        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys), *callbacks],
+        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys, progress_file(out_dir)),
+                   *callbacks],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -253,11 +340,14 @@ def stash_metrics(out_dir: Path, step: int) -> None:
 
 
 def restore_metrics(out_dir: Path) -> None:
-    """metrics.csv = the stashed rows, then the resumed run's (a union header: later runs may log new keys)."""
-    stash = out_dir / STASHED_METRICS
-    if stash.is_file():
-        _write_rows(out_dir / "metrics.csv", _read_rows(stash) + _read_rows(out_dir / "metrics.csv"))
-        stash.unlink()
+    """metrics.csv = the stashed rows, then the resumed run's (a union header: later runs may log new keys).
+
+    Called by rank 0 after every run, resumed or not: it always leaves a metrics.csv, header only when nothing
+    was logged (a resume of a run already at max_steps), because the loss curve and the report read it next."""
+    stash, metrics = out_dir / STASHED_METRICS, out_dir / "metrics.csv"
+    if stash.is_file() or not metrics.is_file():
+        _write_rows(metrics, _read_rows(stash) + _read_rows(metrics))
+    stash.unlink(missing_ok=True)
 
 
 def _read_rows(file: Path) -> list[dict[str, str]]:
@@ -268,7 +358,8 @@ def _read_rows(file: Path) -> list[dict[str, str]]:
 
 
 def _write_rows(file: Path, rows: list[dict[str, str]]) -> None:
-    fields = sorted({k for row in rows for k in row})  # Lightning's order: epoch, step, then the metrics
+    # Lightning's order: epoch, step, then the metrics (sorted); without rows, a header of the first two
+    fields = sorted({k for row in rows for k in row}) or ["epoch", "step"]
     tmp = file.with_name(f".tmp-{file.name}")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

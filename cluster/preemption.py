@@ -14,13 +14,14 @@ A second SIGTERM is not caught: the default action ends the driver at once.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from cluster.progress import say
 
 STOP_FILE = "STOP"
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, run the same command again to continue
@@ -61,9 +62,8 @@ def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
     def request_stop(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the driver at once
         stop_file(out_dir).write_text(f"SIGTERM received by the driver at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        sys.__stdout__.write(f"[{stage}] SIGTERM: every worker stops after its current step and checkpoints "
-                             "(SIGTERM again stops at once, without a checkpoint)\n")
-        sys.__stdout__.flush()
+        say(f"[{stage}] SIGTERM: every worker stops after its current step and checkpoints "
+            "(SIGTERM again stops at once, without a checkpoint)")
 
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:

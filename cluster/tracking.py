@@ -86,9 +86,9 @@ def build_loggers(cfg: WandbConfig, out_dir: Path, stage: str, job_config: dict[
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="", version="")]
     if cfg.mode == "disabled":
         return loggers
-    os.environ.setdefault("WANDB_SILENT", "true")
+    quiet_wandb()
     os.environ["WANDB_MODE"] = cfg.mode
-    loggers.append(WandbLogger(
+    wandb_logger = WandbLogger(
         name=cfg.name or f"{stage}-{Path(out_dir).name}",
         save_dir=str(out_dir),
         offline=cfg.mode == "offline",
@@ -99,8 +99,19 @@ def build_loggers(cfg: WandbConfig, out_dir: Path, stage: str, job_config: dict[
         # A retried Ray Train worker group resumes the same W&B run instead of starting a second one.
         id=read_run_id(out_dir),
         resume="allow",
-    ))
+    )
+    # Lightning passes `anonymous=None` to wandb.init whatever it is given, and W&B warns about any value of
+    # that retired setting ("The anonymous setting has no effect"); not passing it is what W&B asks for.
+    getattr(wandb_logger, "_wandb_init", {}).pop("anonymous", None)
+    loggers.append(wandb_logger)
     return loggers
+
+
+def quiet_wandb() -> None:
+    """W&B's console lines stay in its own logs (<out>/wandb/.../logs/) unless `kiln --verbose` was given
+    (KILN_VERBOSE, which a local Ray's workers inherit)."""
+    if os.environ.get("KILN_VERBOSE", "") in ("", "0"):
+        os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def finish_run() -> None:
@@ -147,7 +158,7 @@ def log_artifacts(cfg: WandbConfig, out_dir: Path, stage: str, checkpoint: Path 
 
     images = _default_images(out_dir) if images is None else images
     tables = _default_tables(out_dir) if tables is None else tables
-    os.environ.setdefault("WANDB_SILENT", "true")
+    quiet_wandb()
     run = wandb.init(id=read_run_id(out_dir), resume="allow", dir=str(out_dir), mode=cfg.mode, project=cfg.project,
                      entity=cfg.entity, name=cfg.name or f"{stage}-{out_dir.name}", tags=[stage, *cfg.tags],
                      settings=wandb.Settings(console="off"))

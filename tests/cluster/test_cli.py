@@ -14,7 +14,7 @@ from cluster.preemption import EXIT_PREEMPTED, Preempted
 from cluster.rundir import MARKER, prepare_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "translate", "analyze-beam", "attention",
+SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "predict", "translate", "analyze-beam", "attention",
                "lm-baseline", "export", "cluster up", "cluster down", "cluster status", "submit", "jobs",
                "render kuberay", "render slurm", "wandb sync", "quickstart"]
 
@@ -26,7 +26,8 @@ def kiln(*args: str) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_subcommand() -> None:
     text = build_parser().format_help()
-    for name in ["data", "pretrain", "finetune", "evaluate", "translate", "analyze-beam", "attention", "lm-baseline",
+    for name in ["data", "pretrain", "finetune", "evaluate", "predict", "translate", "analyze-beam", "attention",
+                 "lm-baseline",
                  "export", "cluster", "submit", "jobs", "render", "wandb", "quickstart"]:
         assert name in text
 

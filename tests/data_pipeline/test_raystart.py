@@ -30,9 +30,27 @@ def test_local_ray_binds_loopback_and_address_is_explicit(monkeypatch: pytest.Mo
     monkeypatch.setattr(raystart.ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(raystart, "_use_token_auth", lambda: None)  # tested below
     init_ray(log_to_driver=False)
     assert calls[-1]["_node_ip_address"] == "127.0.0.1" and calls[-1]["log_to_driver"] is False
     assert raystart.os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's local-only mode
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     init_ray()
-    assert calls[-1] == {"address": "http://127.0.0.1:8265"}
+    # INFO: Ray's start-up lines reach the run log (raystart's handler); worker output forwarded, and routed.
+    assert calls[-1] == {"address": "http://127.0.0.1:8265", "logging_level": 20, "log_to_driver": True}
+
+
+def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    raystart._use_token_auth()
+    assert raystart.os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    try:
+        raystart._use_token_auth()
+        assert raystart.os.environ["RAY_AUTH_MODE"] == "token"
+        assert get_authentication_mode() == AuthenticationMode.TOKEN  # Ray's cached config re-read
+    finally:
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        Config.initialize("")
