@@ -96,7 +96,7 @@ def pretraining_summary(out: Path, results: dict[str, TrainResult]) -> dict[str,
     bert = {"mlm_acc": last_value(bert_csv, "val/mlm_acc"),
             "nsp_acc": last_value(bert_csv, "val/nsp_acc"),
             "unigram_token": chance.unigram_token, "unigram_accuracy": chance.unigram_accuracy,
-            "nsp_chance": chance.nsp_chance}
+            "nsp_chance": chance.nsp_chance, "nsp_pairs": chance.nsp_pairs}
     return {"bert": bert, "gpt": {"ppl": last_value(results["gpt"].metrics_csv, "val/ppl")}}
 
 
@@ -120,16 +120,25 @@ def _beats(value: float, floor: float) -> str:
     return "above" if value > floor else "NOT above"
 
 
+def nsp_margin(bert: dict[str, Any]) -> float:
+    """How many binomial standard errors BERT's NSP accuracy lies above chance on its validation
+    pairs (a guesser at chance level lands within 2 of it 95% of the time)."""
+    chance, pairs = bert["nsp_chance"], max(int(bert.get("nsp_pairs") or 0), 1)
+    return (bert["nsp_acc"] - chance) / math.sqrt(chance * (1.0 - chance) / pairs)
+
+
 def _bert_verdict(bert: dict[str, Any]) -> str:
-    """One plain sentence: did the encoder learn more than its data's floors?"""
+    """One plain sentence: did the encoder learn more than its data's floors? MLM: more than twice
+    the unigram guess; NSP: more than 3 standard errors above chance (not luck on this split)."""
     mlm, guess = bert["mlm_acc"], bert["unigram_accuracy"]
-    nsp, chance = bert["nsp_acc"], bert["nsp_chance"]
-    learned = mlm > 2 * guess and nsp > chance + 0.1
+    nsp, chance, margin = bert["nsp_acc"], bert["nsp_chance"], nsp_margin(bert)
+    learned = mlm > 2 * guess and margin > 3
     return (f"BERT {'learned' if learned else 'did not clearly learn'}: on the validation split "
             f"its masked-token accuracy is {_f(mlm)}, {_beats(mlm, guess)} the {_f(guess)} of "
             f"always guessing the most frequent token ('{bert['unigram_token']}'), and its "
             f"next-sentence accuracy is {_f(nsp)}, {_beats(nsp, chance)} the chance level "
-            f"{_f(chance)} (the share of the commoner label).")
+            f"{_f(chance)} (the share of the commoner label) by {margin:.1f} standard errors "
+            f"({bert.get('nsp_pairs', 0)} pairs).")
 
 
 def _classification_rows(cl: dict[str, Any]) -> list[list[str]]:

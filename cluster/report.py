@@ -86,6 +86,7 @@ class PretrainChance:
     unigram_token: str  # the training split's most frequent maskable token
     unigram_accuracy: float  # MLM accuracy of always predicting it (validation split)
     nsp_chance: float  # NSP accuracy of always answering the validation split's commoner label
+    nsp_pairs: int = 0  # validation segment pairs: how far chance's accuracy wanders by luck
 
 
 def pretrain_chance(data_dir: Path) -> PretrainChance:
@@ -107,7 +108,7 @@ def pretrain_chance(data_dir: Path) -> PretrainChance:
     name = Tokenizer.from_file(str(data_dir / "tokenizer.json")).decode([top]).strip() or str(top)
     guess = float(val_counts[top] / max(val_counts.sum(), 1))
     return PretrainChance(unigram_token=name, unigram_accuracy=guess,
-                          nsp_chance=max(positive, 1.0 - positive))
+                          nsp_chance=max(positive, 1.0 - positive), nsp_pairs=len(labels))
 
 
 def _column(split_dir: Path, column: str) -> np.ndarray:

@@ -65,17 +65,21 @@ def test_pretrain_chance_is_the_unigram_guess_and_the_commoner_nsp_label(tmp_pat
     assert chance.unigram_token == "cat"
     assert chance.unigram_accuracy == 2 / 9
     assert chance.nsp_chance == 0.75
+    assert chance.nsp_pairs == 4
 
 
 def test_report_says_plainly_whether_bert_learned_and_the_classifier_beat_its_baselines() -> None:
     from cluster.quickstart import _bert_verdict, _classification_verdict
 
     bert = {"mlm_acc": 0.25, "unigram_accuracy": 0.04, "unigram_token": "the", "nsp_acc": 0.8,
-            "nsp_chance": 0.5}
+            "nsp_chance": 0.5, "nsp_pairs": 400}
     assert _bert_verdict(bert).startswith("BERT learned")
     assert "0.250" in _bert_verdict(bert) and "0.040" in _bert_verdict(bert)
     assert _bert_verdict({**bert, "nsp_acc": 0.53}).startswith("BERT did not clearly learn")
     assert _bert_verdict({**bert, "mlm_acc": 0.07}).startswith("BERT did not clearly learn")
+    # 0.57 on 400 pairs is 2.8 standard errors above 0.5: could be luck; on 2,000 pairs it is not
+    assert _bert_verdict({**bert, "nsp_acc": 0.57}).startswith("BERT did not clearly learn")
+    assert _bert_verdict({**bert, "nsp_acc": 0.57, "nsp_pairs": 2000}).startswith("BERT learned")
     cl = {"accuracy": 0.9, "bow_accuracy": 0.8, "split_majority_rate": 0.3, "uniform_chance": 0.2,
           "examples": 70}
     assert "better than the bag-of-words" in _classification_verdict(cl)
