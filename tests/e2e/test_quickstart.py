@@ -25,6 +25,10 @@ SMALL = [
 ]
 
 
+CONSOLE_NOISE = ("RayTrainWorker pid=", "PlacementGroupCleaner", "core_worker", "wandb: WARNING",
+                 "token authentication", "Started a local Ray instance")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("quickstart") / "run"
@@ -33,6 +37,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("bert", "gpt", "translation", "classification"):
         assert f"[{stage}] step" in result.stdout, f"no progress lines from {stage}"
+    # captured without a TTY: nothing of Ray's or W&B's internals, no escape codes (issue 13)
+    console = result.stdout + result.stderr
+    for noise in ("\x1b[", "TrainController pid=", "Token authentication", "GPU available", *CONSOLE_NOISE):
+        assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
     return out
 
 
