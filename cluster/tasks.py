@@ -10,21 +10,22 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import lightning.pytorch as pl
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cluster.jobs import PRETRAIN_TASKS, FinetuneJob, PretrainJob
 from data_pipeline.loader import make_loader, read_manifest
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
-from finetune.module import ClassificationModule, TranslationModule
 from pretrain.checkpoint import CheckpointError
 from pretrain.hf_import import HF_PREFIX, check_tokenizer_matches_data, import_hf, save_imported_checkpoint
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
-from pretrain.module import BertPretrainModule, GPTPretrainModule
+
+# Lightning (and the LightningModules) are imported where a worker builds its module: the driver's preflight
+# and parameter count need only the models, and importing Lightning costs it seconds of CPU per run.
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 Job = TypeVar("Job", PretrainJob, FinetuneJob)
 
@@ -88,6 +89,8 @@ def build_pretrain(job: PretrainJob, rank: int, world: int) -> TaskParts:
     # ZeRO-3 from scratch: the model is built inside DeepSpeed's zero.Init (KilnModule.configure_model), partitioned
     # module by module. Weights loaded from a checkpoint (init_from) are read whole anyway; that model is built and
     # loaded here, and DeepSpeed partitions it when the engine starts.
+    from pretrain.module import BertPretrainModule, GPTPretrainModule
+
     deferred = job.cluster.strategy == "deepspeed_stage_3" and job.init_from is None
     if isinstance(job.model, GPTConfig):
         module = GPTPretrainModule(job.model, job.optim, job.trainer.max_steps, deferred=deferred)
@@ -118,6 +121,8 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     else:
         model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint),
                                                         Path(job.data_dir))
+    from finetune.module import TranslationModule
+
     train, val = _loaders(job, rank, world)
     module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing,
                                scheduled_sampling=job.sampling_schedule())
@@ -139,6 +144,8 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
                               "model.arch=lstm_classifier to train from scratch")
     if job.model is None:
         model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
+    from finetune.module import ClassificationModule
+
     train, val = _loaders(job, rank, world)
     module = ClassificationModule(model, job.optim, job.trainer.max_steps)
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)

@@ -13,11 +13,9 @@ from collections.abc import Iterable, Sequence
 import sacrebleu
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_f1_score,
-    multiclass_matthews_corrcoef,
-)
+
+# torchmetrics is imported where a classification metric is computed: importing it loads scipy.signal
+# and transformers (seconds of CPU) that `kiln translate`/`evaluate` of a translation model never use.
 
 
 def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
@@ -67,12 +65,16 @@ def _as_label_tensors(preds: Sequence[int] | Tensor, labels: Sequence[int] | Ten
 
 def accuracy(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
     """Fraction of predictions equal to the label (micro accuracy)."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
     p, t, n = _as_label_tensors(preds, labels, num_classes)
     return float(multiclass_accuracy(p, t, num_classes=n, average="micro"))
 
 
 def macro_f1(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
     """Unweighted mean of per-class F1 over the classes that occur in labels or predictions."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
     p, t, n = _as_label_tensors(preds, labels, num_classes)
     # classes that never occur would count as F1 = 0 and punish a model for the label set's size
     present = torch.unique(torch.cat([p, t]))
@@ -82,6 +84,8 @@ def macro_f1(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_
 
 def mcc(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
     """Matthews correlation coefficient (multi-class form, Gorodkin 2004); 0 for a constant predictor."""
+    from torchmetrics.functional.classification import multiclass_matthews_corrcoef
+
     p, t, n = _as_label_tensors(preds, labels, num_classes)
     right = int((p == t).sum())
     if (p.unique().numel() == 1 or t.unique().numel() == 1) and 0 < right < p.numel():
