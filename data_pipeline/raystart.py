@@ -168,6 +168,30 @@ def _use_token_auth() -> None:
         del os.environ["RAY_AUTH_MODE"]  # leave it to Ray's own default (and its warning)
 
 
+LOOPBACK_HOSTS = ("127.", "localhost")
+
+
+def _join_as_kiln_cluster_up_expects(address: str, kwargs: dict[str, Any]) -> None:
+    """Joining a head on this machine's loopback (`kiln cluster up`, the default): on Linux Ray takes the
+    machine's routable address as this driver's node address and then waits forever for a raylet there,
+    while the head's servers listen on 127.0.0.1 only; Ray's single-machine mode keeps the driver on
+    loopback too. The head authenticates with a token (`kiln cluster up`), which a client sends only in
+    token mode: turn it on when a token is there and the user said nothing."""
+    host = address.rsplit(":", 1)[0]
+    if "://" not in address and host.startswith(LOOPBACK_HOSTS):  # a GCS address, not ray:// (Ray Client)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            # Ray read the variable into this constant when it was imported (before this call); its
+            # services module looks the constant up each time it turns 127.0.0.1 into "this node's" IP.
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        kwargs.setdefault("_node_ip_address", "127.0.0.1")
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token or (Path.home() / ".ray" / "auth_token").is_file():
+        _use_token_auth()
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> None:
     """Connect to `address` (or RAY_ADDRESS) when given; otherwise start a local Ray bound to 127.0.0.1, so nothing
     beyond this machine can submit work to it. No-op when Ray is already initialised in this process.
@@ -186,6 +210,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     kwargs.setdefault("logging_level", logging.INFO)
     try:
         if address:
+            _join_as_kiln_cluster_up_expects(address, kwargs)
             ray.init(address=address, **kwargs)
         else:
             # _node_ip_address alone still leaves Ray's GCS listening on every interface on Linux; Ray's

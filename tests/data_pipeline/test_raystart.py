@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from data_pipeline import raystart
@@ -54,3 +57,26 @@ def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(monkeypatch
     finally:
         monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
         Config.initialize("")
+
+
+@pytest.mark.parametrize(("address", "loopback"), [("127.0.0.1:6379", True), ("localhost:6379", True),
+                                                   ("10.0.0.5:6379", False), ("ray://127.0.0.1:10001", False)])
+def test_joining_a_loopback_head_keeps_the_driver_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             address: str, loopback: bool) -> None:
+    """`kiln cluster up` binds every server to 127.0.0.1: a driver that took the routable address as its node
+    address would wait forever for a raylet there (seen joining through RAY_ADDRESS)."""
+    from data_pipeline import raystart
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token: token mode left as the user set it
+    for var in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.setenv(var, "")  # recorded, so whatever the test sets is undone afterwards
+        monkeypatch.delenv(var)
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # as Ray sets it on Linux
+    kwargs: dict = {}
+    raystart._join_as_kiln_cluster_up_expects(address, kwargs)
+    assert ray_constants.ENABLE_RAY_CLUSTER is not loopback
+    assert (kwargs.get("_node_ip_address") == "127.0.0.1") is loopback
+    assert (os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0") is loopback
+    assert "RAY_AUTH_MODE" not in os.environ
