@@ -156,16 +156,22 @@ def _isatty(stream: Any) -> bool:
 def _use_token_auth() -> None:
     """A new local Ray turns token authentication on by default and says so in a WARNING on every start;
     asking for it explicitly (RAY_AUTH_MODE=token, what Ray itself sets) keeps the protection, not the line.
-    An explicit RAY_AUTH_MODE of the user's wins."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
+    An explicit RAY_AUTH_MODE of the user's wins.
+
+    Either way Ray's config cache is re-read from the environment: Ray reads RAY_AUTH_MODE once, at import,
+    while the servers it starts read the environment. When the two disagree (the variable changed in this
+    process since), the driver sends no token to a GCS that wants one and the start fails after 20 s as
+    "Failed to start GCS" with no error lines (seen in CI after a test had changed the variable)."""
+    ours = "RAY_AUTH_MODE" not in os.environ
+    if ours:
+        os.environ["RAY_AUTH_MODE"] = "token"
     try:
         from ray._raylet import Config
 
-        Config.initialize("")  # Ray's config cache read RAY_AUTH_MODE at import; re-read it (as Ray does)
+        Config.initialize("")  # re-read, as Ray does at import
     except (ImportError, AttributeError):
-        del os.environ["RAY_AUTH_MODE"]  # leave it to Ray's own default (and its warning)
+        if ours:
+            del os.environ["RAY_AUTH_MODE"]  # leave it to Ray's own default (and its warning)
 
 
 LOOPBACK_HOSTS = ("127.", "localhost")

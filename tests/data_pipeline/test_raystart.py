@@ -55,7 +55,23 @@ def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(monkeypatch
         assert raystart.os.environ["RAY_AUTH_MODE"] == "token"
         assert get_authentication_mode() == AuthenticationMode.TOKEN  # Ray's cached config re-read
     finally:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+        monkeypatch.undo()  # the environment as it was, and Ray's config cache re-read from it: a cache left
+        Config.initialize("")  # saying "no auth" beside RAY_AUTH_MODE=token fails every later local start
+
+
+def test_a_local_start_rereads_rays_config_when_the_environment_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads RAY_AUTH_MODE into its config cache once; the GCS it starts reads the environment. A cache
+    that disagrees made every later local start fail after 20 s ("Failed to start GCS", seen in CI)."""
+    from ray._raylet import AuthenticationMode, Config, get_authentication_mode
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    Config.initialize("")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # changed after Ray read it
+    try:
+        raystart._use_token_auth()
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+    finally:
+        monkeypatch.undo()
         Config.initialize("")
 
 
