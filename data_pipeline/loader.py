@@ -1,12 +1,18 @@
-"""`ShardLoader`: each training rank's share of a split, in a seeded order, resumable mid-epoch.
+"""`ShardLoader`: each training rank's share of a split, streamed, in a seeded order, resumable
+mid-epoch, also on another number of ranks.
 
-Why not a Ray Data iterator: those cannot resume mid-epoch (ray-project/ray#37633) and exact resume is
-a requirement (docs/design.md). This module makes no Ray or torch.distributed call, so it works the
-same inside a Ray Train worker and in a plain process; rank and world size are passed in.
+Why not a Ray Data iterator: those cannot resume mid-epoch (ray-project/ray#37633) and exact resume
+is a requirement (docs/design.md). This module makes no Ray or torch.distributed call, so it works
+the same inside a Ray Train worker and in a plain process; rank and world size are passed in.
 
-Per epoch every rank computes the same permutation of all rows (seeded by seed and epoch) and takes
-the rows at positions rank, rank + world_size, ...; every rank serves the same number of batches, so
-collective operations never wait on a rank that ran out. The state is (epoch, batches served).
+The order of an epoch is one global sequence that depends on the data, the seed and the epoch only,
+never on the number of ranks (`EpochOrder`): the shards in a seeded order, cut into blocks of
+`block_rows` rows (a Parquet row group), consecutive blocks grouped into windows of
+`window_blocks`, and the rows of each window in a seeded order. A layout (`Layout`) hands each rank
+one contiguous stretch of that sequence, all of equal length, so a rank reads only the row groups
+of its own stretch, one window in memory and the next read ahead. Resuming on another number of
+ranks computes what the old ranks served (their first k batches each) and splits the rest of the
+epoch over the new ones (`Layout.rest`); later epochs use the new layout from their start.
 """
 
 from __future__ import annotations
@@ -14,10 +20,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -28,10 +39,21 @@ from data_pipeline.collators import (
     TranslationCollator,
 )
 from data_pipeline.errors import DataError
-from data_pipeline.shards import read_manifest, read_split
+from data_pipeline.shards import (
+    MANIFEST,
+    ROW_GROUP_ROWS,
+    filesystem,
+    read_json_at,
+    read_manifest,
+    read_rows,
+    verify_sha256,
+)
 
-__all__ = ["COLLATORS", "ClassificationCollator", "ClmCollator", "Collator", "MlmNspCollator", "ShardLoader",
-           "TranslationCollator", "make_loader", "read_manifest"]
+__all__ = ["COLLATORS", "ClassificationCollator", "ClmCollator", "Collator", "EpochOrder", "Layout",
+           "MlmNspCollator", "ShardLoader", "TranslationCollator", "make_loader", "read_manifest"]
+
+WINDOW_BLOCKS = 8  # blocks shuffled together: 8 x 1,024 rows in memory, one more window read ahead
+Span = tuple[int, int]  # [start, stop) of positions in an epoch's global sequence
 
 
 class Collator(Protocol):
@@ -46,88 +68,343 @@ def seed_for(*parts: int) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
-class ShardLoader:
-    """Iterate one epoch of batches per `for` loop; `len()` is the batch count per epoch on every rank.
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
-    drop_last=True: each rank gets floor(rows / world_size) rows, whole batches only (training).
-    drop_last=False: every row is served; ranks are topped up by repeating rows from the start of the
-    permutation (as torch's DistributedSampler does) and the last batch may be short. Repeats carry the
-    same sample_id, so an evaluation can count each sample once.
+
+# ---------------------------------------------------------------- the global order of an epoch
+class EpochOrder:
+    """An epoch's global sequence of rows; a function of (shard sizes, seed, epoch) only.
+
+    Holds O(shards) integers; a window's rows are located and permuted on demand.
     """
 
-    def __init__(self, task_dir: str | os.PathLike[str], split: str, batch_size: int, collate: Collator,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got batch_size={batch_size}, "
-                             f"rank={rank}, world_size={world_size}")
-        self.task_dir, self.split, self.batch_size, self.collate = Path(task_dir), split, batch_size, collate
-        self.rank, self.world_size, self.seed, self.shuffle, self.drop_last = rank, world_size, seed, shuffle, drop_last
-        table = read_split(self.task_dir, split, columns=list(collate.columns))
-        self._columns = {name: table.column(name).to_pylist() for name in collate.columns}
-        self.num_rows = table.num_rows
-        if drop_last:
-            self.rows_per_rank = self.num_rows // world_size
-            self._num_batches = self.rows_per_rank // batch_size
+    def __init__(self, shard_rows: list[int], block_rows: int, window_blocks: int, seed: int,
+                 epoch: int, shuffle: bool) -> None:
+        self.block_rows, self.window_blocks = block_rows, window_blocks
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        count = len(shard_rows)
+        order = _permutation(count, seed_for(seed, epoch)) if shuffle else range(count)
+        # shard indices, in this epoch's order
+        self.shards = [s for s in order if shard_rows[s] > 0]
+        rows = [shard_rows[s] for s in self.shards]
+        self.cum_rows = list(accumulate(rows, initial=0))
+        self.cum_blocks = list(accumulate((math.ceil(r / block_rows) for r in rows), initial=0))
+        self.num_rows = self.cum_rows[-1]
+        self.num_windows = math.ceil(self.cum_blocks[-1] / window_blocks)
+
+    def window_of(self, position: int) -> int:
+        k = bisect_right(self.cum_rows, position) - 1
+        block = self.cum_blocks[k] + (position - self.cum_rows[k]) // self.block_rows
+        return block // self.window_blocks
+
+    def window_span(self, window: int) -> Span:
+        first = window * self.window_blocks
+        return self._block_start(first), self._block_start(min(first + self.window_blocks,
+                                                              self.cum_blocks[-1]))
+
+    def window_parts(self, window: int) -> list[tuple[int, int, int]]:
+        """(shard index, first row, end row) of each shard stretch the window holds, in order."""
+        start, stop = self.window_span(window)
+        parts, k = [], bisect_right(self.cum_rows, start) - 1
+        while start < stop:
+            end = min(stop, self.cum_rows[k + 1])
+            parts.append((self.shards[k], start - self.cum_rows[k], end - self.cum_rows[k]))
+            start, k = end, k + 1
+        return parts
+
+    def window_permutation(self, window: int) -> list[int] | None:
+        """The order of the window's rows (None: as stored). The -1 keeps these seeds apart from
+        the masks' (seed, epoch, rank, batch)."""
+        if not self.shuffle:
+            return None
+        start, stop = self.window_span(window)
+        return _permutation(stop - start, seed_for(self.seed, self.epoch, -1, window))
+
+    def _block_start(self, block: int) -> int:
+        if block >= self.cum_blocks[-1]:
+            return self.num_rows
+        k = bisect_right(self.cum_blocks, block) - 1
+        return self.cum_rows[k] + (block - self.cum_blocks[k]) * self.block_rows
+
+
+# ---------------------------------------------------------------- who serves what
+@dataclass(frozen=True)
+class Layout:
+    """How `world_size` ranks split `remaining` (spans of the global sequence, in order): rank r
+    serves positions [r * per_rank, (r + 1) * per_rank) of their concatenation R.
+
+    drop_last: per_rank = whole batches; the last len(R) mod (world_size * batch_size) rows are not
+    served. Otherwise per_rank = ceil(len(R) / world_size) and R is wrapped around to fill the last
+    rank (repeats, as torch's DistributedSampler does); the last batch may be short.
+    `start` counts the batches each rank served in this epoch before this layout began.
+    """
+
+    remaining: tuple[Span, ...]
+    world_size: int
+    batch_size: int
+    drop_last: bool
+    start: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(b - a for a, b in self.remaining)
+
+    @property
+    def per_rank(self) -> int:
+        if self.drop_last:
+            return self.rows // (self.world_size * self.batch_size) * self.batch_size
+        return math.ceil(self.rows / self.world_size)
+
+    @property
+    def batches(self) -> int:
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def rank_spans(self, rank: int, served: int) -> list[Span]:
+        """Global positions rank `rank` serves after its first `served` batches of this layout."""
+        first = rank * self.per_rank
+        begin, end = first + min(served * self.batch_size, self.per_rank), first + self.per_rank
+        spans: list[Span] = []
+        while begin < end:  # wrapping only with drop_last=False, where end may pass len(R)
+            offset = begin % self.rows
+            stop = min(end - begin, self.rows - offset) + offset
+            spans += self._positions(offset, stop)
+            begin += stop - offset
+        return spans
+
+    def rest(self, served: int, world_size: int) -> Layout:
+        """The rest of the epoch after every rank served `served` batches, split over `world_size`
+        ranks. What no rank served (the drop_last tail included) is carried; repeats are not."""
+        left: list[Span] = []
+        for rank in range(self.world_size):
+            first = rank * self.per_rank
+            begin = first + min(served * self.batch_size, self.per_rank)
+            left += self._positions(min(begin, self.rows), min(first + self.per_rank, self.rows))
+        left += self._positions(min(self.world_size * self.per_rank, self.rows), self.rows)
+        start = self.start + served
+        return Layout(_merge(left), world_size, self.batch_size, self.drop_last, start)
+
+    def _positions(self, begin: int, end: int) -> list[Span]:
+        """Indices [begin, end) of R as spans of global positions."""
+        out, offset = [], 0
+        for a, b in self.remaining:
+            lo, hi = max(begin, offset), min(end, offset + b - a)
+            if lo < hi:
+                out.append((a + lo - offset, a + hi - offset))
+            offset += b - a
+        return out
+
+
+def _merge(spans: list[Span]) -> tuple[Span, ...]:
+    out: list[Span] = []
+    for a, b in spans:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
         else:
-            self.rows_per_rank = math.ceil(self.num_rows / world_size)
-            self._num_batches = math.ceil(self.rows_per_rank / batch_size)
-        if self._num_batches == 0:
-            raise DataError(f"{self.task_dir}/{split}: {self.num_rows} rows make no batch of {batch_size} "
-                            f"on each of {world_size} ranks; lower the batch size or add data")
+            out.append((a, b))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the loader
+class ShardLoader:
+    """Iterate one epoch of batches per `for` loop; `len()` is the batch count of the current epoch,
+    the same on every rank.
+
+    drop_last=True: whole batches only (training). drop_last=False: every row is served; the last
+    rank is topped up by repeating rows from the start of the sequence and the last batch may be
+    short. Repeats carry the same sample_id, so an evaluation can count each sample once.
+    Memory: the manifest, and at most two windows of `window_blocks * block_rows` rows as Arrow
+    columns (the one being served, the next read ahead in a thread); only a batch becomes Python.
+    """
+
+    def __init__(self, task_dir: str | os.PathLike[str], split: str, batch_size: int,
+                 collate: Collator, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, block_rows: int = ROW_GROUP_ROWS,
+                 window_blocks: int = WINDOW_BLOCKS) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got "
+                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if block_rows < 1 or window_blocks < 1:
+            raise ValueError(f"need block_rows, window_blocks >= 1; got {block_rows}, "
+                             f"{window_blocks}")
+        self.split, self.batch_size, self.collate = split, batch_size, collate
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.block_rows, self.window_blocks = block_rows, window_blocks
+        self.columns = list(collate.columns)
+        self._fs, self._root = filesystem(task_dir)
+        self._manifest_path = f"{self._root}/{MANIFEST}"
+        self._shards = _split_shards(read_json_at(self._fs, self._manifest_path), split,
+                                     self._manifest_path)
+        self.num_rows = sum(int(s["rows"]) for s in self._shards)
+        self.data = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode()).hexdigest()
+        self._verified: set[int] = set()  # shards whose sha256 this process checked
+        self.stats = {"windows_read": 0, "rows_read": 0, "peak_rows_held": 0}
         self.epoch, self._batch = 0, 0
+        self._layout = self._full_layout(world_size)
+        if self._layout.batches == 0:
+            raise DataError(f"{self._root}/{split}: {self.num_rows} rows make no batch of "
+                            f"{batch_size} on each of {world_size} ranks; lower the batch size "
+                            "or add data")
+        self._order_cache: EpochOrder | None = None
 
     def __len__(self) -> int:
-        return self._num_batches
+        return self._layout.start + self._layout.batches
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         if self._batch >= len(self):  # the last epoch was served in full but the loop never asked for more
-            self.epoch, self._batch = self.epoch + 1, 0
-        indices = self.rank_indices(self.epoch)
-        while self._batch < len(self):
-            batch_index = self._batch
-            rows = [self._row(i) for i in indices[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]]
-            generator = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, self.rank, batch_index))
-            batch = self.collate(rows, generator)
-            self._batch += 1  # counted as served once handed out: a checkpoint taken now resumes after it
-            yield batch
-        self.epoch, self._batch = self.epoch + 1, 0
+            self.set_epoch(self.epoch + 1)
+        order, served = self.order(self.epoch), self._batch - self._layout.start
+        rows = self._rank_batches(order, self._layout.rank_spans(self.rank, served))
+        try:
+            for batch_rows in rows:
+                generator = torch.Generator().manual_seed(
+                    seed_for(self.seed, self.epoch, self.rank, self._batch))
+                batch = self.collate(batch_rows, generator)
+                self._batch += 1  # counted as served once handed out: a checkpoint taken now resumes after it
+                yield batch
+        finally:
+            rows.close()  # stops the read-ahead thread when a consumer leaves early
+        self.set_epoch(self.epoch + 1)
 
-    def rank_indices(self, epoch: int) -> list[int]:
-        """Row indices this rank serves in `epoch`, in order."""
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(
-                seed_for(self.seed, epoch))).tolist()
-        else:
-            order = list(range(self.num_rows))
-        total = self.rows_per_rank * self.world_size
-        order = (order * math.ceil(total / self.num_rows))[:total]  # trims (drop_last) or tops up by wrapping
-        mine = order[self.rank::self.world_size]
-        return mine[: len(self) * self.batch_size] if self.drop_last else mine
+    def order(self, epoch: int) -> EpochOrder:
+        """The global sequence of `epoch` (the same on every rank and for every world size)."""
+        if self._order_cache is None or self._order_cache.epoch != epoch:
+            self._order_cache = EpochOrder([int(s["rows"]) for s in self._shards], self.block_rows,
+                                           self.window_blocks, self.seed, epoch, self.shuffle)
+        return self._order_cache
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its first batch (for loops that count epochs themselves)."""
         self.epoch, self._batch = epoch, 0
+        self._layout = self._full_layout(self.world_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the next batch comes from; identical on every rank, so any rank's copy resumes all of them."""
+        """Where the next batch comes from; identical on every rank, so any rank's copy resumes all
+        of them, on this number of ranks or another (load_state_dict)."""
         return {"epoch": self.epoch, "batches_served": self._batch, "seed": self.seed,
-                "world_size": self.world_size, "num_rows": self.num_rows, "batch_size": self.batch_size,
-                "shuffle": self.shuffle, "drop_last": self.drop_last}
+                "world_size": self.world_size, "num_rows": self.num_rows, "data": self.data,
+                "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "block_rows": self.block_rows, "window_blocks": self.window_blocks,
+                "layout": {"remaining": [list(s) for s in self._layout.remaining],
+                           "start": self._layout.start}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume exactly; the data and the layout (ranks, batch size, seed) must be the ones saved."""
+        """Resume exactly. The data, seed, batch size and order settings must be the ones saved;
+        the world size may differ: the rest of the epoch is then split over this loader's ranks."""
         mine = self.state_dict()
-        wrong = {k: (state.get(k), mine[k]) for k in mine if k not in ("epoch", "batches_served")
-                 and state.get(k) != mine[k]}
+        fixed = [k for k in mine if k not in ("epoch", "batches_served", "world_size", "layout")]
+        wrong = {k: (state.get(k), mine[k]) for k in fixed if state.get(k) != mine[k]}
+        if "layout" not in state:
+            raise ValueError("loader state has no 'layout': it was saved by an older Kiln loader, "
+                             "whose order this one does not reproduce")
         if wrong:
             raise ValueError(f"loader state does not match this loader (saved, now): {wrong}")
-        if not 0 <= state["batches_served"] <= len(self):
-            raise ValueError(f"batches_served {state['batches_served']} outside 0..{len(self)}")
+        saved = Layout(tuple((int(a), int(b)) for a, b in state["layout"]["remaining"]),
+                       int(state["world_size"]), self.batch_size, self.drop_last,
+                       int(state["layout"]["start"]))
+        served = int(state["batches_served"]) - saved.start
+        if not 0 <= served <= saved.batches:
+            raise ValueError(f"batches_served {state['batches_served']} outside "
+                             f"{saved.start}..{saved.start + saved.batches}")
         self.epoch, self._batch = int(state["epoch"]), int(state["batches_served"])
+        if saved.world_size == self.world_size:
+            self._layout = saved
+        elif served == saved.batches:  # the epoch was over: the next starts in this layout
+            self.set_epoch(self.epoch + 1)
+        else:
+            self._layout = saved.rest(served, self.world_size)
 
-    def _row(self, index: int) -> dict:
-        return {name: values[index] for name, values in self._columns.items()}
+    def _full_layout(self, world_size: int) -> Layout:
+        return Layout(_merge([(0, self.num_rows)]), world_size, self.batch_size, self.drop_last)
+
+    # ------------------------------------------------------------ reading
+    def _rank_batches(self, order: EpochOrder, spans: list[Span]) -> Iterator[list[dict]]:
+        """This rank's rows, `batch_size` at a time (the last batch may be short)."""
+        pending: list[pa.Table] = []
+        count = 0
+        for piece in self._window_slices(order, spans):
+            while piece.num_rows:
+                take = min(self.batch_size - count, piece.num_rows)
+                pending.append(piece.slice(0, take))
+                count, piece = count + take, piece.slice(take)
+                if count == self.batch_size:
+                    yield [row for t in pending for row in t.to_pylist()]
+                    pending, count = [], 0
+        if pending:
+            yield [row for t in pending for row in t.to_pylist()]
+
+    def _window_slices(self, order: EpochOrder, spans: list[Span]) -> Iterator[pa.Table]:
+        """Slices of windows covering `spans`, in order; the next window is read in a thread."""
+        pieces = _window_pieces(order, spans)
+        following = _next_different([w for w, _, _ in pieces])
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-loader")
+        current: tuple[int, pa.Table] | None = None
+        ahead: tuple[int, Future[pa.Table]] | None = None
+        try:
+            for i, (window, a, b) in enumerate(pieces):
+                if current is None or current[0] != window:
+                    ready = ahead is not None and ahead[0] == window
+                    table = ahead[1].result() if ready else self._read_window(order, window)
+                    current = (window, table)
+                    ahead = None
+                    if following[i] is not None:
+                        ahead = (following[i], pool.submit(self._read_window, order, following[i]))
+                    self._note_held(order, current[1].num_rows, ahead)
+                yield current[1].slice(a, b - a)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_window(self, order: EpochOrder, window: int) -> pa.Table:
+        tables = [self._read_shard(shard, a, b) for shard, a, b in order.window_parts(window)]
+        table = pa.concat_tables(tables)
+        permutation = order.window_permutation(window)
+        self.stats["windows_read"] += 1
+        self.stats["rows_read"] += table.num_rows
+        return table if permutation is None else table.take(pa.array(permutation, pa.int64()))
+
+    def _read_shard(self, index: int, start: int, stop: int) -> pa.Table:
+        shard = self._shards[index]
+        path = f"{self._root}/{shard['file']}"
+        if index not in self._verified:  # once per process: a full extra read of the shard
+            verify_sha256(self._fs, path, shard["sha256"], self._manifest_path)
+            self._verified.add(index)
+        return read_rows(self._fs, path, start, stop, self.columns)
+
+    def _note_held(self, order: EpochOrder, rows: int, ahead: tuple[int, Any] | None) -> None:
+        if ahead is not None:
+            a, b = order.window_span(ahead[0])
+            rows += b - a
+        self.stats["peak_rows_held"] = max(self.stats["peak_rows_held"], rows)
+
+
+def _split_shards(manifest: dict, split: str, where: str) -> list[dict]:
+    if split not in manifest.get("splits", {}):
+        raise DataError(f"{where}: no split {split!r}; it has {sorted(manifest.get('splits', {}))}")
+    return list(manifest["splits"][split]["shards"])
+
+
+def _window_pieces(order: EpochOrder, spans: list[Span]) -> list[tuple[int, int, int]]:
+    """(window, first, end) offsets within each window, covering `spans` in order."""
+    pieces = []
+    for position, stop in spans:
+        while position < stop:
+            window = order.window_of(position)
+            first, last = order.window_span(window)
+            end = min(stop, last)
+            pieces.append((window, position - first, end - first))
+            position = end
+    return pieces
+
+
+def _next_different(windows: list[int]) -> list[int | None]:
+    """For each piece, the first window after it that differs from its own (what to read ahead)."""
+    out: list[int | None] = [None] * len(windows)
+    for i in range(len(windows) - 2, -1, -1):
+        out[i] = windows[i + 1] if windows[i + 1] != windows[i] else out[i + 1]
+    return out
 
 
 def _mlm_nsp(top: dict) -> Collator:

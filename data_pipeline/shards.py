@@ -4,6 +4,8 @@ Layout of a task directory (docs/design.md):
     <task>/manifest.json
     <task>/<split>/part-00000.parquet ...
 Writing is deterministic (same rows => byte-identical files), so sha256s identify a dataset.
+Shards hold row groups of at most ROW_GROUP_ROWS rows, so a reader can fetch a slice of a shard
+without the rest of it (the training loader streams them: data_pipeline/loader.py).
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from data_pipeline.errors import DataError
 
 MANIFEST = "manifest.json"
 _PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": False}
+# Rows per Parquet row group: the unit a streaming reader fetches. 1,024 rows of a 128-token
+# block are ~0.5 MB of token ids; a whole 4,096-row shard in one group would be read whole.
+ROW_GROUP_ROWS = 1024
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -53,7 +59,8 @@ def write_split(table: pa.Table, split_dir: Path, shard_rows: int, token_columns
     for number, start in enumerate(starts):
         part = table.slice(start, shard_rows)
         path = split_dir / f"part-{number:05d}.parquet"
-        pq.write_table(part, path, row_group_size=max(shard_rows, 1), **_PARQUET_OPTIONS)
+        pq.write_table(part, path, row_group_size=min(max(shard_rows, 1), ROW_GROUP_ROWS),
+                       **_PARQUET_OPTIONS)
         shards.append({"file": f"{split_dir.name}/{path.name}", "rows": part.num_rows,
                        "tokens": count_tokens(part, token_columns), "sha256": sha256_file(path)})
     return shards
@@ -114,3 +121,68 @@ def read_split(task_dir: str | os.PathLike[str], split: str, columns: list[str] 
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise DataError(f"{path}: cannot read this shard ({first}); prepare it again") from None
     return pa.concat_tables(tables)
+
+
+# ---------------------------------------------------------------- streaming reads (pyarrow.fs)
+def filesystem(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a location: a URI (`s3://...`) or a local path."""
+    text = os.fspath(location)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (pa.ArrowException, ValueError) as e:
+            raise DataError(f"{text}: cannot open this location ({e})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(text)
+
+
+def read_json_at(fs: pafs.FileSystem, path: str) -> dict:
+    """A manifest.json through `fs`; errors name the file, as read_manifest's do."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no manifest (was the data prepared with "
+                        "`kiln data prepare`?)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def verify_sha256(fs: pafs.FileSystem, path: str, expected: str, manifest: str) -> None:
+    """Stream the file through sha256 (1 MiB at a time) and refuse it if it differs."""
+    digest = hashlib.sha256()
+    try:
+        with fs.open_input_stream(path) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: cannot read this shard ({_first_line(e)})") from None
+    if digest.hexdigest() != expected:
+        raise DataError(f"{path}: sha256 does not match {manifest}; the shard changed or is "
+                        "corrupt")
+
+
+def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int,
+              columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of one shard: only the row groups that hold them are read and decoded."""
+    try:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            groups, first, offset = [], None, 0
+            for i in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(i).num_rows
+                if offset < stop and offset + rows > start:
+                    groups.append(i)
+                    first = offset if first is None else first
+                offset += rows
+            table = parquet.read_row_groups(groups, columns=columns)
+    except (OSError, pa.ArrowException) as e:  # truncated, overwritten, not Parquet at all
+        raise DataError(f"{path}: cannot read this shard ({_first_line(e)}); "
+                        "prepare it again") from None
+    if offset < stop:
+        raise DataError(f"{path}: has {offset} rows, its manifest says at least {stop}; "
+                        "prepare it again")
+    return table.slice(start - (first or 0), stop - start)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -115,16 +115,20 @@ def test_a_full_epoch_then_islice_style_consumer_moves_to_the_next_epoch(data_di
     assert loader.epoch == 2 and len(second_epoch) == len(loader) and second_epoch != first_epoch
 
 
-def test_state_from_another_layout_is_refused(data_dir: Path) -> None:
+def test_state_from_another_batch_size_or_seed_is_refused(data_dir: Path) -> None:
+    """Another world size is resumed (test_loader_elastic.py); another batch size or seed is not."""
     state = ranks(data_dir)[0].state_dict()
-    other = make_loader(data_dir, "classification", "train", batch_size=4, world_size=3, seed=7)
-    with pytest.raises(ValueError, match="world_size"):
+    other = make_loader(data_dir, "classification", "train", batch_size=5, world_size=2, seed=7)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+    other = make_loader(data_dir, "classification", "train", batch_size=4, world_size=2, seed=8)
+    with pytest.raises(ValueError, match="seed"):
         other.load_state_dict(state)
 
 
 def test_columns_read_and_batch_keys(data_dir: Path) -> None:
     loader = make_loader(data_dir, "classification", "validation", batch_size=2, shuffle=False, drop_last=False)
-    assert sorted(loader._columns) == ["input_ids", "label", "sample_id"]  # the text column is never read
+    assert sorted(loader.columns) == ["input_ids", "label", "sample_id"]  # the text column is never read
     batches = list(loader)
     assert [b["sample_id"].tolist() for b in batches] == [[53, 54], [55, 56], [57]]
     assert set(batches[0]) == {"input_ids", "attention_mask", "labels", "sample_id"}
