@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from anywhere, like the CLI's `python -m`
 
 from cluster.evaluation import read_split  # noqa: E402
+from data_pipeline.configlib import from_preset  # noqa: E402
 from finetune.decode import beam_search  # noqa: E402
 from finetune.models import load_finetuned  # noqa: E402
 from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq  # noqa: E402
@@ -142,8 +143,8 @@ def sources(data: Path, tokenizer_file: Path, n: int) -> list[Batch]:
 
 def small_checkpoint(tmp: Path, tokenizer_file: Path, vocab_size: int) -> Path:
     torch.manual_seed(0)
-    config = Seq2SeqConfig(encoder=BertConfig.from_preset("small", vocab_size=vocab_size),
-                           decoder=GPTConfig.from_preset("small", vocab_size=vocab_size, add_cross_attention=True))
+    config = Seq2SeqConfig(encoder=from_preset(BertConfig, "small", vocab_size=vocab_size),
+                           decoder=from_preset(GPTConfig, "small", vocab_size=vocab_size, add_cross_attention=True))
     return save_checkpoint(tmp / "small", WarmStartedSeq2Seq(config), config, tokenizer_file)
 
 

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # runs from a bare checkout, without `pip install
 import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
+from data_pipeline.configlib import from_preset  # noqa: E402
 from pretrain.flops import peak_flops  # noqa: E402
 from pretrain.models.bert import BertConfig  # noqa: E402
 from pretrain.models.gpt import GPTConfig  # noqa: E402
@@ -95,9 +96,9 @@ def synthetic_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, torch
 def build_module(family: str, shape: Shape, total_steps: int) -> KilnModule:
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
     if family == "gpt":
-        cfg = GPTConfig.from_preset(shape.preset, vocab_size=shape.vocab)
+        cfg = from_preset(GPTConfig, shape.preset, vocab_size=shape.vocab)
         return GPTPretrainModule(cfg, optim, total_steps)
-    bert = BertConfig.from_preset(shape.preset, vocab_size=shape.vocab)
+    bert = from_preset(BertConfig, shape.preset, vocab_size=shape.vocab)
     return BertPretrainModule(bert, optim, total_steps)
 
 

@@ -1,13 +1,9 @@
 """Lightning callbacks run inside every Ray Train worker: progress lines, Kiln checkpoints, and exact resume.
 
-Resume (trainer.resume=auto) goes through Lightning's own `trainer.fit(ckpt_path=...)`: `KilnCheckpointIO` reads
-a Kiln checkpoint directory as the dict Lightning's restore expects. Lightning then restores the weights, the
-optimizer, the scheduler and its loop progress (global step, batch counters, and the train ShardLoader's state,
-which it saves and reloads because the loader has `state_dict`/`load_state_dict`), exactly as from its own
-checkpoints. Setting the loop counters by hand instead would copy Lightning's restart bookkeeping (mid-epoch
-vs epoch end, fetcher offsets) and break with it; writing a second, Lightning-format file would store the
-weights twice. What Lightning does not restore, each rank's RNG and the validation loader's pass count,
-`KilnCheckpoint` restores at `on_train_start`, the last hook before the first resumed batch.
+Resume (trainer.resume=auto) is told top to bottom in cluster/resume.py; its Lightning hooks are here:
+`KilnCheckpointIO` hands `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` the dict that
+`resume.lightning_checkpoint` builds, and `KilnCheckpoint` writes the `trainer_state` a resume reads
+and puts back at `on_train_start` what Lightning's own restore leaves out (`resume.rank_state`).
 """
 
 from __future__ import annotations
@@ -27,21 +23,8 @@ from torch import Tensor, nn
 
 from cluster import progress
 from cluster.progress import EventWriter
-from pretrain.checkpoint import (
-    MODEL_FILE,
-    CheckpointError,
-    capture_rng_state,
-    load_trainer_state,
-    load_weights,
-    newest_valid_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-    verify_checkpoint,
-)
-
-RESUME_KEYS = ("optimizer", "scheduler", "lightning", "rng_per_rank")  # what a resume needs in trainer_state
-
+from cluster.resume import lightning_checkpoint, rank_state, restore_rank_state
+from pretrain.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
 
 _EVENTS: EventWriter | None = None  # rank 0 of a training worker: lines travel to the driver's console
 
@@ -152,19 +135,12 @@ class KilnCheckpoint(pl.Callback):
         self.save(trainer, pl_module)  # a no-op after the last step's save; writes one if training stopped early
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        rngs = checkpoint.get("kiln_rng_per_rank")
-        if rngs is None:
-            return
-        if len(rngs) != trainer.world_size:
-            raise CheckpointError(f"{checkpoint.get('kiln_path')}: saved by {len(rngs)} workers, this run has "
-                                  f"{trainer.world_size}; an exact resume needs the same cluster.num_workers")
-        self._resume_rng, self._resume_val_loader = rngs[trainer.global_rank], checkpoint.get("kiln_val_loader")
+        # put back at on_train_start, the last hook before the first resumed batch (cluster/resume.py)
+        self._resume_rng, self._resume_val_loader = rank_state(checkpoint, trainer.world_size,
+                                                               trainer.global_rank)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._resume_val_loader is not None and self.val_loader is not None:
-            self.val_loader.load_state_dict(self._resume_val_loader)  # its pass count seeds validation's masks
-        if self._resume_rng is not None:
-            restore_rng_state(self._resume_rng)  # dropout continues the stream it would have drawn
+        restore_rank_state(self._resume_rng, self._resume_val_loader, self.val_loader)
         self._resume_rng = self._resume_val_loader = None
 
     def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -176,31 +152,36 @@ class KilnCheckpoint(pl.Callback):
         model: nn.Module = pl_module.model
         # ZeRO-3 partitions the weights: rank 0 gets them whole, gathered one module at a time (a collective).
         weights = zero3_state_dict(model, trainer.global_rank) if _zero_stage(trainer) == 3 else None
+        # ZeRO shards the optimizer: rank 0 gets it whole, one parameter at a time (a collective).
+        zero = _zero_optimizer_state(trainer, model) if _zero_stage(trainer) else None
         if trainer.global_rank == 0:
             path = self.root / f"step-{trainer.global_step:07d}"
             if not path.exists():
                 save_checkpoint(path, model, self.model_config, self.tokenizer_file, job_config=self.job_config,
-                                trainer_state=self._trainer_state(trainer, rngs), data_manifest=self.data_manifest,
+                                trainer_state=self._trainer_state(trainer, rngs, zero),
+                                data_manifest=self.data_manifest,
                                 state_dict=weights)
                 prune_checkpoints(self.root, self.keep_last)
             self.last_saved = path
         self._saved_step = trainer.global_step
         trainer.strategy.barrier("kiln-checkpoint")
 
-    def _trainer_state(self, trainer: pl.Trainer, rngs: list[dict]) -> dict:
+    def _trainer_state(self, trainer: pl.Trainer, rngs: list[dict], zero: dict | None) -> dict:
+        """What a resume reads back (cluster/resume.py: `lightning_checkpoint`, `RESUME_KEYS`).
+        `zero`: a ZeRO run's optimizer state, consolidated (cluster.strategies)."""
         state: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "rng": rngs[0],
                                  "rng_per_rank": rngs, "loader": self.loader.state_dict()}
         if self.val_loader is not None:
             state["val_loader"] = self.val_loader.state_dict()
-        if not _zero_stage(trainer):
-            # With DDP every rank holds the whole optimizer state; with ZeRO it is sharded across ranks and lives
-            # in DeepSpeed's own files, not in this directory (so a ZeRO checkpoint cannot be resumed from).
-            state["optimizer"] = trainer.optimizers[0].state_dict()
-            state["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
-            # Lightning's loop progress (steps, batches, the train loader's position) in its own schema, as its
-            # checkpoints store it: weights-only-loadable ints and dicts.
-            state["lightning"] = {"loops": trainer._checkpoint_connector._get_loops_state_dict(),
-                                  "pytorch-lightning_version": pl.__version__}
+        # DDP: every rank holds the whole optimizer state, saved as torch's state_dict. ZeRO: each
+        # rank holds its shard; saved whole, by parameter name, so any stage and any worker count
+        # can restore it.
+        state["optimizer"] = zero if zero is not None else trainer.optimizers[0].state_dict()
+        state["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
+        # Lightning's loop progress (steps, batches, the train loader's position) in its own schema,
+        # as its checkpoints store it: weights-only-loadable ints and dicts.
+        state["lightning"] = {"loops": trainer._checkpoint_connector._get_loops_state_dict(),
+                              "pytorch-lightning_version": pl.__version__}
         return state
 
 
@@ -261,7 +242,8 @@ def _gather_rng_states() -> list[dict]:
 
 
 class KilnCheckpointIO(TorchCheckpointIO):
-    """Lets `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` resume from a Kiln checkpoint (module docstring)."""
+    """Lets `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` resume from a Kiln checkpoint
+    (cluster/resume.py, step 5)."""
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         if not Path(path).is_dir():  # a Lightning .ckpt file: never unpickled beyond tensors and plain containers
@@ -269,45 +251,15 @@ class KilnCheckpointIO(TorchCheckpointIO):
         return lightning_checkpoint(Path(path))
 
 
-def lightning_checkpoint(path: Path) -> dict[str, Any]:
-    """A Kiln checkpoint directory (sha256s verified) as the dict Lightning's `fit(ckpt_path=...)` restores."""
-    verify_checkpoint(path)
-    state = load_trainer_state(path) or {}
-    missing = [key for key in RESUME_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{path}: its trainer_state lacks {missing}, which resuming needs (a DeepSpeed ZeRO "
-                              "run keeps its optimizer in DeepSpeed's files, and older Kiln saved less)")
-    scheduler = dict(state["scheduler"])
-    # The schedule's shape (warmup, total = max_steps) stays this run's, so a resume with a larger max_steps decays
-    # over the new total: LambdaLR.load_state_dict leaves a lambda alone whose saved entry is None.
-    scheduler["lr_lambdas"] = [None] * len(scheduler.get("lr_lambdas", [None]))
-    weights = load_weights(path / MODEL_FILE)
-    return {**state["lightning"], "epoch": state["epoch"], "global_step": state["step"],
-            "state_dict": {f"model.{name}": tensor for name, tensor in weights.items()},
-            "optimizer_states": [state["optimizer"]], "lr_schedulers": [scheduler], "callbacks": {},
-            "kiln_path": str(path), "kiln_rng_per_rank": state["rng_per_rank"],
-            "kiln_val_loader": state.get("val_loader")}
-
-
-def resume_checkpoint(root: Path, mode: str) -> Path | None:
-    """The checkpoint a run resumes from: with mode "auto" the newest complete one under `root` whose sha256s
-    check out (saves that were interrupted, `.tmp-*` or without a valid manifest, are never picked; a corrupted
-    one is skipped with a warning for the one before it), else None."""
-    return newest_valid_checkpoint(root, warn=emit) if mode == "auto" else None
-
-
-def retry_checkpoint(root: Path, since_ns: int) -> Path | None:
-    """The newest intact checkpoint written by this run (created at or after `since_ns`): present only when Ray Train
-    restarted the worker group after a failure, which must continue where the lost group stopped."""
-    path = newest_valid_checkpoint(root, warn=emit, since_ns=since_ns)
-    if path is not None:
-        emit(f"[retry] the worker group was restarted; continuing from {path}")
-    return path
-
-
 def _zero_stage(trainer: pl.Trainer) -> int:
     config = getattr(trainer.strategy, "config", None)
     return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
+
+
+def _zero_optimizer_state(trainer: pl.Trainer, model: nn.Module) -> dict | None:
+    from cluster.strategies import zero_optimizer_state  # imports DeepSpeed and Ray Train
+
+    return zero_optimizer_state(model, trainer.optimizers[0], trainer.global_rank)
 
 
 def zero3_state_dict(model: nn.Module, rank: int) -> dict[str, Tensor] | None:

@@ -1,4 +1,9 @@
-"""`kiln`: the command line. Parsing and error reporting only; each command's work lives in its own module."""
+"""`kiln`: the command line. Parsing and error reporting only; each command's work lives in its own module.
+
+`kiln --help` and a config error must not pay for torch or Ray imports (seconds of CPU):
+`HANDLERS` names each subcommand's handler as "module:function", and a handler's module is imported
+only when its command runs (tests/test_import_rules.py runs both and checks what they imported).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.config import ConfigError
+from cluster.config import absolute_path
 from cluster.preemption import EXIT_PREEMPTED, Preempted
+from data_pipeline.configlib import ConfigError
+from data_pipeline.errors import DataError
 
 # Errors that mean "the user's input is wrong": one line, exit code 2, no traceback (unless --debug).
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+# DataError covers its subclass DataDirError (not a prepared data directory).
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
+# finetune.decode.LENGTH_PENALTIES' names, written out: that module imports torch.
+LENGTH_PENALTIES = ("none", "avg", "gnmt")
 
 EPILOG = ("Overrides: dotted keys after the config, e.g. "
           "`kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`.")
@@ -70,11 +80,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
     p.add_argument("--input", type=Path, help="text file, one sentence per line [stdin]")
     p.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy [4]")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
+    _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=Path, help="write translations to this file [stdout]")
-    p.add_argument("--sample", action="store_true", help="sample instead of beam search (ignores --beam and "
-                   "--length-penalty)")
+    p.add_argument("--sample", action="store_true", help="sample instead of beam search (ignores --beam, "
+                   "--length-penalty and --alpha)")
     p.add_argument("--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy [1.0]")
     p.add_argument("--top-k", type=int, help="with --sample: draw from the k most likely tokens; 0 = all [0]")
     p.add_argument("--top-p", type=float, help="with --sample: nucleus, the smallest set with probability >= p [1.0]")
@@ -148,6 +158,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="output file, .tsv or .jsonl [TSV on stdout]")
 
 
+def _length_penalty_args(p: argparse.ArgumentParser) -> None:
+    """Beam search ranks by logprob / lp(length): --length-penalty names lp, --alpha its strength.
+    No argparse `choices`: the old form `--length-penalty 0.6` gets a one-line pointer to --alpha
+    (`check_length_penalty`), not a usage dump."""
+    p.add_argument("--length-penalty", default="gnmt", metavar="{none,avg,gnmt}",
+                   help="length normalisation of beam scores: none, avg (length^alpha) or gnmt "
+                   "(Wu et al. 2016) [gnmt]")
+    p.add_argument("--alpha", type=float, default=0.6,
+                   help="the length penalty's strength: GNMT's alpha, avg's exponent [0.6]")
+
+
+def check_length_penalty(args: argparse.Namespace) -> None:
+    value = getattr(args, "length_penalty", None)
+    if value is None or value in LENGTH_PENALTIES:
+        return
+    try:
+        float(value)
+    except ValueError:
+        raise ConfigError(f"--length-penalty {value!r}: choose none, avg or gnmt") from None
+    raise ConfigError("--length-penalty names the penalty (none, avg, gnmt); the GNMT strength is "
+                      f"--alpha {value}")
+
+
 def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze-beam",
@@ -164,7 +197,7 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", type=Path, help="reference file, line-aligned with --src")
     p.add_argument("--beams", default="1,3,5,10", help="comma-separated beam widths [1,3,5,10]")
     p.add_argument("--limit", type=int, help="only the first N sentences")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
+    _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p = sub.add_parser(
@@ -178,7 +211,7 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", type=Path, help="file with one sentence per line")
     p.add_argument("--limit", type=int, help="only the first N sentences")
     p.add_argument("--beam", type=int, default=4, help="beam width [4]")
-    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length-penalty alpha [0.6]")
+    _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
@@ -278,27 +311,40 @@ VERBOSE_HELP = ("also show Ray's and W&B's own output (Ray start-up, worker stdo
                 "prefixes, warnings) on the console; it is always written to <out>/logs/ray.log")
 
 
-# Commands that only talk to a Ray cluster or to W&B have their handlers outside cluster.commands, whose job
-# configs import torch: `kiln jobs list` answers in a second instead of several.
-LIGHT_HANDLERS = {"cluster": "cluster.local", "jobs": "cluster.submit", "wandb": "cluster.tracking"}
+# subcommand -> "module:function" of its handler, imported when the command runs (module docstring).
+# cluster.commands' job configs import torch; the commands that only talk to a Ray cluster or to W&B
+# have their handlers elsewhere, so `kiln jobs list` answers in a second instead of several.
+HANDLERS: dict[str, str] = {
+    "data": "cluster.commands:cmd_data_prepare",
+    "pretrain": "cluster.commands:cmd_pretrain",
+    "finetune": "cluster.commands:cmd_finetune",
+    "evaluate": "cluster.commands:cmd_evaluate",
+    "predict": "cluster.commands:cmd_predict",
+    "translate": "cluster.commands:cmd_translate",
+    "analyze-beam": "cluster.commands:cmd_analyze_beam",
+    "attention": "cluster.commands:cmd_attention",
+    "lm-baseline": "cluster.commands:cmd_lm_baseline",
+    "export": "cluster.commands:cmd_export",
+    "submit": "cluster.commands:cmd_submit",
+    "render": "cluster.commands:cmd_render",
+    "quickstart": "cluster.commands:cmd_quickstart",
+    "cluster": "cluster.local:cmd_cluster",
+    "jobs": "cluster.submit:cmd_jobs",
+    "wandb": "cluster.tracking:cmd_wandb",
+}
 
 
 def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int | None]:
-    # Imported lazily: `kiln --help` and config errors must not pay for torch/ray imports.
-    if args.command in LIGHT_HANDLERS:
-        return getattr(importlib.import_module(LIGHT_HANDLERS[args.command]), f"cmd_{args.command}")
-    from cluster import commands
-
-    name = "data_prepare" if args.command == "data" else args.command.replace("-", "_")
-    return getattr(commands, f"cmd_{name}")
+    module, function = HANDLERS[args.command].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from data_pipeline.errors import DataError
+    # Imported once an error is raised: these modules import torch and Ray.
     from data_pipeline.raystart import RayStartError
     from pretrain.checkpoint import CheckpointError
 
-    return (*USER_ERRORS, DataError, CheckpointError, RayStartError)
+    return (*USER_ERRORS, CheckpointError, RayStartError)
 
 
 # Path arguments left as written: --config is read here at once and named so in messages (and
@@ -310,14 +356,12 @@ REMOTE_PATH_ARGS = {"submit": {"out"}}
 def resolve_path_args(args: argparse.Namespace) -> None:
     """Relative path arguments made absolute against the working directory, as config paths are
     (cluster.config); `--checkpoint` given a run directory means its newest complete checkpoint."""
-    from cluster.config import absolute_path
-
     remote = KEEP_AS_WRITTEN | REMOTE_PATH_ARGS.get(args.command, set())
     for name, value in vars(args).items():
         if isinstance(value, Path) and name not in remote:
             setattr(args, name, Path(absolute_path(str(value))))
     if isinstance(getattr(args, "checkpoint", None), Path):
-        from pretrain.checkpoint import resolve_checkpoint
+        from pretrain.checkpoint import resolve_checkpoint  # imports torch: only when a command reads one
 
         args.checkpoint = resolve_checkpoint(args.checkpoint,
                                              warn=lambda msg: print(msg, file=sys.stderr))
@@ -341,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
 
         use_token_auth_if_available()
     try:
+        check_length_penalty(args)
         resolve_path_args(args)
         code = _handler(args)(args)
     except KeyboardInterrupt:
@@ -350,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         print(str(stopped), flush=True)
         sys.exit(EXIT_PREEMPTED)
     except Exception as err:  # noqa: BLE001 — the filter below decides what is a user error
-        # ConfigError first: the other user-error classes live in modules that import torch.
+        # USER_ERRORS first: the other user-error classes live in modules that import torch.
         if args.debug or not (isinstance(err, USER_ERRORS) or isinstance(err, _user_errors())):
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

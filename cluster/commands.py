@@ -1,4 +1,9 @@
-"""The work behind each `kiln` subcommand. Each `cmd_*` takes the parsed arguments and returns an exit code."""
+"""The work behind each `kiln` subcommand. Each `cmd_*` takes the parsed arguments and returns an exit code.
+
+The imports inside functions are there for start-up cost only: they pull in torch models, Lightning, Ray
+or matplotlib, which the commands that do not use them (and every config error) must not pay for
+(cluster/cli.py imports this module only when one of its commands runs).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cluster.config import ConfigError, load_config, to_yaml
-from cluster.jobs import FinetuneJob, PrepareJob, PretrainJob, QuickstartJob
+from cluster.config import load_config
+from cluster.jobs import DecodeConfig, FinetuneJob, PrepareJob, PretrainJob, QuickstartJob
+from cluster.preemption import Preempted
+from cluster.render import infer_command, render_kuberay, render_slurm
 from cluster.rundir import run_dir
+from cluster.submit import submit
+from cluster.tracking import log_artifacts
+from data_pipeline.configlib import ConfigError, to_yaml
+
+if TYPE_CHECKING:
+    from cluster.launch import TrainResult
 
 T = TypeVar("T")
 
@@ -24,33 +37,16 @@ def _config(cls: type[T], args: argparse.Namespace) -> T | None:
     return cfg
 
 
-def fresh_out_dir(out: Path, overwrite: bool = False) -> Path:
-    """An output directory that is empty (or absent). Refuse to mix a new run into an old one's files."""
-    from cluster.rundir import prepare_run_dir
-
-    return prepare_run_dir(out, overwrite)
-
-
-def run_out_dir(out: Path, resume: str) -> Path:
-    """With trainer.resume=auto a directory an earlier Kiln run made is continued, not refused; else a fresh one."""
-    from cluster.rundir import MARKER
-
-    if resume == "auto" and (Path(out) / MARKER).is_file():
-        return Path(out)
-    return fresh_out_dir(out)
-
-
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = _config(PrepareJob, args)
     if cfg is None:
         return 0
     from data_pipeline.prepare import prepare
+    from data_pipeline.raystart import keep_ray_log
 
     out = args.out or Path("runs/data")
     manifest = prepare(cfg.data, out, progress=lambda msg: print(f"[data] {msg}", flush=True))
     print(f"[data] wrote {out} (tasks: {', '.join(manifest['tasks'])}, vocab {manifest['vocab_size']})")
-    from data_pipeline.raystart import keep_ray_log
-
     keep_ray_log(Path(out) / "logs" / "ray.log")  # Ray's own output, held until `out` existed
     return 0
 
@@ -59,16 +55,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(PretrainJob, args)
     if cfg is None:
         return 0
+    result, out = _train(cfg, args.out or Path("runs/pretrain"), cfg.model.arch, "pretraining")
+    _track(cfg, out, cfg.model.arch, result.checkpoint)
+    print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}\n{_outputs(cfg.model.arch, out)}")
+    return 0
+
+
+def _train(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, kind: str) -> tuple[TrainResult, Path]:
+    """(TrainResult, run directory) of a training run, its loss curve drawn."""
     from cluster.launch import run_training
     from cluster.report import plot_curves
 
     # run_dir: removed again when bad input stops the run before its first checkpoint
-    with run_dir(args.out or Path("runs/pretrain"), cfg.trainer.resume) as out:
-        result = run_training(cfg, out, stage=cfg.model.arch)
-    plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.model.arch} pretraining")
-    _track(cfg, out, cfg.model.arch, result.checkpoint)
-    print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}\n{_outputs(cfg.model.arch, out)}")
-    return 0
+    with run_dir(out, cfg.trainer.resume) as run:
+        result = run_training(cfg, run, stage=stage)
+    plot_curves(result.metrics_csv, run / "loss_curve.png", title=f"{stage} {kind}")
+    return result, run
 
 
 def _outputs(stage: str, out: Path) -> str:
@@ -81,12 +83,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     from cluster.evaluation import evaluate_checkpoint
-    from cluster.launch import run_training
-    from cluster.report import plot_curves
 
-    with run_dir(args.out or Path("runs/finetune"), cfg.trainer.resume) as out:
-        result = run_training(cfg, out, stage=cfg.task)
-    plot_curves(result.metrics_csv, out / "loss_curve.png", title=f"{cfg.task} fine-tuning")
+    result, out = _train(cfg, args.out or Path("runs/finetune"), cfg.task, "fine-tuning")
     metrics = evaluate_checkpoint(result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval")
     _track(cfg, out, cfg.task, result.checkpoint)
     print(f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}\n"
@@ -96,7 +94,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cluster import evaluation
-    from cluster.jobs import DecodeConfig
 
     source, decode = _evaluation_source(args), DecodeConfig(beam_size=args.beam)
     if source == "data":
@@ -172,7 +169,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     elif any(getattr(args, k) is not None for k in ("temperature", "top_k", "top_p")):
         raise ConfigError("--temperature, --top-k and --top-p only apply with --sample")
     else:
-        outputs = translate_lines(args.checkpoint, lines, args.beam, args.length_penalty, args.max_len)
+        outputs = translate_lines(args.checkpoint, lines, args.beam, args.alpha, args.max_len,
+                                  length_penalty=args.length_penalty)
     result = "".join(f"{line}\n" for line in outputs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +238,8 @@ def cmd_analyze_beam(args: argparse.Namespace) -> int:
         raise ConfigError(f"--beams must be widths >= 1 and --max-len >= 1 (got {args.beams!r}, {args.max_len})")
     srcs, refs = _parallel_text(args)
     model, tokenizer = _translation_model(args.checkpoint)
-    result = analyze_beam(model, tokenizer, srcs, refs, beams, "gnmt", args.length_penalty, args.max_len)
+    result = analyze_beam(model, tokenizer, srcs, refs, beams, args.length_penalty, args.alpha,
+                          args.max_len)
     files = write_analysis(result, args.out)
     sys.stdout.write(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files))
@@ -258,7 +257,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise ConfigError("kiln attention: needs a non-empty sentence, --beam >= 1 and --max-len >= 1")
     model, tokenizer = _translation_model(args.checkpoint)
     try:
-        paths = attention_maps(model, tokenizer, texts, args.out, args.beam, "gnmt", args.length_penalty, args.max_len)
+        paths = attention_maps(model, tokenizer, texts, args.out, args.beam, args.length_penalty,
+                               args.alpha, args.max_len)
     except ValueError as e:  # a model without attention over the source
         raise ConfigError(f"{args.checkpoint}: {e}") from e
     print("\n".join(str(p) for p in paths))
@@ -287,8 +287,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.submit import submit
-
     cls = {"pretrain": PretrainJob, "finetune": FinetuneJob, "data-prepare": PrepareJob}[args.command_name]
     cfg = _config(cls, args)
     if cfg is None:
@@ -299,8 +297,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from cluster.render import infer_command, render_kuberay, render_slurm
-
     command = infer_command(args.config, args.overrides)
     cfg = _config({"pretrain": PretrainJob, "finetune": FinetuneJob}[command], args)
     if cfg is None:
@@ -321,8 +317,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def _track(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, checkpoint: Path) -> None:
     """The run's images, sample predictions, test metrics and checkpoint into its W&B run (cluster.tracking)."""
-    from cluster.tracking import log_artifacts
-
     log_artifacts(cfg.wandb, out, stage, checkpoint=checkpoint)
 
 
@@ -335,7 +329,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = _config(QuickstartJob, args)
     if cfg is None:
         return 0
-    from cluster.preemption import Preempted
     from cluster.quickstart import run_quickstart
 
     try:

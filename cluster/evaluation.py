@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from cluster.jobs import DecodeConfig
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataDirError, DataError
 from data_pipeline.shards import read_manifest as read_data_manifest
 from data_pipeline.tokenizer import TranslationTokenizers, load_translation_tokenizers
 from finetune import predict
@@ -27,7 +27,7 @@ from pretrain.checkpoint import CheckpointError
 def read_split(task_dir: Path, split: str, columns: list[str]) -> dict[str, list[Any]]:
     files = sorted((task_dir / split).glob("*.parquet"))
     if not files:
-        raise CheckpointError(f"{task_dir / split}: no shards (is this a prepared data directory?)")
+        raise DataDirError(f"{task_dir / split}: no shards (is this a prepared data directory?)")
     tables = [pq.read_table(f, columns=columns) for f in files]
     return {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
 
@@ -155,7 +155,7 @@ def classification_baselines(task_dir: Path, split: str, num_labels: int) -> dic
 def _validation_rows(task_dir: Path) -> tuple[list[str], list[int]] | None:
     try:
         rows = read_split(task_dir, "validation", ["text", "label"])
-    except CheckpointError:  # validation_fraction 0: no shards
+    except DataDirError:  # validation_fraction 0: no shards
         return None
     return (rows["text"], rows["label"]) if rows["label"] else None
 
@@ -220,7 +220,8 @@ def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, TranslationTok
     return loaded.model.eval(), checkpoint_tokenizers(checkpoint)
 
 
-def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int) -> list[str]:
+def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int,
+                    length_penalty: str = "gnmt") -> list[str]:
     model, tokenizer = translation_model(checkpoint)
-    return translate_texts(model, tokenizer, lines, beam_size=beam, length_penalty="gnmt", alpha=alpha,
-                           max_len=max_len)
+    return translate_texts(model, tokenizer, lines, beam_size=beam, length_penalty=length_penalty,
+                           alpha=alpha, max_len=max_len)

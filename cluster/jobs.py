@@ -1,4 +1,10 @@
-"""The job configs the CLI reads: one dataclass tree per command, sections owned by the code that uses them."""
+"""The job configs the CLI reads: one dataclass tree per command, sections owned by the code that uses them.
+
+Importing this module, and finding an error in a job config outside its `model` section, costs no
+torch import (cluster/cli.py's promise): the model config classes live in the model files, which
+import torch, so they are reached through the architecture registry (`architectures()`) only when a
+model section is built.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +13,61 @@ import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from cluster.config import ConfigError, from_preset
 from data_pipeline.config import DataConfig
-from finetune.models.classifier import LSTMClassifierConfig
-from finetune.models.convs2s import ConvS2SConfig
-from finetune.models.rnn import RNNSeq2SeqConfig
-from finetune.models.transformer import TransformerConfig
-from finetune.scheduled_sampling import SAMPLING_SCHEDULES, ScheduledSampling
-from pretrain.models.bert import BertConfig
-from pretrain.models.gpt import GPTConfig
+from data_pipeline.configlib import ConfigError, OneOf, check_fields, from_preset
 from pretrain.optim import OptimConfig
 
-PRETRAIN_TASKS = {"mlm_nsp": "bert", "clm": "gpt"}  # task -> the model family it trains
-FINETUNE_TASKS = {"translation": "seq2seq_warm", "classification": "bert_classifier"}  # task -> the default model
-# `model.arch` of a fine-tuning job -> the task it serves. These are trained from scratch; the default models of each
-# task (and `gpt_classifier`, chosen by giving only `decoder_checkpoint`) start from pretrained checkpoints instead.
-SCRATCH_ARCHES = {"transformer": "translation", "lstm": "translation", "lstm_attention": "translation",
-                  "convs2s": "translation", "lstm_classifier": "classification"}
-STRATEGY_NAMES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
-WANDB_MODES = ("offline", "online", "disabled")
-RESUME_MODES = ("never", "auto")
+if TYPE_CHECKING:
+    from finetune.scheduled_sampling import ScheduledSampling
+    from pretrain.registry import Registry
+
+PretrainTask = Literal["mlm_nsp", "clm"]  # BERT's MLM + NSP, or GPT's next-token prediction
+FinetuneTask = Literal["translation", "classification"]
+# cluster.strategies.STRATEGIES has one entry per name; so do
+# finetune.scheduled_sampling.SAMPLING_SCHEDULES and finetune.decode.LENGTH_PENALTIES.
+StrategyName = Literal["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
+SamplingSchedule = Literal["linear", "inverse_sigmoid"]  # Bengio et al. 2015
+LengthPenalty = Literal["none", "avg", "gnmt"]
+
+
+def architectures() -> Registry:
+    """The architecture registry, `finetune.models.ARCHITECTURES`. Imported on first use, not at the
+    top: the model files import torch."""
+    from finetune.models import ARCHITECTURES
+
+    return ARCHITECTURES
+
+
+def pretrain_family(task: str) -> str:
+    """The architecture a pretraining task trains: bert for mlm_nsp, gpt for clm."""
+    return next(name for name, spec in architectures().items() if spec.task == task)
+
+
+def pretraining_models() -> dict[str, type]:
+    """`model.arch` of a pretraining job -> its config class."""
+    return {name: spec.config for name, spec in architectures().items()
+            if spec.task in get_args(PretrainTask)}
+
+
+def scratch_models() -> dict[str, type]:
+    """`model.arch` of a fine-tuning job -> its config class: the fine-tuning architectures trained
+    from random weights (the others start from pretrained checkpoints: a job without `model`)."""
+    return {name: spec.config for name, spec in architectures().items()
+            if spec.task in get_args(FinetuneTask) and not spec.pretrained}
+
+
+# A model section: the config class of the `arch` it names, read from the registry at build time.
+PretrainModel = Annotated[Any, OneOf(pretraining_models)]  # BertConfig | GPTConfig
+ScratchModel = Annotated[Any, OneOf(scratch_models)]
+
+
+def tiny(arch: str) -> Any:
+    """The "tiny" preset of architecture `arch`: the default model of a pretraining job."""
+    return from_preset(architectures()[arch].config, "tiny")
+
+
 # Where the installed Lightning lists the precision strings its Trainer takes (read, not imported:
 # importing Lightning costs seconds, and a config error must come at once).
 LIGHTNING_PRECISION_FILE = ("fabric", "plugins", "precision", "precision.py")
@@ -66,7 +106,7 @@ class TrainerConfig:
     seed: int = 0
     # "auto": continue from the newest complete checkpoint under <out>/checkpoints, if there is one (weights,
     # optimizer, scheduler, step, data position, RNG); "never": always start from step 0.
-    resume: str = "never"
+    resume: Literal["never", "auto"] = "never"
     # Peak FLOP/s of one device, the denominator of train/mfu. None: a table for known GPUs, else measured once
     # per worker with a matmul (on CPU, fp32 1024x1024).
     peak_flops: float | None = None
@@ -75,8 +115,7 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
-        if self.resume not in RESUME_MODES:
-            raise ValueError(f"'resume': unknown mode '{self.resume}' (choose from {', '.join(RESUME_MODES)})")
+        check_fields(self)
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}")
         for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last",
@@ -95,7 +134,7 @@ class ClusterConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    strategy: str = "ddp"  # ddp | deepspeed_stage_1 | deepspeed_stage_2 | deepspeed_stage_3
+    strategy: StrategyName = "ddp"
     offload: bool = False  # DeepSpeed ZeRO optimizer (and, at stage 3, parameter) offload to CPU
     address: str | None = None  # Ray address; None starts (or reuses) a local Ray, or takes RAY_ADDRESS
     max_failures: int = 0
@@ -104,9 +143,7 @@ class ClusterConfig:
     collective_timeout_s: int = 1800
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGY_NAMES:
-            choices = ", ".join(STRATEGY_NAMES)
-            raise ValueError(f"'strategy': unknown strategy '{self.strategy}' (choose from {choices})")
+        check_fields(self)
         if self.collective_timeout_s < 1:
             raise ValueError(f"'collective_timeout_s' must be at least 1 second, got {self.collective_timeout_s}")
         if self.num_workers < 1 or self.cpus_per_worker < 1:
@@ -115,24 +152,35 @@ class ClusterConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline runs are written under the output directory; `wandb sync` uploads them later
+    # offline runs are written under the output directory; `wandb sync` uploads them later
+    mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "kiln"
     entity: str | None = None
     name: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.mode not in WANDB_MODES:
-            raise ValueError(f"'mode': unknown W&B mode '{self.mode}' (choose from {', '.join(WANDB_MODES)})")
+        check_fields(self)
 
 
 @dataclass
 class DecodeConfig:
+    """How a translation job's checkpoints are decoded for scoring (`FinetuneJob.decode`,
+    `kiln evaluate`): the keyword arguments of `finetune.translate.translate_texts`. The beam,
+    penalty and alpha defaults are those of `kiln translate`, `kiln attention` and
+    `kiln analyze-beam` too (cluster/cli.py)."""
+
     beam_size: int = 4
-    length_penalty: str = "gnmt"  # none | avg | gnmt
-    alpha: float = 0.6
-    max_len: int = 48
-    batch_size: int = 64
+    length_penalty: LengthPenalty = "gnmt"  # score = logprob / lp(length): decode.LENGTH_PENALTIES
+    alpha: float = 0.6  # the penalty's strength: GNMT's alpha (Wu et al., 2016), avg's exponent
+    max_len: int = 48  # generated tokens, [EOS] included
+    batch_size: int = 64  # sources per beam-search batch
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for key in ("beam_size", "max_len", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"DecodeConfig.{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -144,7 +192,7 @@ class PrepareJob:
 class PretrainJob:
     # output of `kiln data prepare`
     data_dir: str = field(default="runs/data", metadata={"path": "path"})
-    task: str = "mlm_nsp"  # mlm_nsp (BERT) | clm (GPT)
+    task: PretrainTask = "mlm_nsp"
     # Continued pretraining: start from these weights instead of a random init. A Kiln checkpoint
     # directory of the task's family (or a run directory: its newest complete checkpoint) or
     # `hf:<dir or hub name>` (imported on the driver). The model section is then the checkpoint's.
@@ -152,17 +200,15 @@ class PretrainJob:
     # clm: packed documents do not attend to each other (positions restart at each [BOS], attention stays within
     # the document); off = GPT-2's plain packing, where a block's tokens see the previous documents in it.
     document_attention: bool = False
-    model: BertConfig | GPTConfig = field(default_factory=lambda: from_preset(BertConfig, "tiny"))
+    model: PretrainModel = field(default_factory=lambda: tiny("bert"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        family = PRETRAIN_TASKS.get(self.task)
-        if family is None:
-            choices = ", ".join(PRETRAIN_TASKS)
-            raise ValueError(f"'task': unknown pretraining task '{self.task}' (choose from {choices})")
+        check_fields(self)
+        family = pretrain_family(self.task)
         if self.document_attention and self.task != "clm":
             raise ValueError("'document_attention' applies to task clm (packed GPT blocks) only")
         if self.model.arch != family:
@@ -172,7 +218,7 @@ class PretrainJob:
 @dataclass
 class FinetuneJob:
     data_dir: str = field(default="runs/data", metadata={"path": "path"})
-    task: str = "translation"  # translation | classification
+    task: FinetuneTask = "translation"
     # A Kiln BERT checkpoint directory (or a run directory: its newest complete checkpoint) or
     # hf:<dir or hub name>: the encoder of the warm-started translation model, or the classifier's
     # encoder. Relative paths, here and in every path field, are against the working directory
@@ -181,15 +227,16 @@ class FinetuneJob:
     # A Kiln GPT checkpoint directory or hf:<...>: the translation decoder; for classification given alone, the
     # classifier reads the GPT's last real token (gpt_classifier).
     decoder_checkpoint: str | None = field(default=None, metadata={"path": "checkpoint"})
-    # None: the task's pretrained model (warm-started seq2seq, or a BERT/GPT classifier). A baseline trained from
-    # scratch: {arch: transformer | lstm | lstm_attention | convs2s} or {arch: lstm_classifier}, with its sizes.
-    model: TransformerConfig | RNNSeq2SeqConfig | ConvS2SConfig | LSTMClassifierConfig | None = None
+    # None: the task's pretrained model (warm-started seq2seq, or a BERT/GPT classifier). A baseline
+    # trained from scratch: {arch: transformer | lstm | lstm_attention | convs2s | lstm_classifier |
+    # ...} (scratch_models()), with its sizes.
+    model: ScratchModel | None = None
     label_smoothing: float = 0.1
     # Scheduled sampling (translation, every architecture; finetune/scheduled_sampling.py): in training, each decoder
     # input after [BOS] is replaced by the model's own prediction with probability p, which rises from 0 to this
     # maximum. 0 = off (plain teacher forcing).
     scheduled_sampling: float = 0.0
-    scheduled_sampling_schedule: str = "linear"  # linear | inverse_sigmoid (Bengio et al. 2015)
+    scheduled_sampling_schedule: SamplingSchedule = "linear"
     # Both schedules pass half the maximum at half this many steps; linear reaches it here. 0 = trainer.max_steps.
     scheduled_sampling_steps: int = 0
     classifier_dropout: float = 0.1
@@ -200,14 +247,13 @@ class FinetuneJob:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
-        if self.task not in FINETUNE_TASKS:
-            choices = ", ".join(FINETUNE_TASKS)
-            raise ValueError(f"'task': unknown fine-tuning task '{self.task}' (choose from {choices})")
+        check_fields(self)
         self._check_scheduled_sampling()
         if self.model is None:
             return
-        if SCRATCH_ARCHES[self.model.arch] != self.task:
-            raise ValueError(f"'model.arch': '{self.model.arch}' is a {SCRATCH_ARCHES[self.model.arch]} model, "
+        serves = architectures()[self.model.arch].task
+        if serves != self.task:
+            raise ValueError(f"'model.arch': '{self.model.arch}' is a {serves} model, "
                              f"not a {self.task} one")
         given = [k for k in ("encoder_checkpoint", "decoder_checkpoint") if getattr(self, k)]
         if given:
@@ -217,9 +263,6 @@ class FinetuneJob:
     def _check_scheduled_sampling(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:
             raise ValueError(f"'scheduled_sampling': a probability in [0, 1] (0 = off), got {self.scheduled_sampling}")
-        if self.scheduled_sampling_schedule not in SAMPLING_SCHEDULES:
-            raise ValueError(f"'scheduled_sampling_schedule': unknown schedule '{self.scheduled_sampling_schedule}' "
-                             f"(choose from {', '.join(SAMPLING_SCHEDULES)})")
         if self.scheduled_sampling_steps < 0:
             raise ValueError(f"'scheduled_sampling_steps' must be >= 0 (0 = trainer.max_steps), got "
                              f"{self.scheduled_sampling_steps}")
@@ -228,6 +271,9 @@ class FinetuneJob:
 
     def sampling_schedule(self) -> ScheduledSampling | None:
         """The scheduled-sampling settings TranslationModule takes; None when off."""
+        # imported here: it imports torch, which a worker needs and a config does not
+        from finetune.scheduled_sampling import ScheduledSampling
+
         if not self.scheduled_sampling:
             return None
         ramp = self.scheduled_sampling_steps or self.trainer.max_steps
@@ -240,6 +286,6 @@ class QuickstartJob:
 
     data: DataConfig = field(default_factory=DataConfig)
     bert: PretrainJob = field(default_factory=PretrainJob)
-    gpt: PretrainJob = field(default_factory=lambda: PretrainJob(task="clm", model=from_preset(GPTConfig, "tiny")))
+    gpt: PretrainJob = field(default_factory=lambda: PretrainJob(task="clm", model=tiny("gpt")))
     translation: FinetuneJob = field(default_factory=FinetuneJob)
     classification: FinetuneJob = field(default_factory=lambda: FinetuneJob(task="classification"))

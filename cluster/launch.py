@@ -2,12 +2,12 @@
 
 The driver validates the job, then `TorchTrainer.fit()` runs `train_worker` on every worker; there the task
 registry builds the LightningModule and this rank's loaders, and the strategy registry picks DDP or DeepSpeed.
+Whether and from which checkpoint a run continues (trainer.resume, worker restarts) is cluster/resume.py's.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import os
 import time
@@ -15,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, build, resolve_paths, to_dict
+from cluster.config import resolve_paths
 from cluster.jobs import ClusterConfig, FinetuneJob, PretrainJob
 from cluster.preemption import Preempted, clear_stop_request, stop_file, stop_on_sigterm
 from cluster.progress import follow_progress, progress_file
+from cluster.resume import (
+    check_resume,
+    checkpoint_step,
+    checkpoints_dir,
+    restore_metrics,
+    resume_point,
+    stash_metrics,
+)
 from cluster.tracking import check_online_credentials, ensure_run_id
+from data_pipeline.configlib import ConfigError, build, to_dict
 
 JOB_TYPES: dict[str, type] = {"pretrain": PretrainJob, "finetune": FinetuneJob}
 RAY_LOG = "ray.log"  # under <out>/logs/: Ray's own output and every worker's stdout/stderr
@@ -57,8 +66,13 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.callbacks import emit
     from cluster.tasks import count_parameters, preflight
-    from pretrain.checkpoint import check_free_space
+    from pretrain.checkpoint import (
+        CHECKPOINT_BYTES_PER_PARAM,
+        ZERO_CHECKPOINT_BYTES_PER_PARAM,
+        check_free_space,
+    )
 
     out_dir = Path(out_dir).resolve()
     # load_config resolved the paths already; a job built in code gets it too: workers run elsewhere
@@ -67,18 +81,22 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
     # converted into out_dir/imported/ and the job returned points at the converted copies.
     job = preflight(job, out_dir)
-    check_free_space(out_dir / "checkpoints", count_parameters(job), job.trainer.keep_last)  # before any file
+    # before any file is written
+    ddp = job.cluster.strategy == "ddp"
+    per_param = CHECKPOINT_BYTES_PER_PARAM if ddp else ZERO_CHECKPOINT_BYTES_PER_PARAM
+    check_free_space(checkpoints_dir(out_dir), count_parameters(job), job.trainer.keep_last, per_param)
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_stop_request(out_dir)
-    latest = check_resume(job, out_dir)  # chosen (and sha256-verified) once, here, for every worker
+    # chosen (and sha256-verified) once, here, for every worker (cluster/resume.py)
+    latest = check_resume(job, out_dir, say=emit)
     if job.wandb.mode != "disabled":
         check_online_credentials(job.wandb.mode)
         ensure_run_id(out_dir)
     init_ray(job.cluster.address, out_dir / "logs")
     check_gpus(job.cluster, connected=True)
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
-    # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts after a
-    # failure (cluster.max_failures) continues from them instead of starting over (see train_worker).
+    # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts
+    # after a failure (cluster.max_failures) continues from them instead of starting over (resume_point).
     config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage,
               "started_ns": time.time_ns(), "resume_from": None if latest is None else str(latest)}
     trainer = TorchTrainer(
@@ -176,7 +194,6 @@ def train_worker(config: dict[str, Any]) -> None:
         StopOnRequest,
         emit,
         quiet_worker_logs,
-        retry_checkpoint,
         send_lines_to,
         set_threads,
     )
@@ -198,15 +215,12 @@ def train_worker(config: dict[str, Any]) -> None:
     parts.module.peak_flops = peak
     parts.module.max_nonfinite_steps = job.trainer.max_nonfinite_steps
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
-    checkpoint = KilnCheckpoint(out_dir / "checkpoints", parts.model_config, tokenizer_file, to_dict(job),
-                                Path(job.data_dir) / "manifest.json", job.trainer.checkpoint_every,
-                                job.trainer.keep_last, parts.train_loader, parts.val_loader)
-    # A restarted worker group continues from this run's own newest checkpoint; else from the driver's choice.
-    resume_from = None
-    if job.cluster.strategy == "ddp":
-        resume_from = retry_checkpoint(out_dir / "checkpoints", config.get("started_ns", 0))
-    if resume_from is None and config.get("resume_from"):
-        resume_from = Path(config["resume_from"])
+    checkpoint = KilnCheckpoint(checkpoints_dir(out_dir), parts.model_config, tokenizer_file,
+                                to_dict(job), Path(job.data_dir) / "manifest.json",
+                                job.trainer.checkpoint_every, job.trainer.keep_last,
+                                parts.train_loader, parts.val_loader)
+    # A restarted worker group continues from this run's own newest checkpoint; else the driver's choice.
+    resume_from = resume_point(out_dir, config.get("resume_from"), config.get("started_ns", 0), say=emit)
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
     stopper = StopOnRequest(stop_file(out_dir), checkpoint)
     # LogLastStep: metrics.csv always ends with the last step's row, even in a run shorter than log_every
@@ -219,7 +233,7 @@ def train_worker(config: dict[str, Any]) -> None:
                  f"(e.g. {', '.join(parts.new_tensors[:3])})")
         if resume_from is not None:
             emit(f"[{stage}] resuming from {resume_from}")
-            stash_metrics(out_dir, _checkpoint_step(resume_from))
+            stash_metrics(out_dir, checkpoint_step(resume_from))
     trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader,
                 ckpt_path=str(resume_from) if resume_from is not None else None)
     finish_run()  # rank 0's W&B run, complete before Ray ends this process (cluster.tracking)
@@ -277,92 +291,3 @@ def _worker_device(use_gpu: bool) -> Any:
     import ray.train.torch
 
     return ray.train.torch.get_device()
-
-
-def _checkpoint_step(path: Path) -> int:
-    from pretrain.checkpoint import CheckpointError, read_manifest
-
-    step = read_manifest(path).get("step")
-    if not isinstance(step, int):
-        raise CheckpointError(f"{path / 'manifest.json'}: no integer 'step'; not a training checkpoint to resume")
-    return step
-
-
-# ---------------------------------------------------------------- resume: driver checks and the metrics history
-def check_resume(job: PretrainJob | FinetuneJob, out_dir: Path) -> Path | None:
-    """Driver side, before any worker starts: the checkpoint a resume=auto run will continue from (None: a fresh
-    start), refused with the reason when it cannot be continued exactly."""
-    from cluster.callbacks import resume_checkpoint
-    from pretrain.checkpoint import clean_partial_saves, read_manifest, sha256_file
-
-    if job.trainer.resume == "auto":
-        for leftover in clean_partial_saves(Path(out_dir) / "checkpoints"):
-            print(f"[resume] removed {leftover.name}, a save that was interrupted before it completed", flush=True)
-    latest = resume_checkpoint(Path(out_dir) / "checkpoints", job.trainer.resume)
-    if latest is None:
-        return None
-    if job.cluster.strategy != "ddp":
-        raise ConfigError(f"trainer.resume=auto: {latest} cannot be resumed with cluster.strategy="
-                          f"{job.cluster.strategy}; DeepSpeed ZeRO shards the optimizer state outside Kiln "
-                          "checkpoints (use ddp, or trainer.resume=never with a new --out)")
-    manifest, now = read_manifest(latest), to_dict(job)
-    saved = manifest.get("job_config") or {}
-    for section in ("task", "model"):
-        if section in saved and section in now and saved[section] != now[section]:
-            diff = _diff(saved[section], now[section])
-            raise ConfigError(f"trainer.resume=auto: {latest} was trained with a different '{section}' ({diff}); "
-                              "resume with the run's own config, or start a new --out")
-    data_sha = (manifest.get("data_manifest") or {}).get("sha256")
-    if data_sha and data_sha != sha256_file(Path(job.data_dir) / "manifest.json"):
-        raise ConfigError(f"trainer.resume=auto: {latest} was trained on other data than {job.data_dir} "
-                          "(its manifest.json differs); resume on the same data_dir, or start a new --out")
-    return latest
-
-
-def _diff(saved: Any, now: Any) -> str:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        return ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys)
-    return f"{saved!r} then, {now!r} now"
-
-
-STASHED_METRICS = ".metrics-before-resume.csv"
-
-
-def stash_metrics(out_dir: Path, step: int) -> None:
-    """Lightning's CSV logger deletes an existing metrics.csv when it starts; keep the rows logged before the
-    checkpoint (`step` column < its step: later ones were logged after it and are redone) for `restore_metrics`.
-    Rows stashed by an earlier resume that itself failed are kept too."""
-    rows = _read_rows(out_dir / STASHED_METRICS) + _read_rows(out_dir / "metrics.csv")
-    kept = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) < step]
-    _write_rows(out_dir / STASHED_METRICS, kept)
-    (out_dir / "metrics.csv").unlink(missing_ok=True)
-
-
-def restore_metrics(out_dir: Path) -> None:
-    """metrics.csv = the stashed rows, then the resumed run's (a union header: later runs may log new keys).
-
-    Called by rank 0 after every run, resumed or not: it always leaves a metrics.csv, header only when nothing
-    was logged (a resume of a run already at max_steps), because the loss curve and the report read it next."""
-    stash, metrics = out_dir / STASHED_METRICS, out_dir / "metrics.csv"
-    if stash.is_file() or not metrics.is_file():
-        _write_rows(metrics, _read_rows(stash) + _read_rows(metrics))
-    stash.unlink(missing_ok=True)
-
-
-def _read_rows(file: Path) -> list[dict[str, str]]:
-    if not file.is_file():
-        return []
-    with open(file, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_rows(file: Path, rows: list[dict[str, str]]) -> None:
-    # Lightning's order: epoch, step, then the metrics (sorted); without rows, a header of the first two
-    fields = sorted({k for row in rows for k in row}) or ["epoch", "step"]
-    tmp = file.with_name(f".tmp-{file.name}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(file)

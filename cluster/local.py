@@ -22,8 +22,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.config import ConfigError
 from cluster.preemption import STOP_GRACE_S
+from data_pipeline.configlib import ConfigError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STATE_FILE = "cluster.json"

@@ -15,13 +15,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cluster.config import to_yaml
 from cluster.evaluation import evaluate_checkpoint
 from cluster.jobs import QuickstartJob
 from cluster.launch import TrainResult, init_ray, run_training
 from cluster.report import last_value, loss_drop, markdown_table, plot_curves, pretrain_chance
 from cluster.rundir import prepare_run_dir
 from cluster.tracking import log_artifacts
+from data_pipeline.configlib import to_yaml
 
 
 def _say(message: str) -> None:

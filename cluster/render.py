@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
-from cluster.config import ConfigError, parse_override, read_yaml
-from cluster.jobs import FINETUNE_TASKS
+from cluster.jobs import FinetuneTask
 from cluster.preemption import STOP_GRACE_S
 from cluster.submit import EXCLUDES, PROJECT_ROOT, entrypoint
 from cluster.tracking import find_secrets
+from data_pipeline.configlib import ConfigError, parse_override, read_yaml
 
 SECRET_NAME = "kiln-secrets"  # the Kubernetes Secret the pods read WANDB_API_KEY / HF_TOKEN from
 SECRET_KEYS = {"WANDB_API_KEY": "wandb-api-key", "HF_TOKEN": "hf-token"}
@@ -32,7 +32,7 @@ def infer_command(config: Path | None, overrides: list[str]) -> str:
         key, value = parse_override(item)
         if key == "task":
             task = value
-    return "finetune" if task in FINETUNE_TASKS else "pretrain"
+    return "finetune" if task in get_args(FinetuneTask) else "pretrain"
 
 
 def _ray_version() -> str:

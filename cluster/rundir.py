@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.config import ConfigError
+from data_pipeline.configlib import ConfigError
 
 MARKER = ".kiln-run"
 
@@ -26,23 +26,22 @@ def run_dir(out: Path, resume: str = "never", overwrite: bool = False) -> Iterat
     run's is continued). When the run fails on bad input before it wrote a checkpoint, what this
     command created is removed again, so a corrected rerun can use the same --out; a directory that
     was there before is kept."""
+    # Here, not at the top: cluster.resume reads checkpoints (torch), and the CLI imports this module
+    # before it has validated a config.
+    from cluster.resume import continues_run, has_checkpoint
+
     out = Path(out)
     created, was_empty = not out.exists(), out.is_dir() and not any(out.iterdir())
-    if resume == "auto" and (out / MARKER).is_file():
+    if continues_run(out, resume):
         created = was_empty = False  # a run being continued: none of its files are this command's
     else:
         prepare_run_dir(out, overwrite)
     try:
         yield out
     except user_error_types():
-        if (created or was_empty) and not _has_checkpoint(out):
+        if (created or was_empty) and not has_checkpoint(out):
             _remove_made(out, keep_dir=not created)
         raise
-
-
-def _has_checkpoint(out: Path) -> bool:
-    root = out / "checkpoints"
-    return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 
 
 def _remove_made(out: Path, keep_dir: bool) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from cluster.config import ConfigError
+from data_pipeline.configlib import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded with the code: outputs, tracking runs, data, checkpoints and caches. Ray adds its own defaults

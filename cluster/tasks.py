@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cluster.jobs import PRETRAIN_TASKS, FinetuneJob, PretrainJob
+from cluster.jobs import FinetuneJob, PretrainJob, pretrain_family
+from data_pipeline.errors import DataDirError, DataError
 from data_pipeline.loader import make_loader, read_manifest
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
@@ -45,10 +46,12 @@ def data_paths(data_dir: str | Path, task: str) -> tuple[Path, Path, dict]:
     root = Path(data_dir)
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
-        raise CheckpointError(f"{root}: not a prepared data directory (no manifest.json); run `kiln data prepare`")
+        raise DataDirError(f"{root}: not a prepared data directory (no manifest.json); "
+                           "run `kiln data prepare`")
     manifest = read_manifest(manifest_file)
     if task not in manifest.get("tasks", []):
-        raise CheckpointError(f"{root}: has no '{task}' examples (prepared tasks: {', '.join(manifest['tasks'])})")
+        raise DataDirError(f"{root}: has no '{task}' examples "
+                           f"(prepared tasks: {', '.join(manifest['tasks'])})")
     return root / task, root / "tokenizer.json", manifest
 
 
@@ -175,7 +178,7 @@ def scratch_model(job: FinetuneJob, manifest: dict, labels: list[str] | None = N
     from finetune.models import ARCHITECTURES
 
     config = scratch_config(job, manifest, labels)
-    return ARCHITECTURES[config.arch][1](config)  # the model's own init; every rank was seeded alike
+    return ARCHITECTURES[config.arch].model(config)  # the model's own init; every rank was seeded alike
 
 
 def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
@@ -223,23 +226,22 @@ def check_prepared_data(job: PretrainJob | FinetuneJob, manifest: dict) -> None:
     """On the driver, what every worker will open: the tokenizer(s), the task's manifest, the
     shards of its train and validation splits, and a batch per rank. (Shard sha256s stay the
     workers' check: hashing every shard twice would cost a large corpus minutes.)"""
-    from data_pipeline.errors import DataError
-
     root, task_dir = Path(job.data_dir), Path(job.data_dir) / job.task
     files = [root / "tokenizer.json"]
     if "target_tokenizer" in manifest:
         files.append(root / TARGET_TOKENIZER_FILE)
     for file in files:
         if not file.is_file():
-            raise DataError(f"{file}: missing from the prepared data; run `kiln data prepare`")
+            raise DataDirError(f"{file}: missing from the prepared data; run `kiln data prepare`")
     task_manifest = task_dir / "manifest.json"
     splits = read_manifest(task_manifest).get("splits", {})
     for split in ("train", "validation"):
         if split not in splits:
-            raise DataError(f"{task_manifest}: no split {split!r}; it has {sorted(splits)}")
+            raise DataDirError(f"{task_manifest}: no split {split!r}; it has {sorted(splits)}")
         for shard in splits[split]["shards"]:
             if not (task_dir / shard["file"]).is_file():
-                raise DataError(f"{task_dir / shard['file']}: missing (listed in {task_manifest})")
+                raise DataDirError(f"{task_dir / shard['file']}: missing "
+                                   f"(listed in {task_manifest})")
     world, batch = job.cluster.num_workers, job.trainer.batch_size
     train, val = int(splits["train"]["rows"]), int(splits["validation"]["rows"])
     if train // world // batch == 0 or val == 0:
@@ -262,7 +264,7 @@ def count_parameters(job: PretrainJob | FinetuneJob) -> int:
 
         labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
         config = scratch_config(job, manifest, labels)
-        return num_parameters(build_on_meta(ARCHITECTURES[config.arch][1], config))
+        return num_parameters(build_on_meta(ARCHITECTURES[config.arch].model, config))
     files = [Path(p) / "model.safetensors" for p in (job.encoder_checkpoint, job.decoder_checkpoint) if p]
     return sum(f.stat().st_size // 4 for f in files if f.is_file())  # fp32 tensors, 4 bytes each
 
@@ -271,7 +273,7 @@ def _continued_pretraining(job: PretrainJob, out_dir: Path | None) -> PretrainJo
     """`init_from` imported if it is `hf:`, checked for family and vocabulary; the model config becomes its config."""
     from finetune.models.warm_start import load_pretrained
 
-    family = PRETRAIN_TASKS[job.task]
+    family = pretrain_family(job.task)
     job = import_hf_checkpoints(job, {"init_from": family}, out_dir)
     ckpt = load_pretrained(Path(job.init_from), family)
     check_tokenizer_matches_data(Path(job.init_from), Path(job.data_dir), "init_from")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.config import ConfigError
+from data_pipeline.configlib import ConfigError
 
 if TYPE_CHECKING:  # cluster.jobs imports torch; `kiln wandb sync` and `kiln jobs` must start without it
     from cluster.jobs import WandbConfig

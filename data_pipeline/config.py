@@ -1,33 +1,53 @@
-"""`DataConfig`: the flat, typed settings of `kiln data prepare`, checked before any work starts."""
+"""`DataConfig`: the flat, typed settings of `kiln data prepare`, checked before any work starts.
+
+The bottom of the data pipeline: it imports only `configlib` (no Ray, torch, sources or readers),
+and the modules that read data take their names from here (`SOURCE_KINDS` for sources.py,
+`TASK_INPUTS` for examples.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
+from data_pipeline.configlib import check_fields
 from data_pipeline.errors import DataError
-from data_pipeline.examples import BUILDERS
-from data_pipeline.readers import ENCODING_ERRORS, TEXT_UNITS
 from data_pipeline.sample import MAX_SAMPLE_PAIRS
-from data_pipeline.sources import SOURCES
-from data_pipeline.tokenizer import TOKENIZER_KINDS
+
+Source = Literal["sample", "text", "parallel", "labelled", "hf"]  # docs/data.md
+Task = Literal["mlm_nsp", "clm", "translation", "classification"]
+TokenizerKind = Literal["bpe", "plain_bpe", "wordpiece", "char"]  # tokenizer.TOKENIZER_KINDS
+TextUnit = Literal["file", "line", "block"]  # a document per file, non-blank line, blank-line block
+EncodingErrors = Literal["strict", "replace"]
+# The row kinds each source can supply ("documents" {text}, "pairs" {src, tgt}, "labelled" {text,
+# label}), and the one each task's example builder consumes.
+SOURCE_KINDS: dict[str, tuple[str, ...]] = {
+    "sample": ("documents", "pairs", "labelled"),
+    "text": ("documents",),
+    "parallel": ("pairs",),
+    "labelled": ("labelled",),
+    "hf": ("documents", "pairs", "labelled"),
+}
+TASK_INPUTS: dict[str, str] = {
+    "mlm_nsp": "documents", "clm": "documents", "translation": "pairs", "classification": "labelled",
+}
 
 
 @dataclass
 class DataConfig:
     """Everything `prepare()` needs; the defaults build the built-in sample for the ~10-minute quickstart."""
 
-    source: str = "sample"  # "sample" | "text" | "parallel" | "labelled" | "hf" (docs/data.md)
+    source: Source = "sample"
     # text: files/dirs/globs (.gz ok) of plain text, or .jsonl/.csv/.tsv/.parquet with a text_column;
     # parallel: two line-aligned files (src, tgt), or .tsv (2 columns, or src_column/tgt_column by header name,
     # or by 0-based index into header-less lines), .csv/.jsonl/.parquet with src_column/tgt_column;
     # labelled: .tsv (header)/.csv/.jsonl/.parquet.
     paths: list[str] = field(default_factory=list, metadata={"path": "path"})
-    text_unit: str = "block"  # plain text: one document per "file", per non-blank "line", or per blank-line "block"
+    text_unit: TextUnit = "block"  # plain text: how documents are cut
     wikitext_headings: bool = False  # a " = Title = " line also starts a document (WikiText's articles)
-    encoding_errors: str = "strict"  # "replace": undecodable bytes become U+FFFD, counted in the manifest
+    encoding_errors: EncodingErrors = "strict"  # replace: bad bytes become U+FFFD, counted
     text_column: str = "text"
     label_column: str = "label"
     # parallel data in named columns, or (int) in columns 0, 1, ... of a header-less TSV such as Tatoeba's
@@ -44,14 +64,14 @@ class DataConfig:
     sample_docs: int = 1000
     sample_pairs: int = 6000
     sample_labelled: int = 1500
-    tokenizer: str = "bpe"  # "bpe" (byte-level, like GPT-2) | "plain_bpe" (characters) | "wordpiece" | "char"
+    tokenizer: TokenizerKind = "bpe"  # bpe: byte-level, like GPT-2; plain_bpe: over characters
     # load tokenizer.json / vocab.txt / vocab.json+merges.txt instead of training
     tokenizer_path: str | None = field(default=None, metadata={"path": "path"})
     # translation only: targets get their own vocabulary (e.g. a GPT-2 release's, with a BERT's as tokenizer_path),
     # saved as target_tokenizer.json; each side is framed with its own specials (docs/design.md)
     target_tokenizer_path: str | None = field(default=None, metadata={"path": "path"})
     vocab_size: int = 4096
-    tasks: list[str] = field(default_factory=lambda: ["mlm_nsp", "clm", "translation", "classification"])
+    tasks: list[Task] = field(default_factory=lambda: list(TASK_INPUTS))
     # mlm_nsp: cut each document into segment pairs this many times, with fresh random cuts and
     # negatives each pass (BERT's dupe_factor); > 1 keeps a small corpus's pairs from being memorised
     nsp_dupe_factor: int = 1
@@ -65,21 +85,15 @@ class DataConfig:
     max_chars: int = 100_000  # ... longer than this (too_long); the longest pydoc topic is ~63k
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self, where="", error=DataError)  # types and choices, as a recipe's
         self._check_names()
         self._check_numbers()
 
     def _check_names(self) -> None:
-        if self.source not in SOURCES:
-            raise DataError(f"source: unknown source {self.source!r}; choose one of {list(SOURCES)}")
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise DataError(f"tokenizer: unknown kind {self.tokenizer!r}; choose one of {list(TOKENIZER_KINDS)}")
         if not self.tasks:
             raise DataError("tasks: at least one task is needed")
         for task in self.tasks:
-            if task not in BUILDERS:
-                raise DataError(f"tasks: unknown task {task!r}; choose from {list(BUILDERS)}")
-            needs, supplies = BUILDERS[task].input_kind, SOURCES[self.source].kinds
+            needs, supplies = TASK_INPUTS[task], SOURCE_KINDS[self.source]
             if needs not in supplies:
                 raise DataError(f"tasks: source {self.source!r} supplies {list(supplies)}, "
                                 f"but task {task!r} needs {needs}")
@@ -88,9 +102,6 @@ class DataConfig:
         self._check_inputs()
 
     def _check_inputs(self) -> None:
-        for key, allowed in (("text_unit", TEXT_UNITS), ("encoding_errors", ENCODING_ERRORS)):
-            if getattr(self, key) not in allowed:
-                raise DataError(f"{key}: unknown value {getattr(self, key)!r}; choose one of {list(allowed)}")
         if self.wikitext_headings and self.text_unit == "line":
             raise DataError("wikitext_headings: has no effect with text_unit 'line'; use 'file' (articles) or 'block'")
         if self.source in ("sample", "hf") and self.paths:
@@ -140,7 +151,7 @@ class DataConfig:
 
     def row_kinds(self) -> list[str]:
         """The source row kinds the tasks need, in task order."""
-        return list(dict.fromkeys(BUILDERS[task].input_kind for task in self.tasks))
+        return list(dict.fromkeys(TASK_INPUTS[task] for task in self.tasks))
 
     def _check_numbers(self) -> None:
         minimum = {"sample_docs": 2, "sample_pairs": 1, "sample_labelled": 1, "shard_rows": 1, "min_chars": 0,
@@ -169,34 +180,3 @@ class DataConfig:
         """JSON-ready copy (recorded in the top-level manifest)."""
         return dataclasses.asdict(self)
 
-
-def _check_types(cfg: DataConfig) -> None:
-    """Reject wrong types early (YAML turns `seq_len: 64x` into a str); ints are accepted for floats."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        hint = hints[f.name]
-        if not _matches(value, hint):
-            raise DataError(f"{f.name}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-        if hint is float and isinstance(value, int):
-            setattr(cfg, f.name, float(value))
-
-
-def _matches(value: object, hint: object) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)  # type: ignore[arg-type]
-
-
-def _type_name(hint: object) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

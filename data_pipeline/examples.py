@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipeline.config import TASK_INPUTS
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import SequenceSpecials
 
@@ -195,7 +196,7 @@ def _table(rows: list[dict], task: str) -> pa.Table:
 
 @dataclass(frozen=True)
 class Builder:
-    input_kind: str  # the source row kind it consumes
+    input_kind: str  # the source row kind it consumes (data_pipeline.config.TASK_INPUTS)
     splits: tuple[str, ...]
     schema: pa.Schema  # shard schema, sample_id first
     token_columns: tuple[str, ...]  # summed for the manifest's token counts
@@ -207,13 +208,16 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
 
 
 BUILDERS: dict[str, Builder] = {
-    "mlm_nsp": Builder("documents", ("train", "validation"), _schema(
+    "mlm_nsp": Builder(TASK_INPUTS["mlm_nsp"], ("train", "validation"), _schema(
         ("input_ids", _IDS), ("token_type_ids", pa.list_(pa.int8())), ("next_sentence_label", pa.int8())),
         ("input_ids",), build_mlm_nsp),
-    "clm": Builder("documents", ("train", "validation"), _schema(("input_ids", _IDS)), ("input_ids",), build_clm),
-    "translation": Builder("pairs", ("train", "validation", "test"), _schema(
+    "clm": Builder(TASK_INPUTS["clm"], ("train", "validation"), _schema(("input_ids", _IDS)),
+                   ("input_ids",), build_clm),
+    "translation": Builder(TASK_INPUTS["translation"], ("train", "validation", "test"), _schema(
         ("src_ids", _IDS), ("tgt_ids", _IDS), ("src_text", pa.string()), ("tgt_text", pa.string())),
         ("src_ids", "tgt_ids"), build_translation),
-    "classification": Builder("labelled", ("train", "validation", "test"), _schema(
-        ("input_ids", _IDS), ("label", pa.int32()), ("text", pa.string())), ("input_ids",), build_classification),
+    "classification": Builder(
+        TASK_INPUTS["classification"], ("train", "validation", "test"),
+        _schema(("input_ids", _IDS), ("label", pa.int32()), ("text", pa.string())),
+        ("input_ids",), build_classification),
 }

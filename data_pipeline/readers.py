@@ -25,23 +25,19 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-
-if TYPE_CHECKING:
-    from data_pipeline.config import DataConfig
 
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "documents": ("text",),
     "pairs": ("src", "tgt"),
     "labelled": ("text", "label"),
 }
-TEXT_UNITS: tuple[str, ...] = ("file", "line", "block")
-ENCODING_ERRORS: tuple[str, ...] = ("strict", "replace")
 TABULAR: dict[str, str] = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 GZIP_MAGIC = b"\x1f\x8b"
 # A WikiText level-1 heading: " = Title = ". Level 2 and deeper (" = = Section = = ") do not match.

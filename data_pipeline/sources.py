@@ -27,18 +27,16 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import ray.data
 
 from data_pipeline import hf_datasets, sample
+from data_pipeline.config import SOURCE_KINDS, DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.readers import KIND_FIELDS, ReadOptions, check_file, file_format, file_rows
 from data_pipeline.shards import sha256_file
-
-if TYPE_CHECKING:
-    from data_pipeline.config import DataConfig
 
 __all__ = ["BLOCK_CHARS", "KIND_FIELDS", "SOURCES", "Source", "expand_paths", "preflight", "raw_schema",
            "read_task"]
@@ -232,10 +230,11 @@ def _read_sample(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data
                                                                          fn_kwargs={"kind": kind})
 
 
+# One per name of data_pipeline.config.Source, supplying the row kinds config's SOURCE_KINDS lists.
 SOURCES: dict[str, Source] = {
-    "sample": Source(("documents", "pairs", "labelled"), _resolve_sample, _read_sample),
-    "text": Source(("documents",), _resolve_files, _read_files, _files_tasks),
-    "parallel": Source(("pairs",), _resolve_files, _read_files, _files_tasks),
-    "labelled": Source(("labelled",), _resolve_files, _read_files, _files_tasks),
-    "hf": Source(("documents", "pairs", "labelled"), _resolve_hf, _read_hf, _hf_tasks),
+    "sample": Source(SOURCE_KINDS["sample"], _resolve_sample, _read_sample),
+    "text": Source(SOURCE_KINDS["text"], _resolve_files, _read_files, _files_tasks),
+    "parallel": Source(SOURCE_KINDS["parallel"], _resolve_files, _read_files, _files_tasks),
+    "labelled": Source(SOURCE_KINDS["labelled"], _resolve_files, _read_files, _files_tasks),
+    "hf": Source(SOURCE_KINDS["hf"], _resolve_hf, _read_hf, _hf_tasks),
 }

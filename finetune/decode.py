@@ -76,7 +76,8 @@ def _gnmt_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-# score(Y) = logprob(Y) / LENGTH_PENALTIES[name](|Y|, alpha)
+# score(Y) = logprob(Y) / LENGTH_PENALTIES[name](|Y|, alpha); one entry per name of the job config's
+# decode.length_penalty (cluster.jobs.LengthPenalty, written out there: this module imports torch)
 LENGTH_PENALTIES: dict[str, Callable[[int, float], float]] = {
     "none": _no_penalty,
     "avg": _average_penalty,

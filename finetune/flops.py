@@ -183,20 +183,22 @@ def lstm_classifier_flops(cfg: LSTMClassifierConfig, b: BatchShape) -> float:
                     no_grad_state=_zero_state(H, cfg.num_layers, 2)).training(b)
 
 
-# config class -> its count; every translation and classification arch of finetune.models.ARCHITECTURES.
-FLOPS: dict[type, Callable[[Any, BatchShape], float]] = {
-    TransformerConfig: transformer_flops,
-    Seq2SeqConfig: warm_seq2seq_flops,
-    RNNSeq2SeqConfig: lstm_seq2seq_flops,
-    ConvS2SConfig: convs2s_flops,
-    ClassifierConfig: bert_classifier_flops,
-    GPTClassifierConfig: gpt_classifier_flops,
-    LSTMClassifierConfig: lstm_classifier_flops,
+# arch -> the count for its config; every translation and classification architecture of the
+# registry (finetune.models.ARCHITECTURES) has one, tests/finetune/test_finetune_flops.py checks.
+FLOPS: dict[str, Callable[[Any, BatchShape], float]] = {
+    "transformer": transformer_flops,
+    "seq2seq_warm": warm_seq2seq_flops,
+    "lstm": lstm_seq2seq_flops,
+    "lstm_attention": lstm_seq2seq_flops,
+    "convs2s": convs2s_flops,
+    "bert_classifier": bert_classifier_flops,
+    "gpt_classifier": gpt_classifier_flops,
+    "lstm_classifier": lstm_classifier_flops,
 }
 
 
 def training_flops(config: Any, batch: BatchShape) -> float | None:
     """Training FLOPs (forward + backward) of one batch for a model built from `config`; None for a config
     without a count here (then the run logs no train/mfu rather than a wrong one)."""
-    count = FLOPS.get(type(config))
+    count = FLOPS.get(getattr(config, "arch", None))
     return None if count is None else count(config, batch)

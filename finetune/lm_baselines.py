@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_pipeline.configlib import from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.readers import iter_lines
 from data_pipeline.sample import sample_documents
@@ -72,7 +73,7 @@ class LMBaselineJob:
     ngram_unit: str = "word"  # word | char
     ngram_min_count: int = 1
     # character RNN
-    char_model: CharRNNConfig = field(default_factory=lambda: CharRNNConfig.from_preset("small"))
+    char_model: CharRNNConfig = field(default_factory=lambda: from_preset(CharRNNConfig, "small"))
     steps: int = 2000
     time_limit_s: float = 0.0  # stop training after this many seconds (0: run all steps)
     batch_size: int = 32  # parallel character streams (truncated backpropagation through time)

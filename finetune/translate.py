@@ -11,7 +11,6 @@ exist there), not assumed, so a user-supplied tokenizer with the Kiln specials w
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer
@@ -23,25 +22,6 @@ from finetune.evaluate import bleu, chrf, copy_source_bleu
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 Tokenizers = Tokenizer | TranslationTokenizers  # one shared tokenizer, or a source and a target one
-
-
-@dataclass
-class DecodeConfig:
-    """Decoding settings of a translation job (the keyword arguments of translate_texts)."""
-
-    beam_size: int = 5
-    length_penalty: str = "gnmt"  # a key of finetune.decode.LENGTH_PENALTIES: "none" | "avg" | "gnmt"
-    alpha: float = 1.0
-    max_len: int = 64  # generated tokens, [EOS] included
-    batch_size: int = 32  # sources per beam-search batch
-
-    def __post_init__(self) -> None:
-        if self.length_penalty not in LENGTH_PENALTIES:
-            raise ValueError(f"DecodeConfig.length_penalty: unknown {self.length_penalty!r}; "
-                             f"known: {sorted(LENGTH_PENALTIES)}")
-        for key in ("beam_size", "max_len", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"DecodeConfig.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def special_id(tokenizer: Tokenizer, token: str) -> int:

@@ -11,6 +11,9 @@
 A checkpoint is written into `.tmp-<name>` beside the target and renamed when complete, so a directory
 without the leading dot either is complete or has no valid manifest (and is then ignored by
 `list_checkpoints`). Nothing is ever unpickled except with `torch.load(weights_only=True)`.
+
+This module is the format (what readers such as `kiln evaluate` and `kiln export` need too); how a
+training run resumes from these directories is cluster/resume.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from data_pipeline.configlib import ConfigError, from_dict
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
-from pretrain.models.bert import BertConfig, BertForPreTraining
-from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
+from pretrain.registry import PRETRAIN_ARCHITECTURES, ArchSpec
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -48,10 +51,6 @@ FORMAT = "kiln-checkpoint"
 FORMAT_VERSION = 1
 _TIED_METADATA_KEY = "kiln.tied"  # safetensors metadata: {alias name: stored name}
 
-# arch -> (config dataclass, model class). finetune/ passes its own dict (e.g. {**ARCHITECTURES, ...}).
-# A config class may define `from_dict(d) -> config` when it nests other dataclasses.
-Registry = dict[str, tuple[type, type[nn.Module]]]
-ARCHITECTURES: Registry = {"bert": (BertConfig, BertForPreTraining), "gpt": (GPTConfig, GPTLMHeadModel)}
 
 
 class CheckpointError(ValueError):
@@ -139,20 +138,22 @@ def _target_tokenizer_beside(tokenizer_file: Path) -> Path | None:
 
 
 CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights (4) + AdamW's two fp32 moments in trainer_state (8)
+ZERO_CHECKPOINT_BYTES_PER_PARAM = 16  # ZeRO's trainer_state holds the fp32 master weights (4) too
 
 
-def check_free_space(root: Path, num_params: int, keep_last: int) -> None:
+def check_free_space(root: Path, num_params: int, keep_last: int,
+                     bytes_per_param: int = CHECKPOINT_BYTES_PER_PARAM) -> None:
     """Before training: the disk under `root` must hold the run's checkpoints at their peak (keep_last kept + the one
     being written), less what checkpoints already there take. Raises CheckpointError naming the numbers."""
     root = Path(root)
     probe = next(p for p in (root, *root.parents) if p.exists())
-    each = num_params * CHECKPOINT_BYTES_PER_PARAM
+    each = num_params * bytes_per_param
     present = sum(f.stat().st_size for c in list_checkpoints(root) for f in c.rglob("*") if f.is_file())
     needed = (keep_last + 1) * each - present
     free = shutil.disk_usage(probe).free
     if needed > free:
         raise CheckpointError(f"{root}: {free / 2**20:.0f} MiB free, but {keep_last + 1} checkpoints of ~"
-                              f"{each / 2**20:.0f} MiB each ({num_params:,} parameters x {CHECKPOINT_BYTES_PER_PARAM} "
+                              f"{each / 2**20:.0f} MiB each ({num_params:,} parameters x {bytes_per_param} "
                               "bytes) need more; free space, lower trainer.keep_last, or choose another --out")
 
 
@@ -309,13 +310,15 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def load_checkpoint(path: Path, registry: Registry | None = None, *, build_model: bool = True,
+def load_checkpoint(path: Path, registry: Mapping[str, ArchSpec] | None = None, *,
+                    build_model: bool = True,
                     verify: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Verify sha256s, rebuild the config dataclass via the arch registry, load the weights, and (by
     default) build the model and load it strictly, with tied matrices re-tied."""
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
-    registry = ARCHITECTURES if registry is None else registry
+    # pretrain's families by default; finetune.models.ARCHITECTURES holds every architecture
+    registry = PRETRAIN_ARCHITECTURES if registry is None else registry
     config_file = path / CONFIG_FILE
     doc = _read_json(config_file)
     arch = doc.get("arch") if isinstance(doc, dict) else None
@@ -324,8 +327,11 @@ def load_checkpoint(path: Path, registry: Registry | None = None, *, build_model
                               f"(known: {sorted(registry)})")
     if not isinstance(doc.get("config"), dict):
         raise CheckpointError(f"{config_file}: key 'config' must be a mapping of the config's fields")
-    config_cls, model_cls = registry[arch]
-    model_config = config_from_dict(config_cls, doc["config"], str(config_file))
+    config_cls, model_cls = registry[arch].config, registry[arch].model
+    try:
+        model_config = from_dict(config_cls, doc["config"], str(config_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None  # one line that starts with the file
     state_dict = load_weights(path / MODEL_FILE, map_location)
     model = None
     if build_model:
@@ -349,24 +355,6 @@ def _read_json(file: Path) -> Any:
         raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
 
 
-def config_from_dict(config_cls: type, values: dict, where: str) -> Any:
-    """`config_cls.from_dict(values)` when defined (nested configs), else `config_cls(**values)` after
-    rejecting keys the dataclass does not have."""
-    if hasattr(config_cls, "from_dict"):
-        try:
-            return config_cls.from_dict(values)
-        except (TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{where}: cannot build {config_cls.__name__}: {e}") from e
-    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CheckpointError(f"{where}: unknown key(s) {unknown} for {config_cls.__name__}")
-    try:
-        return config_cls(**values)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: invalid {config_cls.__name__}: {e}") from e
-
-
 def load_weights(file: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
     """model.safetensors as a state dict; each tied alias is the very tensor of the name it was stored under."""
     file = Path(file)
@@ -383,13 +371,14 @@ def load_weights(file: Path, map_location: str | torch.device = "cpu") -> dict[s
     return state_dict
 
 
-def load_trainer_state(path: Path) -> dict | None:
-    """trainer_state/state.pt of a checkpoint (weights_only=True), or None when it was saved without one."""
+def load_trainer_state(path: Path, *, mmap: bool = False) -> dict | None:
+    """trainer_state/state.pt of a checkpoint (weights_only=True), or None when it was saved without one.
+    mmap: map the tensors instead of reading them (cheap, to look at which keys a checkpoint holds)."""
     file = Path(path) / TRAINER_STATE_FILE
     if not file.is_file():
         return None
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # the unpickler raises several types; all mean the same to the caller
         raise CheckpointError(f"{file}: cannot load with weights_only=True: {e}") from e
 

@@ -34,13 +34,13 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import Tensor
 
+from data_pipeline.configlib import ConfigError, from_dict
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE, load_translation_tokenizers
 from pretrain.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     TOKENIZER_FILE,
     CheckpointError,
-    config_from_dict,
     load_weights,
     verify_checkpoint,
 )
@@ -50,11 +50,11 @@ from pretrain.models.gpt import GPTConfig
 # docs/design.md: the special tokens (HF tokenizer attribute -> (token, id in a tokenizer Kiln trained)). A loaded
 # vocabulary (an imported BERT's vocab.txt, GPT-2's vocab.json) keeps its own ids, so export reads the real ids from
 # the checkpoint's tokenizer; these are the defaults for configs written without one.
-SPECIAL_TOKENS: dict[str, tuple[str, int]] = {
+HF_SPECIAL_TOKEN_MAP: dict[str, tuple[str, int]] = {
     "pad_token": ("[PAD]", 0), "unk_token": ("[UNK]", 1), "cls_token": ("[CLS]", 2), "sep_token": ("[SEP]", 3),
     "mask_token": ("[MASK]", 4), "bos_token": ("[BOS]", 5), "eos_token": ("[EOS]", 6),
 }
-KILN_SPECIAL_IDS: dict[str, int] = {attr: i for attr, (_, i) in SPECIAL_TOKENS.items()}
+KILN_SPECIAL_IDS: dict[str, int] = {attr: i for attr, (_, i) in HF_SPECIAL_TOKEN_MAP.items()}
 # What each exported family cannot work without (the tokenizer must have these tokens).
 NEEDED_SPECIALS: dict[str, tuple[str, ...]] = {
     "bert": ("pad_token", "cls_token", "sep_token", "mask_token"),
@@ -144,15 +144,15 @@ def _section(values: dict, key: str, where: str) -> dict:
 
 
 def _parse_bert(values: dict, where: str) -> Parts:
-    return Parts(bert=config_from_dict(BertConfig, values, where))
+    return Parts(bert=from_dict(BertConfig, values, where))
 
 
 def _parse_gpt(values: dict, where: str) -> Parts:
-    return Parts(gpt=config_from_dict(GPTConfig, values, where))
+    return Parts(gpt=from_dict(GPTConfig, values, where))
 
 
 def _parse_classifier(values: dict, where: str) -> Parts:
-    bert = config_from_dict(BertConfig, _section(values, "encoder", where), f"{where} (encoder)")
+    bert = from_dict(BertConfig, _section(values, "encoder", where), f"{where} (encoder)")
     num_labels, names = values.get("num_labels"), values.get("label_names") or []
     dropout = values.get("classifier_dropout")
     if not isinstance(num_labels, int) or num_labels < 2:
@@ -165,8 +165,8 @@ def _parse_classifier(values: dict, where: str) -> Parts:
 
 
 def _parse_seq2seq(values: dict, where: str) -> Parts:
-    bert = config_from_dict(BertConfig, _section(values, "encoder", where), f"{where} (encoder)")
-    gpt = config_from_dict(GPTConfig, _section(values, "decoder", where), f"{where} (decoder)")
+    bert = from_dict(BertConfig, _section(values, "encoder", where), f"{where} (encoder)")
+    gpt = from_dict(GPTConfig, _section(values, "decoder", where), f"{where} (decoder)")
     if not gpt.add_cross_attention:
         raise CheckpointError(f"{where}: decoder.add_cross_attention is false; a seq2seq decoder needs it")
     return Parts(bert=bert, gpt=gpt)
@@ -299,7 +299,10 @@ def parse_config(arch: str, model_config: Any, where: str = "model_config") -> P
         model_config = dataclasses.asdict(model_config)
     if not isinstance(model_config, dict):
         raise CheckpointError(f"{where}: expected a config mapping, got {type(model_config).__name__}")
-    return _family(arch, where).parse(model_config, where)
+    try:
+        return _family(arch, where).parse(model_config, where)
+    except ConfigError as e:  # a config.json that does not build its dataclass: a broken checkpoint
+        raise CheckpointError(str(e)) from None
 
 
 def expand_key_map(arch: str, parts: Parts) -> list[Row]:
@@ -437,7 +440,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
 def tokenizer_config(model_max_length: int, model_input_names: tuple[str, ...],
                      specials: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
     """tokenizer_config.json: the fast tokenizer over tokenizer.json, with its special tokens named."""
-    specials = SPECIAL_TOKENS if specials is None else specials
+    specials = HF_SPECIAL_TOKEN_MAP if specials is None else specials
     return {"tokenizer_class": "PreTrainedTokenizerFast", **{k: tok for k, (tok, _) in specials.items()},
             "model_max_length": model_max_length, "model_input_names": list(model_input_names),
             "clean_up_tokenization_spaces": False}  # decode exactly as the tokenizers library does
@@ -474,7 +477,8 @@ def _check_tokenizer(file: Path, vocab_size: int, needed: tuple[str, ...]) -> di
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
         raise CheckpointError(f"{file}: cannot load with the tokenizers library: {e}") from e
-    found = {attr: (token, tok.token_to_id(token)) for attr, (token, _) in SPECIAL_TOKENS.items()}
+    found = {attr: (token, tok.token_to_id(token))
+             for attr, (token, _) in HF_SPECIAL_TOKEN_MAP.items()}
     missing = [found[attr][0] for attr in needed if found[attr][1] is None]
     if missing:
         raise CheckpointError(f"{file}: lacks the special token(s) {', '.join(missing)} this model needs")

@@ -37,6 +37,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
+from data_pipeline.configlib import ConfigError, from_dict
+from data_pipeline.errors import DataDirError
 from data_pipeline.tokenizer import SPECIAL_TOKENS, TARGET_TOKENIZER_FILE, load_tokenizer
 from pretrain.checkpoint import TOKENIZER_FILE, CheckpointError, save_checkpoint
 from pretrain.hf_export import (
@@ -96,9 +98,11 @@ class ImportedModel:
 
 
 # ---------------------------------------------------------------- config.json -> Kiln config
-_BERT_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "max_position_embeddings", "type_vocab_size", "pad_token_id")
-_BERT_FLOATS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps", "initializer_range")
+# The config.json keys Kiln reads (HF and Kiln name them alike); the dataclass checks their types.
+_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+              "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_token_id",
+              "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps",
+              "initializer_range")
 _BERT_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 # key -> (accepted values, why). A key config.json leaves out takes HF's default, which is accepted.
 _BERT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -107,8 +111,10 @@ _BERT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "is_decoder": ((False,), "Kiln's BERT is a bidirectional encoder"),
     "add_cross_attention": ((False,), "Kiln's BERT has no cross-attention"),
 }
-_GPT_INTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")  # n_inner null: 4 * n_embd
-_GPT_FLOATS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range")
+_GPT_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
+             "n_inner",  # null: 4 * n_embd
+             "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
+             "add_cross_attention")
 _GPT_REQUIRED = ("vocab_size", "n_embd", "n_layer", "n_head")
 _GPT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     # gelu_pytorch_tanh is the same tanh approximation as gelu_new, computed by PyTorch's kernel.
@@ -125,44 +131,26 @@ def _refuse(hf: dict, where: str, refused: dict[str, tuple[tuple[Any, ...], str]
                                   f"accepted: {', '.join(map(repr, accepted))})")
 
 
-def _typed(hf: dict, where: str, ints: tuple[str, ...], floats: tuple[str, ...],
-           required: tuple[str, ...]) -> dict[str, Any]:
+def _build_config(cls: type, hf: dict, where: str, keys: tuple[str, ...], required: tuple[str, ...]) -> Any:
+    """HF's config.json -> the Kiln config: the keys Kiln reads, built (and type-checked) by
+    configlib. A key that is absent or null keeps Kiln's default, which is HF's for every key here."""
     missing = [k for k in required if hf.get(k) is None]
     if missing:
         raise CheckpointError(f"{where}: missing key(s) {missing}")
-    out: dict[str, Any] = {}
-    for key in (*ints, *floats):
-        value = hf.get(key)
-        if value is None:
-            continue  # Kiln's default is HF's for every key here
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if key in ints and not is_int:
-            raise CheckpointError(f"{where}: key {key!r} must be an integer, got {value!r}")
-        if key in floats and not (is_int or isinstance(value, float)):
-            raise CheckpointError(f"{where}: key {key!r} must be a number, got {value!r}")
-        out[key] = float(value) if key in floats else value
-    return out
-
-
-def _build_config(cls: type, values: dict[str, Any], where: str) -> Any:
     try:
-        return cls(**values)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from e
+        return from_dict(cls, {k: hf[k] for k in keys if hf.get(k) is not None}, where)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None  # one line that starts with the file
 
 
 def _bert_config(hf: dict, where: str) -> BertConfig:
     _refuse(hf, where, _BERT_REFUSED)
-    return _build_config(BertConfig, _typed(hf, where, _BERT_INTS, _BERT_FLOATS, _BERT_REQUIRED), where)
+    return _build_config(BertConfig, hf, where, _BERT_KEYS, _BERT_REQUIRED)
 
 
 def _gpt_config(hf: dict, where: str) -> GPTConfig:
     _refuse(hf, where, _GPT_REFUSED)
-    cross = hf.get("add_cross_attention", False)
-    if not isinstance(cross, bool):
-        raise CheckpointError(f"{where}: key 'add_cross_attention' must be true or false, got {cross!r}")
-    values = _typed(hf, where, _GPT_INTS, _GPT_FLOATS, _GPT_REQUIRED)
-    return _build_config(GPTConfig, {**values, "add_cross_attention": cross}, where)
+    return _build_config(GPTConfig, hf, where, _GPT_KEYS, _GPT_REQUIRED)
 
 
 # ---------------------------------------------------------------- the family registry
@@ -489,7 +477,8 @@ def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str, tar
     if not ckpt_file.is_file():
         return  # a checkpoint saved without its tokenizer: nothing to compare against
     if not data_file.is_file():
-        raise CheckpointError(f"{data_file}: missing; the data directory was not written by `kiln data prepare`")
+        raise DataDirError(f"{data_file}: missing; the data directory was not written by "
+                           "`kiln data prepare`")
     same_bytes = ckpt_file.read_bytes() == data_file.read_bytes()
     diff = None if same_bytes else tokenizer_difference(*(Tokenizer.from_file(str(f)) for f in (ckpt_file, data_file)))
     if diff is not None:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-from torch.optim import AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from data_pipeline.configlib import check_fields
+
+# torch is imported where the optimizer is built: cluster.jobs reads OptimConfig, and a config error
+# must not cost a torch import (cluster/cli.py).
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
 
 
 def _linear(progress: float) -> float:
@@ -23,7 +29,9 @@ def _constant(progress: float) -> float:
     return 1.0
 
 
-# Shape of the decay after warmup, as a function of progress in [0, 1] through the decay phase.
+# Shape of the decay after warmup, as a function of progress in [0, 1] through the decay phase; one
+# per name of Schedule.
+Schedule = Literal["linear", "cosine", "constant"]
 SCHEDULES: dict[str, Callable[[float], float]] = {"linear": _linear, "cosine": _cosine, "constant": _constant}
 
 
@@ -35,13 +43,12 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = 100
-    schedule: str = "linear"  # a key of SCHEDULES
+    schedule: Schedule = "linear"
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # applied by the Trainer (gradient_clip_val), never inside a module; 0 = off
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"OptimConfig.schedule: unknown schedule {self.schedule!r}; known: {sorted(SCHEDULES)}")
+        check_fields(self)
         if not self.lr > 0:
             raise ValueError(f"OptimConfig.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -91,6 +98,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> tuple[Optimizer, LRScheduler]:
     """AdamW + a LambdaLR to be stepped once per optimizer step (Lightning: interval "step")."""
+    from torch.optim import AdamW
+    from torch.optim.lr_scheduler import LambdaLR
+
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
     optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -11,14 +11,16 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.configlib import check_fields
 from pretrain.checkpoint import CheckpointError
 
-CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}  # RNN: Elman, tanh
+# One per name of CharRNNConfig.cell. RNN: Elman's, tanh.
+CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 UNK = "<unk>"
 VOCAB_FORMAT = "kiln-char-vocab"
 
@@ -28,10 +30,12 @@ State = Tensor | tuple[Tensor, Tensor]
 
 @dataclass
 class CharRNNConfig:
-    """Flat config of the character LM. As with GPTConfig, `preset` is applied by `from_preset` and by the
-    config loader (keys written explicitly win over it), not by the constructor."""
+    """Flat config of the character LM. As with GPTConfig, `preset` is applied by
+    `configlib.from_preset` and by the config loader (keys written explicitly win over it), not by the
+    constructor."""
 
-    arch: str = "char_lstm"  # discriminator for config loading and checkpoints (the cell may still be a GRU)
+    # discriminator for config loading and checkpoints (the cell may still be a GRU)
+    arch: Literal["char_lstm"] = "char_lstm"
     preset: str | None = None
     # "small" is sized to train for minutes on a laptop CPU; "base" is char-rnn's tiny-shakespeare setup
     # (Karpathy 2015, "The Unreasonable Effectiveness of RNNs": 2-layer LSTM, 512 hidden, dropout 0.5).
@@ -41,30 +45,19 @@ class CharRNNConfig:
         "base": dict(embed=128, hidden=512, layers=2, dropout=0.5),
     }
     vocab_size: int = 128  # set from the CharVocab of the training text
-    cell: str = "lstm"  # lstm | gru | rnn
+    cell: Literal["lstm", "gru", "rnn"] = "lstm"
     embed: int = 64
     hidden: int = 256
     layers: int = 2
     dropout: float = 0.1  # between stacked layers and before the output layer
 
     def __post_init__(self) -> None:
-        if self.arch != "char_lstm":
-            raise ValueError(f"CharRNNConfig.arch must be 'char_lstm', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"CharRNNConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
-        if self.cell not in CELLS:
-            raise ValueError(f"CharRNNConfig.cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+        check_fields(self)  # types, choices, preset name
         for key in ("vocab_size", "embed", "hidden", "layers"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"CharRNNConfig.{key} must be > 0, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"CharRNNConfig.dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> CharRNNConfig:
-        if preset not in cls.PRESETS:
-            raise ValueError(f"CharRNNConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
 
 
 class CharVocab:

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from data_pipeline.configlib import check_fields
 from finetune.models.rnn import real_lengths
-from finetune.models.warm_start import config_from_dict, copy_matching, load_pretrained
+from finetune.models.warm_start import copy_matching, load_pretrained
 from pretrain.checkpoint import CheckpointError
 from pretrain.models.bert import BertConfig, BertModel, init_bert_module
 from pretrain.models.gpt import GPTConfig, GPTModel, init_gpt_module
@@ -43,23 +44,16 @@ def _check_head(where: str, num_labels: int, label_names: list[str], dropout_key
 class ClassifierConfig:
     """Encoder config + head. Round-trips through `dataclasses.asdict` like Seq2SeqConfig."""
 
-    arch: str = "bert_classifier"
+    arch: Literal["bert_classifier"] = "bert_classifier"
     encoder: BertConfig = field(default_factory=BertConfig)
     num_labels: int = 2
     classifier_dropout: float | None = None  # None = the encoder's hidden_dropout_prob (as HF)
     label_names: list[str] = field(default_factory=list)  # optional, index = label id; for reports
 
     def __post_init__(self) -> None:
-        if self.arch != "bert_classifier":
-            raise ValueError(f"ClassifierConfig.arch must be 'bert_classifier', got {self.arch!r}")
-        self.encoder = config_from_dict(BertConfig, self.encoder, "ClassifierConfig.encoder")
+        check_fields(self)  # types, arch; an `encoder` mapping becomes a BertConfig
         _check_head("ClassifierConfig", self.num_labels, self.label_names, "classifier_dropout",
                     self.classifier_dropout)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ClassifierConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "ClassifierConfig")
 
 
 class EncoderClassifier(nn.Module):
@@ -105,26 +99,19 @@ class EncoderClassifier(nn.Module):
 class GPTClassifierConfig:
     """Decoder config + head. Round-trips through `dataclasses.asdict` like ClassifierConfig."""
 
-    arch: str = "gpt_classifier"
+    arch: Literal["gpt_classifier"] = "gpt_classifier"
     decoder: GPTConfig = field(default_factory=GPTConfig)
     num_labels: int = 2
     classifier_dropout: float | None = None  # None = the decoder's resid_pdrop
     label_names: list[str] = field(default_factory=list)  # optional, index = label id; for reports
 
     def __post_init__(self) -> None:
-        if self.arch != "gpt_classifier":
-            raise ValueError(f"GPTClassifierConfig.arch must be 'gpt_classifier', got {self.arch!r}")
-        self.decoder = config_from_dict(GPTConfig, self.decoder, "GPTClassifierConfig.decoder")
+        check_fields(self)  # types, arch; a `decoder` mapping becomes a GPTConfig
         if self.decoder.add_cross_attention:
             # nothing to attend to: the cross-attention weights would never get a gradient (DDP waits for them)
             raise ValueError("GPTClassifierConfig.decoder.add_cross_attention must be False")
         _check_head("GPTClassifierConfig", self.num_labels, self.label_names, "classifier_dropout",
                     self.classifier_dropout)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GPTClassifierConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "GPTClassifierConfig")
 
 
 class DecoderClassifier(nn.Module):
@@ -180,7 +167,8 @@ class DecoderClassifier(nn.Module):
 
 @dataclass
 class LSTMClassifierConfig:
-    """Flat config of the from-scratch baseline. `preset` is applied by `from_preset` / the config loader."""
+    """Flat config of the from-scratch baseline. `preset` is applied by `configlib.from_preset` / the
+    config loader."""
 
     # "small": one 256-wide biLSTM layer, the size of the usual SST-2 LSTM baselines (Wang et al., 2019, GLUE
     # used a 1500-wide BiLSTM with ELMo; far beyond this CPU's budget).
@@ -189,7 +177,7 @@ class LSTMClassifierConfig:
         "small": dict(embedding_dim=256, hidden_size=256, num_layers=1),
     }
 
-    arch: str = "lstm_classifier"
+    arch: Literal["lstm_classifier"] = "lstm_classifier"
     preset: str | None = None
     vocab_size: int = 8000
     pad_id: int = 0
@@ -202,11 +190,7 @@ class LSTMClassifierConfig:
     label_names: list[str] = field(default_factory=list)  # optional, index = label id; for reports
 
     def __post_init__(self) -> None:
-        if self.arch != "lstm_classifier":
-            raise ValueError(f"LSTMClassifierConfig.arch must be 'lstm_classifier', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"LSTMClassifierConfig.preset: unknown preset {self.preset!r}; "
-                             f"known: {sorted(self.PRESETS)}")
+        check_fields(self)  # types, arch, preset name
         for key in ("vocab_size", "embedding_dim", "hidden_size", "num_layers", "init_range"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"LSTMClassifierConfig.{key} must be > 0, got {getattr(self, key)}")
@@ -214,18 +198,6 @@ class LSTMClassifierConfig:
             raise ValueError(f"LSTMClassifierConfig.pad_id must be in [0, vocab_size={self.vocab_size}), "
                              f"got {self.pad_id}")
         _check_head("LSTMClassifierConfig", self.num_labels, self.label_names, "dropout", self.dropout)
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> LSTMClassifierConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"LSTMClassifierConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LSTMClassifierConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "LSTMClassifierConfig")
 
 
 class LSTMClassifier(nn.Module):

@@ -24,22 +24,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.models.warm_start import config_from_dict
+from data_pipeline.configlib import check_fields
 
 SQRT_HALF = math.sqrt(0.5)  # keeps the variance of a sum of two unit-variance terms at one (§3.5)
 
 
 @dataclass
 class ConvS2SConfig:
-    """Flat config; `preset` is applied by `from_preset` and the config loader, not by the constructor."""
+    """Flat config; `preset` is applied by `configlib.from_preset` and the config loader, not by the
+    constructor."""
 
-    arch: str = "convs2s"
+    arch: Literal["convs2s"] = "convs2s"
     preset: str | None = None
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(embed_dim=32, channels=64, encoder_layers=2, decoder_layers=2, kernel_size=3, max_positions=128),
@@ -58,10 +59,7 @@ class ConvS2SConfig:
     max_positions: int = 1024  # longest source and longest target
 
     def __post_init__(self) -> None:
-        if self.arch != "convs2s":
-            raise ValueError(f"ConvS2SConfig.arch must be 'convs2s', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"ConvS2SConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
+        check_fields(self)  # types, arch, preset name
         for key in ("vocab_size", "embed_dim", "channels", "encoder_layers", "decoder_layers", "kernel_size",
                     "max_positions"):
             if getattr(self, key) <= 0:
@@ -72,18 +70,6 @@ class ConvS2SConfig:
             raise ValueError(f"ConvS2SConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ConvS2SConfig.dropout must be in [0, 1), got {self.dropout}")
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> ConvS2SConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"ConvS2SConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ConvS2SConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "ConvS2SConfig")
 
 
 def _positions(start: int, length: int, max_positions: int, device: torch.device) -> Tensor:

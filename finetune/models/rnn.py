@@ -21,23 +21,24 @@ Read top to bottom: config → cache → encoder → attention → the three dec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from finetune.models.warm_start import config_from_dict
+from data_pipeline.configlib import check_fields
 
+Attention = Literal["bahdanau", "luong_dot", "luong_general"]
 RNNMemory = tuple[Tensor, Tensor, Tensor]  # encoder states (B,S,H), h0 (B,L,H), c0 (B,L,H): batch in dim 0
 
 
 @dataclass
 class RNNSeq2SeqConfig:
-    """Flat config of the LSTM family. `preset` is applied by `from_preset` / the config loader, as GPTConfig."""
+    """Flat config of the LSTM family. `preset` is applied by `configlib.from_preset` / the config
+    loader, as GPTConfig."""
 
-    ARCHES: ClassVar[tuple[str, ...]] = ("lstm", "lstm_attention")  # both archs build RNNSeq2Seq
-    ATTENTIONS: ClassVar[tuple[str, ...]] = ("bahdanau", "luong_dot", "luong_general")
+    ATTENTIONS: ClassVar[tuple[str, ...]] = get_args(Attention)
     # "small" halves the 512-wide LSTMs of the common Multi30k baselines (bentrevett/pytorch-seq2seq: 256-d
     # embeddings, 512 hidden, 2 layers) so that training fits a CPU time budget.
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -45,9 +46,10 @@ class RNNSeq2SeqConfig:
         "small": dict(embedding_dim=256, hidden_size=256, num_layers=2),
     }
 
-    arch: str = "lstm"
+    arch: Literal["lstm", "lstm_attention"] = "lstm"  # both build RNNSeq2Seq
     preset: str | None = None
-    attention: str | None = None  # lstm_attention: one of ATTENTIONS (None = "bahdanau"); lstm: must stay None
+    # lstm_attention: None = "bahdanau"; lstm: must stay None
+    attention: Attention | None = None
     vocab_size: int = 8000
     pad_id: int = 0
     embedding_dim: int = 256
@@ -59,18 +61,12 @@ class RNNSeq2SeqConfig:
     init_range: float = 0.1  # every weight ~ U(-r, r), as Sutskever et al. (0.08) and Luong et al. (0.1)
 
     def __post_init__(self) -> None:
-        if self.arch not in self.ARCHES:
-            raise ValueError(f"RNNSeq2SeqConfig.arch must be one of {list(self.ARCHES)}, got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"RNNSeq2SeqConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
+        check_fields(self)  # types, choices, preset name
         if self.arch == "lstm" and self.attention is not None:
             raise ValueError(f"RNNSeq2SeqConfig.attention={self.attention!r} needs arch 'lstm_attention' (arch 'lstm' "
                              "decodes from the final encoder state only)")
         if self.arch == "lstm_attention":
             self.attention = self.attention or "bahdanau"
-            if self.attention not in self.ATTENTIONS:
-                raise ValueError(f"RNNSeq2SeqConfig.attention must be one of {list(self.ATTENTIONS)}, "
-                                 f"got {self.attention!r}")
         for key in ("vocab_size", "embedding_dim", "hidden_size", "num_layers"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"RNNSeq2SeqConfig.{key} must be > 0, got {getattr(self, key)}")
@@ -83,18 +79,6 @@ class RNNSeq2SeqConfig:
         if self.tie_embeddings and self.embedding_dim != self.hidden_size:
             raise ValueError(f"RNNSeq2SeqConfig.tie_embeddings needs embedding_dim == hidden_size, got "
                              f"{self.embedding_dim} and {self.hidden_size} (set tie_embeddings: false)")
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> RNNSeq2SeqConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"RNNSeq2SeqConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RNNSeq2SeqConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "RNNSeq2SeqConfig")
 
 
 @dataclass

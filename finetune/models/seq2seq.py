@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from finetune.models.warm_start import check_tokenizers, config_from_dict, copy_matching, load_pretrained
+from data_pipeline.configlib import check_fields
+from finetune.models.warm_start import check_tokenizers, copy_matching, load_pretrained
 from pretrain.models.bert import BertConfig, BertModel, init_bert_module
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel, KVCache, reorder_cache
 
@@ -38,23 +39,15 @@ class Seq2SeqConfig:
     """Encoder (BERT) and decoder (GPT with cross-attention) configs. Round-trips through
     `dataclasses.asdict`: `Seq2SeqConfig(**asdict(cfg))` rebuilds the nested configs from their dicts."""
 
-    arch: str = "seq2seq_warm"
+    arch: Literal["seq2seq_warm"] = "seq2seq_warm"
     encoder: BertConfig = field(default_factory=BertConfig)
     decoder: GPTConfig = field(default_factory=_default_decoder)
 
     def __post_init__(self) -> None:
-        if self.arch != "seq2seq_warm":
-            raise ValueError(f"Seq2SeqConfig.arch must be 'seq2seq_warm', got {self.arch!r}")
-        self.encoder = config_from_dict(BertConfig, self.encoder, "Seq2SeqConfig.encoder")
-        self.decoder = config_from_dict(GPTConfig, self.decoder, "Seq2SeqConfig.decoder")
+        check_fields(self)  # types, arch; `encoder` / `decoder` mappings become their configs
         if not self.decoder.add_cross_attention:
             raise ValueError("Seq2SeqConfig.decoder.add_cross_attention must be True (the decoder attends to the "
                              "encoder through it)")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Seq2SeqConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "Seq2SeqConfig")
 
 
 def _is_fresh_decoder_tensor(name: str) -> bool:

@@ -17,23 +17,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.models.warm_start import config_from_dict
-
-POSITIONS = ("sinusoidal", "learned")
+from data_pipeline.configlib import check_fields
 
 
 @dataclass
 class TransformerConfig:
-    """Flat config. As with GPTConfig, `preset` is applied by `from_preset` and the config loader, not by the
-    constructor (explicit keys must win over the preset, and a dataclass cannot tell them from defaults)."""
+    """Flat config. As with GPTConfig, `preset` is applied by `configlib.from_preset` and the config
+    loader, not by the constructor (explicit keys must win over the preset, and a dataclass cannot
+    tell them from defaults)."""
 
-    arch: str = "transformer"
+    arch: Literal["transformer"] = "transformer"
     preset: str | None = None
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2, max_positions=128),
@@ -52,17 +51,12 @@ class TransformerConfig:
     dropout: float = 0.1  # embeddings, sublayer outputs, inside the feed-forward
     attn_dropout: float = 0.0  # on the attention probabilities
     norm_first: bool = True  # pre-LN; False = the paper's post-LN
-    positions: str = "sinusoidal"  # "sinusoidal" | "learned"
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     max_positions: int = 1024  # longest source and longest target
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.arch != "transformer":
-            raise ValueError(f"TransformerConfig.arch must be 'transformer', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"TransformerConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"TransformerConfig.positions must be one of {POSITIONS}, got {self.positions!r}")
+        check_fields(self)  # types, choices, preset name
         for key in ("vocab_size", "d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"TransformerConfig.{key} must be > 0, got {getattr(self, key)}")
@@ -76,18 +70,6 @@ class TransformerConfig:
         for key in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"TransformerConfig.{key} must be in [0, 1), got {getattr(self, key)}")
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> TransformerConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"TransformerConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TransformerConfig:
-        """Inverse of `dataclasses.asdict` (used by pretrain.checkpoint.load_checkpoint)."""
-        return config_from_dict(cls, values, "TransformerConfig")
 
 
 def sinusoids(positions: Tensor, dim: int) -> Tensor:

@@ -6,10 +6,8 @@ checkpoint, initialise a few new ones (cross-attention, heads), and must report 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,19 +17,6 @@ from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoi
 from pretrain.hf_import import check_tokenizer_matches_data
 
 _SHOW = 5  # how many offending names an error message lists
-
-
-def config_from_dict(config_cls: type, values: Any, where: str) -> Any:
-    """Rebuild a (flat) config dataclass from its `asdict` form; unknown keys are an error naming them."""
-    if isinstance(values, config_cls):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping of {config_cls.__name__} fields, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown} for {config_cls.__name__}")
-    return config_cls(**values)
 
 
 def load_pretrained(path: Path, expected_arch: str) -> LoadedCheckpoint:

@@ -8,11 +8,13 @@ table, not code. The model returns logits only; the losses live in `pretrain.obj
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from data_pipeline.configlib import check_fields
 
 
 @dataclass
@@ -20,12 +22,12 @@ class BertConfig:
     """Flat BERT config. Field names follow HF `BertConfig` so a HF config.json maps one to one.
 
     `preset` records which row of PRESETS the sizes came from; the config loader (and
-    `BertConfig.from_preset`) starts from that row and lets explicit keys win. Constructing
-    `BertConfig(preset="tiny")` directly does NOT apply the preset: a dataclass cannot tell an explicit
-    value from a default, so applying it here would silently override explicit keys.
+    `configlib.from_preset(BertConfig, ...)`) starts from that row and lets explicit keys win.
+    Constructing `BertConfig(preset="tiny")` directly does NOT apply the preset: a dataclass cannot
+    tell an explicit value from a default, so applying it here would silently override explicit keys.
     """
 
-    arch: str = "bert"  # discriminator used by config loading and checkpoints; keep it
+    arch: Literal["bert"] = "bert"  # discriminator used by config loading and checkpoints; keep it
     preset: str | None = None
     # Sizes only; vocab_size comes from the tokenizer. "base" is BERT-base (L=12, H=768, A=12, 110M params)
     # from Devlin et al. 2019, §3; "mini"/"small" are BERT-Mini (4x256) and BERT-Small (4x512) of Turc et al. 2019
@@ -54,23 +56,13 @@ class BertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.arch != "bert":
-            raise ValueError(f"BertConfig.arch must be 'bert', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"BertConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
+        check_fields(self)  # types, arch, preset name
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"BertConfig.{key} must be > 0, got {getattr(self, key)}")
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> BertConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"BertConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
 
 
 class BertEmbeddings(nn.Module):

@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from data_pipeline.configlib import check_fields
 
 
 @dataclass
 class GPTConfig:
     """Flat GPT-2 config; field names follow HF `GPT2Config`.
 
-    As with BertConfig, `preset` is applied by `GPTConfig.from_preset` and the config loader, not by the
-    constructor (explicit keys must win over the preset, and a dataclass cannot tell them from defaults).
+    As with BertConfig, `preset` is applied by `configlib.from_preset` and the config loader, not by
+    the constructor (explicit keys must win over the preset, and a dataclass cannot tell them from
+    defaults).
     """
 
-    arch: str = "gpt"  # discriminator used by config loading and checkpoints; keep it
+    arch: Literal["gpt"] = "gpt"  # discriminator used by config loading and checkpoints; keep it
     preset: str | None = None
     # Sizes only; vocab_size comes from the tokenizer. "base" is GPT-2 small, 124M params (Radford et al.
     # 2019; HF `gpt2` config.json: n_layer=12, n_embd=768, n_head=12, n_positions=1024). "mini"/"small"
@@ -52,10 +55,7 @@ class GPTConfig:
     add_cross_attention: bool = False
 
     def __post_init__(self) -> None:
-        if self.arch != "gpt":
-            raise ValueError(f"GPTConfig.arch must be 'gpt', got {self.arch!r}")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ValueError(f"GPTConfig.preset: unknown preset {self.preset!r}; known: {sorted(self.PRESETS)}")
+        check_fields(self)  # types, arch, preset name
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for key in ("vocab_size", "n_positions", "n_embd", "n_layer"):
@@ -65,13 +65,6 @@ class GPTConfig:
     @property
     def inner_size(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides: Any) -> GPTConfig:
-        """The preset's sizes, then `overrides` on top (what the YAML config loader does)."""
-        if preset not in cls.PRESETS:
-            raise ValueError(f"GPTConfig.preset: unknown preset {preset!r}; known: {sorted(cls.PRESETS)}")
-        return cls(**{**cls.PRESETS[preset], **overrides, "preset": preset})
 
 
 @dataclass

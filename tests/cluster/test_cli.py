@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cluster.cli import build_parser
-from cluster.config import ConfigError
 from cluster.preemption import EXIT_PREEMPTED, Preempted
 from cluster.rundir import MARKER, prepare_run_dir
+from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "predict", "translate", "analyze-beam", "attention",
@@ -125,3 +126,36 @@ def test_a_preempted_quickstart_says_it_starts_over(monkeypatch: pytest.MonkeyPa
     (line,) = capsys.readouterr().out.splitlines()
     assert line.startswith("[gpt] preempted: every worker stopped at step 3")
     assert line.endswith("the quickstart does not resume: run it again with --overwrite")
+
+
+def test_every_subcommand_has_one_handler_in_the_table() -> None:
+    from cluster.cli import HANDLERS, _handler
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 — argparse has no API
+    assert set(HANDLERS) == set(commands)
+    for command in commands:
+        assert callable(_handler(argparse.Namespace(command=command))), command
+
+
+def test_a_directory_that_is_not_prepared_data_is_a_data_dir_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from cluster import cli
+    from cluster.launch import worker_user_error
+    from cluster.tasks import data_paths
+    from data_pipeline.errors import DataDirError
+
+    with pytest.raises(DataDirError, match="not a prepared data directory") as info:
+        data_paths(tmp_path / "missing", "mlm_nsp")
+    assert worker_user_error(WorkerGroupError("rank 0 failed", {0: info.value})) is info.value
+
+    def fails(args: object) -> int:
+        raise info.value
+
+    monkeypatch.setattr(cli, "_handler", lambda args: fails)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--config", "configs/tiny-bert.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"kiln: error: {info.value}\n"

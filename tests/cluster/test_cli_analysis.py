@@ -15,6 +15,7 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
 from cluster.cli import build_parser, main
+from data_pipeline.configlib import from_preset
 from finetune.decode import greedy_decode
 from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq
 from finetune.translate import encode_sources, pad_batch
@@ -48,8 +49,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = len(SPECIALS) + len(WORDS)
     torch.manual_seed(0)
     config = Seq2SeqConfig(  # a wide init: peaked distributions, outputs that differ and sometimes stop
-        encoder=BertConfig.from_preset("tiny", vocab_size=vocab, initializer_range=0.3),
-        decoder=GPTConfig.from_preset("tiny", vocab_size=vocab, add_cross_attention=True, initializer_range=0.3))
+        encoder=from_preset(BertConfig, "tiny", vocab_size=vocab, initializer_range=0.3),
+        decoder=from_preset(GPTConfig, "tiny", vocab_size=vocab, add_cross_attention=True, initializer_range=0.3))
     return save_checkpoint(root / "mt", WarmStartedSeq2Seq(config), config, root / "tokenizer.json")
 
 
@@ -167,3 +168,51 @@ def test_translate_sampling_flag_errors(checkpoint: Path, tmp_path: Path, capsys
     src = lines_file(tmp_path / "in.txt", SRCS[:1])
     code, _, err = kiln(capsys, "translate", "--checkpoint", str(checkpoint), "--input", str(src), *flags)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_length_penalty_names_the_penalty_and_alpha_sets_its_strength(
+        checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    src, ref = lines_file(tmp_path / "src.txt", SRCS), lines_file(tmp_path / "ref.txt", REFS)
+    base = ["analyze-beam", "--checkpoint", str(checkpoint), "--src", str(src), "--ref", str(ref),
+            "--beams", "2", "--max-len", "6"]
+    assert kiln(capsys, *base, "--out", str(tmp_path / "default"))[0] == 0
+    avg = ["--length-penalty", "avg", "--alpha", "0.5", "--out", str(tmp_path / "avg")]
+    assert kiln(capsys, *base, *avg)[0] == 0
+    settings = [json.loads((tmp_path / run / "analysis.json").read_text())["settings"]
+                for run in ("default", "avg")]
+    assert [(s["length_penalty"], s["alpha"]) for s in settings] == [("gnmt", 0.6), ("avg", 0.5)]
+    import cluster.evaluation
+
+    seen = {}
+
+    def translate_lines(*args: object, **kwargs: object) -> list[str]:
+        seen.update(args=args[2:], **kwargs)
+        return []
+
+    monkeypatch.setattr(cluster.evaluation, "translate_lines", translate_lines)
+    code, _, _ = kiln(capsys, "translate", "--checkpoint", str(checkpoint), "--input", str(src),
+                      "--beam", "3", "--length-penalty", "none", "--alpha", "3", "--max-len", "8")
+    assert code == 0 and seen == {"args": (3, 3.0, 8), "length_penalty": "none"}
+
+
+@pytest.mark.parametrize("command", ["translate", "analyze-beam", "attention"])
+def test_the_old_length_penalty_number_points_at_alpha(command: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    argv = [command, "--checkpoint", "nowhere", "--out", "never-written", "--length-penalty"]
+    code, _, err = kiln(capsys, *argv, "0.6")
+    assert code == 2
+    assert err == ("kiln: error: --length-penalty names the penalty (none, avg, gnmt); "
+                   "the GNMT strength is --alpha 0.6\n")
+    code, _, err = kiln(capsys, *argv, "cubic")
+    assert code == 2 and err == "kiln: error: --length-penalty 'cubic': choose none, avg or gnmt\n"
+
+
+def test_the_cli_names_the_decoder_s_length_penalties() -> None:
+    from cluster.cli import LENGTH_PENALTIES
+    from finetune.decode import LENGTH_PENALTIES as DECODER
+
+    assert set(LENGTH_PENALTIES) == set(DECODER)
+    for command in ("translate", "analyze-beam", "attention"):
+        args = build_parser().parse_args([command, "--checkpoint", "c", "--out", "o"])
+        assert (args.length_penalty, args.alpha) == ("gnmt", 0.6)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config, parse_override, to_dict
+from cluster.config import load_config
 from cluster.jobs import FinetuneJob, PretrainJob, QuickstartJob
+from data_pipeline.configlib import ConfigError, parse_override, to_dict
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 
@@ -89,17 +90,36 @@ def test_model_family_is_chosen_by_arch() -> None:
 
 
 def test_validation_errors_name_the_section() -> None:
-    with pytest.raises(ConfigError, match=r"cluster: 'strategy': unknown strategy 'fsdp'"):
+    with pytest.raises(ConfigError, match=r"'cluster.strategy' must be one of \[.*\], got 'fsdp'"):
         load_config(PretrainJob, None, ["cluster.strategy=fsdp"])
-    with pytest.raises(ConfigError, match="data: source"):
+    with pytest.raises(ConfigError, match=r"'data.source' must be one of \[.*\], got 'nowhere'"):
         load_config(QuickstartJob, None, ["data.source=nowhere"])
+    with pytest.raises(ConfigError, match=r"data: src_column: set both src_column and tgt_column"):
+        load_config(QuickstartJob, None, ["data.src_column=en"])  # DataConfig's own check
+
+
+def test_choice_names_match_the_code_that_uses_them() -> None:
+    """Choices are Literal fields (the loader checks them); the tables they index live with their
+    code."""
+    from typing import get_args
+
+    from cluster.jobs import LengthPenalty, SamplingSchedule, StrategyName
+    from cluster.strategies import STRATEGIES
+    from finetune.decode import LENGTH_PENALTIES
+    from finetune.scheduled_sampling import SAMPLING_SCHEDULES
+    from pretrain.optim import SCHEDULES, Schedule
+
+    assert list(get_args(StrategyName)) == list(STRATEGIES)
+    assert list(get_args(SamplingSchedule)) == list(SAMPLING_SCHEDULES)
+    assert list(get_args(LengthPenalty)) == list(LENGTH_PENALTIES)
+    assert list(get_args(Schedule)) == list(SCHEDULES)
 
 
 def test_resolved_config_round_trips() -> None:
     cfg = load_config(QuickstartJob, CONFIGS / "quickstart.yaml")
     again = load_config(QuickstartJob, None, [])
     assert isinstance(to_dict(cfg), dict)
-    from cluster.config import build
+    from data_pipeline.configlib import build
 
     assert build(QuickstartJob, to_dict(cfg)) == cfg
     assert again != cfg  # the recipe is what the quickstart runs, not the bare defaults

@@ -15,6 +15,7 @@ import torch
 
 from cluster.jobs import PretrainJob, TrainerConfig
 from cluster.tasks import build_pretrain, count_parameters, preflight
+from data_pipeline.configlib import from_preset
 from data_pipeline.examples import BUILDERS
 from data_pipeline.shards import write_json, write_task
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -110,7 +111,7 @@ def test_wrong_family_and_wrong_vocabulary_fail_before_training(release: Path, t
 
     imported = save_imported_checkpoint(import_hf(f"hf:{release}", "bert"), tmp_path / "bert")
     data = data_dir(tmp_path / "data", imported / "tokenizer.json")
-    gpt_cfg = GPTConfig.from_preset("tiny", vocab_size=len(VOCAB_TXT) + 2, n_positions=32)
+    gpt_cfg = from_preset(GPTConfig, "tiny", vocab_size=len(VOCAB_TXT) + 2, n_positions=32)
     gpt = save_checkpoint(tmp_path / "gpt", GPTLMHeadModel(gpt_cfg), gpt_cfg, imported / "tokenizer.json")
     with pytest.raises(CheckpointError, match=r"gpt/config.json: arch is 'gpt', but a 'bert' checkpoint is needed"):
         preflight(job(data, str(gpt)), tmp_path / "run1")

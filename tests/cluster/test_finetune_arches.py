@@ -12,10 +12,11 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
 from cluster.evaluation import evaluate_checkpoint
 from cluster.jobs import DecodeConfig, FinetuneJob
 from cluster.tasks import TASKS, count_parameters, preflight
+from data_pipeline.configlib import ConfigError
 from data_pipeline.examples import BUILDERS
 from data_pipeline.shards import write_json, write_task
 from finetune.models import load_finetuned

@@ -21,9 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.config import ConfigError
 from cluster.local import LocalCluster, _write_state, down, free_port, up
 from cluster.submit import _address, check_upload_size
+from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

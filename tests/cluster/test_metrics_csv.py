@@ -19,8 +19,8 @@ from matplotlib.axes import Axes
 
 from cluster.callbacks import LogLastStep
 from cluster.jobs import WandbConfig
-from cluster.launch import restore_metrics, stash_metrics
 from cluster.report import plot_curves, read_series
+from cluster.resume import restore_metrics, stash_metrics
 from cluster.tracking import build_loggers
 from pretrain.models.bert import BertConfig
 from pretrain.module import BertPretrainModule

@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from cluster.cli import main, resolve_path_args
-from cluster.config import ConfigError, load_config, resolve_location
+from cluster.config import load_config, resolve_location
 from cluster.jobs import ClusterConfig, FinetuneJob, PrepareJob, PretrainJob, lightning_precisions
 from cluster.rundir import MARKER
+from data_pipeline.configlib import ConfigError, from_preset
 from finetune.lm_baselines import LMBaselineJob
 from pretrain.checkpoint import CheckpointError, resolve_checkpoint, save_checkpoint
 from pretrain.models.bert import BertConfig, BertForPreTraining
@@ -36,7 +37,7 @@ def kiln(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 def make_run(root: Path, steps: tuple[int, ...]) -> list[Path]:
     """A run directory holding one complete tiny BERT checkpoint per step."""
-    cfg = BertConfig.from_preset("tiny", vocab_size=40)
+    cfg = from_preset(BertConfig, "tiny", vocab_size=40)
     model = BertForPreTraining(cfg)
     (root / MARKER).parent.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by kiln\n")

@@ -31,6 +31,7 @@ from cluster.jobs import DecodeConfig
 from data_pipeline import prepare as prepare_module
 from data_pipeline.clean import clean_batch
 from data_pipeline.config import DataConfig
+from data_pipeline.configlib import from_preset
 from data_pipeline.examples import BUILDERS
 from data_pipeline.loader import make_loader
 from data_pipeline.prepare import prepare
@@ -133,16 +134,16 @@ def classifier(arch: str) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     head = {"num_labels": 2, "label_names": LABELS}
     if arch == "bert_classifier":
-        bert = BertConfig.from_preset("tiny", vocab_size=VOCAB, hidden_dropout_prob=0.0,
+        bert = from_preset(BertConfig, "tiny", vocab_size=VOCAB, hidden_dropout_prob=0.0,
                                       attention_probs_dropout_prob=0.0)
         config = ClassifierConfig(encoder=bert, **head)
         return EncoderClassifier(config), config
     if arch == "gpt_classifier":
-        gpt = GPTConfig.from_preset("tiny", vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
+        gpt = from_preset(GPTConfig, "tiny", vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0)
         config = GPTClassifierConfig(decoder=gpt, **head)
         return DecoderClassifier(config), config
-    config = LSTMClassifierConfig.from_preset("tiny", vocab_size=VOCAB, pad_id=len(WORDS), **head)
+    config = from_preset(LSTMClassifierConfig, "tiny", vocab_size=VOCAB, pad_id=len(WORDS), **head)
     return LSTMClassifier(config), config
 
 
@@ -312,7 +313,7 @@ def translation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                                                  "special_tokens": special,
                                                  "vocab_size": tok.get_vocab_size()})
     torch.manual_seed(0)
-    config = TransformerConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(),
+    config = from_preset(TransformerConfig, "tiny", vocab_size=tok.get_vocab_size(),
                                            pad_id=special["[PAD]"], max_positions=64)
     ckpt = save_checkpoint(root / "ckpt", TransformerSeq2Seq(config), config,
                            root / "tokenizer.json")

@@ -137,7 +137,7 @@ def test_wandb_is_not_passed_the_retired_anonymous_setting(tmp_path: Path) -> No
 
 def test_a_crash_points_at_the_run_log_and_a_user_error_stays_one_line(tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from cluster.config import ConfigError
+    from data_pipeline.configlib import ConfigError
 
     with pytest.raises(RuntimeError), follow_progress(tmp_path, every=1, stream=io.StringIO(), tty=False):
         raise RuntimeError("worker died")

@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from cluster import cli
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
 from cluster.jobs import PretrainJob
 from cluster.preemption import EXIT_PREEMPTED, STOP_GRACE_S
 from cluster.render import SLURM_RUN_JOB, infer_command, render_kuberay, render_slurm
 from cluster.submit import entrypoint
+from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 BERT = ROOT / "configs" / "tiny-bert.yaml"

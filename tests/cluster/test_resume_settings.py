@@ -14,12 +14,19 @@ import pytest
 import torch
 from torch import Tensor
 
-from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, StopOnRequest, lightning_checkpoint, resume_checkpoint
-from cluster.commands import run_out_dir
-from cluster.config import ConfigError, load_config, to_dict
+from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, StopOnRequest
+from cluster.config import load_config
 from cluster.jobs import PretrainJob
-from cluster.launch import check_resume, restore_metrics, stash_metrics
-from cluster.rundir import prepare_run_dir
+from cluster.resume import (
+    check_resume,
+    lightning_checkpoint,
+    rank_state,
+    restore_metrics,
+    resume_checkpoint,
+    stash_metrics,
+)
+from cluster.rundir import prepare_run_dir, run_dir
+from data_pipeline.configlib import ConfigError, to_dict
 from pretrain.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.models.bert import BertConfig
 from pretrain.module import BertPretrainModule
@@ -195,13 +202,15 @@ def test_checkpoint_without_resume_state_is_refused_by_name(tmp_path: Path) -> N
         lightning_checkpoint(path)
 
 
-def test_resume_with_other_worker_count_is_refused(tmp_path: Path) -> None:
-    class FakeTrainer:
-        world_size, global_rank = 1, 0
-
-    callback = KilnCheckpoint(tmp_path, CFG, None, {}, None, every=0, keep_last=1, loader=BatchLoader())
-    with pytest.raises(CheckpointError, match="saved by 2 workers, this run has 1"):
-        callback.on_load_checkpoint(FakeTrainer(), None, {"kiln_rng_per_rank": [{}, {}], "kiln_path": "ckpt"})
+def test_resume_with_another_worker_count_keeps_the_streams_that_exist() -> None:
+    """Elastic resume: old rank r's RNG goes to new rank r; a new rank keeps its fresh seed; the
+    validation loader's state (identical on every rank) goes to every rank."""
+    saved = {"kiln_rng_per_rank": [{"rank": 0}, {"rank": 1}], "kiln_val_loader": {"passes": 3}}
+    assert rank_state(saved, world_size=1, rank=0) == ({"rank": 0}, {"passes": 3})
+    grown = {**saved, "kiln_rng_per_rank": [{"rank": 0}]}
+    assert rank_state(grown, world_size=2, rank=0) == ({"rank": 0}, {"passes": 3})
+    assert rank_state(grown, world_size=2, rank=1) == (None, {"passes": 3})
+    assert rank_state({}, world_size=2, rank=1) == (None, None)
 
 
 def _job(*overrides: str) -> PretrainJob:
@@ -225,7 +234,7 @@ def test_driver_refuses_resume_it_cannot_do_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("trainer.resume", "sometimes", "unknown mode 'sometimes'"),
+    ("trainer.resume", "sometimes", r"'trainer.resume' must be one of \['never', 'auto'\], got 'sometimes'"),
     ("trainer.peak_flops", "0", "'peak_flops' must be > 0"),
 ])
 def test_trainer_config_validates_resume_and_peak(key: str, value: str, message: str) -> None:
@@ -260,12 +269,14 @@ def test_metrics_before_the_checkpoint_survive_a_resume(tmp_path: Path) -> None:
 def test_pretrain_may_continue_a_kiln_run_directory_only_with_resume_auto(tmp_path: Path) -> None:
     run = prepare_run_dir(tmp_path / "run")
     (run / "checkpoints").mkdir()
-    assert run_out_dir(run, "auto") == run and (run / "checkpoints").is_dir()  # continued, nothing deleted
-    with pytest.raises(ConfigError, match="not empty"):
-        run_out_dir(run, "never")
+    with run_dir(run, "auto") as out:
+        assert out == run and (run / "checkpoints").is_dir()  # continued, nothing deleted
+    with pytest.raises(ConfigError, match="not empty"), run_dir(run, "never"):
+        pass
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("not a Kiln run")
-    with pytest.raises(ConfigError, match="not empty"):
-        run_out_dir(other, "auto")
-    assert run_out_dir(tmp_path / "new", "auto").is_dir()  # a fresh directory is fine either way
+    with pytest.raises(ConfigError, match="not empty"), run_dir(other, "auto"):
+        pass
+    with run_dir(tmp_path / "new", "auto") as out:
+        assert out.is_dir()  # a fresh directory is fine either way

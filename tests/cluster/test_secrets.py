@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import cluster.submit
-from cluster.config import ConfigError
 from cluster.tracking import REDACTED, find_secrets, scrub
+from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

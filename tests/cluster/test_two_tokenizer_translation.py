@@ -30,6 +30,7 @@ from cluster.tasks import TASKS, preflight
 from data_pipeline import prepare as prepare_module
 from data_pipeline.clean import clean_batch
 from data_pipeline.config import DataConfig
+from data_pipeline.configlib import from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.loader import make_loader
 from data_pipeline.prepare import prepare
@@ -304,7 +305,7 @@ def test_a_decoder_that_does_not_speak_the_target_tokenizer_is_refused(data_dir:
         preflight(job, tmp_path / "run")
     # the worker-side build checks too: a Kiln GPT saved without a tokenizer, with fewer rows than the target's
     ready = preflight(finetune_job(data_dir, releases), tmp_path / "run2")
-    small = GPTConfig.from_preset("tiny", vocab_size=50, n_positions=32)
+    small = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=32)
     kiln_gpt = save_checkpoint(tmp_path / "small_gpt", GPTLMHeadModel(small), small)
     with pytest.raises(CheckpointError, match=r"'decoder_checkpoint': .* has 50 embedding rows, but the data's "
                                               r"target tokenizer has \d+ tokens"):

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 from cluster.callbacks import zero3_state_dict
 from cluster.jobs import ClusterConfig
+from data_pipeline.configlib import from_preset
 from finetune.models.classifier import EncoderClassifier
 from finetune.module import ClassificationModule
 from pretrain.checkpoint import save_checkpoint
@@ -78,10 +79,10 @@ def _module(family: str, deferred: bool) -> KilnModule:
     # No dropout: the reference and the engine run in different orders and would draw different masks.
     optim = OptimConfig(lr=LR, warmup_steps=1)
     if family == "gpt":
-        cfg = GPTConfig.from_preset("tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+        cfg = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0)
         return GPTPretrainModule(cfg, optim, 10, deferred)
-    cfg = BertConfig.from_preset("tiny", vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
+    cfg = from_preset(BertConfig, "tiny", vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
                                  attention_probs_dropout_prob=0.0)
     return BertPretrainModule(cfg, optim, 10, deferred)
 
@@ -226,7 +227,7 @@ def _rank(rank: int, port: int, bert_ckpt: Path, out: Path) -> None:
 
 def test_zero_matches_ddp_over_20_steps(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    cfg = BertConfig.from_preset("tiny", vocab_size=50, max_position_embeddings=16)
+    cfg = from_preset(BertConfig, "tiny", vocab_size=50, max_position_embeddings=16)
     bert_ckpt = save_checkpoint(tmp_path / "bert", BertForPreTraining(cfg), cfg)
     mp.spawn(_rank, args=(_free_port(), bert_ckpt, tmp_path), nprocs=WORLD, join=True)
     for rank in range(WORLD):

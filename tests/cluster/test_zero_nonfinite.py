@@ -26,6 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 
 from cluster.jobs import ClusterConfig
+from data_pipeline.configlib import from_preset
 from pretrain.models.gpt import GPTConfig
 from pretrain.module import GPTPretrainModule, NonFiniteLossError
 from pretrain.optim import OptimConfig
@@ -60,7 +61,7 @@ class PoisonedGPT(GPTPretrainModule):
 
     def __init__(self, poisoned: set[tuple[int, int]], rank: int) -> None:
         # No dropout: DDP and ZeRO draw their masks in different orders.
-        cfg = GPTConfig.from_preset("tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0,
+        cfg = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0)
         super().__init__(cfg, OptimConfig(lr=1e-3, warmup_steps=0), total_steps=100)
         self.poisoned = {call for call, r in poisoned if r == rank}

@@ -88,8 +88,9 @@ def test_column_indices_for_header_less_parallel_files() -> None:
 
 
 def test_column_indices_load_from_yaml_and_overrides(tmp_path: Path) -> None:
-    from cluster.config import ConfigError, load_config
+    from cluster.config import load_config
     from cluster.jobs import PrepareJob
+    from data_pipeline.configlib import ConfigError
 
     path = tmp_path / "data.yaml"
     path.write_text("data:\n  source: parallel\n  paths: [en-ko.tsv]\n  tasks: [translation]\n"
@@ -100,3 +101,30 @@ def test_column_indices_load_from_yaml_and_overrides(tmp_path: Path) -> None:
     assert (names.src_column, names.tgt_column) == ("ko", "en")
     with pytest.raises(ConfigError, match=r"src_column: give both columns as header names or both as 0-based"):
         load_config(PrepareJob, path, ["data.src_column=ko"])
+
+
+def test_config_names_match_the_code_that_reads_them() -> None:
+    """config.py is the bottom of the data pipeline (no Ray, no readers), so it holds the names."""
+    from typing import get_args
+
+    from data_pipeline.config import SOURCE_KINDS, TASK_INPUTS, Source, Task, TokenizerKind
+    from data_pipeline.examples import BUILDERS
+    from data_pipeline.sources import SOURCES
+    from data_pipeline.tokenizer import TOKENIZER_KINDS
+
+    assert list(get_args(Source)) == list(SOURCE_KINDS) == list(SOURCES)
+    assert list(get_args(Task)) == list(TASK_INPUTS) == list(BUILDERS)
+    assert {task: b.input_kind for task, b in BUILDERS.items()} == TASK_INPUTS
+    assert list(get_args(TokenizerKind)) == list(TOKENIZER_KINDS)
+
+
+def test_building_a_data_config_imports_neither_ray_nor_torch() -> None:
+    import subprocess
+    import sys
+
+    heavy = ("ray", "torch", "data_pipeline.sources", "data_pipeline.readers")
+    code = ("import sys; from data_pipeline.config import DataConfig; DataConfig(); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run.stdout
+    assert out.strip() == "[]"

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
 from cluster.jobs import PretrainJob
 from data_pipeline.collators import IGNORE_INDEX, ClmCollator
+from data_pipeline.configlib import ConfigError, from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.loader import make_loader
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
@@ -38,7 +39,7 @@ def test_positions_mask_and_labels_follow_document_boundaries() -> None:
 
 def test_a_packed_document_gets_the_logits_it_gets_alone() -> None:
     torch.manual_seed(0)
-    model = GPTLMHeadModel(GPTConfig.from_preset("tiny", vocab_size=20, n_positions=32)).eval()
+    model = GPTLMHeadModel(from_preset(GPTConfig, "tiny", vocab_size=20, n_positions=32)).eval()
     first, second = [BOS, 7, 8, 9, EOS], [BOS, 10, 11, 12, 13, EOS]
     block = first + second + [PAD]  # T + 1 tokens
     batch = ClmCollator(PAD, bos_id=BOS)([{"sample_id": 0, "input_ids": block}], torch.Generator())
@@ -53,7 +54,7 @@ def test_a_packed_document_gets_the_logits_it_gets_alone() -> None:
 
 
 def test_document_mask_refuses_a_cache_and_other_tasks(data_dir: Path) -> None:
-    model = GPTLMHeadModel(GPTConfig.from_preset("tiny", vocab_size=20, n_positions=32))
+    model = GPTLMHeadModel(from_preset(GPTConfig, "tiny", vocab_size=20, n_positions=32))
     ids = torch.tensor([[BOS, 7, 8]])
     with pytest.raises(ValueError, match="not cached decoding"):
         model(ids, use_cache=True, position_ids=torch.arange(3)[None], document_mask=torch.ones(1, 3, 3).bool())

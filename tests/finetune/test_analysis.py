@@ -8,19 +8,16 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_testlib import bert_config, gpt_config, make_tokenizer
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
+from finetune_testlib import make_tokenizer, tiny_seq2seq
+from kiln_testlib import word_tokenizer
 from torch import Tensor, nn
 
 from finetune.analysis import analyze_beam, classify, score_sequences, write_analysis
 from finetune.decode import beam_search
-from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]
-PAD, BOS, EOS = 0, 5, 6
-A, B, C = 7, 8, 9  # the words "a", "b", "c"
+PAD, BOS, EOS = 0, 5, 6  # kiln_testlib.SPECIALS
+WORDS = ["a", "b", "c"]
+A, B, C = 7, 8, 9  # the ids of WORDS
 VOCAB = 10
 
 TABLES: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {
@@ -40,13 +37,6 @@ TABLES: dict[tuple[int, tuple[int, ...]], dict[int, float]] = {
     (C, (B, B)): {EOS: 0.5, A: 0.25, B: 0.25},
 }
 DEFAULT = {EOS: 0.5, A: 0.25, B: 0.25}
-
-
-def word_tokenizer() -> Tokenizer:
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate([*SPECIALS, "a", "b", "c"])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(SPECIALS)
-    return tok
 
 
 class TableModel(nn.Module):
@@ -101,8 +91,8 @@ def test_classify() -> None:
 
 
 def test_greedy_trap_is_a_search_error_that_a_wider_beam_fixes() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(), ["a", "b"], ["b", "b"], beam_sizes=(1, 2, 3),
-                          length_penalty="none", max_len=6)
+    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["a", "b"], ["b", "b"],
+                          beam_sizes=(1, 2, 3), length_penalty="none", max_len=6)
     trap, wrong = result.sentences
     assert trap["outputs"]["1"]["hypothesis"] == "a" and trap["outputs"]["1"]["verdict"] == "search"
     assert trap["outputs"]["1"]["logprob"] == pytest.approx(torch.tensor(0.24).log().item(), abs=1e-5)
@@ -119,8 +109,8 @@ def test_greedy_trap_is_a_search_error_that_a_wider_beam_fixes() -> None:
 
 
 def test_normalised_and_raw_comparisons_can_disagree() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(), ["c"], ["b b"], beam_sizes=(1, 2), length_penalty="avg",
-                          alpha=1.0, max_len=6)
+    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["c"], ["b b"], beam_sizes=(1, 2),
+                          length_penalty="avg", alpha=1.0, max_len=6)
     [sent] = result.sentences
     narrow = sent["outputs"]["1"]
     assert narrow["hypothesis"] == "a"
@@ -132,8 +122,8 @@ def test_normalised_and_raw_comparisons_can_disagree() -> None:
 
 
 def test_references_longer_than_max_len_are_unreachable() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(), ["a", "a"], ["b b b b", "b"], beam_sizes=(2,),
-                          length_penalty="none", max_len=4)
+    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["a", "a"], ["b b b b", "b"],
+                          beam_sizes=(2,), length_penalty="none", max_len=4)
     assert [s["outputs"]["2"]["verdict"] for s in result.sentences] == ["unreachable", "correct"]
     assert result.sentences[0]["ref_logprob"] is None
     assert result.rows[0].counts["unreachable"] == 1
@@ -141,17 +131,16 @@ def test_references_longer_than_max_len_are_unreachable() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="line-aligned"):
-        analyze_beam(TableModel(), word_tokenizer(), ["a"], ["a", "b"])
+        analyze_beam(TableModel(), word_tokenizer(WORDS), ["a"], ["a", "b"])
     with pytest.raises(ValueError, match="beam_sizes"):
-        analyze_beam(TableModel(), word_tokenizer(), ["a"], ["a"], beam_sizes=(0,))
+        analyze_beam(TableModel(), word_tokenizer(WORDS), ["a"], ["a"], beam_sizes=(0,))
     with pytest.raises(ValueError, match="length_penalty"):
-        analyze_beam(TableModel(), word_tokenizer(), ["a"], ["a"], length_penalty="cubic")
+        analyze_beam(TableModel(), word_tokenizer(WORDS), ["a"], ["a"], length_penalty="cubic")
 
 
 def test_real_model_rescoring_matches_the_search_and_files_are_written(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = WarmStartedSeq2Seq(Seq2SeqConfig(encoder=bert_config(initializer_range=0.3),
-                                             decoder=gpt_config(add_cross_attention=True, initializer_range=0.3)))
+    model = tiny_seq2seq("seq2seq_warm", initializer_range=0.3,
+                         encoder=dict(initializer_range=0.3))
     srcs = ["1 2 3", "4 5", "6 7 8 9", "0"]
     refs = ["3 2 1", "5 4", "9 8 7 6", "0"]
     result = analyze_beam(model, make_tokenizer(), srcs, refs, beam_sizes=(1, 3), length_penalty="gnmt", alpha=0.6,
@@ -196,63 +185,3 @@ def test_beam_search_runs_its_first_step_on_one_row_per_source() -> None:
     [[trap], _] = beam_search(model, src, torch.ones_like(src), BOS, EOS, 6, beam_size=3, length_penalty="none")
     assert rows_seen[0] == 2 and set(rows_seen[1:]) <= {3, 6} and rows_seen[1] == 6
     assert trap.tokens == [B] and trap.logprob == pytest.approx(torch.tensor(0.36).log().item(), abs=1e-5)
-
-
-def every_architecture() -> dict[str, nn.Module]:
-    """A tiny model of each translation architecture, with a wide init so outputs differ and sometimes stop."""
-    from finetune.models import ConvS2S, RNNSeq2Seq, TransformerSeq2Seq
-    from finetune.models.convs2s import ConvS2SConfig
-    from finetune.models.rnn import RNNSeq2SeqConfig
-    from finetune.models.transformer import TransformerConfig
-
-    vocab = 17  # finetune_testlib's digit tokenizer
-    torch.manual_seed(0)
-    models: dict[str, nn.Module] = {
-        "seq2seq_warm": WarmStartedSeq2Seq(Seq2SeqConfig(
-            encoder=bert_config(initializer_range=0.3),
-            decoder=gpt_config(add_cross_attention=True, initializer_range=0.3))),
-        "transformer": TransformerSeq2Seq(TransformerConfig.from_preset("tiny", vocab_size=vocab, dropout=0.0)),
-        "lstm": RNNSeq2Seq(RNNSeq2SeqConfig.from_preset("tiny", vocab_size=vocab, dropout=0.0, init_range=0.5)),
-        "lstm_attention": RNNSeq2Seq(RNNSeq2SeqConfig.from_preset("tiny", arch="lstm_attention", vocab_size=vocab,
-                                                                  dropout=0.0, init_range=0.5)),
-        "convs2s": ConvS2S(ConvS2SConfig.from_preset("tiny", vocab_size=vocab, dropout=0.0)),
-    }
-    return {name: m.eval() for name, m in models.items()}
-
-
-class Uncached(nn.Module):
-    """Reference: the cache is the token prefix and every step re-runs the teacher-forced forward on all of it,
-    so reordering is plain indexing and nothing depends on the model's own incremental state."""
-
-    def __init__(self, model: nn.Module, bos: int) -> None:
-        super().__init__()
-        self.model, self.bos = model, bos
-
-    def encode(self, src_ids: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return src_ids, src_mask
-
-    def decode_step(self, tgt_ids: Tensor, memory: tuple[Tensor, Tensor], src_mask: Tensor,
-                    cache: Tensor | None) -> tuple[Tensor, Tensor]:
-        prefix = tgt_ids if cache is None else torch.cat([cache, tgt_ids], dim=1)  # (N,t)
-        return self.model(memory[0], memory[1], prefix)[:, -1], prefix
-
-    def reorder_cache(self, cache: Tensor, index: Tensor) -> Tensor:
-        return cache.index_select(0, index)
-
-
-@pytest.mark.parametrize("arch", ["seq2seq_warm", "transformer", "lstm", "lstm_attention", "convs2s"])
-def test_beam_search_with_each_models_cache_equals_the_uncached_reference(arch: str) -> None:
-    """The search's first step runs one row per source and then expands the model's cache (reorder_cache with
-    repeated rows); every architecture must give the same n-best lists as a search without any model cache."""
-    model = every_architecture()[arch]
-    gen = torch.Generator().manual_seed(3)
-    src = torch.randint(7, 17, (3, 6), generator=gen)
-    src[:, -1] = EOS
-    mask = torch.ones_like(src)
-    src[1, 3:], mask[1, 3:] = 0, 0
-    kwargs = dict(max_len=7, beam_size=3, length_penalty="gnmt", alpha=0.6, n_best=2)
-    got = beam_search(model, src, mask, BOS, EOS, **kwargs)
-    want = beam_search(Uncached(model, BOS), src, mask, BOS, EOS, **kwargs)
-    for g, w in zip(got, want, strict=True):
-        assert [h.tokens for h in g] == [h.tokens for h in w]
-        assert [h.score for h in g] == pytest.approx([h.score for h in w], abs=1e-4)

@@ -7,21 +7,20 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_testlib import BOS, EOS, VOCAB, bert_config, gpt_config, make_tokenizer
+from finetune_testlib import BOS, EOS, VOCAB, make_tokenizer, tiny_seq2seq
 from torch import Tensor, nn
 
 from finetune.attention_maps import attention_maps, plot_attention
-from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq
+from finetune.models import TRANSLATION_ARCHES
+from finetune.models.seq2seq import WarmStartedSeq2Seq
 from pretrain.models.gpt import _heads, _merge_heads
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def make_model(dec_width: int = 64) -> WarmStartedSeq2Seq:
-    torch.manual_seed(0)
-    cfg = Seq2SeqConfig(encoder=bert_config(initializer_range=0.2),
-                        decoder=gpt_config(n_embd=dec_width, add_cross_attention=True, initializer_range=0.2))
-    return WarmStartedSeq2Seq(cfg).eval()
+    return tiny_seq2seq("seq2seq_warm", n_embd=dec_width, initializer_range=0.2,
+                        encoder=dict(initializer_range=0.2))
 
 
 def batch() -> tuple[Tensor, Tensor, Tensor]:
@@ -35,15 +34,12 @@ def batch() -> tuple[Tensor, Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("dec_width", [64, 32])
-def test_cross_attention_is_a_distribution_over_real_source_positions(dec_width: int) -> None:
+def test_cross_attention_leaves_no_hook_behind(dec_width: int) -> None:
+    """The map is read through a forward hook (test_seq2seq_contract.py checks the distribution)."""
     model = make_model(dec_width)
     src, mask, tgt = batch()
     with torch.no_grad():
-        probs = model.cross_attention(src, mask, tgt)
-    assert probs.shape == (3, 5, 7)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5))
-    assert bool((probs[1, :, 4:] == 0).all()) and bool((probs[1, :, :4] > 0).all())
-    assert not probs[0].allclose(probs[0].mean(dim=-1, keepdim=True))  # not uniform: it depends on the inputs
+        assert model.cross_attention(src, mask, tgt).shape == (3, 5, 7)
     block = model.decoder.transformer.h[-1].crossattention
     assert not block._forward_hooks  # the hook is gone once the map is taken
 
@@ -130,23 +126,14 @@ def test_models_without_attention_get_a_clear_error(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("arch", ["seq2seq_warm", "transformer", "lstm_attention", "convs2s"])
+@pytest.mark.parametrize("arch", [a for a in TRANSLATION_ARCHES if a != "lstm"])
 def test_attention_maps_for_every_architecture_with_attention(arch: str, tmp_path: Path) -> None:
-    from test_analysis import every_architecture
-
-    model = every_architecture()[arch]
-    src, mask, tgt = batch()
-    with torch.no_grad():
-        probs = model.cross_attention(src, mask, tgt)
-    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 5), atol=1e-5, rtol=1e-5)
-    assert bool((probs[1, :, 4:] == 0).all())
-    [path] = attention_maps(model, make_tokenizer(), ["1 2 3 4"], tmp_path, beam_size=2, max_len=5)
+    [path] = attention_maps(tiny_seq2seq(arch), make_tokenizer(), ["1 2 3 4"], tmp_path,
+                            beam_size=2, max_len=5)
     assert_png(path)
 
 
 def test_the_plain_lstm_is_refused_before_any_search(tmp_path: Path) -> None:
-    from test_analysis import every_architecture
-
     with pytest.raises(ValueError, match="no attention"):
-        attention_maps(every_architecture()["lstm"], make_tokenizer(), ["1 2"], tmp_path)
+        attention_maps(tiny_seq2seq("lstm"), make_tokenizer(), ["1 2"], tmp_path)
     assert not list(tmp_path.iterdir())

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.configlib import from_preset
 from finetune.models.char_rnn import CharRNNConfig, CharRNNLM, CharVocab, detach_state, sample_text
 from pretrain.checkpoint import CheckpointError
 
@@ -29,13 +30,13 @@ def train(model: CharRNNLM, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> 
 
 
 def test_presets_and_validation() -> None:
-    cfg = CharRNNConfig.from_preset("tiny", hidden=32, vocab_size=40)
+    cfg = from_preset(CharRNNConfig, "tiny", hidden=32, vocab_size=40)
     assert (cfg.preset, cfg.embed, cfg.hidden, cfg.layers, cfg.vocab_size) == ("tiny", 16, 32, 1, 40)
-    assert CharRNNConfig.from_preset("small").hidden == 256
+    assert from_preset(CharRNNConfig, "small").hidden == 256
     with pytest.raises(ValueError, match="cell"):
         CharRNNConfig(cell="transformer")
     with pytest.raises(ValueError, match="unknown preset"):
-        CharRNNConfig.from_preset("huge")
+        from_preset(CharRNNConfig, "huge")
     with pytest.raises(ValueError, match="arch"):
         CharRNNConfig(arch="gpt")
 
@@ -56,7 +57,7 @@ def test_vocab_encodes_decodes_and_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_forward_shapes_and_carried_state_equal_one_pass(cell: str) -> None:
     torch.manual_seed(0)
-    cfg = CharRNNConfig.from_preset("tiny", vocab_size=11, cell=cell, layers=2)
+    cfg = from_preset(CharRNNConfig, "tiny", vocab_size=11, cell=cell, layers=2)
     model = CharRNNLM(cfg).eval()
     ids = torch.randint(0, 11, (3, 10))
     logits, state = model(ids)
@@ -71,7 +72,7 @@ def test_forward_shapes_and_carried_state_equal_one_pass(cell: str) -> None:
 def test_loss_falls_on_a_tiny_text() -> None:
     torch.manual_seed(0)
     vocab = CharVocab.from_text(TEXT * 3)
-    model = CharRNNLM(CharRNNConfig.from_preset("tiny", vocab_size=len(vocab)))
+    model = CharRNNLM(from_preset(CharRNNConfig, "tiny", vocab_size=len(vocab)))
     losses = train(model, torch.tensor(vocab.encode(TEXT * 3)), steps=60)
     assert losses[0] > 2.5  # about ln(18) for a fresh model
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
@@ -81,7 +82,7 @@ def test_overfits_a_short_string_and_reproduces_it_greedily() -> None:
     torch.manual_seed(0)
     text = "hello kiln\n" * 4
     vocab = CharVocab.from_text(text)
-    model = CharRNNLM(CharRNNConfig.from_preset("tiny", vocab_size=len(vocab), hidden=64))
+    model = CharRNNLM(from_preset(CharRNNConfig, "tiny", vocab_size=len(vocab), hidden=64))
     losses = train(model, torch.tensor(vocab.encode(text)), steps=150, lr=2e-2)
     assert losses[-1] < 0.05
     assert sample_text(model, vocab, "\nh", 21, temperature=0.0) == "\nhello kiln\nhello kiln\n"
@@ -90,7 +91,7 @@ def test_overfits_a_short_string_and_reproduces_it_greedily() -> None:
 def test_sampling_is_reproducible_with_a_seed() -> None:
     torch.manual_seed(0)
     vocab = CharVocab.from_text(TEXT)
-    model = CharRNNLM(CharRNNConfig.from_preset("tiny", vocab_size=len(vocab)))
+    model = CharRNNLM(from_preset(CharRNNConfig, "tiny", vocab_size=len(vocab)))
 
     def draw(seed: int, **kw: object) -> str:
         return sample_text(model, vocab, "to", 60, generator=torch.Generator().manual_seed(seed), **kw)  # type: ignore[arg-type]

@@ -7,35 +7,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_testlib import CLS, PAD, SEP, Pretrained, bert_config, digit_id
+from finetune_testlib import (
+    CLS,
+    SEP,
+    Pretrained,
+    bert_config,
+    digit_id,
+    fit_separable_set,
+    separable_set,
+)
 
+from data_pipeline.configlib import from_dict
 from finetune.evaluate import accuracy, majority_class_accuracy, predict_labels
 from finetune.models import load_finetuned
 from finetune.models.classifier import ClassifierConfig, EncoderClassifier
-from finetune.module import classification_loss
 from pretrain.checkpoint import CheckpointError, save_checkpoint
 from pretrain.models.meta import build_on_meta, materialize
-from pretrain.optim import OptimConfig, build_optimizer
-
-
-def separable_set(n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Class c's texts use only digits {3c, 3c+1, 3c+2} (c = 0, 1, 2): `[CLS] text [SEP]`, padded."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=gen)
-    lengths = torch.randint(2, 8, (n,), generator=gen)
-    ids = torch.full((n, 10), PAD)
-    mask = torch.zeros(n, 10, dtype=torch.long)
-    for i in range(n):
-        digits = 3 * labels[i] + torch.randint(0, 3, (int(lengths[i]),), generator=gen)
-        row = [CLS] + [digit_id(int(d)) for d in digits] + [SEP]
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sample_id": torch.arange(n)}
+from pretrain.optim import OptimConfig
 
 
 def test_config_round_trip_and_validation() -> None:
     cfg = ClassifierConfig(encoder=bert_config(), num_labels=3, label_names=["a", "b", "c"])
-    assert ClassifierConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert from_dict(ClassifierConfig, dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="label_names has 2 names for num_labels=3"):
         ClassifierConfig(encoder=bert_config(), num_labels=3, label_names=["a", "b"])
     with pytest.raises(ValueError, match="num_labels must be >= 2"):
@@ -70,22 +63,10 @@ def test_meta_build_and_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_learns_a_separable_set(pretrained: Pretrained) -> None:
     torch.manual_seed(0)
     model, _ = EncoderClassifier.from_pretrained(pretrained.bert_dir, num_labels=3)
-    train, test = separable_set(96, seed=0), separable_set(60, seed=1)
-    max_steps = 120  # ~30 suffice on this data
-    optimizer, scheduler = build_optimizer(model, OptimConfig(lr=2e-3, warmup_steps=10, schedule="constant"), max_steps)
-    before = accuracy(*predict_labels(model, [test]))
-    for step in range(1, max_steps + 1):
-        model.train()
-        rows = torch.arange(step * 32, step * 32 + 32) % 96
-        loss = classification_loss(model(train["input_ids"][rows], train["attention_mask"][rows]),
-                                   train["labels"][rows])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 10 == 0 and accuracy(*predict_labels(model, [train])) == 1.0:
-            break
+    fitted = fit_separable_set(model, OptimConfig(lr=2e-3, warmup_steps=10, schedule="constant"),
+                               max_steps=120)  # ~30 suffice on this data
+    train, test = fitted.train, fitted.test
     preds, gold = predict_labels(model, [test])  # held out: generalisation, not memorisation
     assert gold == test["labels"].tolist()
-    assert accuracy(preds, gold) >= 0.95 > before
+    assert accuracy(preds, gold) >= 0.95 > fitted.accuracy_before
     assert majority_class_accuracy(train["labels"].tolist(), gold) < 0.5  # the baseline cannot get there

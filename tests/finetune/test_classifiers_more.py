@@ -9,26 +9,33 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_testlib import CLS, PAD, SEP, VOCAB, Pretrained, digit_id, gpt_config
+from finetune_testlib import (
+    PAD,
+    VOCAB,
+    Pretrained,
+    digit_id,
+    fit_separable_set,
+    gpt_config,
+    separable_set,
+)
 
+from data_pipeline.configlib import from_dict, from_preset
 from finetune.evaluate import accuracy, predict_labels
+from finetune.models import ARCHITECTURES
 from finetune.models.classifier import (
     DecoderClassifier,
     GPTClassifierConfig,
     LSTMClassifier,
     LSTMClassifierConfig,
 )
-from finetune.module import classification_loss
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pretrain.models.meta import build_on_meta, materialize
-
-REGISTRY = {"gpt_classifier": (GPTClassifierConfig, DecoderClassifier),
-            "lstm_classifier": (LSTMClassifierConfig, LSTMClassifier)}
+from pretrain.optim import OptimConfig
 
 
 def lstm_config(**overrides: Any) -> LSTMClassifierConfig:
     base = dict(vocab_size=VOCAB, num_labels=3, dropout=0.0)
-    return LSTMClassifierConfig.from_preset("tiny", **{**base, **overrides})
+    return from_preset(LSTMClassifierConfig, "tiny", **{**base, **overrides})
 
 
 def make_gpt(seed: int = 0) -> DecoderClassifier:
@@ -41,26 +48,11 @@ def make_lstm(seed: int = 0, **overrides: Any) -> LSTMClassifier:
     return LSTMClassifier(lstm_config(**overrides)).eval()
 
 
-def separable_set(n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Class c's texts use only digits {3c, 3c+1, 3c+2} (c = 0, 1, 2): `[CLS] text [SEP]`, right-padded."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=gen)
-    lengths = torch.randint(2, 8, (n,), generator=gen)
-    ids = torch.full((n, 10), PAD)
-    mask = torch.zeros(n, 10, dtype=torch.long)
-    for i in range(n):
-        digits = 3 * labels[i] + torch.randint(0, 3, (int(lengths[i]),), generator=gen)
-        row = [CLS] + [digit_id(int(d)) for d in digits] + [SEP]
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "sample_id": torch.arange(n)}
-
-
 def test_gpt_classifier_config_round_trip_and_errors() -> None:
     cfg = GPTClassifierConfig(decoder=gpt_config(), num_labels=3, label_names=["a", "b", "c"])
-    assert GPTClassifierConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert from_dict(GPTClassifierConfig, dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match=r"GPTClassifierConfig.decoder: unknown key\(s\) \['n_embed'\]"):
-        GPTClassifierConfig.from_dict({**dataclasses.asdict(cfg), "decoder": {"n_embed": 3}})
+        from_dict(GPTClassifierConfig, {**dataclasses.asdict(cfg), "decoder": {"n_embed": 3}})
     with pytest.raises(ValueError, match="GPTClassifierConfig.arch must be 'gpt_classifier'"):
         GPTClassifierConfig(arch="bert_classifier", decoder=gpt_config())
     with pytest.raises(ValueError, match="add_cross_attention must be False"):
@@ -73,12 +65,12 @@ def test_gpt_classifier_config_round_trip_and_errors() -> None:
 
 def test_lstm_classifier_config_round_trip_and_errors() -> None:
     cfg = lstm_config(label_names=["a", "b", "c"])
-    assert LSTMClassifierConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    assert from_dict(LSTMClassifierConfig, dataclasses.asdict(cfg)) == cfg
     assert (cfg.preset, cfg.embedding_dim, cfg.hidden_size) == ("tiny", 32, 32)
     with pytest.raises(ValueError, match=r"LSTMClassifierConfig: unknown key\(s\) \['hidden'\]"):
-        LSTMClassifierConfig.from_dict({**dataclasses.asdict(cfg), "hidden": 3})
+        from_dict(LSTMClassifierConfig, {**dataclasses.asdict(cfg), "hidden": 3})
     with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
-        LSTMClassifierConfig.from_preset("huge")
+        from_preset(LSTMClassifierConfig, "huge")
     with pytest.raises(ValueError, match="LSTMClassifierConfig.num_labels must be >= 2"):
         lstm_config(num_labels=1)
     with pytest.raises(ValueError, match=r"LSTMClassifierConfig.pad_id must be in \[0, vocab_size=17\)"):
@@ -147,7 +139,7 @@ def test_gpt_from_pretrained_refuses_a_bert_checkpoint(pretrained: Pretrained) -
 @pytest.mark.parametrize("which", ["gpt", "lstm"])
 def test_meta_build_and_checkpoint_round_trip(which: str, tmp_path: Path) -> None:
     cfg = GPTClassifierConfig(decoder=gpt_config(), num_labels=4) if which == "gpt" else lstm_config(num_labels=4)
-    model = materialize(build_on_meta(REGISTRY[cfg.arch][1], cfg), "cpu").eval()
+    model = materialize(build_on_meta(ARCHITECTURES[cfg.arch].model, cfg), "cpu").eval()
     with torch.no_grad():
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if which == "gpt":  # GPT-2's init: N(0, 0.02) matrices (zero biases, unit LayerNorms)
@@ -155,7 +147,7 @@ def test_meta_build_and_checkpoint_round_trip(which: str, tmp_path: Path) -> Non
             assert float(model.transformer.wte.weight.std()) == pytest.approx(0.02, rel=0.1)
         else:  # U(-r, r) everywhere
             assert all(float(p.std()) > 0 and float(p.abs().max()) <= cfg.init_range for p in model.parameters())
-    loaded = load_checkpoint(save_checkpoint(tmp_path / which, model, cfg), REGISTRY)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / which, model, cfg), ARCHITECTURES)
     assert loaded.model_config == cfg
     b = separable_set(5, seed=3)
     with torch.no_grad():
@@ -168,18 +160,9 @@ def test_learns_a_separable_set(which: str, pretrained: Pretrained) -> None:
     torch.manual_seed(0)
     model = DecoderClassifier.from_pretrained(pretrained.gpt_dir, 3)[0] if which == "gpt" else LSTMClassifier(
         lstm_config())
-    train, test = separable_set(96, seed=0), separable_set(60, seed=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3 if which == "gpt" else 1e-2, weight_decay=0.0)
-    before = accuracy(*predict_labels(model, [test]))
-    for step in range(1, 201):
-        model.train()
-        rows = torch.arange(step * 32, step * 32 + 32) % 96
-        loss = classification_loss(model(train["input_ids"][rows], train["attention_mask"][rows]),
-                                   train["labels"][rows])["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 and accuracy(*predict_labels(model, [train])) == 1.0:
-            break
-    assert accuracy(*predict_labels(model, [train])) == 1.0, step
-    assert accuracy(*predict_labels(model, [test])) == 1.0 > before + 0.3  # held out: generalisation too
+    lr = 3e-3 if which == "gpt" else 1e-2
+    fitted = fit_separable_set(model, OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=0,
+                                                  schedule="constant"), max_steps=200)
+    assert accuracy(*predict_labels(model, [fitted.train])) == 1.0, fitted.steps
+    # held out: generalisation too
+    assert accuracy(*predict_labels(model, [fitted.test])) == 1.0 > fitted.accuracy_before + 0.3

@@ -14,6 +14,7 @@ from finetune_testlib import BOS, EOS, Pretrained
 from tokenizers import Tokenizer
 
 from cluster.config import load_config
+from data_pipeline.configlib import from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.sample import sample_documents
 from finetune.lm_baselines import (
@@ -28,6 +29,7 @@ from finetune.lm_baselines import (
     stream_nll,
     text_stats,
 )
+from finetune.models import ARCHITECTURES
 from finetune.models.char_rnn import CharRNNConfig, CharRNNLM, CharVocab
 from finetune.models.ngram import NGramLM
 from pretrain.checkpoint import CheckpointError, load_checkpoint
@@ -118,7 +120,7 @@ def test_ngram_run_on_the_built_in_sample(tmp_path: Path) -> None:
 
 
 def test_char_lstm_run_on_the_built_in_sample(tmp_path: Path) -> None:
-    job = LMBaselineJob(model="char_lstm", char_model=CharRNNConfig.from_preset("tiny"), sample_docs=12, steps=8,
+    job = LMBaselineJob(model="char_lstm", char_model=from_preset(CharRNNConfig, "tiny"), sample_docs=12, steps=8,
                         batch_size=4, seq_len=32, eval_every=4, eval_chars=2000, log_every=4, sample_chars=40)
     lines: list[str] = []
     metrics = run_lm_baseline(job, tmp_path, log=lines.append)
@@ -129,7 +131,7 @@ def test_char_lstm_run_on_the_built_in_sample(tmp_path: Path) -> None:
     test = metrics["test"]
     assert test["units"] == test["chars"] and test["ppl_unit"] == pytest.approx(test["ppl_char"])
     assert metrics["train"]["steps"] == 8 and 1 < test["ppl_char"] < metrics["vocab_size"] * 2
-    loaded = load_checkpoint(tmp_path / "checkpoint", {"char_lstm": (CharRNNConfig, CharRNNLM)})
+    loaded = load_checkpoint(tmp_path / "checkpoint", ARCHITECTURES)
     vocab = CharVocab.load(tmp_path / "char_vocab.json")
     text = "\n" + "\n".join(load_texts(job)["test"]) + "\n"
     nll, n = stream_nll(loaded.model, torch.tensor(vocab.encode(text)))  # type: ignore[arg-type]
@@ -138,7 +140,7 @@ def test_char_lstm_run_on_the_built_in_sample(tmp_path: Path) -> None:
 
 def test_stream_segments_score_like_one_pass() -> None:
     torch.manual_seed(0)
-    model = CharRNNLM(CharRNNConfig.from_preset("tiny", vocab_size=9)).eval()
+    model = CharRNNLM(from_preset(CharRNNConfig, "tiny", vocab_size=9)).eval()
     ids = torch.randint(0, 9, (5000,))
     logits, _ = model(ids[None, :-1])
     exact = F.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()

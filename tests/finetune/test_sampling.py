@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_testlib import BOS, EOS, VOCAB, bert_config, gpt_config
+from finetune_testlib import BOS, EOS, VOCAB, gpt_config, tiny_seq2seq
 from torch import Tensor
 
 from finetune.decode import filter_logits, generate_lm, greedy_decode, sample_decode
-from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq
+from finetune.models.seq2seq import WarmStartedSeq2Seq
 from pretrain.models.gpt import GPTLMHeadModel
 
 
@@ -96,10 +96,8 @@ def test_draws_follow_the_filtered_tempered_distribution(temperature: float, top
 def warm_model(seed: int = 0) -> WarmStartedSeq2Seq:
     # a wide init gives peaked, varied next-token distributions (the default one is near uniform), so outputs
     # differ between rows and greedy stops at [EOS] on some
-    torch.manual_seed(seed)
-    cfg = Seq2SeqConfig(encoder=bert_config(initializer_range=0.3),
-                        decoder=gpt_config(add_cross_attention=True, initializer_range=0.3))
-    return WarmStartedSeq2Seq(cfg).eval()
+    return tiny_seq2seq("seq2seq_warm", seed=seed, initializer_range=0.3,
+                        encoder=dict(initializer_range=0.3))
 
 
 def sources(seed: int = 1) -> tuple[Tensor, Tensor]:

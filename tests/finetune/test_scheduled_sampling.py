@@ -8,28 +8,26 @@ import math
 import lightning as L
 import pytest
 import torch
-from finetune_testlib import BOS, PAD, VOCAB, reversal_batch
+from finetune_testlib import BOS, PAD, VOCAB, reversal_batch, tiny_seq2seq
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cluster.config import ConfigError, load_config
+from cluster.config import load_config
 from cluster.jobs import FinetuneJob
-from finetune.models.rnn import RNNSeq2Seq, RNNSeq2SeqConfig
-from finetune.models.transformer import TransformerConfig, TransformerSeq2Seq
+from data_pipeline.configlib import ConfigError
+from finetune.models.rnn import RNNSeq2Seq
+from finetune.models.transformer import TransformerSeq2Seq
 from finetune.module import TranslationModule, translation_loss
 from finetune.scheduled_sampling import ScheduledSampling, _inverse_sigmoid_k, mix_decoder_inputs
 from pretrain.optim import OptimConfig
 
 
 def transformer() -> TransformerSeq2Seq:
-    torch.manual_seed(0)
-    return TransformerSeq2Seq(TransformerConfig.from_preset("tiny", vocab_size=VOCAB, dropout=0.0))
+    return tiny_seq2seq("transformer", dropout=0.0).train()
 
 
 def lstm_attention() -> RNNSeq2Seq:
-    torch.manual_seed(0)
-    return RNNSeq2Seq(RNNSeq2SeqConfig.from_preset("tiny", arch="lstm_attention", attention="bahdanau",
-                                                   num_layers=2, vocab_size=VOCAB, dropout=0.0))
+    return tiny_seq2seq("lstm_attention", attention="bahdanau", num_layers=2, dropout=0.0).train()
 
 
 def module_for(model: nn.Module, max_prob: float, schedule: str = "linear", ramp: int = 10) -> TranslationModule:

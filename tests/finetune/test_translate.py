@@ -12,8 +12,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from torch import Tensor, nn
 
+from cluster.jobs import DecodeConfig
 from data_pipeline.tokenizer import train_tokenizer
-from finetune.translate import DecodeConfig, encode_sources, pad_batch, translate_texts
+from finetune.translate import encode_sources, pad_batch, translate_texts
 
 
 class CopyModel(nn.Module):
@@ -84,7 +85,7 @@ def test_byte_level_bpe_text_survives_the_round_trip() -> None:
 def test_decode_config_feeds_translate_texts_and_validates(tokenizer: Tokenizer) -> None:
     cfg = DecodeConfig(beam_size=2, length_penalty="avg", batch_size=1)
     assert translate_texts(CopyModel(), tokenizer, ["4 2"], **dataclasses.asdict(cfg)) == ["4 2"]
-    with pytest.raises(ValueError, match="DecodeConfig.length_penalty: unknown 'wu'"):
+    with pytest.raises(ValueError, match=r"DecodeConfig.length_penalty must be one of \[.*'gnmt'\], got 'wu'"):
         DecodeConfig(length_penalty="wu")
     with pytest.raises(ValueError, match="DecodeConfig.beam_size must be >= 1"):
         DecodeConfig(beam_size=0)

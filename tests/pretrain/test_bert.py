@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertConfig, BertForPreTraining, BertModel
 from pretrain.objectives import masked_positions_from_labels, mlm_nsp_loss
 from pretrain.optim import OptimConfig, build_optimizer
@@ -12,7 +13,7 @@ CLS, SEP, MASK = 2, 3, 4
 
 
 def tiny_config(**overrides: object) -> BertConfig:
-    return BertConfig.from_preset("tiny", vocab_size=V, **overrides)
+    return from_preset(BertConfig, "tiny", vocab_size=V, **overrides)
 
 
 def eval_model(**overrides: object) -> BertForPreTraining:
@@ -86,9 +87,9 @@ def test_sequence_longer_than_positions_is_refused() -> None:
 
 
 def test_config_validation_and_presets() -> None:
-    assert BertConfig.from_preset("mini").hidden_size == 256
-    assert BertConfig.from_preset("tiny", num_hidden_layers=3).num_hidden_layers == 3
-    base = BertConfig.from_preset("base")
+    assert from_preset(BertConfig, "mini").hidden_size == 256
+    assert from_preset(BertConfig, "tiny", num_hidden_layers=3).num_hidden_layers == 3
+    base = from_preset(BertConfig, "base")
     assert (base.hidden_size, base.num_hidden_layers, base.intermediate_size) == (768, 12, 3072)
     with pytest.raises(ValueError, match="preset"):
         BertConfig(preset="huge")

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from data_pipeline.configlib import from_preset
 from pretrain.checkpoint import (
-    ARCHITECTURES,
     CheckpointError,
     capture_rng_state,
     check_free_space,
@@ -29,6 +29,7 @@ from pretrain.checkpoint import (
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.optim import OptimConfig, build_optimizer
+from pretrain.registry import PRETRAIN_ARCHITECTURES, ArchSpec
 
 
 @pytest.fixture
@@ -40,12 +41,12 @@ def tokenizer_file(tmp_path: Path) -> Path:
 
 
 def bert() -> tuple[BertForPreTraining, BertConfig]:
-    cfg = BertConfig.from_preset("tiny", vocab_size=40)
+    cfg = from_preset(BertConfig, "tiny", vocab_size=40)
     return BertForPreTraining(cfg), cfg
 
 
 def gpt() -> tuple[GPTLMHeadModel, GPTConfig]:
-    cfg = GPTConfig.from_preset("tiny", vocab_size=40, n_inner=96)
+    cfg = from_preset(GPTConfig, "tiny", vocab_size=40, n_inner=96)
     return GPTLMHeadModel(cfg), cfg
 
 
@@ -179,9 +180,10 @@ def test_config_and_arch_errors_name_the_file(tmp_path: Path) -> None:
     model, cfg = bert()
     path = save_checkpoint(tmp_path / "c", model, cfg, None)
     with pytest.raises(CheckpointError, match=r"config\.json: arch 'bert' is not in the architecture registry"):
-        load_checkpoint(path, registry={"gpt": ARCHITECTURES["gpt"]})
+        load_checkpoint(path, registry={"gpt": PRETRAIN_ARCHITECTURES["gpt"]})
+    as_gpt = ArchSpec("bert", GPTConfig, GPTLMHeadModel, "clm")  # a BERT dir read as GPT
     with pytest.raises(CheckpointError, match=r"config\.json: unknown key\(s\) \[.*'hidden_size'"):
-        load_checkpoint(path, registry={"bert": (GPTConfig, GPTLMHeadModel)})  # a BERT dir read as GPT
+        load_checkpoint(path, registry={"bert": as_gpt})
     doc = json.loads((path / "config.json").read_text())
     doc["config"]["hidden_size"] = 32
     (path / "config.json").write_text(json.dumps(doc))
@@ -214,7 +216,8 @@ def test_a_caller_registry_extends_the_architectures(tmp_path: Path) -> None:
     cfg = ProbeConfig(width=5)
     model = Probe(cfg)
     path = save_checkpoint(tmp_path / "p", model, cfg, None)
-    loaded = load_checkpoint(path, registry={**ARCHITECTURES, "probe": (ProbeConfig, Probe)})
+    probe = ArchSpec("probe", ProbeConfig, Probe, "lm")
+    loaded = load_checkpoint(path, registry={**PRETRAIN_ARCHITECTURES, "probe": probe})
     assert loaded.model_config == cfg and torch.equal(loaded.model.proj.weight, model.proj.weight)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_pretrain_module import clm_batches, fit, mlm_nsp_batches
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.module import BertPretrainModule, GPTPretrainModule, KilnModule
@@ -18,9 +19,9 @@ V = 48
 
 def _module(family: str, deferred: bool) -> KilnModule:
     if family == "gpt":
-        return GPTPretrainModule(GPTConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
+        return GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
                                  deferred=deferred)
-    return BertPretrainModule(BertConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
+    return BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
                               deferred=deferred)
 
 

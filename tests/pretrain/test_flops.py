@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
 
-import lightning as L
 import pytest
 import torch
+from kiln_testlib import fit_steps
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.flops import (
@@ -109,28 +108,18 @@ def test_matmul_measurement_is_positive_and_leaves_the_global_rng_alone() -> Non
     assert peak_flops(2.5e12, torch.device("cpu"), "32-true") == (2.5e12, "configured")
 
 
-def _fit(module: L.LightningModule, batches: list[dict[str, torch.Tensor]]) -> L.Trainer:
-    trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*")
-        trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
-    return trainer
-
-
 def test_mfu_is_logged_next_to_tokens_per_s_with_the_same_window() -> None:
     torch.set_num_threads(1)
     batches = [_mlm_batch([(0, 3), (1, 4), (2, 5)]) for _ in range(3)]
     module = BertPretrainModule(BERT, OptimConfig(warmup_steps=1), 3)
     module.peak_flops = 1e9
-    metrics = _fit(module, batches).callback_metrics
+    metrics = fit_steps(module, batches).callback_metrics
     per_token = encoder_flops_per_token(BERT, T, 3 / (B * T))
     # Same tokens and seconds: mfu = tokens/s × FLOPs per token / peak (world size 1).
     assert float(metrics["train/mfu"]) == pytest.approx(float(metrics["train/tokens_per_s"]) * per_token / 1e9,
                                                         rel=1e-5)
     gpt = GPTPretrainModule(GPT, OptimConfig(warmup_steps=1), 2)  # no peak: no train/mfu
     ids = torch.randint(7, V, (B, T + 1))
-    metrics = _fit(gpt, [{"input_ids": ids[:, :-1], "labels": ids[:, 1:], "sample_id": torch.arange(B)}] * 2
-                   ).callback_metrics
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "sample_id": torch.arange(B)}
+    metrics = fit_steps(gpt, [batch] * 2).callback_metrics
     assert "train/tokens_per_s" in metrics and "train/mfu" not in metrics

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel, KVCache, reorder_cache
 from pretrain.objectives import clm_loss
 from pretrain.optim import OptimConfig, build_optimizer
@@ -14,7 +15,7 @@ V = 50
 
 def tiny(**overrides: object) -> GPTLMHeadModel:
     torch.manual_seed(0)
-    return GPTLMHeadModel(GPTConfig.from_preset("tiny", vocab_size=V, **overrides)).eval()
+    return GPTLMHeadModel(from_preset(GPTConfig, "tiny", vocab_size=V, **overrides)).eval()
 
 
 def test_shapes_and_hf_key_names() -> None:
@@ -141,7 +142,7 @@ def test_tied_head_and_gpt2_init() -> None:
 def test_clm_loss_falls_within_100_steps() -> None:
     """Sequences count upwards mod 20 from a random start: every next token is predictable after one."""
     torch.manual_seed(0)
-    model = GPTLMHeadModel(GPTConfig.from_preset("tiny", vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
+    model = GPTLMHeadModel(from_preset(GPTConfig, "tiny", vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
                                                  attn_pdrop=0.0))
     opt, sched = build_optimizer(model, OptimConfig(lr=3e-3, warmup_steps=10), total_steps=100)
     gen = torch.Generator().manual_seed(1)

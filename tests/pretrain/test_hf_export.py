@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from kiln_testlib import SPECIALS, word_tokenizer
+from pretrain_testlib import kiln_greedy, perturbed
 from safetensors import safe_open
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 from tokenizers.processors import TemplateProcessing
 from torch import nn
 
+from data_pipeline.configlib import from_preset
 from finetune.decode import greedy_decode
 from finetune.models.classifier import ClassifierConfig, EncoderClassifier
 from finetune.models.seq2seq import Seq2SeqConfig, WarmStartedSeq2Seq
@@ -29,7 +31,6 @@ from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]  # ids 0..6 (docs/design.md)
 PAD, CLS, SEP, BOS, EOS = 0, 2, 3, 5, 6
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "und", "die", "katze"]
 VOCAB = len(SPECIALS) + len(WORDS)  # 20
@@ -37,28 +38,19 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def make_tokenizer(post_processor: bool = True) -> Tokenizer:
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(SPECIALS)
+    tok = word_tokenizer(WORDS)
     if post_processor:  # as a BERT tokenizer: encode() wraps the text in [CLS] ... [SEP]
         tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                 special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
     return tok
 
 
-def perturbed(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():  # tied matrices are one Parameter, so the tie survives
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def bert_config() -> BertConfig:
-    return BertConfig.from_preset("tiny", vocab_size=VOCAB, max_position_embeddings=32)
+    return from_preset(BertConfig, "tiny", vocab_size=VOCAB, max_position_embeddings=32)
 
 
 def gpt_config(width: int = 64, cross: bool = False) -> GPTConfig:
-    return GPTConfig.from_preset("tiny", vocab_size=VOCAB, n_embd=width, n_positions=32, add_cross_attention=cross)
+    return from_preset(GPTConfig, "tiny", vocab_size=VOCAB, n_embd=width, n_positions=32, add_cross_attention=cross)
 
 
 @pytest.fixture(scope="module")
@@ -121,19 +113,6 @@ def test_bert_matches_hf_bert_for_pretraining(tmp_path: Path, tokenizer_file: Pa
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "cls.predictions.decoder.weight" not in f.keys() and f.metadata() == {"format": "pt"}
     assert hf.cls.predictions.decoder.weight.data_ptr() == hf.bert.embeddings.word_embeddings.weight.data_ptr()
-
-
-def kiln_greedy(model: GPTLMHeadModel, prompt: torch.Tensor, steps: int) -> list[int]:
-    """Greedy continuation with Kiln's KV cache, stopping after [EOS] as HF generate does."""
-    out, cache, inp = prompt[0].tolist(), None, prompt
-    for _ in range(steps):
-        logits, cache = model(inp, past_key_values=cache, use_cache=True)
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        if nxt == EOS:
-            break
-        inp = torch.tensor([[nxt]])
-    return out
 
 
 def test_gpt_matches_hf_gpt2_logits_and_greedy_generation(tmp_path: Path, tokenizer_file: Path) -> None:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kiln_testlib import SPECIALS, word_tokenizer
+from pretrain_testlib import kiln_greedy, perturbed
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
 from torch import Tensor, nn
 
+from data_pipeline.configlib import from_preset
 from data_pipeline.tokenizer import load_tokenizer
 from finetune.models.classifier import EncoderClassifier
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -38,7 +39,6 @@ from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]"]  # Kiln's fixed ids 0..6
 PAD, BOS, EOS = 0, 5, 6
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "away", "und", "die", "katze", "##s"]
 BERT_VOCAB = SPECIALS[:5] + WORDS  # a released vocab.txt: no [BOS]/[EOS], which Kiln appends
@@ -51,18 +51,8 @@ BERT_HEADS = ["cls.predictions.bias", "cls.predictions.transform.dense.weight", 
 GROWN = [f"bert.embeddings.word_embeddings.weight[{V}:{V + 2}]", f"cls.predictions.bias[{V}:{V + 2}]"]
 
 
-def perturbed(model: nn.Module) -> nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():  # a tied matrix is one Parameter, so the tie survives
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def kiln_tokenizer() -> Tokenizer:
-    tok = Tokenizer(WordLevel({t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.add_special_tokens(SPECIALS)
-    return tok
+    return word_tokenizer(WORDS)
 
 
 def hf_bert(cls_name: str, vocab: int = V) -> nn.Module:
@@ -221,19 +211,6 @@ def test_pickled_weights_never_run_code(bert_dirs: dict, tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- GPT-2
-def kiln_greedy(model: GPTLMHeadModel, prompt: Tensor, steps: int) -> list[int]:
-    """Greedy continuation with Kiln's KV cache, stopping after [EOS] as HF generate does."""
-    out, cache, inp = prompt[0].tolist(), None, prompt
-    for _ in range(steps):
-        logits, cache = model(inp, past_key_values=cache, use_cache=True)
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        if nxt == EOS:
-            break
-        inp = torch.tensor([[nxt]])
-    return out
-
-
 @pytest.mark.parametrize("layout", ["GPT2LMHeadModel", "GPT2Model"])
 def test_gpt2_logits_and_greedy_generation(gpt_dir: tuple[Path, nn.Module], tmp_path: Path, layout: str) -> None:
     directory, hf = gpt_dir
@@ -281,10 +258,10 @@ def test_gpt2_vocab_json_and_merges_grow_the_embedding_for_kiln_specials(tmp_pat
 def test_import_of_export_is_the_identity(tmp_path: Path, arch: str) -> None:
     torch.manual_seed(0)
     if arch == "bert":
-        config = BertConfig.from_preset("tiny", vocab_size=KILN_VOCAB, max_position_embeddings=32)
+        config = from_preset(BertConfig, "tiny", vocab_size=KILN_VOCAB, max_position_embeddings=32)
         kiln = perturbed(BertForPreTraining(config))
     else:
-        config = GPTConfig.from_preset("tiny", vocab_size=KILN_VOCAB, n_positions=32)
+        config = from_preset(GPTConfig, "tiny", vocab_size=KILN_VOCAB, n_positions=32)
         kiln = perturbed(GPTLMHeadModel(config))
     kiln_tokenizer().save(str(tmp_path / "tokenizer.json"))
     ckpt = save_checkpoint(tmp_path / "ckpt", kiln, config, tmp_path / "tokenizer.json")
@@ -396,7 +373,7 @@ def write_config(directory: Path, **changes: object) -> Path:
     ("bert", {"hidden_act": "relu"}, r"key 'hidden_act' is 'relu', which Kiln cannot import"),
     ("bert", {"model_type": "roberta"}, r"key 'model_type' is 'roberta'; Kiln imports 'bert'"),
     ("bert", {"num_hidden_layers": None}, r"missing key\(s\) \['num_hidden_layers'\]"),
-    ("bert", {"hidden_size": "32"}, r"key 'hidden_size' must be an integer, got '32'"),
+    ("bert", {"hidden_size": "32"}, r"'hidden_size' must be an integer, got str '32'"),
     ("bert", {"hidden_size": 30}, r"hidden_size \(30\) must be divisible by num_attention_heads"),
     ("gpt", {"model_type": "gpt2", "activation_function": "relu"}, r"key 'activation_function' is 'relu'"),
     ("gpt", {"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True},

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.models.meta import build_on_meta, materialize, num_parameters
@@ -14,8 +15,8 @@ def shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 @pytest.mark.parametrize("cls, cfg", [
-    (BertForPreTraining, BertConfig.from_preset("tiny", vocab_size=40)),
-    (GPTLMHeadModel, GPTConfig.from_preset("tiny", vocab_size=40, add_cross_attention=True)),
+    (BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40)),
+    (GPTLMHeadModel, from_preset(GPTConfig, "tiny", vocab_size=40, add_cross_attention=True)),
 ])
 def test_meta_build_then_init_matches_a_normal_build(cls: type[nn.Module], cfg: object) -> None:
     model = build_on_meta(cls, cfg)
@@ -44,7 +45,7 @@ def test_meta_build_then_init_matches_a_normal_build(cls: type[nn.Module], cfg: 
 
 
 def test_meta_bert_ties_and_runs() -> None:
-    model = materialize(build_on_meta(BertForPreTraining, BertConfig.from_preset("tiny", vocab_size=40)))
+    model = materialize(build_on_meta(BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40)))
     emb = model.bert.embeddings.word_embeddings.weight
     assert model.cls.predictions.decoder.weight is emb
     assert torch.all(emb[0] == 0)  # [PAD] row
@@ -59,7 +60,7 @@ def test_materialize_needs_init_weights() -> None:
 
 def test_base_presets_have_the_published_sizes() -> None:
     """Counted on the meta device (no memory): BERT-base ~110M (Devlin et al.), GPT-2 small 124M."""
-    bert = build_on_meta(BertForPreTraining, BertConfig.from_preset("base"))
+    bert = build_on_meta(BertForPreTraining, from_preset(BertConfig, "base"))
     assert num_parameters(bert.bert) == 109_482_240  # HF bert-base-uncased BertModel
-    gpt = build_on_meta(GPTLMHeadModel, GPTConfig.from_preset("base"))
+    gpt = build_on_meta(GPTLMHeadModel, from_preset(GPTConfig, "base"))
     assert num_parameters(gpt) == 124_439_808  # HF gpt2

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.optim import OptimConfig, WarmupDecay, build_optimizer, param_groups
 
@@ -22,7 +23,7 @@ def lrs(cfg: OptimConfig, total_steps: int) -> list[float]:
 
 
 def test_weight_decay_groups_follow_bert_practice() -> None:
-    model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=30))
+    model = BertForPreTraining(from_preset(BertConfig, "tiny", vocab_size=30))
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

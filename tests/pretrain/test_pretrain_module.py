@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertConfig
 from pretrain.models.gpt import GPTConfig
 from pretrain.module import BertPretrainModule, GPTPretrainModule, KilnModule
@@ -58,7 +59,7 @@ def fit(module: KilnModule, train: list[dict[str, Tensor]], val: list[dict[str, 
 
 def test_bert_pretrain_module_fits_and_logs() -> None:
     torch.manual_seed(0)
-    module = BertPretrainModule(BertConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=2),
+    module = BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2),
                                 total_steps=5)
     before = module.model.bert.embeddings.word_embeddings.weight.detach().clone()
     trainer = fit(module, mlm_nsp_batches(5, 0), mlm_nsp_batches(3, 1))
@@ -79,7 +80,7 @@ def test_bert_pretrain_module_fits_and_logs() -> None:
 
 def test_gpt_pretrain_module_fits_and_logs() -> None:
     torch.manual_seed(0)
-    module = GPTPretrainModule(GPTConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=2),
+    module = GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2),
                                total_steps=5)
     trainer = fit(module, clm_batches(5, 0), clm_batches(2, 1))
     m = trainer.callback_metrics
@@ -91,7 +92,7 @@ def test_gpt_pretrain_module_fits_and_logs() -> None:
 
 
 def test_validation_means_are_weighted_over_the_epoch() -> None:
-    module = GPTPretrainModule(GPTConfig.from_preset("tiny", vocab_size=V), OptimConfig(), total_steps=5).eval()
+    module = GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5).eval()
     val = clm_batches(3, 1)
     val[2] = {k: v[:1] for k, v in val[2].items()}  # a short last batch
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -106,7 +107,7 @@ def test_validation_means_are_weighted_over_the_epoch() -> None:
 
 
 def test_missing_batch_key_is_named() -> None:
-    module = BertPretrainModule(BertConfig.from_preset("tiny", vocab_size=V), OptimConfig(), total_steps=5)
+    module = BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5)
     batch = mlm_nsp_batches(1, 0)[0]
     del batch["mlm_labels"]
     with pytest.raises(KeyError, match=r"BertPretrainModule: batch is missing \['mlm_labels'\]"):
@@ -139,7 +140,7 @@ class PoisonedGPT(GPTPretrainModule):
     """Reports a NaN loss on the chosen (0-based) training calls."""
 
     def __init__(self, poisoned: set[int], total_steps: int) -> None:
-        super().__init__(GPTConfig.from_preset("tiny", vocab_size=V), OptimConfig(warmup_steps=0), total_steps)
+        super().__init__(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=0), total_steps)
         self.poisoned, self.calls, self.snapshots = poisoned, 0, []
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
