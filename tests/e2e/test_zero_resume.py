@@ -4,7 +4,7 @@ step with a checkpoint (exit 75); the same command with trainer.resume=auto cont
 ZeRO-3: one worker SIGKILLed after the first checkpoint; Ray Train restarts the group
 (cluster.max_failures=1), which continues from that checkpoint. Both end with a model.safetensors
 bitwise that of an uninterrupted run. The same for ZeRO-1/2/3 without Ray, to the Adam moments:
-tests/cluster/test_zero_resume.py."""
+tests/cluster/test_zero_resume_ranks.py."""
 
 from __future__ import annotations
 
