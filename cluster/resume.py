@@ -33,10 +33,10 @@ checkpoint to Lightning. In the order a resumed run (`trainer.resume=auto`) meet
    `state_dict`/`load_state_dict`), exactly as from its own files. Setting the loop counters by hand
    would copy Lightning's restart bookkeeping (mid-epoch vs epoch end, fetcher offsets) and break
    with it; writing a Lightning-format file as well would store the weights twice. What Lightning
-   does not restore, `KilnCheckpoint` (`cluster/callbacks.py`) takes from that dict (`rank_state`,
-   which refuses another worker count) and puts back at `on_train_start`, the last hook before the
-   first resumed batch (`restore_rank_state`): this rank's RNG, so dropout continues its stream, and
-   the validation loader, whose pass count seeds validation's masks.
+   does not restore, `KilnCheckpoint` (`cluster/callbacks.py`) takes from that dict (`rank_state`;
+   on another worker count new rank r takes old rank r's) and puts back at `on_train_start`, the
+   last hook before the first resumed batch (`restore_rank_state`): this rank's RNG, so dropout
+   continues its stream, and the validation loader, whose pass count seeds validation's masks.
    Under DeepSpeed ZeRO, Lightning restores after the engine is built and leaves the weights and the
    optimizer to the strategy: `CPUCapableDeepSpeedStrategy` (`cluster/strategies.py`) reads the
    directory through `KilnCheckpointIO` too (not as DeepSpeed's format), loads the weights (ZeRO-3:
