@@ -8,11 +8,14 @@ the same inside a Ray Train worker and in a plain process; rank and world size a
 The order of an epoch is one global sequence that depends on the data, the seed and the epoch only,
 never on the number of ranks (`EpochOrder`): the shards in a seeded order, cut into blocks of
 `block_rows` rows (a Parquet row group), consecutive blocks grouped into windows of
-`window_blocks`, and the rows of each window in a seeded order. A layout (`Layout`) hands each rank
-one contiguous stretch of that sequence, all of equal length, so a rank reads only the row groups
-of its own stretch, one window in memory and the next read ahead. Resuming on another number of
-ranks computes what the old ranks served (their first k batches each) and splits the rest of the
-epoch over the new ones (`Layout.rest`); later epochs use the new layout from their start.
+`window_blocks`, and the rows of each window in a seeded order. A layout (`Layout`) cuts that
+sequence into global batches of world_size * batch_size rows and hands each rank its slice of every
+one, so N ranks train on exactly the batches one rank of N times the batch would (DDP's guarantee).
+The price: every rank reads every window (its slices are spread over all of them), so a split is
+read N times per epoch across the ranks, while each rank holds one window in memory and reads the
+next ahead. Resuming on another number of ranks is simple for the same reason: after k batches the
+ranks served the sequence's first k * N * batch_size rows, and the rest of the epoch is split over
+the new ones (`Layout.rest`); later epochs use the new layout from their start.
 """
 
 from __future__ import annotations
@@ -131,12 +134,17 @@ class EpochOrder:
 # ---------------------------------------------------------------- who serves what
 @dataclass(frozen=True)
 class Layout:
-    """How `world_size` ranks split `remaining` (spans of the global sequence, in order): rank r
-    serves positions [r * per_rank, (r + 1) * per_rank) of their concatenation R.
+    """How `world_size` ranks split `remaining` (spans of the global sequence, in order), as
+    positions of their concatenation R.
 
-    drop_last: per_rank = whole batches; the last len(R) mod (world_size * batch_size) rows are not
-    served. Otherwise per_rank = ceil(len(R) / world_size) and R is wrapped around to fill the last
-    rank (repeats, as torch's DistributedSampler does); the last batch may be short.
+    Global batch t is R[t*G, (t+1)*G), G = world_size * batch_size, and rank r serves its slice
+    [t*G + r*b, t*G + (r+1)*b). So N ranks of batch b see, step for step, the batches one rank of
+    batch N*b sees (DDP's guarantee: the global batch does not depend on N), and what the ranks
+    served after k batches each is the prefix R[0, k*G), whatever N was: the rest of the epoch is
+    R[k*G:] for any new number of ranks.
+    drop_last (training): the last len(R) mod G rows are not served. Otherwise (evaluation) they
+    make a last global batch of ceil(L / world_size) rows a rank, topped up by wrapping around to
+    the start of R (repeats, fewer than world_size, as torch's DistributedSampler does).
     `start` counts the batches each rank served in this epoch before this layout began.
     """
 
@@ -151,38 +159,35 @@ class Layout:
         return sum(b - a for a, b in self.remaining)
 
     @property
-    def per_rank(self) -> int:
-        if self.drop_last:
-            return self.rows // (self.world_size * self.batch_size) * self.batch_size
-        return math.ceil(self.rows / self.world_size)
+    def _full(self) -> int:
+        """Whole global batches."""
+        return self.rows // (self.world_size * self.batch_size)
 
     @property
     def batches(self) -> int:
-        return math.ceil(self.per_rank / self.batch_size)
+        tail = self.rows - self._full * self.world_size * self.batch_size
+        return self._full + (1 if tail and not self.drop_last else 0)
 
     def rank_spans(self, rank: int, served: int) -> list[Span]:
         """Global positions rank `rank` serves after its first `served` batches of this layout."""
-        first = rank * self.per_rank
-        begin, end = first + min(served * self.batch_size, self.per_rank), first + self.per_rank
+        width, b = self.world_size * self.batch_size, self.batch_size
         spans: list[Span] = []
-        while begin < end:  # wrapping only with drop_last=False, where end may pass len(R)
-            offset = begin % self.rows
-            stop = min(end - begin, self.rows - offset) + offset
-            spans += self._positions(offset, stop)
-            begin += stop - offset
-        return spans
+        for t in range(served, self._full):
+            spans += self._positions(t * width + rank * b, t * width + (rank + 1) * b)
+        if self.batches > self._full and served <= self._full:  # the evaluation's last batch
+            first = self._full * width
+            share = math.ceil((self.rows - first) / self.world_size)
+            for p in range(first + rank * share, first + (rank + 1) * share):
+                spans += self._positions(p % self.rows, p % self.rows + 1)  # wraps to R's start
+        return list(_merge(spans))
 
     def rest(self, served: int, world_size: int) -> Layout:
         """The rest of the epoch after every rank served `served` batches, split over `world_size`
-        ranks. What no rank served (the drop_last tail included) is carried; repeats are not."""
-        left: list[Span] = []
-        for rank in range(self.world_size):
-            first = rank * self.per_rank
-            begin = first + min(served * self.batch_size, self.per_rank)
-            left += self._positions(min(begin, self.rows), min(first + self.per_rank, self.rows))
-        left += self._positions(min(self.world_size * self.per_rank, self.rows), self.rows)
-        start = self.start + served
-        return Layout(_merge(left), world_size, self.batch_size, self.drop_last, start)
+        ranks: R after its first served * G rows (see the class docstring)."""
+        consumed = min(served * self.world_size * self.batch_size, self.rows)
+        left = self._positions(consumed, self.rows)
+        return Layout(_merge(left), world_size, self.batch_size, self.drop_last,
+                      self.start + served)
 
     def _positions(self, begin: int, end: int) -> list[Span]:
         """Indices [begin, end) of R as spans of global positions."""

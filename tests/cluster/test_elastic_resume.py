@@ -13,8 +13,9 @@ Every rank records the sample_ids of each batch it trains on. Asserted:
   remainder docs/data.md states (R mod (M * batch) rows, R the rows of the last layout), and each
   rank's batches are the ones the loader alone serves for the same world-size changes;
 - the loss continues: the change from the last loss before each resume to the first after it is
-  within LOSS_TOLERANCE of an uninterrupted 2-rank run's change over the same step, a band that
-  excludes a restart from untrained weights;
+  no larger than the largest step-to-step change of an uninterrupted 2-rank run from step K1 on (plus
+  LOSS_TOLERANCE; the legs train on other batch sizes, so their per-step losses are not the
+  reference's), a band that excludes a restart from untrained weights by a factor of 2;
 - the optimizer and schedule continue: AdamW's step count and the scheduler's position in the
   step-K2 checkpoint are K2 (they would be K2 - K1 had leg 2 started them afresh), 17 at the end.
 
@@ -253,12 +254,14 @@ def test_the_loss_continues_after_each_resume(runs: dict[str, Any], strategy: st
     for ranks in runs["legs"]:
         resumed |= _mean_losses(ranks, strategy)
     assert all(resumed[s] == full[s] for s in range(1, K1 + 1)), "leg 1 is the full run's start"
+    # the reference's changes from the first resume step on (its first steps fall much faster)
+    band = max(abs(full[s] - full[s - 1]) for s in range(K1 + 1, max(full) + 1)) + LOSS_TOLERANCE
     for step in (K1 + 1, K2 + 1):  # the first step after each resume, against the last before it
-        jump, want = resumed[step] - resumed[step - 1], full[step] - full[step - 1]
-        assert abs(jump - want) < LOSS_TOLERANCE, (step, jump, want)
+        jump = resumed[step] - resumed[step - 1]
+        assert abs(jump) <= band, (step, jump, band)
         # The band cannot hold by accident: restarting from untrained weights (the full run's
         # step-1 loss) would jump far outside it.
-        assert abs(full[1] - resumed[step - 1] - want) > 5 * LOSS_TOLERANCE, (step, full[1])
+        assert abs(full[1] - resumed[step - 1]) > 2 * band, (step, full[1], band, jump)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

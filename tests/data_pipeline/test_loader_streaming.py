@@ -55,7 +55,14 @@ def test_the_global_sequence_does_not_depend_on_the_world_size(data: Path) -> No
         counts = {len(lo) for lo in ranks}
         # equal batch counts; drop_last keeps whole batches only
         assert counts == {61 // (world * 4)}
-        assert flat([i for lo in ranks for i in served(lo)]) == whole[: world * 4 * counts.pop()]
+        steps = counts.pop()
+        per_rank = [served(lo) for lo in ranks]
+        # step t's global batch (rank 0's batch, then rank 1's, ...) is the sequence's t-th slice
+        # of world * 4 rows: N ranks of batch b train on what one rank of batch N * b would
+        global_batches = [flat([per_rank[r][t] for r in range(world)]) for t in range(steps)]
+        assert flat(global_batches) == whole[: world * 4 * steps]
+        one_rank = served(loaders(data, 1, batch=world * 4)[0])
+        assert [sorted(b) for b in global_batches] == [sorted(b) for b in one_rank[:steps]]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
@@ -130,13 +137,16 @@ def test_each_shard_is_hashed_once_per_process(data: Path, monkeypatch: pytest.M
     assert len(hashed) == len(set(hashed)) == 9
 
 
-def test_each_rank_reads_only_its_stretch(tmp_path: Path) -> None:
+def test_each_rank_reads_each_window_once_per_epoch(tmp_path: Path) -> None:
+    """A rank's slices are spread over every global batch, so it reads the windows of the whole
+    served sequence, each once (never a window twice), and keeps its own rows."""
     data = make_data_dir(tmp_path / "data", train_rows=600, shard_rows=50)
     ranks = loaders(data, 3, batch=5, block_rows=10, window_blocks=2)
     for lo in ranks:
         served(lo)
-        share = len(lo) * 5
-        assert share <= lo.stats["rows_read"] <= share + 2 * 20  # its rows, plus two edge windows
+        served_rows = len(lo) * 5 * 3  # the global batches of the epoch
+        assert served_rows <= lo.stats["rows_read"] <= served_rows + 20  # + the last window's rest
+        assert lo.stats["windows_read"] == -(-lo.stats["rows_read"] // 20)
 
 
 def test_memory_holds_two_windows_whatever_the_corpus(tmp_path: Path) -> None:

@@ -44,7 +44,8 @@ def test_relative_paths_on_ray_workers_and_a_worker_side_data_error(tmp_path: Pa
     assert recorded == str(tmp_path / "runs" / "data")  # the resolved path
 
     # The same data with one training shard's bytes overwritten: present and listed (what the
-    # driver checks), unreadable as Parquet (only the worker that opens it can tell).
+    # driver checks), its bytes not those of the manifest's sha256 (only the worker that reads it
+    # can tell: the loader checks each shard on its first read).
     shutil.copytree(tmp_path / "runs" / "data", tmp_path / "broken")
     shard = tmp_path / "broken" / "mlm_nsp" / "train" / "part-00000.parquet"
     shard.write_bytes(b"\0" * shard.stat().st_size)
@@ -52,6 +53,6 @@ def test_relative_paths_on_ray_workers_and_a_worker_side_data_error(tmp_path: Pa
                   "--out", "runs/broken", *SMOKE)
     assert failed.returncode == 2, failed.stderr[-3000:]
     errors = [line for line in failed.stderr.splitlines() if line.startswith("kiln: error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"kiln: error: {shard}: cannot read")
+    assert len(errors) == 1 and errors[0].startswith(f"kiln: error: {shard}: sha256 does not match")
     assert failed.stderr.rstrip().endswith(errors[0]) and "Traceback" not in failed.stderr
     assert not (tmp_path / "runs" / "broken").exists()  # bad input, no checkpoint: nothing left
