@@ -67,6 +67,13 @@ class CPUCapableDeepSpeedStrategy(RayDeepSpeedStrategy):
         holds the installed DeepSpeed to that."""
         return loss * float("nan")
 
+    def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
+        # Lightning's closure has already divided each micro-batch's loss by accumulate_grad_batches;
+        # the engine would divide it again by gradient_accumulation_steps (the same number), so an
+        # accumulated step's gradient was 1/k of DDP's (tests/cluster/test_zero_partitioning.py).
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
     def setup_environment(self) -> None:
         if self._on_cuda():
             super().setup_environment()
