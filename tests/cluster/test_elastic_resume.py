@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, Strategy
+from rank_testlib import RequestStopAt
 
 from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, StopOnRequest
 from cluster.jobs import ClusterConfig
@@ -133,17 +134,6 @@ class Recorder(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
                            *args: Any) -> None:
         self.steps[-1]["loss"] = float(outputs["loss"])
-
-
-class RequestStopAt(Callback):
-    """Rank 0 asks for a stop (cluster/preemption.py's STOP file) once step `step` is done."""
-
-    def __init__(self, stop_file: Path, step: int) -> None:
-        self.stop_file, self.step = stop_file, step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_rank == 0 and trainer.global_step == self.step:
-            self.stop_file.touch()
 
 
 def _strategy(name: str) -> Strategy:

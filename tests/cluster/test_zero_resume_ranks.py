@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 from lightning.fabric.plugins.environments import TorchElasticEnvironment
 from lightning.pytorch.callbacks import Callback
+from rank_testlib import RequestStopAt
 from torch import Tensor
 
 from cluster.callbacks import KilnCheckpoint, KilnCheckpointIO, StopOnRequest
@@ -99,17 +100,6 @@ class Recorder(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
     ) -> None:
         self.losses.append(float(outputs["loss"]))
-
-
-class RequestStopAt(Callback):
-    """Rank 0 asks for a stop (cluster/preemption.py's STOP file) once step `step` is done."""
-
-    def __init__(self, stop_file: Path, step: int) -> None:
-        self.stop_file, self.step = stop_file, step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_rank == 0 and trainer.global_step == self.step:
-            self.stop_file.touch()
 
 
 def _fit(

@@ -6,8 +6,6 @@ SIGTERM to `kiln pretrain` stops every rank at one step with a checkpoint, exit 
 from __future__ import annotations
 
 import json
-import re
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e_testlib import sigterm_after_step
 
 from cluster.config import load_config
 from cluster.jobs import PretrainJob
@@ -72,18 +71,6 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir: Path, tmp_pa
     for key in ("train/loss", "val/loss", "val/mlm_acc"):
         assert resumed_series[key] == full_series[key], key
     assert "train/mfu" in full_series and all(0 < v < 2 for _, v in full_series["train/mfu"])
-
-
-def sigterm_after_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
-    """Reads the run's output; SIGTERMs the driver (only it, as a scheduler or `ray job stop` would) once a
-    progress line shows `step` done."""
-    sent = False
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        done = re.search(r"\] step (\d+)/", line)
-        if not sent and done and int(done.group(1)) >= step:
-            proc.send_signal(signal.SIGTERM)
-            sent = True
 
 
 def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_continues(data_dir: Path,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e_testlib import sigterm_after_step
 
 from cluster.config import load_config
 from cluster.jobs import PretrainJob
@@ -59,18 +59,6 @@ def _overrides(data_dir: Path, *extra: str) -> list[str]:
         "cluster.strategy=deepspeed_stage_2",
         *extra,
     ]
-
-
-def sigterm_after_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
-    """SIGTERMs the driver (as a scheduler would) once a progress line shows `step` done
-    (tests/e2e/test_resume.py)."""
-    sent = False
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        done = re.search(r"\] step (\d+)/", line)
-        if not sent and done and int(done.group(1)) >= step:
-            proc.send_signal(signal.SIGTERM)
-            sent = True
 
 
 def test_a_preempted_zero_run_resumes_bitwise(data_dir: Path, tmp_path: Path) -> None:

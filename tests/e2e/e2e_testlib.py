@@ -1,0 +1,19 @@
+"""Helpers the e2e tests share."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+
+
+def sigterm_after_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
+    """Reads the run's output; SIGTERMs the driver (only it, as a scheduler or `ray job stop`
+    would) once a progress line shows `step` done."""
+    sent = False
+    for line in proc.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        done = re.search(r"\] step (\d+)/", line)
+        if not sent and done and int(done.group(1)) >= step:
+            proc.send_signal(signal.SIGTERM)
+            sent = True
