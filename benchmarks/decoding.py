@@ -63,12 +63,20 @@ Batch = tuple[Tensor, Tensor]
 @dataclass
 class Contender:
     name: str
-    decode: Callable[[Batch], list[list[int]]]  # one batch -> per source the generated ids, no [BOS]/[EOS]
+    decode: Callable[
+        [Batch], list[list[int]]
+    ]  # one batch -> per source the generated ids, no [BOS]/[EOS]
     tokens_per_s: list[float] = field(default_factory=list)  # per round, wall clock
-    cpu_tokens_per_s: list[float] = field(default_factory=list)  # per round, this process's CPU time
+    cpu_tokens_per_s: list[float] = field(
+        default_factory=list
+    )  # per round, this process's CPU time
     outputs: list[list[int]] = field(default_factory=list)
-    counter: dict[str, int] = field(default_factory=dict)  # the decoder's running counts (count_decoder_work)
-    work: dict[str, int] = field(default_factory=dict)  # decoder calls and token positions of the last round
+    counter: dict[str, int] = field(
+        default_factory=dict
+    )  # the decoder's running counts (count_decoder_work)
+    work: dict[str, int] = field(
+        default_factory=dict
+    )  # decoder calls and token positions of the last round
 
 
 def count_decoder_work(decoder: nn.Module) -> dict[str, int]:
@@ -86,7 +94,9 @@ def count_decoder_work(decoder: nn.Module) -> dict[str, int]:
 
 def kiln_contender(model: nn.Module, max_len: int) -> Contender:
     def decode(batch: Batch) -> list[list[int]]:
-        hyps = beam_search(model, *batch, BOS, EOS, max_len, beam_size=BEAM, length_penalty="avg", alpha=ALPHA)
+        hyps = beam_search(
+            model, *batch, BOS, EOS, max_len, beam_size=BEAM, length_penalty="avg", alpha=ALPHA
+        )
         return [h[0].tokens for h in hyps]
 
     return Contender("Kiln beam_search", decode)
@@ -95,8 +105,15 @@ def kiln_contender(model: nn.Module, max_len: int) -> Contender:
 def hf_contender(model: nn.Module, max_len: int, early_stopping: bool | str) -> Contender:
     def decode(batch: Batch) -> list[list[int]]:
         ids, mask = batch
-        out = model.generate(ids, attention_mask=mask, num_beams=BEAM, max_new_tokens=max_len, do_sample=False,
-                             length_penalty=ALPHA, early_stopping=early_stopping)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            num_beams=BEAM,
+            max_new_tokens=max_len,
+            do_sample=False,
+            length_penalty=ALPHA,
+            early_stopping=early_stopping,
+        )
         rows = []
         for row in out[:, 1:].tolist():  # drop the decoder start token ([BOS])
             rows.append(row[: row.index(EOS)] if EOS in row else _strip_pad(row))
@@ -138,13 +155,17 @@ def sources(data: Path, tokenizer_file: Path, n: int) -> list[Batch]:
 
     texts = read_split(data / "translation", "test", ["src_text"])["src_text"][:n]
     rows = sorted(encode_sources(Tokenizer.from_file(str(tokenizer_file)), texts, 128), key=len)
-    return [pad_batch(rows[i : i + BATCH], PAD, torch.device("cpu")) for i in range(0, len(rows), BATCH)]
+    return [
+        pad_batch(rows[i : i + BATCH], PAD, torch.device("cpu")) for i in range(0, len(rows), BATCH)
+    ]
 
 
 def small_checkpoint(tmp: Path, tokenizer_file: Path, vocab_size: int) -> Path:
     torch.manual_seed(0)
-    config = Seq2SeqConfig(encoder=from_preset(BertConfig, "small", vocab_size=vocab_size),
-                           decoder=from_preset(GPTConfig, "small", vocab_size=vocab_size, add_cross_attention=True))
+    config = Seq2SeqConfig(
+        encoder=from_preset(BertConfig, "small", vocab_size=vocab_size),
+        decoder=from_preset(GPTConfig, "small", vocab_size=vocab_size, add_cross_attention=True),
+    )
     return save_checkpoint(tmp / "small", WarmStartedSeq2Seq(config), config, tokenizer_file)
 
 
@@ -157,20 +178,34 @@ class Result:
     hf: list[Contender]
 
     def identical(self, hf: Contender) -> float:
-        return sum(a == b for a, b in zip(self.kiln.outputs, hf.outputs, strict=True)) / len(self.kiln.outputs)
+        return sum(a == b for a, b in zip(self.kiln.outputs, hf.outputs, strict=True)) / len(
+            self.kiln.outputs
+        )
 
 
-def run_model(name: str, checkpoint: Path, data: Path, n: int, max_len: int, rounds: int, tmp: Path) -> Result:
+def run_model(
+    name: str, checkpoint: Path, data: Path, n: int, max_len: int, rounds: int, tmp: Path
+) -> Result:
     import transformers
 
     kiln = load_finetuned(checkpoint).model.eval()
-    hf = transformers.EncoderDecoderModel.from_pretrained(export_hf(checkpoint, tmp / f"hf-{name}")).eval()
+    hf = transformers.EncoderDecoderModel.from_pretrained(
+        export_hf(checkpoint, tmp / f"hf-{name}")
+    ).eval()
     batches = sources(data, checkpoint / "tokenizer.json", n)
-    contenders = [kiln_contender(kiln, max_len), hf_contender(hf, max_len, "never"), hf_contender(hf, max_len, False)]
+    contenders = [
+        kiln_contender(kiln, max_len),
+        hf_contender(hf, max_len, "never"),
+        hf_contender(hf, max_len, False),
+    ]
     contenders[0].counter = count_decoder_work(kiln.decoder)
-    contenders[1].counter = contenders[2].counter = count_decoder_work(hf.decoder)  # one model, counted by deltas
+    contenders[1].counter = contenders[2].counter = count_decoder_work(
+        hf.decoder
+    )  # one model, counted by deltas
     measure(contenders, batches, max_len, rounds)
-    result = Result(name, sum(b[0].size(0) for b in batches), max_len, contenders[0], contenders[1:])
+    result = Result(
+        name, sum(b[0].size(0) for b in batches), max_len, contenders[0], contenders[1:]
+    )
     for c in contenders:
         print(f"[bench] {name}: {c.name}: {_tps(c)} tokens/s", flush=True)
     return result
@@ -196,24 +231,33 @@ def _ratio_text(a: Contender, b: Contender) -> str:
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| model | sources | max_len | Kiln tokens/s | HF tokens/s, early_stopping=\"never\" (matched) | "
-             "Kiln / HF | identical outputs | HF tokens/s, early_stopping=False (HF default) | Kiln / HF | "
-             "identical outputs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        '| model | sources | max_len | Kiln tokens/s | HF tokens/s, early_stopping="never" (matched) | '
+        "Kiln / HF | identical outputs | HF tokens/s, early_stopping=False (HF default) | Kiln / HF | "
+        "identical outputs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         matched, default = r.hf
-        lines.append(f"| {r.model} | {r.sources} | {r.max_len} | {_tps(r.kiln)} | {_tps(matched)} | "
-                     f"{_ratio_text(r.kiln, matched)} | {r.identical(matched):.1%} | {_tps(default)} | "
-                     f"{_ratio_text(r.kiln, default)} | {r.identical(default):.1%} |")
+        lines.append(
+            f"| {r.model} | {r.sources} | {r.max_len} | {_tps(r.kiln)} | {_tps(matched)} | "
+            f"{_ratio_text(r.kiln, matched)} | {r.identical(matched):.1%} | {_tps(default)} | "
+            f"{_ratio_text(r.kiln, default)} | {r.identical(default):.1%} |"
+        )
     return "\n".join(lines)
 
 
 def work_table(results: list[Result]) -> str:
-    lines = ["| model | contender | decoder calls | decoder token positions | generated tokens |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| model | contender | decoder calls | decoder token positions | generated tokens |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         for c in (r.kiln, *r.hf):
-            lines.append(f"| {r.model} | {c.name} | {c.work.get('calls', 0)} | {c.work.get('positions', 0)} | "
-                         f"{generated_tokens(c.outputs, r.max_len)} |")
+            lines.append(
+                f"| {r.model} | {c.name} | {c.work.get('calls', 0)} | {c.work.get('positions', 0)} | "
+                f"{generated_tokens(c.outputs, r.max_len)} |"
+            )
     return "\n".join(lines)
 
 
@@ -243,60 +287,85 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(results: list[Result], command: str, load: tuple[tuple[float, ...], ...], rounds: int,
-           threads: int) -> str:
+def report(
+    results: list[Result],
+    command: str,
+    load: tuple[tuple[float, ...], ...],
+    rounds: int,
+    threads: int,
+) -> str:
     import transformers
 
     ratios = [_ratio(r.kiln, r.hf[0]) for r in results]
     loads = " / ".join(", ".join(f"{v:.2f}" for v in x) for x in load)
-    return "\n".join([
-        "# Decoding speed: Kiln beam search vs Hugging Face `generate(num_beams=5)` (fp32, CPU)",
-        "",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        f"torch threads: {threads}",
-        f"- command: `{command}`",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- beam {BEAM}, batches of {BATCH} sources sorted by length, length penalty score = logprob / |y|^{ALPHA} "
-        "on both sides (Kiln \"avg\", HF's length_penalty; |y| counts [EOS], not the start token); "
-        f"{rounds} rounds, contenders alternating; tokens/s = median (min-max) over rounds, wall clock; Kiln / HF = "
-        "median (min-max) of the per-round wall-clock ratios, then the median ratio of tokens per CPU second of "
-        "this process (less sensitive to the neighbours' load on a shared machine)",
-        f"- load average (1, 5, 15 min) at start / end: {loads}: the machine is shared, so absolute numbers move "
-        "with the neighbours' load; ratios, timed in alternation, move much less",
-        "",
-        table(results),
-        "",
-        "Work done in the last round (decoder token positions = rows x new tokens summed over decoder calls):",
-        "",
-        work_table(results),
-        "",
-        WHY,
-        "",
-        f"Goal: Kiln >= {GOAL}x HF's target tokens/s at matched settings (wall clock, median of rounds): "
-        + "; ".join(f"{r.model} {x:.2f}x, {'met' if x >= GOAL else 'not met'}"
-                    for r, x in zip(results, ratios, strict=True)) + ".",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Decoding speed: Kiln beam search vs Hugging Face `generate(num_beams=5)` (fp32, CPU)",
+            "",
+            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+            f"torch threads: {threads}",
+            f"- command: `{command}`",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+            f"- beam {BEAM}, batches of {BATCH} sources sorted by length, length penalty score = logprob / |y|^{ALPHA} "
+            'on both sides (Kiln "avg", HF\'s length_penalty; |y| counts [EOS], not the start token); '
+            f"{rounds} rounds, contenders alternating; tokens/s = median (min-max) over rounds, wall clock; "
+            "Kiln / HF = median (min-max) of the per-round wall-clock ratios, then the median ratio of "
+            "tokens per CPU second of "
+            "this process (less sensitive to the neighbours' load on a shared machine)",
+            f"- load average (1, 5, 15 min) at start / end: {loads}: the machine is shared, so absolute numbers move "
+            "with the neighbours' load; ratios, timed in alternation, move much less",
+            "",
+            table(results),
+            "",
+            "Work done in the last round (decoder token positions = rows x new tokens summed over decoder calls):",
+            "",
+            work_table(results),
+            "",
+            WHY,
+            "",
+            f"Goal: Kiln >= {GOAL}x HF's target tokens/s at matched settings (wall clock, median of rounds): "
+            + "; ".join(
+                f"{r.model} {x:.2f}x, {'met' if x >= GOAL else 'not met'}"
+                for r, x in zip(results, ratios, strict=True)
+            )
+            + ".",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="trained translation checkpoint [newest under "
-                        "runs/quickstart/translation/checkpoints]")
-    parser.add_argument("--data", type=Path, default=QUICKSTART / "data", help="prepared data (test sources)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained translation checkpoint [newest under "
+        "runs/quickstart/translation/checkpoints]",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=QUICKSTART / "data", help="prepared data (test sources)"
+    )
     parser.add_argument("--models", default="trained,small", help="comma-separated: trained, small")
     parser.add_argument("--sources", type=int, default=300, help="sources for the trained model")
-    parser.add_argument("--small-sources", type=int, default=32, help="sources for the random small model")
-    parser.add_argument("--max-len", type=int, default=64, help="generated tokens at most, [EOS] included")
+    parser.add_argument(
+        "--small-sources", type=int, default=32, help="sources for the random small model"
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=64, help="generated tokens at most, [EOS] included"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decoding.md")
     args = parser.parse_args(argv)
-    checkpoint = args.checkpoint or max((QUICKSTART / "translation" / "checkpoints").glob("step-*"), default=None)
+    checkpoint = args.checkpoint or max(
+        (QUICKSTART / "translation" / "checkpoints").glob("step-*"), default=None
+    )
     if checkpoint is None or not (args.data / "translation").is_dir():
-        parser.error("needs a translation checkpoint and prepared data: run `make quickstart` or pass --checkpoint "
-                     "and --data")
+        parser.error(
+            "needs a translation checkpoint and prepared data: run `make quickstart` or pass --checkpoint "
+            "and --data"
+        )
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -306,13 +375,31 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             if name == "trained":
-                results.append(run_model("trained 2x128 (quickstart)", checkpoint, args.data, args.sources,
-                                         args.max_len, args.rounds, Path(tmp)))
+                results.append(
+                    run_model(
+                        "trained 2x128 (quickstart)",
+                        checkpoint,
+                        args.data,
+                        args.sources,
+                        args.max_len,
+                        args.rounds,
+                        Path(tmp),
+                    )
+                )
             elif name == "small":
                 vocab = load_finetuned(checkpoint).model_config.decoder.vocab_size
                 small = small_checkpoint(Path(tmp), checkpoint / "tokenizer.json", vocab)
-                results.append(run_model("random small 4x512", small, args.data, args.small_sources, args.max_len,
-                                         args.rounds, Path(tmp)))
+                results.append(
+                    run_model(
+                        "random small 4x512",
+                        small,
+                        args.data,
+                        args.small_sources,
+                        args.max_len,
+                        args.rounds,
+                        Path(tmp),
+                    )
+                )
             else:
                 parser.error(f"--models: unknown {name!r} (trained, small)")
     command = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)

@@ -23,6 +23,7 @@ peak: the bf16 table entry for a known GPU, else a measured matmul) and peak mem
 It imports only Kiln's Ray-free pieces (pretrain.module, pretrain.flops, the models): the GPU
 machine this project may borrow has torch, lightning and transformers but no Ray, DeepSpeed or W&B.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,11 @@ TINY = {"gpt": Shape("tiny", 64, 2, 32), "bert": Shape("tiny", 64, 2, 32)}
 def kiln_zero_config(stage: int, micro_batch: int) -> dict[str, Any]:
     """Kiln's DeepSpeed config (cluster/strategies.py `_deepspeed`, without offload), copied
     because that module imports Ray; tests/benchmarks/test_gpu_check.py keeps the two equal."""
-    return {"zero_optimization": {"stage": stage},
-            "train_micro_batch_size_per_gpu": micro_batch, "zero_allow_untested_optimizer": True}
+    return {
+        "zero_optimization": {"stage": stage},
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_allow_untested_optimizer": True,
+    }
 
 
 def synthetic_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -87,10 +91,13 @@ def synthetic_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, torch
     chosen = torch.rand(b, t, generator=gen) < MASK_PROB
     chosen[:, 1] = True  # at least one masked position per row
     types = (torch.arange(t) >= t // 2).long().expand(b, t).contiguous()
-    return {"input_ids": ids, "token_type_ids": types,
-            "attention_mask": torch.ones(b, t, dtype=torch.long),
-            "mlm_labels": torch.where(chosen, ids, -100),
-            "next_sentence_label": torch.randint(0, 2, (b,), generator=gen)}
+    return {
+        "input_ids": ids,
+        "token_type_ids": types,
+        "attention_mask": torch.ones(b, t, dtype=torch.long),
+        "mlm_labels": torch.where(chosen, ids, -100),
+        "next_sentence_label": torch.randint(0, 2, (b,), generator=gen),
+    }
 
 
 def build_module(family: str, shape: Shape, total_steps: int) -> KilnModule:
@@ -122,14 +129,21 @@ class StepTimer(Callback):
         initialised = dist.is_available() and dist.is_initialized()
         self.backend = dist.get_backend() if initialised else None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx == self.warmup:
             self._sync()
             self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.start is not None:
             self._sync()
             self.seconds = time.perf_counter() - self.start
@@ -164,16 +178,26 @@ def deepspeed_missing() -> str | None:
 def run_part(part: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     family = "bert" if part == "bert-base" else "gpt"
     shape = (TINY if args.tiny else FULL)[family]
-    record: dict[str, Any] = {"part": part, "model": f"{family} {shape.preset}",
-                              "batch": shape.batch, "seq_len": shape.seq_len,
-                              "precision": args.precision}
+    record: dict[str, Any] = {
+        "part": part,
+        "model": f"{family} {shape.preset}",
+        "batch": shape.batch,
+        "seq_len": shape.seq_len,
+        "precision": args.precision,
+    }
     if part == "zero2":
         why = deepspeed_missing()
         if why is not None:
-            print(f"[gpu_check] zero2 skipped: deepspeed not installed ({why}); "
-                  f"to add it: {DEEPSPEED_PIP}", flush=True)
-            return {**record, "status": "skipped: deepspeed not installed",
-                    "install": DEEPSPEED_PIP}
+            print(
+                f"[gpu_check] zero2 skipped: deepspeed not installed ({why}); "
+                f"to add it: {DEEPSPEED_PIP}",
+                flush=True,
+            )
+            return {
+                **record,
+                "status": "skipped: deepspeed not installed",
+                "install": DEEPSPEED_PIP,
+            }
     kind = {"ddp": "ddp", "zero2": "zero2"}.get(part, "single")
     try:
         return {**record, **_train(family, shape, kind, args, device), "status": "ok"}
@@ -185,8 +209,9 @@ def run_part(part: str, args: argparse.Namespace, device: torch.device) -> dict[
             torch.distributed.destroy_process_group()  # the next part starts from a clean slate
 
 
-def _train(family: str, shape: Shape, kind: str, args: argparse.Namespace,
-           device: torch.device) -> dict[str, Any]:
+def _train(
+    family: str, shape: Shape, kind: str, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
     steps = args.warmup + args.steps
     torch.manual_seed(0)
     module = build_module(family, shape, steps)
@@ -196,12 +221,21 @@ def _train(family: str, shape: Shape, kind: str, args: argparse.Namespace,
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = L.Trainer(accelerator=device.type, devices=1,
-                        strategy=_strategy(kind, device, shape.batch), precision=args.precision,
-                        max_steps=steps, gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator=device.type,
+        devices=1,
+        strategy=_strategy(kind, device, shape.batch),
+        precision=args.precision,
+        max_steps=steps,
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, torch.utils.data.DataLoader([batch] * steps, batch_size=None))
     if timer.timed_steps < 1:
         raise RuntimeError(f"no timed steps (ran {trainer.global_step})")
@@ -210,10 +244,18 @@ def _train(family: str, shape: Shape, kind: str, args: argparse.Namespace,
     params = sum(p.numel() for p in module.model.parameters())
     cuda = device.type == "cuda"
     memory = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
-    return {"strategy": kind, "backend": timer.backend, "params_m": round(params / 1e6, 2),
-            "timed_steps": timer.timed_steps, "seconds": round(timer.seconds, 3),
-            "tokens_per_s": round(rate, 1), "mfu": round(rate * per_token / peak, 4),
-            "peak_flops": peak, "peak_source": source, "peak_memory_gib": memory}
+    return {
+        "strategy": kind,
+        "backend": timer.backend,
+        "params_m": round(params / 1e6, 2),
+        "timed_steps": timer.timed_steps,
+        "seconds": round(timer.seconds, 3),
+        "tokens_per_s": round(rate, 1),
+        "mfu": round(rate * per_token / peak, 4),
+        "peak_flops": peak,
+        "peak_source": source,
+        "peak_memory_gib": memory,
+    }
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -225,55 +267,74 @@ def environment(device: torch.device) -> dict[str, Any]:
         name = platform.processor() or platform.machine() or "cpu"
     missing = deepspeed_missing()
     deepspeed = None if missing else importlib.import_module("deepspeed").__version__
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "device": name, "device_type": device.type, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "lightning": lightning.__version__,
-            "python": platform.python_version(), "deepspeed": deepspeed}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+        "deepspeed": deepspeed,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     shapes = "tiny smoke-test shapes" if report["tiny"] else "full shapes"
-    lines = [f"# GPU check ({env['date']})", "",
-             f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
-             f"Lightning {env['lightning']}, Python {env['python']}, "
-             f"DeepSpeed {env['deepspeed'] or 'not installed'}; {shapes}.", "",
-             "| part | model | strategy (backend) | precision | batch × T | tokens/s | MFU "
-             "| peak memory GiB | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check ({env['date']})",
+        "",
+        f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}), "
+        f"Lightning {env['lightning']}, Python {env['python']}, "
+        f"DeepSpeed {env['deepspeed'] or 'not installed'}; {shapes}.",
+        "",
+        "| part | model | strategy (backend) | precision | batch × T | tokens/s | MFU "
+        "| peak memory GiB | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         memory = r.get("peak_memory_gib")
-        lines.append(f"| {r['part']} | {r['model']} | {r.get('strategy', '–')} "
-                     f"({r.get('backend') or '–'}) | {r['precision']} "
-                     f"| {r['batch']} × {r['seq_len']} | {r.get('tokens_per_s', '–')} | {mfu} "
-                     f"| {'–' if memory is None else memory} | {r['status']} |")
-    gpt = next((r for r in report["results"] if r["part"] == "gpt2-124m" and "mfu" in r),
-               None)
+        lines.append(
+            f"| {r['part']} | {r['model']} | {r.get('strategy', '–')} "
+            f"({r.get('backend') or '–'}) | {r['precision']} "
+            f"| {r['batch']} × {r['seq_len']} | {r.get('tokens_per_s', '–')} | {mfu} "
+            f"| {'–' if memory is None else memory} | {r['status']} |"
+        )
+    gpt = next((r for r in report["results"] if r["part"] == "gpt2-124m" and "mfu" in r), None)
     if gpt is not None and not report["tiny"]:
         met = "met" if gpt["mfu"] >= MFU_GOAL_GPT else "not met"
-        lines += ["", f"GPT-2 124M MFU goal ≥ {MFU_GOAL_GPT:.0%}: {met} "
-                      f"({100 * gpt['mfu']:.1f}%)."]
+        lines += ["", f"GPT-2 124M MFU goal ≥ {MFU_GOAL_GPT:.0%}: {met} ({100 * gpt['mfu']:.1f}%)."]
     lines += ["", f"MFU against {report['results'][0].get('peak_source', 'the device peak')}."]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory for gpu_check.json and gpu_check.md")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for gpu_check.json and gpu_check.md"
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny models and batches: a smoke test in seconds")
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"comma-separated subset of {','.join(PARTS)}")
-    parser.add_argument("--precision", default=None,
-                        help="Lightning precision (default: bf16-mixed on cuda, 32-true on cpu)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps first (default: 5; tiny: 1)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps (default: 20; tiny: 2)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and batches: a smoke test in seconds"
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+    )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        help="Lightning precision (default: bf16-mixed on cuda, 32-true on cpu)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default: 5; tiny: 1)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (default: 20; tiny: 2)"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
@@ -283,8 +344,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (2 if args.tiny else 20)
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch.cuda.is_available() is False "
-                     "(--device cpu --tiny is the smoke test)")
+        parser.error(
+            "--device cuda: torch.cuda.is_available() is False "
+            "(--device cpu --tiny is the smoke test)"
+        )
     return args
 
 

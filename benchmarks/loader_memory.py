@@ -50,8 +50,9 @@ def make_corpus(root: Path, rows: int, seq_len: int, copies: int) -> Path:
         offsets = np.arange(0, tokens.size + 1, seq_len + 1, dtype=np.int32)
         ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens.ravel()))
         table = pa.table({"sample_id": pa.array(np.arange(rows), pa.int64()), "input_ids": ids})
-        write_task(base / "clm", "clm", builder.schema, {"train": table}, SHARD_ROWS,
-                   builder.token_columns)
+        write_task(
+            base / "clm", "clm", builder.schema, {"train": table}, SHARD_ROWS, builder.token_columns
+        )
     data = root / f"x{copies}"
     manifest = json.loads((base / "clm" / "manifest.json").read_text())
     shards = []
@@ -61,11 +62,16 @@ def make_corpus(root: Path, rows: int, seq_len: int, copies: int) -> Path:
             name = f"train/c{copy:02d}-{Path(shard['file']).name}"
             os.link(base / "clm" / shard["file"], data / "clm" / name)
             shards.append({**shard, "file": name})
-    manifest["splits"]["train"] = {"shards": shards, "rows": rows * copies,
-                                   "tokens": sum(s["tokens"] for s in shards)}
+    manifest["splits"]["train"] = {
+        "shards": shards,
+        "rows": rows * copies,
+        "tokens": sum(s["tokens"] for s in shards),
+    }
     write_json(data / "clm" / "manifest.json", manifest)
-    write_json(data / "manifest.json",
-               {"tasks": {"clm": {}}, "special_tokens": {"[PAD]": 0}, "vocab_size": 50_000})
+    write_json(
+        data / "manifest.json",
+        {"tasks": {"clm": {}}, "special_tokens": {"[PAD]": 0}, "vocab_size": 50_000},
+    )
     return data
 
 
@@ -81,15 +87,23 @@ def measure(mode: str, data: Path, world: int, batch: int) -> dict:
     if mode == "streaming":
         loader = make_loader(data, "clm", "train", batch, rank=0, world_size=world, seed=0)
         batches = sum(1 for _ in loader)
-        extra = {"batches": batches, "peak_rows_held": loader.stats["peak_rows_held"],
-                 "rows_read": loader.stats["rows_read"]}
+        extra = {
+            "batches": batches,
+            "peak_rows_held": loader.stats["peak_rows_held"],
+            "rows_read": loader.stats["rows_read"],
+        }
     else:
         table = read_split(data / "clm", "train", columns=["sample_id", "input_ids"])
         columns = {name: table.column(name).to_pylist() for name in table.column_names}
         extra = {"rows": len(columns["sample_id"])}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"base_mib": base / 1024, "peak_mib": peak / 1024, "loader_mib": (peak - base) / 1024,
-            "seconds": time.perf_counter() - start, **extra}
+    return {
+        "base_mib": base / 1024,
+        "peak_mib": peak / 1024,
+        "loader_mib": (peak - base) / 1024,
+        "seconds": time.perf_counter() - start,
+        **extra,
+    }
 
 
 def _rss_kib() -> int:
@@ -100,15 +114,25 @@ def _rss_kib() -> int:
 
 
 def run_child(mode: str, data: Path, world: int, batch: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, str(data), "--world", str(world),
-               "--batch", str(batch)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        str(data),
+        "--world",
+        str(world),
+        "--batch",
+        str(batch),
+    ]
     out = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--world", type=int, default=2)
@@ -131,19 +155,25 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, rows: list[tuple[int, str, dict]]) -> None:
     load = ", ".join(f"{x:.2f}" for x in args.load_before)
-    lines = [f"# Loader memory per rank at 1x and 10x the corpus ({dt.date.today()})", "",
-             f"{args.rows:,} rows x {args.seq_len + 1} int32 tokens at 1x; rank 0 of {args.world}; "
-             f"batch {args.batch}; {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} CPUs; load average (1, 5, 15 min) before: {load}; after: "
-             f"{os.getloadavg()[0]:.2f}.", "",
-             "| corpus | loader | RSS after imports (MiB) | peak RSS (MiB) | loader's share (MiB) "
-             "| s | detail |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Loader memory per rank at 1x and 10x the corpus ({dt.date.today()})",
+        "",
+        f"{args.rows:,} rows x {args.seq_len + 1} int32 tokens at 1x; rank 0 of {args.world}; "
+        f"batch {args.batch}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs; load average (1, 5, 15 min) before: {load}; after: "
+        f"{os.getloadavg()[0]:.2f}.",
+        "",
+        "| corpus | loader | RSS after imports (MiB) | peak RSS (MiB) | loader's share (MiB) "
+        "| s | detail |",
+        "|---|---|---|---|---|---|---|",
+    ]
     shown = ("base_mib", "peak_mib", "loader_mib", "seconds")
     for copies, mode, r in rows:
         detail = {k: v for k, v in r.items() if k not in shown}
-        lines.append(f"| {copies}x | {mode} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} | "
-                     f"{r['loader_mib']:.0f} | {r['seconds']:.1f} | {detail} |")
+        lines.append(
+            f"| {copies}x | {mode} | {r['base_mib']:.0f} | {r['peak_mib']:.0f} | "
+            f"{r['loader_mib']:.0f} | {r['seconds']:.1f} | {detail} |"
+        )
     out = ROOT / "benchmarks" / "results" / "loader_memory.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")

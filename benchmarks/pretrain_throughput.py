@@ -61,12 +61,18 @@ def _batch(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     if family == "gpt":
         return {"ids": ids, "next": torch.randint(7, VOCAB[family], (B, T), generator=gen)}
     chosen = torch.rand(B, T, generator=gen) < MASK_PROB
-    return {"ids": ids, "types": (torch.arange(T) >= T // 2).long().expand(B, T).contiguous(),
-            "mask": torch.ones(B, T, dtype=torch.long), "labels": torch.where(chosen, ids, -100),
-            "nsp": torch.randint(0, 2, (B,), generator=gen)}
+    return {
+        "ids": ids,
+        "types": (torch.arange(T) >= T // 2).long().expand(B, T).contiguous(),
+        "mask": torch.ones(B, T, dtype=torch.long),
+        "labels": torch.where(chosen, ids, -100),
+        "nsp": torch.randint(0, 2, (B,), generator=gen),
+    }
 
 
-def _trainer_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _trainer_step(
+    model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]
+) -> Callable[[], None]:
     model.train()
     optimizer, _ = build_optimizer(model, OptimConfig(), 1000)
 
@@ -82,11 +88,20 @@ def _trainer_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -
 def bert_pair(layers: int, width: int) -> list[Contender]:
     import transformers
 
-    sizes = dict(vocab_size=VOCAB["bert"], hidden_size=width, num_hidden_layers=layers,
-                 num_attention_heads=width // 64, intermediate_size=4 * width, max_position_embeddings=512)
+    sizes = dict(
+        vocab_size=VOCAB["bert"],
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 64,
+        intermediate_size=4 * width,
+        max_position_embeddings=512,
+    )
     x = _batch("bert")
     kiln_cfg = BertConfig(**sizes)
-    kiln, hf = BertForPreTraining(kiln_cfg), transformers.BertForPreTraining(transformers.BertConfig(**sizes))
+    kiln, hf = (
+        BertForPreTraining(kiln_cfg),
+        transformers.BertForPreTraining(transformers.BertConfig(**sizes)),
+    )
 
     def kiln_loss() -> torch.Tensor:
         positions = masked_positions_from_labels(x["labels"])
@@ -94,12 +109,25 @@ def bert_pair(layers: int, width: int) -> list[Contender]:
         return mlm_nsp_loss(out, x["labels"], x["nsp"], positions)["loss"]
 
     def hf_loss() -> torch.Tensor:
-        return hf(input_ids=x["ids"], token_type_ids=x["types"], attention_mask=x["mask"], labels=x["labels"],
-                  next_sentence_label=x["nsp"]).loss
+        return hf(
+            input_ids=x["ids"],
+            token_type_ids=x["types"],
+            attention_mask=x["mask"],
+            labels=x["labels"],
+            next_sentence_label=x["nsp"],
+        ).loss
 
     masked = float((x["labels"] != -100).float().mean())
-    return [Contender("Kiln", _trainer_step(kiln, kiln_loss), encoder_flops_per_token(kiln_cfg, T, masked) * B * T),
-            Contender("HF", _trainer_step(hf, hf_loss), encoder_flops_per_token(kiln_cfg, T, 1.0) * B * T)]
+    return [
+        Contender(
+            "Kiln",
+            _trainer_step(kiln, kiln_loss),
+            encoder_flops_per_token(kiln_cfg, T, masked) * B * T,
+        ),
+        Contender(
+            "HF", _trainer_step(hf, hf_loss), encoder_flops_per_token(kiln_cfg, T, 1.0) * B * T
+        ),
+    ]
 
 
 def gpt_pair(layers: int, width: int) -> list[Contender]:
@@ -107,7 +135,9 @@ def gpt_pair(layers: int, width: int) -> list[Contender]:
 
     x = _batch("gpt")
     kiln_cfg = GPTConfig(vocab_size=VOCAB["gpt"], n_embd=width, n_layer=layers, n_head=width // 64)
-    hf_cfg = transformers.GPT2Config(vocab_size=VOCAB["gpt"], n_embd=width, n_layer=layers, n_head=width // 64)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=VOCAB["gpt"], n_embd=width, n_layer=layers, n_head=width // 64
+    )
     kiln, hf = GPTLMHeadModel(kiln_cfg), transformers.GPT2LMHeadModel(hf_cfg)
 
     def kiln_loss() -> torch.Tensor:
@@ -118,8 +148,10 @@ def gpt_pair(layers: int, width: int) -> list[Contender]:
         return hf(input_ids=x["ids"], labels=x["ids"]).loss  # HF shifts the labels itself
 
     flops = decoder_flops_per_token(kiln_cfg, T) * B * T
-    return [Contender("Kiln", _trainer_step(kiln, kiln_loss), flops),
-            Contender("HF", _trainer_step(hf, hf_loss), flops)]
+    return [
+        Contender("Kiln", _trainer_step(kiln, kiln_loss), flops),
+        Contender("HF", _trainer_step(hf, hf_loss), flops),
+    ]
 
 
 PAIRS: dict[str, Callable[[int, int], list[Contender]]] = {"bert": bert_pair, "gpt": gpt_pair}
@@ -153,7 +185,9 @@ class Row:
         return statistics.median(c.tokens_per_s) / (B * T) * c.flops_per_step / self.peak
 
 
-def run(families: list[str], sizes: list[str], threads: list[int], steps: int, rounds: int) -> list[Row]:
+def run(
+    families: list[str], sizes: list[str], threads: list[int], steps: int, rounds: int
+) -> list[Row]:
     rows: list[Row] = []
     for n in threads:
         torch.set_num_threads(n)
@@ -165,8 +199,11 @@ def run(families: list[str], sizes: list[str], threads: list[int], steps: int, r
                 kiln, hf = PAIRS[family](layers, width)
                 measure([kiln, hf], steps, rounds)
                 rows.append(Row(family, size, n, kiln, hf, peak))
-                print(f"[bench] {family} {size} threads={n}: Kiln {_tps(kiln)}, HF {_tps(hf)} tokens/s, "
-                      f"ratio {rows[-1].ratio():.2f}", flush=True)
+                print(
+                    f"[bench] {family} {size} threads={n}: Kiln {_tps(kiln)}, HF {_tps(hf)} tokens/s, "
+                    f"ratio {rows[-1].ratio():.2f}",
+                    flush=True,
+                )
                 del kiln, hf
     best_peak = {n: max(r.peak for r in rows if r.threads == n) for n in threads}
     for r in rows:
@@ -179,12 +216,16 @@ def _tps(c: Contender) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | size (L x d) | threads | Kiln tokens/s | HF tokens/s | Kiln / HF | goal | Kiln MFU | HF MFU |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | size (L x d) | threads | Kiln tokens/s | HF tokens/s | Kiln / HF | goal | Kiln MFU | HF MFU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         met = "met" if r.ratio() >= GOALS[r.family] else "not met"
-        lines.append(f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(r.kiln)} | {_tps(r.hf)} | "
-                     f"{r.ratio():.2f}x | >= {GOALS[r.family]}x: {met} | {r.mfu(r.kiln):.0%} | {r.mfu(r.hf):.0%} |")
+        lines.append(
+            f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(r.kiln)} | {_tps(r.hf)} | "
+            f"{r.ratio():.2f}x | >= {GOALS[r.family]}x: {met} | {r.mfu(r.kiln):.0%} | {r.mfu(r.hf):.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -202,52 +243,73 @@ def _load(values: tuple[float, ...]) -> str:
     return ", ".join(f"{v:.2f}" for v in values)
 
 
-def report(rows: list[Row], command: str, load: tuple[tuple[float, ...], tuple[float, ...]], steps: int,
-           rounds: int) -> str:
+def report(
+    rows: list[Row],
+    command: str,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+    steps: int,
+    rounds: int,
+) -> str:
     import transformers
 
-    peaks = ", ".join(f"{n} thread{'s' * (n > 1)}: {p / 1e9:.1f} GFLOP/s" for n, p in
-                      sorted({r.threads: r.peak for r in rows}.items()))
+    peaks = ", ".join(
+        f"{n} thread{'s' * (n > 1)}: {p / 1e9:.1f} GFLOP/s"
+        for n, p in sorted({r.threads: r.peak for r in rows}.items())
+    )
     kiln_mfu = [r.mfu(r.kiln) for r in rows]
-    return "\n".join([
-        "# Pretraining throughput: Kiln vs Hugging Face transformers (fp32, CPU)",
-        "",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-        f"- command: `{command}`",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- batch {B} x {T} tokens; forward + loss + backward + AdamW step; {rounds} rounds of {steps} steps per "
-        "contender, the two sides of a pair alternating; tokens/s = median (min-max) over rounds",
-        f"- matmul peak (best fp32 1024² matmul measured in the run): {peaks}",
-        f"- load average (1, 5, 15 min) at start {_load(load[0])}, at end {_load(load[1])}: the machine is shared, "
-        "so absolute "
-        "numbers move with the neighbours' load; the ratios, timed in alternation, move much less",
-        "",
-        table(rows),
-        "",
-        f"Goals: BERT >= {GOALS['bert']}x and GPT >= {GOALS['gpt']}x the reference's tokens/s, Kiln MFU >= "
-        f"{MFU_GOAL:.0%} of the matmul peak (met in {sum(m >= MFU_GOAL for m in kiln_mfu)} of {len(rows)} rows).",
-        "MFU counts the FLOPs each side computes (pretrain.flops): HF's BERT runs its MLM head at all 128 "
-        "positions, Kiln's at the ~15% masked ones, so HF's MFU is credited for work Kiln skips.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Pretraining throughput: Kiln vs Hugging Face transformers (fp32, CPU)",
+            "",
+            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- machine: {_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+            f"- command: `{command}`",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+            f"- batch {B} x {T} tokens; forward + loss + backward + AdamW step; {rounds} rounds of {steps} steps per "
+            "contender, the two sides of a pair alternating; tokens/s = median (min-max) over rounds",
+            f"- matmul peak (best fp32 1024² matmul measured in the run): {peaks}",
+            f"- load average (1, 5, 15 min) at start {_load(load[0])}, at end {_load(load[1])}: the machine is shared, "
+            "so absolute "
+            "numbers move with the neighbours' load; the ratios, timed in alternation, move much less",
+            "",
+            table(rows),
+            "",
+            f"Goals: BERT >= {GOALS['bert']}x and GPT >= {GOALS['gpt']}x the reference's tokens/s, Kiln MFU >= "
+            f"{MFU_GOAL:.0%} of the matmul peak (met in {sum(m >= MFU_GOAL for m in kiln_mfu)} of {len(rows)} rows).",
+            "MFU counts the FLOPs each side computes (pretrain.flops): HF's BERT runs its MLM head at all 128 "
+            "positions, Kiln's at the ~15% masked ones, so HF's MFU is credited for work Kiln skips.",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", default=str(torch.get_num_threads()), help="comma-separated thread counts")
+    parser.add_argument(
+        "--threads", default=str(torch.get_num_threads()), help="comma-separated thread counts"
+    )
     parser.add_argument("--sizes", default="4x256,6x512", help="comma-separated LAYERSxWIDTH")
     parser.add_argument("--families", default="bert,gpt")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pretrain_throughput.md")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "pretrain_throughput.md"
+    )
     args = parser.parse_args(argv)
     families = args.families.split(",")
     unknown = [f for f in families if f not in PAIRS]
     if unknown or args.steps < 1 or args.rounds < 1:
-        parser.error(f"--families from {sorted(PAIRS)} (unknown: {unknown}); --steps and --rounds >= 1")
+        parser.error(
+            f"--families from {sorted(PAIRS)} (unknown: {unknown}); --steps and --rounds >= 1"
+        )
     start_load = os.getloadavg()
-    rows = run(families, args.sizes.split(","), [int(n) for n in args.threads.split(",")], args.steps, args.rounds)
+    rows = run(
+        families,
+        args.sizes.split(","),
+        [int(n) for n in args.threads.split(",")],
+        args.steps,
+        args.rounds,
+    )
     command = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
     text = report(rows, command, (start_load, os.getloadavg()), args.steps, args.rounds)
     print(text)

@@ -35,9 +35,20 @@ from cluster.report import read_series  # noqa: E402
 
 
 def job_for(config: str, data_dir: Path, steps: int, out_overrides: list[str]) -> PretrainJob:
-    return load_config(PretrainJob, Path(config), [
-        f"data_dir={data_dir}", f"trainer.max_steps={steps}", "trainer.log_every=1", f"trainer.val_every={steps + 1}",
-        "trainer.checkpoint_every=0", "cluster.num_workers=1", "cluster.cpus_per_worker=1", *out_overrides])
+    return load_config(
+        PretrainJob,
+        Path(config),
+        [
+            f"data_dir={data_dir}",
+            f"trainer.max_steps={steps}",
+            "trainer.log_every=1",
+            f"trainer.val_every={steps + 1}",
+            "trainer.checkpoint_every=0",
+            "cluster.num_workers=1",
+            "cluster.cpus_per_worker=1",
+            *out_overrides,
+        ],
+    )
 
 
 def steady_rate(metrics_csv: Path, warmup: int) -> float:
@@ -57,10 +68,20 @@ def run_lightning(job: PretrainJob, out: Path) -> tuple[float, Path]:
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, 0, 1)
     logger = CSVLogger(str(out), name="", version="")
-    trainer = pl.Trainer(max_steps=job.trainer.max_steps, accelerator="cpu", devices=1, logger=logger,
-                         log_every_n_steps=1, val_check_interval=job.trainer.val_every, check_val_every_n_epoch=None,
-                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=job.trainer.max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        log_every_n_steps=1,
+        val_check_interval=job.trainer.val_every,
+        check_val_every_n_epoch=None,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     start = time.perf_counter()
     trainer.fit(parts.module, train_dataloaders=parts.train_loader)
     return time.perf_counter() - start, out / "metrics.csv"
@@ -103,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 wall, csv_file = fn(job, scratch / f"{name}-{r}")
                 rows[name].append(steady_rate(csv_file, args.warmup))
                 walls[name].append(wall)
-                print(f"round {r + 1} {name}: {rows[name][-1]:,.0f} tokens/s steady, {wall:.1f} s wall", flush=True)
+                print(
+                    f"round {r + 1} {name}: {rows[name][-1]:,.0f} tokens/s steady, {wall:.1f} s wall",
+                    flush=True,
+                )
     ratios = [ray / plain for ray, plain in zip(rows["ray"], rows["lightning"], strict=True)]
     text = report(args, rows, walls, ratios, load_before, os.getloadavg())
     Path(args.out).write_text(text)
@@ -111,28 +135,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(args: argparse.Namespace, rows: dict[str, list[float]], walls: dict[str, list[float]],
-           ratios: list[float], load_before: tuple[float, ...], load_after: tuple[float, ...]) -> str:
+def report(
+    args: argparse.Namespace,
+    rows: dict[str, list[float]],
+    walls: dict[str, list[float]],
+    ratios: list[float],
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+) -> str:
     import ray
     import torch
 
     overhead = 1 - statistics.median(ratios)
     lines = [
-        "# Ray Train overhead: the same Lightning fit with and without Ray", "",
+        "# Ray Train overhead: the same Lightning fit with and without Ray",
+        "",
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         f"- command: `.venv/bin/python benchmarks/ray_overhead.py --config {args.config} --steps {args.steps} "
         f"--warmup {args.warmup} --rounds {args.rounds}`",
         f"- torch {torch.__version__}, ray {ray.__version__}; 1 worker, 1 thread; built-in sample data",
         f"- load average at start {', '.join(f'{x:.2f}' for x in load_before)}, "
-        f"at end {', '.join(f'{x:.2f}' for x in load_after)}", "",
-        "| contender | steady tokens/s per round | median | run wall time s (incl. start-up) |", "|---|---|---|---|",
+        f"at end {', '.join(f'{x:.2f}' for x in load_after)}",
+        "",
+        "| contender | steady tokens/s per round | median | run wall time s (incl. start-up) |",
+        "|---|---|---|---|",
     ]
     for name in ("lightning", "ray"):
-        lines.append(f"| {name} | {', '.join(f'{x:,.0f}' for x in rows[name])} | {statistics.median(rows[name]):,.0f} "
-                     f"| {', '.join(f'{x:.1f}' for x in walls[name])} |")
-    lines += ["", f"Ray / plain Lightning steady-state throughput per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
-                  f"median overhead {overhead:.1%} (goal <= 5%: {'met' if overhead <= 0.05 else 'not met'})."]
+        lines.append(
+            f"| {name} | {', '.join(f'{x:,.0f}' for x in rows[name])} | {statistics.median(rows[name]):,.0f} "
+            f"| {', '.join(f'{x:.1f}' for x in walls[name])} |"
+        )
+    lines += [
+        "",
+        f"Ray / plain Lightning steady-state throughput per round: {', '.join(f'{x:.3f}' for x in ratios)}; "
+        f"median overhead {overhead:.1%} (goal <= 5%: {'met' if overhead <= 0.05 else 'not met'}).",
+    ]
     return "\n".join(lines) + "\n"
 
 

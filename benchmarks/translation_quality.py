@@ -36,9 +36,16 @@ MULTI30K = ROOT.parent / "shared" / "data" / "multi30k" / "raw"
 ARCHES = {
     "transformer": ["model.arch=transformer", "model.preset=small"],
     "lstm": ["model.arch=lstm", "model.preset=small"],
-    "lstm_attention (bahdanau)": ["model.arch=lstm_attention", "model.attention=bahdanau", "model.preset=small"],
-    "lstm_attention (luong_general)": ["model.arch=lstm_attention", "model.attention=luong_general",
-                                       "model.preset=small"],
+    "lstm_attention (bahdanau)": [
+        "model.arch=lstm_attention",
+        "model.attention=bahdanau",
+        "model.preset=small",
+    ],
+    "lstm_attention (luong_general)": [
+        "model.arch=lstm_attention",
+        "model.attention=luong_general",
+        "model.preset=small",
+    ],
     "convs2s": ["model.arch=convs2s", "model.preset=small"],
 }
 
@@ -48,15 +55,23 @@ def prepared(work: Path) -> Path:
 
     out = work / "multi30k"
     if not (out / "manifest.json").is_file():
-        job = load_config(PrepareJob, ROOT / "configs" / "data-multi30k.yaml",
-                          [f"data.paths=[{MULTI30K / 'train.de'}, {MULTI30K / 'train.en'}]"])
+        job = load_config(
+            PrepareJob,
+            ROOT / "configs" / "data-multi30k.yaml",
+            [f"data.paths=[{MULTI30K / 'train.de'}, {MULTI30K / 'train.en'}]"],
+        )
         prepare(job.data, out)
     return out
 
 
-def train_for(job: FinetuneJob | PretrainJob, minutes: float, log_every: int = 50,
-              max_steps: int | None = None, fresh_weights: bool = False,
-              losses: list[float] | None = None) -> tuple[torch.nn.Module, int, float]:
+def train_for(
+    job: FinetuneJob | PretrainJob,
+    minutes: float,
+    log_every: int = 50,
+    max_steps: int | None = None,
+    fresh_weights: bool = False,
+    losses: list[float] | None = None,
+) -> tuple[torch.nn.Module, int, float]:
     """Train in this process until the budget (or max_steps) is spent; returns (model, steps, final train loss).
     fresh_weights: re-initialise the built model (a warm-started architecture trained from scratch instead);
     losses: a list every step's training loss is appended to."""
@@ -74,7 +89,9 @@ def train_for(job: FinetuneJob | PretrainJob, minutes: float, log_every: int = 5
     deadline, steps, loss = time.monotonic() + 60 * minutes, 0, float("nan")
     while time.monotonic() < deadline and steps != max_steps:
         for batch in parts.train_loader:
-            module.manual_step = steps  # scheduled sampling's step (TranslationModule) without a Trainer
+            module.manual_step = (
+                steps  # scheduled sampling's step (TranslationModule) without a Trainer
+            )
             out = module.compute(batch, "train")
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -101,36 +118,73 @@ def score(model: torch.nn.Module, data_dir: Path, limit: int | None = None) -> d
     srcs = (MULTI30K / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:limit]
     refs = (MULTI30K / "test_2016_flickr.en").read_text(encoding="utf-8").splitlines()[:limit]
     start = time.perf_counter()
-    scores, _ = evaluate_translation(model, tokenizer, srcs, refs, beam_size=5, length_penalty="gnmt", alpha=0.6,
-                                     max_len=64, batch_size=64)
+    scores, _ = evaluate_translation(
+        model,
+        tokenizer,
+        srcs,
+        refs,
+        beam_size=5,
+        length_penalty="gnmt",
+        alpha=0.6,
+        max_len=64,
+        batch_size=64,
+    )
     return {**scores, "decode_s": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=5.0, help="training wall time per architecture")
-    parser.add_argument("--arches", default=",".join(ARCHES), help="comma-separated names from the table")
+    parser.add_argument(
+        "--minutes", type=float, default=5.0, help="training wall time per architecture"
+    )
+    parser.add_argument(
+        "--arches", default=",".join(ARCHES), help="comma-separated names from the table"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps-hint", type=int, default=1500, help="the LR schedule's length (steps)")
+    parser.add_argument(
+        "--steps-hint", type=int, default=1500, help="the LR schedule's length (steps)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-translation")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "translation_quality.md")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "translation_quality.md"
+    )
     args = parser.parse_args(argv)
     if not MULTI30K.is_dir():
-        print(f"{MULTI30K}: not found (../shared/data is needed for this benchmark)", file=sys.stderr)
+        print(
+            f"{MULTI30K}: not found (../shared/data is needed for this benchmark)", file=sys.stderr
+        )
         return 2
     torch.set_num_threads(args.threads)
     data = prepared(args.work)
     rows = []
     for name in args.arches.split(","):
-        job = load_config(FinetuneJob, None, [
-            f"data_dir={data}", "task=translation", "trainer.batch_size=64", f"trainer.max_steps={args.steps_hint}",
-            "optim.lr=0.001", "optim.warmup_steps=100", *ARCHES[name]])
+        job = load_config(
+            FinetuneJob,
+            None,
+            [
+                f"data_dir={data}",
+                "task=translation",
+                "trainer.batch_size=64",
+                f"trainer.max_steps={args.steps_hint}",
+                "optim.lr=0.001",
+                "optim.warmup_steps=100",
+                *ARCHES[name],
+            ],
+        )
         load = os.getloadavg()[0]
         print(f"[{name}] training for {args.minutes} min", flush=True)
         model, steps, loss = train_for(job, args.minutes)
         params = sum(p.numel() for p in model.parameters())
-        rows.append({"arch": name, "params": params, "steps": steps, "loss": loss, "load": load,
-                     **score(model, data)})
+        rows.append(
+            {
+                "arch": name,
+                "params": params,
+                "steps": steps,
+                "loss": loss,
+                "load": load,
+                **score(model, data),
+            }
+        )
         print(f"[{name}] {rows[-1]}", flush=True)
     text = report(args, rows)
     args.out.write_text(text)
@@ -140,19 +194,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, rows: list[dict]) -> str:
     lines = [
-        "# Translation quality at a fixed CPU budget: Multi30k de→en, test_2016_flickr", "",
+        "# Translation quality at a fixed CPU budget: Multi30k de→en, test_2016_flickr",
+        "",
         f"- date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores; torch {torch.__version__}",
         f"- command: `.venv/bin/python benchmarks/translation_quality.py --minutes {args.minutes} --threads "
         f"{args.threads}`",
         f"- budget: {args.minutes} min of training per architecture on {args.threads} threads, batch 64, `small` "
-        "presets; beam 5, GNMT length penalty alpha 0.6; BLEU/chrF by sacrebleu on detokenised output", "",
+        "presets; beam 5, GNMT length penalty alpha 0.6; BLEU/chrF by sacrebleu on detokenised output",
+        "",
         "| architecture | params | steps in budget | final train loss | BLEU | chrF | decode s | load at start |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['arch']} | {r['params'] / 1e6:.1f} M | {r['steps']} | {r['loss']:.2f} | {r['bleu']:.1f} | "
-                     f"{r['chrf']:.1f} | {r['decode_s']:.0f} | {r['load']:.1f} |")
+        lines.append(
+            f"| {r['arch']} | {r['params'] / 1e6:.1f} M | {r['steps']} | {r['loss']:.2f} | {r['bleu']:.1f} | "
+            f"{r['chrf']:.1f} | {r['decode_s']:.0f} | {r['load']:.1f} |"
+        )
     copy = rows[0]["copy_source_bleu"] if rows else float("nan")
     lines += ["", f"Copying the German source scores BLEU {copy:.1f}."]
     return "\n".join(lines) + "\n"

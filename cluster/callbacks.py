@@ -26,7 +26,9 @@ from cluster.progress import EventWriter
 from cluster.resume import lightning_checkpoint, rank_state, restore_rank_state
 from pretrain.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
 
-_EVENTS: EventWriter | None = None  # rank 0 of a training worker: lines travel to the driver's console
+_EVENTS: EventWriter | None = (
+    None  # rank 0 of a training worker: lines travel to the driver's console
+)
 
 
 def send_lines_to(path: Path | None) -> None:
@@ -68,7 +70,9 @@ class ProgressPrinter(pl.Callback):
 
     LIVE_INTERVAL_S = 0.5
 
-    def __init__(self, stage: str, every: int, keys: tuple[str, ...], events: Path | None = None) -> None:
+    def __init__(
+        self, stage: str, every: int, keys: tuple[str, ...], events: Path | None = None
+    ) -> None:
         self.stage, self.every, self.keys = stage, max(1, every), keys
         self.writer = EventWriter(events) if events is not None else None
         self._start, self._start_step, self._sent = 0.0, 0, 0.0
@@ -76,25 +80,42 @@ class ProgressPrinter(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._start_step = time.perf_counter(), trainer.global_step  # > 0 when resumed
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         step, now = trainer.global_step, time.perf_counter()
         logged = step % self.every == 0 or step >= trainer.max_steps
-        if trainer.global_rank != 0 or not (logged or (self.writer and now - self._sent >= self.LIVE_INTERVAL_S)):
+        if trainer.global_rank != 0 or not (
+            logged or (self.writer and now - self._sent >= self.LIVE_INTERVAL_S)
+        ):
             return
         self._sent = now
         metrics = trainer.callback_metrics
         elapsed = now - self._start
-        self._send({"kind": "step", "step": step, "max_steps": trainer.max_steps,
-                    "metrics": {k.split("/")[-1]: float(metrics[k]) for k in self.keys if k in metrics},
-                    "elapsed": elapsed,
-                    "eta": elapsed / max(step - self._start_step, 1) * (trainer.max_steps - step)})
+        self._send(
+            {
+                "kind": "step",
+                "step": step,
+                "max_steps": trainer.max_steps,
+                "metrics": {k.split("/")[-1]: float(metrics[k]) for k in self.keys if k in metrics},
+                "elapsed": elapsed,
+                "eta": elapsed / max(step - self._start_step, 1) * (trainer.max_steps - step),
+            }
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
-        self._send({"kind": "validation", "step": trainer.global_step,
-                    "metrics": {k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val/")}})
+        self._send(
+            {
+                "kind": "validation",
+                "step": trainer.global_step,
+                "metrics": {
+                    k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val/")
+                },
+            }
+        )
 
     def _send(self, event: dict[str, Any]) -> None:
         event["stage"] = self.stage
@@ -115,8 +136,18 @@ class KilnCheckpoint(pl.Callback):
     max_steps would then start a new one. Weights are consolidated first when DeepSpeed ZeRO-3 has partitioned
     them, and every rank's RNG state is gathered, both collectives, so every rank enters `save`; rank 0 writes."""
 
-    def __init__(self, root: Path, model_config: Any, tokenizer_file: Path, job_config: dict, data_manifest: Path,
-                 every: int, keep_last: int, loader: Any, val_loader: Any | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model_config: Any,
+        tokenizer_file: Path,
+        job_config: dict,
+        data_manifest: Path,
+        every: int,
+        keep_last: int,
+        loader: Any,
+        val_loader: Any | None = None,
+    ) -> None:
         self.root, self.model_config, self.tokenizer_file = Path(root), model_config, tokenizer_file
         self.job_config, self.data_manifest = job_config, data_manifest
         self.loader, self.val_loader = loader, val_loader
@@ -126,18 +157,25 @@ class KilnCheckpoint(pl.Callback):
         self._resume_rng: dict | None = None  # this rank's RNG at the checkpoint resumed from
         self._resume_val_loader: dict | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         step = trainer.global_step
         if step >= trainer.max_steps or (self.every and step % self.every == 0):
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer, pl_module)  # a no-op after the last step's save; writes one if training stopped early
+        self.save(
+            trainer, pl_module
+        )  # a no-op after the last step's save; writes one if training stopped early
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
         # put back at on_train_start, the last hook before the first resumed batch (cluster/resume.py)
-        self._resume_rng, self._resume_val_loader = rank_state(checkpoint, trainer.world_size,
-                                                               trainer.global_rank)
+        self._resume_rng, self._resume_val_loader = rank_state(
+            checkpoint, trainer.world_size, trainer.global_rank
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         restore_rank_state(self._resume_rng, self._resume_val_loader, self.val_loader)
@@ -151,16 +189,24 @@ class KilnCheckpoint(pl.Callback):
         rngs = _gather_rng_states()
         model: nn.Module = pl_module.model
         # ZeRO-3 partitions the weights: rank 0 gets them whole, gathered one module at a time (a collective).
-        weights = zero3_state_dict(model, trainer.global_rank) if _zero_stage(trainer) == 3 else None
+        weights = (
+            zero3_state_dict(model, trainer.global_rank) if _zero_stage(trainer) == 3 else None
+        )
         # ZeRO shards the optimizer: rank 0 gets it whole, one parameter at a time (a collective).
         zero = _zero_optimizer_state(trainer, model) if _zero_stage(trainer) else None
         if trainer.global_rank == 0:
             path = self.root / f"step-{trainer.global_step:07d}"
             if not path.exists():
-                save_checkpoint(path, model, self.model_config, self.tokenizer_file, job_config=self.job_config,
-                                trainer_state=self._trainer_state(trainer, rngs, zero),
-                                data_manifest=self.data_manifest,
-                                state_dict=weights)
+                save_checkpoint(
+                    path,
+                    model,
+                    self.model_config,
+                    self.tokenizer_file,
+                    job_config=self.job_config,
+                    trainer_state=self._trainer_state(trainer, rngs, zero),
+                    data_manifest=self.data_manifest,
+                    state_dict=weights,
+                )
                 prune_checkpoints(self.root, self.keep_last)
             self.last_saved = path
         self._saved_step = trainer.global_step
@@ -169,8 +215,13 @@ class KilnCheckpoint(pl.Callback):
     def _trainer_state(self, trainer: pl.Trainer, rngs: list[dict], zero: dict | None) -> dict:
         """What a resume reads back (cluster/resume.py: `lightning_checkpoint`, `RESUME_KEYS`).
         `zero`: a ZeRO run's optimizer state, consolidated (cluster.strategies)."""
-        state: dict[str, Any] = {"step": trainer.global_step, "epoch": trainer.current_epoch, "rng": rngs[0],
-                                 "rng_per_rank": rngs, "loader": self.loader.state_dict()}
+        state: dict[str, Any] = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "loader": self.loader.state_dict(),
+        }
         if self.val_loader is not None:
             state["val_loader"] = self.val_loader.state_dict()
         # DDP: every rank holds the whole optimizer state, saved as torch's state_dict. ZeRO: each
@@ -180,8 +231,10 @@ class KilnCheckpoint(pl.Callback):
         state["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
         # Lightning's loop progress (steps, batches, the train loader's position) in its own schema,
         # as its checkpoints store it: weights-only-loadable ints and dicts.
-        state["lightning"] = {"loops": trainer._checkpoint_connector._get_loops_state_dict(),
-                              "pytorch-lightning_version": pl.__version__}
+        state["lightning"] = {
+            "loops": trainer._checkpoint_connector._get_loops_state_dict(),
+            "pytorch-lightning_version": pl.__version__,
+        }
         return state
 
 
@@ -199,7 +252,9 @@ class LogLastStep(pl.Callback):
     def __init__(self) -> None:
         self._every: int | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if trainer.global_step >= trainer.max_steps > 0 and trainer.log_every_n_steps > 1:
             self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
 
@@ -217,7 +272,9 @@ class StopOnRequest(pl.Callback):
         self.stop_file, self.checkpoint = Path(stop_file), checkpoint
         self.stopped_at: list[int] | None = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
+    ) -> None:
         if trainer.global_step >= trainer.max_steps:
             return  # the last step: the run ends here anyway, with its final checkpoint
         asked = trainer.global_rank == 0 and self.stop_file.exists()
@@ -245,15 +302,21 @@ class KilnCheckpointIO(TorchCheckpointIO):
     """Lets `trainer.fit(ckpt_path=<Kiln checkpoint directory>)` resume from a Kiln checkpoint
     (cluster/resume.py, step 5)."""
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        if not Path(path).is_dir():  # a Lightning .ckpt file: never unpickled beyond tensors and plain containers
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
+        if not Path(
+            path
+        ).is_dir():  # a Lightning .ckpt file: never unpickled beyond tensors and plain containers
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return lightning_checkpoint(Path(path))
 
 
 def _zero_stage(trainer: pl.Trainer) -> int:
     config = getattr(trainer.strategy, "config", None)
-    return int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
+    return (
+        int(config.get("zero_optimization", {}).get("stage", 0)) if isinstance(config, dict) else 0
+    )
 
 
 def _zero_optimizer_state(trainer: pl.Trainer, model: nn.Module) -> dict | None:
@@ -281,7 +344,9 @@ def zero3_state_dict(model: nn.Module, rank: int) -> dict[str, Tensor] | None:
                     state[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu().clone()
     if rank != 0:
         return None
-    return {key: state[key] for key in model.state_dict(keep_vars=True)}  # state_dict's order (and its tied keys)
+    return {
+        key: state[key] for key in model.state_dict(keep_vars=True)
+    }  # state_dict's order (and its tied keys)
 
 
 def set_threads(cpus: int) -> None:

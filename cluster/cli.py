@@ -25,17 +25,28 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
 # finetune.decode.LENGTH_PENALTIES' names, written out: that module imports torch.
 LENGTH_PENALTIES = ("none", "avg", "gnmt")
 
-EPILOG = ("Overrides: dotted keys after the config, e.g. "
-          "`kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`.")
-TRAINING_EPILOG = (f"{EPILOG} Exit codes: 0 done; 2 bad input (one line names the file or key); {EXIT_PREEMPTED} "
-                   "stopped on SIGTERM (or a file <out>/STOP) after every worker checkpointed the same step: rerun "
-                   "with trainer.resume=auto to continue.")
+EPILOG = (
+    "Overrides: dotted keys after the config, e.g. "
+    "`kiln pretrain --config configs/tiny-bert.yaml trainer.max_steps=50`."
+)
+TRAINING_EPILOG = (
+    f"{EPILOG} Exit codes: 0 done; 2 bad input (one line names the file or key); {EXIT_PREEMPTED} "
+    "stopped on SIGTERM (or a file <out>/STOP) after every worker checkpointed the same step: rerun "
+    "with trainer.resume=auto to continue."
+)
 
 
 def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--config", type=Path, help="YAML recipe (see configs/); defaults when omitted")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.max_steps=50")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. trainer.max_steps=50",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     p.add_argument("--out", type=Path, help=out_help)
 
 
@@ -60,7 +71,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         "(DDP or DeepSpeed ZeRO-1/2/3).",
         epilog=TRAINING_EPILOG,
     )
-    _config_args(p, "run directory: checkpoints, metrics.csv, loss curve, W&B offline run [runs/pretrain]")
+    _config_args(
+        p, "run directory: checkpoints, metrics.csv, loss curve, W&B offline run [runs/pretrain]"
+    )
     p = sub.add_parser(
         "finetune",
         help="fine-tune for translation or classification (pretrained, or a classic baseline from scratch)",
@@ -76,18 +89,33 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_evaluate(sub)
     _add_predict(sub)
-    p = sub.add_parser("translate", help="translate lines from a file or stdin with a fine-tuned checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
+    p = sub.add_parser(
+        "translate", help="translate lines from a file or stdin with a fine-tuned checkpoint"
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+    )
     p.add_argument("--input", type=Path, help="text file, one sentence per line [stdin]")
     p.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy [4]")
     _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=Path, help="write translations to this file [stdout]")
-    p.add_argument("--sample", action="store_true", help="sample instead of beam search (ignores --beam, "
-                   "--length-penalty and --alpha)")
-    p.add_argument("--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy [1.0]")
-    p.add_argument("--top-k", type=int, help="with --sample: draw from the k most likely tokens; 0 = all [0]")
-    p.add_argument("--top-p", type=float, help="with --sample: nucleus, the smallest set with probability >= p [1.0]")
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample instead of beam search (ignores --beam, --length-penalty and --alpha)",
+    )
+    p.add_argument(
+        "--temperature", type=float, help="with --sample: softmax temperature; 0 = greedy [1.0]"
+    )
+    p.add_argument(
+        "--top-k", type=int, help="with --sample: draw from the k most likely tokens; 0 = all [0]"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="with --sample: nucleus, the smallest set with probability >= p [1.0]",
+    )
     p.add_argument("--seed", type=int, default=0, help="with --sample: random seed [0]")
     _add_analysis(sub)
     p = sub.add_parser(
@@ -101,8 +129,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _config_args(p, "output directory [the config's out_dir]")
 
 
-CHECKPOINT_HELP = ("fine-tuned checkpoint directory, or a run directory (its newest complete "
-                   "checkpoint)")
+CHECKPOINT_HELP = (
+    "fine-tuned checkpoint directory, or a run directory (its newest complete checkpoint)"
+)
 EVAL_EPILOG = "Exit codes: 0 done; 2 bad input (one line names the file and line)."
 
 
@@ -120,21 +149,36 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         epilog=EVAL_EPILOG,
     )
     p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
-    p.add_argument("--data", type=Path, metavar="DIR",
-                   help="prepared data directory (output of `kiln data prepare`)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="prepared data directory (output of `kiln data prepare`)",
+    )
     p.add_argument("--split", metavar="NAME", help="with --data: split to score [test]")
-    p.add_argument("--input", type=Path, metavar="FILE",
-                   help="classifiers: a labelled TSV/CSV/JSONL/Parquet file")
+    p.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE",
+        help="classifiers: a labelled TSV/CSV/JSONL/Parquet file",
+    )
     p.add_argument("--text-column", metavar="NAME", help="with --input: the text column [text]")
     p.add_argument("--label-column", metavar="NAME", help="with --input: the label column [label]")
-    p.add_argument("--src", type=Path, metavar="FILE",
-                   help="translation: source file, one sentence per line")
-    p.add_argument("--ref", type=Path, metavar="FILE",
-                   help="translation: reference file, line-aligned with --src")
-    p.add_argument("--beam", type=int, default=4, metavar="N",
-                   help="beam width for translation [4]")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="write metrics.json and predictions.jsonl here")
+    p.add_argument(
+        "--src", type=Path, metavar="FILE", help="translation: source file, one sentence per line"
+    )
+    p.add_argument(
+        "--ref",
+        type=Path,
+        metavar="FILE",
+        help="translation: reference file, line-aligned with --src",
+    )
+    p.add_argument(
+        "--beam", type=int, default=4, metavar="N", help="beam width for translation [4]"
+    )
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="write metrics.json and predictions.jsonl here"
+    )
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -150,23 +194,39 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         epilog=EVAL_EPILOG,
     )
     p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
-    p.add_argument("--input", type=Path, metavar="FILE",
-                   help="texts: .txt one per line, or .tsv/.csv/.jsonl/.parquet [stdin]")
-    p.add_argument("--column", metavar="NAME",
-                   help="the text column of a .tsv/.csv/.jsonl/.parquet input [text]")
-    p.add_argument("--out", type=Path, metavar="FILE",
-                   help="output file, .tsv or .jsonl [TSV on stdout]")
+    p.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE",
+        help="texts: .txt one per line, or .tsv/.csv/.jsonl/.parquet [stdin]",
+    )
+    p.add_argument(
+        "--column",
+        metavar="NAME",
+        help="the text column of a .tsv/.csv/.jsonl/.parquet input [text]",
+    )
+    p.add_argument(
+        "--out", type=Path, metavar="FILE", help="output file, .tsv or .jsonl [TSV on stdout]"
+    )
 
 
 def _length_penalty_args(p: argparse.ArgumentParser) -> None:
     """Beam search ranks by logprob / lp(length): --length-penalty names lp, --alpha its strength.
     No argparse `choices`: the old form `--length-penalty 0.6` gets a one-line pointer to --alpha
     (`check_length_penalty`), not a usage dump."""
-    p.add_argument("--length-penalty", default="gnmt", metavar="{none,avg,gnmt}",
-                   help="length normalisation of beam scores: none, avg (length^alpha) or gnmt "
-                   "(Wu et al. 2016) [gnmt]")
-    p.add_argument("--alpha", type=float, default=0.6,
-                   help="the length penalty's strength: GNMT's alpha, avg's exponent [0.6]")
+    p.add_argument(
+        "--length-penalty",
+        default="gnmt",
+        metavar="{none,avg,gnmt}",
+        help="length normalisation of beam scores: none, avg (length^alpha) or gnmt "
+        "(Wu et al. 2016) [gnmt]",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.6,
+        help="the length penalty's strength: GNMT's alpha, avg's exponent [0.6]",
+    )
 
 
 def check_length_penalty(args: argparse.Namespace) -> None:
@@ -177,8 +237,10 @@ def check_length_penalty(args: argparse.Namespace) -> None:
         float(value)
     except ValueError:
         raise ConfigError(f"--length-penalty {value!r}: choose none, avg or gnmt") from None
-    raise ConfigError("--length-penalty names the penalty (none, avg, gnmt); the GNMT strength is "
-                      f"--alpha {value}")
+    raise ConfigError(
+        "--length-penalty names the penalty (none, avg, gnmt); the GNMT strength is "
+        f"--alpha {value}"
+    )
 
 
 def _add_analysis(sub: argparse._SubParsersAction) -> None:
@@ -190,10 +252,16 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
         "log-prob split is reported too), else a model error. Writes analysis.json, summary.md, bleu_vs_beam.png "
         "and errors_vs_beam.png to --out.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
-    p.add_argument("--data", type=Path, help="prepared data directory (its translation split is read)")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+    )
+    p.add_argument(
+        "--data", type=Path, help="prepared data directory (its translation split is read)"
+    )
     p.add_argument("--split", default="test", help="with --data: split to analyse [test]")
-    p.add_argument("--src", type=Path, help="source file, one sentence per line (instead of --data)")
+    p.add_argument(
+        "--src", type=Path, help="source file, one sentence per line (instead of --data)"
+    )
     p.add_argument("--ref", type=Path, help="reference file, line-aligned with --src")
     p.add_argument("--beams", default="1,3,5,10", help="comma-separated beam widths [1,3,5,10]")
     p.add_argument("--limit", type=int, help="only the first N sentences")
@@ -206,7 +274,9 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
         description="Translate each sentence with beam search and draw the last decoder layer's cross-attention "
         "(averaged over heads) on its own output: one attention_NNN.png per sentence in --out.",
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="translation checkpoint directory")
+    p.add_argument(
+        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+    )
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to plot (or --src)")
     p.add_argument("--src", type=Path, help="file with one sentence per line")
     p.add_argument("--limit", type=int, help="only the first N sentences")
@@ -217,16 +287,32 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_ops(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint (safetensors) for Hugging Face transformers")
+    p = sub.add_parser(
+        "export", help="export a checkpoint (safetensors) for Hugging Face transformers"
+    )
     p.add_argument("--checkpoint", type=Path, required=True, help="Kiln checkpoint directory")
     p.add_argument("--format", choices=["hf"], default="hf", help="target format [hf]")
-    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
-    p = sub.add_parser("submit", help="submit a pretrain/finetune/data job to a Ray cluster (Ray Jobs API)")
-    p.add_argument("command_name", choices=["pretrain", "finetune", "data-prepare"], help="which kiln command to run")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output directory (must not exist or be empty)"
+    )
+    p = sub.add_parser(
+        "submit", help="submit a pretrain/finetune/data job to a Ray cluster (Ray Jobs API)"
+    )
+    p.add_argument(
+        "command_name",
+        choices=["pretrain", "finetune", "data-prepare"],
+        help="which kiln command to run",
+    )
     _config_args(p, "output directory on the cluster [runs/<command>]")
-    p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 [RAY_ADDRESS]")
-    p.add_argument("--max-upload-mib", type=float, default=100.0,
-                   help="refuse to upload a working directory larger than this [100]")
+    p.add_argument(
+        "--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 [RAY_ADDRESS]"
+    )
+    p.add_argument(
+        "--max-upload-mib",
+        type=float,
+        default=100.0,
+        help="refuse to upload a working directory larger than this [100]",
+    )
     p = sub.add_parser("jobs", help="list, inspect, follow and stop Ray jobs")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
@@ -235,38 +321,71 @@ def _add_ops(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_cluster(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("cluster", help="start, stop and inspect a local Ray head for job submission")
+    p = sub.add_parser(
+        "cluster", help="start, stop and inspect a local Ray head for job submission"
+    )
     csub = p.add_subparsers(dest="cluster_command", metavar="{up,down,status}", required=True)
-    up = csub.add_parser("up", help="start a Ray head (127.0.0.1 unless --allow-remote) with token authentication")
+    up = csub.add_parser(
+        "up", help="start a Ray head (127.0.0.1 unless --allow-remote) with token authentication"
+    )
     up.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    up.add_argument("--allow-remote", action="store_true", help="allow a --host beyond loopback (read the warning)")
+    up.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host beyond loopback (read the warning)",
+    )
     up.add_argument("--port", type=int, default=6379, help="GCS port [6379]")
-    up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port [8265]")
+    up.add_argument(
+        "--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port [8265]"
+    )
     up.add_argument("--num-cpus", type=int, help="CPUs the head offers [all]")
     up.add_argument("--num-gpus", type=int, help="GPUs the head offers [all]")
     csub.add_parser("down", help="stop the head `kiln cluster up` started (no other Ray process)")
     st = csub.add_parser("status", help="alive nodes, resources and running jobs")
     st.add_argument("--address", help="a cluster's dashboard address [the local head]")
-    p = sub.add_parser("render", help="write a KubeRay RayJob manifest or a SLURM sbatch script from a config",
-                       epilog=EPILOG)
+    p = sub.add_parser(
+        "render",
+        help="write a KubeRay RayJob manifest or a SLURM sbatch script from a config",
+        epilog=EPILOG,
+    )
     p.add_argument("target", choices=["kuberay", "slurm"])
     p.add_argument("--config", type=Path, help="YAML recipe of a pretrain or finetune job")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. cluster.num_workers=8")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. cluster.num_workers=8",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     p.add_argument("--out", type=Path, required=True, help="file to write (manifest or script)")
-    p.add_argument("--job-out", help="the job's output directory on the cluster (shared storage) [runs/<command>]")
+    p.add_argument(
+        "--job-out",
+        help="the job's output directory on the cluster (shared storage) [runs/<command>]",
+    )
     p.add_argument("--name", help="job name [kiln-<command>]")
     p.add_argument("--image", help="kuberay: container image with Kiln and its dependencies")
     p.add_argument("--namespace", help="kuberay: Kubernetes namespace")
-    p.add_argument("--code-dir", default="/kiln", help="kuberay: where the image holds the Kiln project [/kiln]")
+    p.add_argument(
+        "--code-dir",
+        default="/kiln",
+        help="kuberay: where the image holds the Kiln project [/kiln]",
+    )
     p.add_argument("--worker-memory", default="8Gi", help="kuberay: memory per worker pod [8Gi]")
-    p.add_argument("--nodes", type=int, help="slurm: nodes to allocate (the first also runs the Ray head)")
+    p.add_argument(
+        "--nodes", type=int, help="slurm: nodes to allocate (the first also runs the Ray head)"
+    )
     p.add_argument("--time", default="04:00:00", help="slurm: time limit [04:00:00]")
     p.add_argument("--partition", help="slurm: partition")
-    p.add_argument("--venv", help="slurm: virtualenv to activate on every node [this project's .venv]")
+    p.add_argument(
+        "--venv", help="slurm: virtualenv to activate on every node [this project's .venv]"
+    )
     p = sub.add_parser("wandb", help="Weights & Biases helpers")
     wsub = p.add_subparsers(dest="wandb_command", metavar="{sync}", required=True)
-    sync = wsub.add_parser("sync", help="upload the offline W&B runs under an output directory (`wandb sync`)")
+    sync = wsub.add_parser(
+        "sync", help="upload the offline W&B runs under an output directory (`wandb sync`)"
+    )
     sync.add_argument("out_dir", type=Path, help="a run's (or the quickstart's) output directory")
     sync.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
 
@@ -281,12 +400,15 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     _config_args(p, "output directory [runs/quickstart]")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if an earlier Kiln run wrote it")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if an earlier Kiln run wrote it"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kiln", description="Kiln: distributed pretraining and fine-tuning of Transformer language models."
+        prog="kiln",
+        description="Kiln: distributed pretraining and fine-tuning of Transformer language models.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
@@ -301,14 +423,18 @@ def _verbose_everywhere(sub: argparse._SubParsersAction) -> None:
     """`kiln pretrain ... --verbose` (and `kiln data prepare ... --verbose`) as well as `kiln --verbose ...`;
     SUPPRESS: a subcommand without the flag leaves the top level's value alone."""
     for command in sub.choices.values():
-        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        command.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
         for action in command._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _verbose_everywhere(action)
 
 
-VERBOSE_HELP = ("also show Ray's and W&B's own output (Ray start-up, worker stdout/stderr with their (pid=...) "
-                "prefixes, warnings) on the console; it is always written to <out>/logs/ray.log")
+VERBOSE_HELP = (
+    "also show Ray's and W&B's own output (Ray start-up, worker stdout/stderr with their (pid=...) "
+    "prefixes, warnings) on the console; it is always written to <out>/logs/ray.log"
+)
 
 
 # subcommand -> "module:function" of its handler, imported when the command runs (module docstring).
@@ -361,10 +487,13 @@ def resolve_path_args(args: argparse.Namespace) -> None:
         if isinstance(value, Path) and name not in remote:
             setattr(args, name, Path(absolute_path(str(value))))
     if isinstance(getattr(args, "checkpoint", None), Path):
-        from pretrain.checkpoint import resolve_checkpoint  # imports torch: only when a command reads one
+        from pretrain.checkpoint import (
+            resolve_checkpoint,
+        )  # imports torch: only when a command reads one
 
-        args.checkpoint = resolve_checkpoint(args.checkpoint,
-                                             warn=lambda msg: print(msg, file=sys.stderr))
+        args.checkpoint = resolve_checkpoint(
+            args.checkpoint, warn=lambda msg: print(msg, file=sys.stderr)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -378,7 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.verbose:  # read where Ray starts (data_pipeline.raystart) and by W&B setup (cluster.tracking)
+    if (
+        args.verbose
+    ):  # read where Ray starts (data_pipeline.raystart) and by W&B setup (cluster.tracking)
         os.environ["KILN_VERBOSE"] = "1"
     if args.command in ("submit", "jobs", "cluster"):
         from cluster.submit import use_token_auth_if_available
@@ -391,7 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("kiln: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Preempted as stopped:  # a clean stop with a checkpoint: the exit code tells a scheduler to run it again
+    except (
+        Preempted
+    ) as stopped:  # a clean stop with a checkpoint: the exit code tells a scheduler to run it again
         print(str(stopped), flush=True)
         sys.exit(EXIT_PREEMPTED)
     except Exception as err:  # noqa: BLE001 — the filter below decides what is a user error

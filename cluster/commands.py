@@ -46,7 +46,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs/data")
     manifest = prepare(cfg.data, out, progress=lambda msg: print(f"[data] {msg}", flush=True))
-    print(f"[data] wrote {out} (tasks: {', '.join(manifest['tasks'])}, vocab {manifest['vocab_size']})")
+    print(
+        f"[data] wrote {out} (tasks: {', '.join(manifest['tasks'])}, vocab {manifest['vocab_size']})"
+    )
     keep_ray_log(Path(out) / "logs" / "ray.log")  # Ray's own output, held until `out` existed
     return 0
 
@@ -61,7 +63,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, kind: str) -> tuple[TrainResult, Path]:
+def _train(
+    cfg: PretrainJob | FinetuneJob, out: Path, stage: str, kind: str
+) -> tuple[TrainResult, Path]:
     """(TrainResult, run directory) of a training run, its loss curve drawn."""
     from cluster.launch import run_training
     from cluster.report import plot_curves
@@ -74,8 +78,10 @@ def _train(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, kind: str) -> 
 
 
 def _outputs(stage: str, out: Path) -> str:
-    return (f"[{stage}] outputs: {out} (metrics.csv, loss_curve.png; Ray's and the workers' own output in "
-            "logs/ray.log)")
+    return (
+        f"[{stage}] outputs: {out} (metrics.csv, loss_curve.png; Ray's and the workers' own output in "
+        "logs/ray.log)"
+    )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -85,10 +91,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from cluster.evaluation import evaluate_checkpoint
 
     result, out = _train(cfg, args.out or Path("runs/finetune"), cfg.task, "fine-tuning")
-    metrics = evaluate_checkpoint(result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval")
+    metrics = evaluate_checkpoint(
+        result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval"
+    )
     _track(cfg, out, cfg.task, result.checkpoint)
-    print(f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}\n"
-          f"{_outputs(cfg.task, out)}")
+    print(
+        f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}\n"
+        f"{_outputs(cfg.task, out)}"
+    )
     return 0
 
 
@@ -97,15 +107,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     source, decode = _evaluation_source(args), DecodeConfig(beam_size=args.beam)
     if source == "data":
-        metrics = evaluation.evaluate_checkpoint(args.checkpoint, args.data, args.split or "test",
-                                                 decode, args.out)
+        metrics = evaluation.evaluate_checkpoint(
+            args.checkpoint, args.data, args.split or "test", decode, args.out
+        )
     elif source == "input":
-        metrics = evaluation.evaluate_labelled_file(args.checkpoint, args.input,
-                                                    args.text_column or "text",
-                                                    args.label_column or "label", args.out)
+        metrics = evaluation.evaluate_labelled_file(
+            args.checkpoint,
+            args.input,
+            args.text_column or "text",
+            args.label_column or "label",
+            args.out,
+        )
     else:
-        metrics = evaluation.evaluate_parallel_files(args.checkpoint, args.src, args.ref, decode,
-                                                     args.out)
+        metrics = evaluation.evaluate_parallel_files(
+            args.checkpoint, args.src, args.ref, decode, args.out
+        )
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -113,16 +129,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluation_source(args: argparse.Namespace) -> str:
     """Which one of `kiln evaluate`'s sources was given ("data", "input" or "src"), with only
     its own options."""
-    given = [name for name, on in (("data", args.data is not None),
-                                    ("input", args.input is not None),
-                                    ("src", args.src is not None or args.ref is not None)) if on]
+    given = [
+        name
+        for name, on in (
+            ("data", args.data is not None),
+            ("input", args.input is not None),
+            ("src", args.src is not None or args.ref is not None),
+        )
+        if on
+    ]
     if len(given) != 1:
-        raise ConfigError("kiln evaluate: give one of --data DIR [--split NAME], --input FILE "
-                          "(a classifier) or --src FILE --ref FILE (translation)")
+        raise ConfigError(
+            "kiln evaluate: give one of --data DIR [--split NAME], --input FILE "
+            "(a classifier) or --src FILE --ref FILE (translation)"
+        )
     if given == ["src"] and (args.src is None or args.ref is None):
         raise ConfigError("kiln evaluate: --src and --ref go together")
-    options = (("--split", args.split, "data"), ("--text-column", args.text_column, "input"),
-               ("--label-column", args.label_column, "input"))
+    options = (
+        ("--split", args.split, "data"),
+        ("--text-column", args.text_column, "input"),
+        ("--label-column", args.label_column, "input"),
+    )
     for flag, value, source in options:
         if value is not None and source != given[0]:
             raise ConfigError(f"kiln evaluate: {flag} applies only with --{source}")
@@ -169,8 +196,14 @@ def cmd_translate(args: argparse.Namespace) -> int:
     elif any(getattr(args, k) is not None for k in ("temperature", "top_k", "top_p")):
         raise ConfigError("--temperature, --top-k and --top-p only apply with --sample")
     else:
-        outputs = translate_lines(args.checkpoint, lines, args.beam, args.alpha, args.max_len,
-                                  length_penalty=args.length_penalty)
+        outputs = translate_lines(
+            args.checkpoint,
+            lines,
+            args.beam,
+            args.alpha,
+            args.max_len,
+            length_penalty=args.length_penalty,
+        )
     result = "".join(f"{line}\n" for line in outputs)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +227,9 @@ def _sample_lines(args: argparse.Namespace, lines: list[str]) -> list[str]:
     top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
     model, tokenizer = _translation_model(args.checkpoint)
     try:
-        return sample_texts(model, tokenizer, lines, args.max_len, temperature, top_k, top_p, args.seed)
+        return sample_texts(
+            model, tokenizer, lines, args.max_len, temperature, top_k, top_p, args.seed
+        )
     except ValueError as e:  # the sampling arguments
         raise ConfigError(f"kiln translate --sample: {e}") from e
 
@@ -219,7 +254,9 @@ def _parallel_text(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     else:
         srcs, refs = _read_lines(args.src, "--src"), _read_lines(args.ref, "--ref")
         if len(srcs) != len(refs):
-            raise ConfigError(f"--src {args.src} has {len(srcs)} lines but --ref {args.ref} has {len(refs)}")
+            raise ConfigError(
+                f"--src {args.src} has {len(srcs)} lines but --ref {args.ref} has {len(refs)}"
+            )
     if args.limit is not None:
         srcs, refs = srcs[: args.limit], refs[: args.limit]
     if not srcs:
@@ -233,13 +270,18 @@ def cmd_analyze_beam(args: argparse.Namespace) -> int:
     try:
         beams = [int(b) for b in args.beams.split(",")]
     except ValueError as e:
-        raise ConfigError(f"--beams {args.beams!r}: expected comma-separated integers like 1,3,5,10") from e
+        raise ConfigError(
+            f"--beams {args.beams!r}: expected comma-separated integers like 1,3,5,10"
+        ) from e
     if not beams or min(beams) < 1 or args.max_len < 1:
-        raise ConfigError(f"--beams must be widths >= 1 and --max-len >= 1 (got {args.beams!r}, {args.max_len})")
+        raise ConfigError(
+            f"--beams must be widths >= 1 and --max-len >= 1 (got {args.beams!r}, {args.max_len})"
+        )
     srcs, refs = _parallel_text(args)
     model, tokenizer = _translation_model(args.checkpoint)
-    result = analyze_beam(model, tokenizer, srcs, refs, beams, args.length_penalty, args.alpha,
-                          args.max_len)
+    result = analyze_beam(
+        model, tokenizer, srcs, refs, beams, args.length_penalty, args.alpha, args.max_len
+    )
     files = write_analysis(result, args.out)
     sys.stdout.write(result.to_markdown())
     print("wrote " + ", ".join(str(f) for f in files))
@@ -250,15 +292,27 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from finetune.attention_maps import attention_maps
 
     if bool(args.texts) == (args.src is not None):
-        raise ConfigError("kiln attention: give sentences as arguments or --src FILE (one of the two)")
+        raise ConfigError(
+            "kiln attention: give sentences as arguments or --src FILE (one of the two)"
+        )
     texts = _read_lines(args.src, "--src") if args.src is not None else list(args.texts)
     texts = [t for t in texts if t.strip()][: args.limit]
     if not texts or args.beam < 1 or args.max_len < 1:
-        raise ConfigError("kiln attention: needs a non-empty sentence, --beam >= 1 and --max-len >= 1")
+        raise ConfigError(
+            "kiln attention: needs a non-empty sentence, --beam >= 1 and --max-len >= 1"
+        )
     model, tokenizer = _translation_model(args.checkpoint)
     try:
-        paths = attention_maps(model, tokenizer, texts, args.out, args.beam, args.length_penalty,
-                               args.alpha, args.max_len)
+        paths = attention_maps(
+            model,
+            tokenizer,
+            texts,
+            args.out,
+            args.beam,
+            args.length_penalty,
+            args.alpha,
+            args.max_len,
+        )
     except ValueError as e:  # a model without attention over the source
         raise ConfigError(f"{args.checkpoint}: {e}") from e
     print("\n".join(str(p) for p in paths))
@@ -287,12 +341,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    cls = {"pretrain": PretrainJob, "finetune": FinetuneJob, "data-prepare": PrepareJob}[args.command_name]
+    cls = {"pretrain": PretrainJob, "finetune": FinetuneJob, "data-prepare": PrepareJob}[
+        args.command_name
+    ]
     cfg = _config(cls, args)
     if cfg is None:
         return 0
-    submit(args.command_name, args.config, args.overrides, args.out, args.address, job=cfg,
-           max_upload_mib=args.max_upload_mib)
+    submit(
+        args.command_name,
+        args.config,
+        args.overrides,
+        args.out,
+        args.address,
+        job=cfg,
+        max_upload_mib=args.max_upload_mib,
+    )
     return 0
 
 
@@ -302,13 +365,31 @@ def cmd_render(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     if args.target == "kuberay":
-        text = render_kuberay(command, args.config, args.overrides, cfg, image=args.image,
-                              out_dir=args.job_out, name=args.name, namespace=args.namespace,
-                              code_dir=args.code_dir, worker_memory=args.worker_memory)
+        text = render_kuberay(
+            command,
+            args.config,
+            args.overrides,
+            cfg,
+            image=args.image,
+            out_dir=args.job_out,
+            name=args.name,
+            namespace=args.namespace,
+            code_dir=args.code_dir,
+            worker_memory=args.worker_memory,
+        )
     else:
-        text = render_slurm(command, args.config, args.overrides, cfg, nodes=args.nodes,
-                            out_dir=args.job_out, name=args.name, time_limit=args.time,
-                            partition=args.partition, venv=args.venv)
+        text = render_slurm(
+            command,
+            args.config,
+            args.overrides,
+            cfg,
+            nodes=args.nodes,
+            out_dir=args.job_out,
+            name=args.name,
+            time_limit=args.time,
+            partition=args.partition,
+            venv=args.venv,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out} ({args.target}, {cfg.cluster.num_workers} workers)")
@@ -333,12 +414,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     try:
         report = run_quickstart(cfg, args.out or Path("runs/quickstart"), overwrite=args.overwrite)
-    except Preempted as stopped:  # its stages chain into one another: a stopped one is not resumed on its own
-        raise Preempted(stopped.stage, stopped.step, stopped.checkpoint,
-                        hint="the quickstart does not resume: run it again with --overwrite") from None
+    except (
+        Preempted
+    ) as stopped:  # its stages chain into one another: a stopped one is not resumed on its own
+        raise Preempted(
+            stopped.stage,
+            stopped.step,
+            stopped.checkpoint,
+            hint="the quickstart does not resume: run it again with --overwrite",
+        ) from None
     print(f"[quickstart] report: {report}")
     return 0
 
 
 def _fmt(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+    )

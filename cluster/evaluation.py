@@ -32,8 +32,9 @@ def read_split(task_dir: Path, split: str, columns: list[str]) -> dict[str, list
     return {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
 
 
-def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, decode: DecodeConfig,
-                        out_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: Path, data_dir: Path, split: str, decode: DecodeConfig, out_dir: Path | None = None
+) -> dict[str, Any]:
     loaded = load_finetuned(Path(checkpoint))
     arch = loaded.model_config.arch
     model = loaded.model.eval()
@@ -44,14 +45,20 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: Path, split: str, decode: De
     elif arch in CLASSIFICATION_ARCHES:
         metrics, rows = _classification(model, Path(data_dir), split)
     else:
-        raise CheckpointError(f"{checkpoint}: a '{arch}' checkpoint is not a fine-tuned model; nothing to evaluate")
+        raise CheckpointError(
+            f"{checkpoint}: a '{arch}' checkpoint is not a fine-tuned model; nothing to evaluate"
+        )
     _write_results(out_dir, metrics, rows)
     return metrics
 
 
-def evaluate_labelled_file(checkpoint: Path, path: Path, text_column: str = "text",
-                           label_column: str = "label",
-                           out_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_labelled_file(
+    checkpoint: Path,
+    path: Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
     """A classifier scored on a raw labelled TSV / CSV / JSONL / Parquet file (an official dev
     set), read with the checkpoint's tokenizer and label set: the metrics and predictions of a
     prepared split of those rows, and the baselines that need no training split."""
@@ -61,22 +68,28 @@ def evaluate_labelled_file(checkpoint: Path, path: Path, text_column: str = "tex
     labels = [classifier.label_names.index(str(r.label)) for r in rows]
     probs = classifier.probabilities(texts)
     metrics = _classification_metrics(probs, labels)
-    metrics.update(split_majority_rate=max(Counter(labels).values()) / len(labels),
-                   uniform_chance=1.0 / len(classifier.label_names))
-    _write_results(out_dir, metrics,
-                   _classification_rows(texts, labels, probs, classifier.label_names))
+    metrics.update(
+        split_majority_rate=max(Counter(labels).values()) / len(labels),
+        uniform_chance=1.0 / len(classifier.label_names),
+    )
+    _write_results(
+        out_dir, metrics, _classification_rows(texts, labels, probs, classifier.label_names)
+    )
     return metrics
 
 
-def evaluate_parallel_files(checkpoint: Path, src: Path, ref: Path, decode: DecodeConfig,
-                            out_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_parallel_files(
+    checkpoint: Path, src: Path, ref: Path, decode: DecodeConfig, out_dir: Path | None = None
+) -> dict[str, Any]:
     """A translation model scored on two line-aligned raw files (sources, references), through its
     own source and target tokenizers: the metrics and predictions of a prepared split of them."""
     loaded = load_finetuned(Path(checkpoint))
     arch = loaded.model_config.arch
     if arch not in TRANSLATION_ARCHES:
-        raise CheckpointError(f"{checkpoint}: a '{arch}' checkpoint does not translate; score a "
-                              "classifier with --input FILE")
+        raise CheckpointError(
+            f"{checkpoint}: a '{arch}' checkpoint does not translate; score a "
+            "classifier with --input FILE"
+        )
     srcs, refs = predict.read_parallel(Path(src), Path(ref))
     metrics, rows = _translation(loaded.model.eval(), Path(checkpoint), srcs, refs, decode)
     _write_results(out_dir, metrics, rows)
@@ -88,8 +101,9 @@ def _classifier_for(checkpoint: Path) -> predict.TextClassifier:
     loaded = load_finetuned(checkpoint)
     arch = loaded.model_config.arch
     if arch in TRANSLATION_ARCHES:
-        raise CheckpointError(f"{checkpoint}: a '{arch}' checkpoint translates; score it with "
-                              "--src FILE --ref FILE")
+        raise CheckpointError(
+            f"{checkpoint}: a '{arch}' checkpoint translates; score it with --src FILE --ref FILE"
+        )
     return predict.classifier_from(loaded)
 
 
@@ -103,19 +117,38 @@ def _write_results(out_dir: Path | None, metrics: dict[str, Any], rows: list[dic
     (out_dir / "predictions.jsonl").write_text(lines)
 
 
-def _translation(model: torch.nn.Module, checkpoint: Path, srcs: list[str], refs: list[str],
-                 decode: DecodeConfig) -> tuple[dict[str, Any], list[dict]]:
+def _translation(
+    model: torch.nn.Module, checkpoint: Path, srcs: list[str], refs: list[str], decode: DecodeConfig
+) -> tuple[dict[str, Any], list[dict]]:
     tokenizer = checkpoint_tokenizers(checkpoint)
-    scores, hyps = evaluate_translation(model, tokenizer, srcs, refs, beam_size=decode.beam_size,
-                                        length_penalty=decode.length_penalty, alpha=decode.alpha,
-                                        max_len=decode.max_len, batch_size=decode.batch_size)
+    scores, hyps = evaluate_translation(
+        model,
+        tokenizer,
+        srcs,
+        refs,
+        beam_size=decode.beam_size,
+        length_penalty=decode.length_penalty,
+        alpha=decode.alpha,
+        max_len=decode.max_len,
+        batch_size=decode.batch_size,
+    )
     exact = sum(h == r for h, r in zip(hyps, refs, strict=True)) / max(len(refs), 1)
-    metrics = {**scores, "exact_match": exact, "sentences": len(refs), "beam_size": decode.beam_size}
-    rows = [{"source": s, "reference": r, "hypothesis": h} for s, r, h in zip(srcs, refs, hyps, strict=True)]
+    metrics = {
+        **scores,
+        "exact_match": exact,
+        "sentences": len(refs),
+        "beam_size": decode.beam_size,
+    }
+    rows = [
+        {"source": s, "reference": r, "hypothesis": h}
+        for s, r, h in zip(srcs, refs, hyps, strict=True)
+    ]
     return metrics, rows
 
 
-def _classification(model: torch.nn.Module, data_dir: Path, split: str) -> tuple[dict[str, Any], list[dict]]:
+def _classification(
+    model: torch.nn.Module, data_dir: Path, split: str
+) -> tuple[dict[str, Any], list[dict]]:
     task_dir = data_dir / "classification"
     data = read_split(task_dir, split, ["input_ids", "label", "text"])
     # padded and masked as the training collator does: the data's [PAD] id and the row lengths
@@ -141,8 +174,9 @@ def classification_baselines(task_dir: Path, split: str, num_labels: int) -> dic
     train = read_split(task_dir, "train", ["text", "label"])
     test = read_split(task_dir, split, ["text", "label"])
     counts = Counter(test["label"])
-    bow = bow_logistic_regression(train["text"], train["label"], _validation_rows(task_dir),
-                                  test["text"])
+    bow = bow_logistic_regression(
+        train["text"], train["label"], _validation_rows(task_dir), test["text"]
+    )
     return {
         "majority_class_accuracy": majority_class_accuracy(train["label"], test["label"]),
         "split_majority_rate": max(counts.values()) / len(test["label"]),
@@ -163,9 +197,12 @@ def _validation_rows(task_dir: Path) -> tuple[list[str], list[int]] | None:
 _BOW_C_GRID = (0.1, 1.0, 10.0, 100.0)  # the bag-of-words regularisation, chosen on validation
 
 
-def bow_logistic_regression(train_texts: list[str], train_labels: list[int],
-                            validation: tuple[list[str], list[int]] | None,
-                            texts: list[str]) -> list[int]:
+def bow_logistic_regression(
+    train_texts: list[str],
+    train_labels: list[int],
+    validation: tuple[list[str], list[int]] | None,
+    texts: list[str],
+) -> list[int]:
     """Labels for `texts` from scikit-learn's logistic regression on TF-IDF word unigrams and
     bigrams, trained on (train_texts, train_labels); its regularisation C is the best of a small
     grid on `validation` (C=1 without one), so the baseline is tuned as the model it is compared
@@ -175,8 +212,10 @@ def bow_logistic_regression(train_texts: list[str], train_labels: list[int],
     from sklearn.pipeline import make_pipeline
 
     def fit(c: float) -> Any:
-        model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
-                              LogisticRegression(C=c, max_iter=2000))
+        model = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+            LogisticRegression(C=c, max_iter=2000),
+        )
         return model.fit(train_texts, train_labels)
 
     best = 1.0
@@ -190,17 +229,23 @@ def _classification_metrics(probs: torch.Tensor, labels: list[int]) -> dict[str,
     """accuracy, macro-F1 and MCC of the most probable labels; `examples` scored."""
     num_labels = probs.size(1)
     preds = probs.argmax(dim=-1).tolist()
-    return {"accuracy": accuracy(preds, labels, num_labels),
-            "macro_f1": macro_f1(preds, labels, num_labels),
-            "mcc": mcc(preds, labels, num_labels), "examples": len(labels)}
+    return {
+        "accuracy": accuracy(preds, labels, num_labels),
+        "macro_f1": macro_f1(preds, labels, num_labels),
+        "mcc": mcc(preds, labels, num_labels),
+        "examples": len(labels),
+    }
 
 
-def _classification_rows(texts: list[str], labels: list[int], probs: torch.Tensor,
-                         names: list[str]) -> list[dict[str, Any]]:
+def _classification_rows(
+    texts: list[str], labels: list[int], probs: torch.Tensor, names: list[str]
+) -> list[dict[str, Any]]:
     """predictions.jsonl: text, gold label, predicted label and its probability (`confidence`)."""
     best, index = probs.max(dim=-1)
-    return [{"text": t, "label": names[y], "predicted": names[int(p)], "confidence": float(c)}
-            for t, y, p, c in zip(texts, labels, index, best, strict=True)]
+    return [
+        {"text": t, "label": names[y], "predicted": names[int(p)], "confidence": float(c)}
+        for t, y, p, c in zip(texts, labels, index, best, strict=True)
+    ]
 
 
 def checkpoint_tokenizers(checkpoint: Path) -> TranslationTokenizers:
@@ -216,12 +261,27 @@ def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, TranslationTok
     """(model in eval mode, its tokenizers) of a checkpoint whose model can translate; clear errors otherwise."""
     loaded = load_finetuned(Path(checkpoint))
     if loaded.model_config.arch not in TRANSLATION_ARCHES:
-        raise CheckpointError(f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate")
+        raise CheckpointError(
+            f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate"
+        )
     return loaded.model.eval(), checkpoint_tokenizers(checkpoint)
 
 
-def translate_lines(checkpoint: Path, lines: list[str], beam: int, alpha: float, max_len: int,
-                    length_penalty: str = "gnmt") -> list[str]:
+def translate_lines(
+    checkpoint: Path,
+    lines: list[str],
+    beam: int,
+    alpha: float,
+    max_len: int,
+    length_penalty: str = "gnmt",
+) -> list[str]:
     model, tokenizer = translation_model(checkpoint)
-    return translate_texts(model, tokenizer, lines, beam_size=beam, length_penalty=length_penalty,
-                           alpha=alpha, max_len=max_len)
+    return translate_texts(
+        model,
+        tokenizer,
+        lines,
+        beam_size=beam,
+        length_penalty=length_penalty,
+        alpha=alpha,
+        max_len=max_len,
+    )

@@ -47,15 +47,21 @@ def pretrain_family(task: str) -> str:
 
 def pretraining_models() -> dict[str, type]:
     """`model.arch` of a pretraining job -> its config class."""
-    return {name: spec.config for name, spec in architectures().items()
-            if spec.task in get_args(PretrainTask)}
+    return {
+        name: spec.config
+        for name, spec in architectures().items()
+        if spec.task in get_args(PretrainTask)
+    }
 
 
 def scratch_models() -> dict[str, type]:
     """`model.arch` of a fine-tuning job -> its config class: the fine-tuning architectures trained
     from random weights (the others start from pretrained checkpoints: a job without `model`)."""
-    return {name: spec.config for name, spec in architectures().items()
-            if spec.task in get_args(FinetuneTask) and not spec.pretrained}
+    return {
+        name: spec.config
+        for name, spec in architectures().items()
+        if spec.task in get_args(FinetuneTask) and not spec.pretrained
+    }
 
 
 # A model section: the config class of the `arch` it names, read from the registry at build time.
@@ -83,10 +89,14 @@ def lightning_precisions() -> tuple[str, ...]:
     source = Path(next(iter(spec.submodule_search_locations)), *LIGHTNING_PRECISION_FILE)
     values: list[str] = []
     for node in ast.parse(source.read_text(encoding="utf-8")).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) in LIGHTNING_PRECISION_NAMES
-                                                for t in node.targets):
-            values += [c.value for c in ast.walk(node.value)
-                       if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+        if isinstance(node, ast.Assign) and any(
+            getattr(t, "id", None) in LIGHTNING_PRECISION_NAMES for t in node.targets
+        ):
+            values += [
+                c.value
+                for c in ast.walk(node.value)
+                if isinstance(c, ast.Constant) and isinstance(c.value, str)
+            ]
     if not values:
         raise ConfigError(f"trainer.precision: found no precision values in {source}")
     return tuple(values)
@@ -95,14 +105,18 @@ def lightning_precisions() -> tuple[str, ...]:
 @dataclass
 class TrainerConfig:
     max_steps: int = 200
-    batch_size: int = 32  # per worker; the global batch is batch_size × num_workers × accumulate_grad_batches
+    batch_size: int = (
+        32  # per worker; the global batch is batch_size × num_workers × accumulate_grad_batches
+    )
     accumulate_grad_batches: int = 1
     val_every: int = 100  # steps between validation passes
     limit_val_batches: int = 20
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_last: int = 2
-    precision: str = "32-true"  # "bf16-mixed" on GPUs; fp32 on CPU (bf16 matmuls are ~100x slower there)
+    precision: str = (
+        "32-true"  # "bf16-mixed" on GPUs; fp32 on CPU (bf16 matmuls are ~100x slower there)
+    )
     seed: int = 0
     # "auto": continue from the newest complete checkpoint under <out>/checkpoints, if there is one (weights,
     # optimizer, scheduler, step, data position, RNG); "never": always start from step 0.
@@ -117,16 +131,27 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.peak_flops is not None and not self.peak_flops > 0:
-            raise ValueError(f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}")
-        for name in ("max_steps", "batch_size", "accumulate_grad_batches", "val_every", "log_every", "keep_last",
-                     "max_nonfinite_steps"):
+            raise ValueError(
+                f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}"
+            )
+        for name in (
+            "max_steps",
+            "batch_size",
+            "accumulate_grad_batches",
+            "val_every",
+            "log_every",
+            "keep_last",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"'{name}' must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
         if self.precision not in lightning_precisions():
-            raise ValueError(f"'precision': unknown precision {self.precision!r} (choose from "
-                             f"{', '.join(lightning_precisions())})")
+            raise ValueError(
+                f"'precision': unknown precision {self.precision!r} (choose from "
+                f"{', '.join(lightning_precisions())})"
+            )
 
 
 @dataclass
@@ -136,7 +161,9 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     strategy: StrategyName = "ddp"
     offload: bool = False  # DeepSpeed ZeRO optimizer (and, at stage 3, parameter) offload to CPU
-    address: str | None = None  # Ray address; None starts (or reuses) a local Ray, or takes RAY_ADDRESS
+    address: str | None = (
+        None  # Ray address; None starts (or reuses) a local Ray, or takes RAY_ADDRESS
+    )
     max_failures: int = 0
     # A collective (gradient all-reduce, barrier) that waits longer than this fails the run instead of hanging it:
     # a stalled or stopped worker surfaces as an error within this many seconds (torch.distributed's timeout).
@@ -145,7 +172,9 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.collective_timeout_s < 1:
-            raise ValueError(f"'collective_timeout_s' must be at least 1 second, got {self.collective_timeout_s}")
+            raise ValueError(
+                f"'collective_timeout_s' must be at least 1 second, got {self.collective_timeout_s}"
+            )
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError("'num_workers' and 'cpus_per_worker' must be at least 1")
 
@@ -212,7 +241,9 @@ class PretrainJob:
         if self.document_attention and self.task != "clm":
             raise ValueError("'document_attention' applies to task clm (packed GPT blocks) only")
         if self.model.arch != family:
-            raise ValueError(f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'")
+            raise ValueError(
+                f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'"
+            )
 
 
 @dataclass
@@ -253,19 +284,26 @@ class FinetuneJob:
             return
         serves = architectures()[self.model.arch].task
         if serves != self.task:
-            raise ValueError(f"'model.arch': '{self.model.arch}' is a {serves} model, "
-                             f"not a {self.task} one")
+            raise ValueError(
+                f"'model.arch': '{self.model.arch}' is a {serves} model, not a {self.task} one"
+            )
         given = [k for k in ("encoder_checkpoint", "decoder_checkpoint") if getattr(self, k)]
         if given:
-            raise ValueError(f"'{given[0]}': model.arch={self.model.arch} trains from scratch and uses no checkpoint "
-                             "(drop the model section to fine-tune a pretrained one)")
+            raise ValueError(
+                f"'{given[0]}': model.arch={self.model.arch} trains from scratch and uses no checkpoint "
+                "(drop the model section to fine-tune a pretrained one)"
+            )
 
     def _check_scheduled_sampling(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:
-            raise ValueError(f"'scheduled_sampling': a probability in [0, 1] (0 = off), got {self.scheduled_sampling}")
+            raise ValueError(
+                f"'scheduled_sampling': a probability in [0, 1] (0 = off), got {self.scheduled_sampling}"
+            )
         if self.scheduled_sampling_steps < 0:
-            raise ValueError(f"'scheduled_sampling_steps' must be >= 0 (0 = trainer.max_steps), got "
-                             f"{self.scheduled_sampling_steps}")
+            raise ValueError(
+                f"'scheduled_sampling_steps' must be >= 0 (0 = trainer.max_steps), got "
+                f"{self.scheduled_sampling_steps}"
+            )
         if self.scheduled_sampling and self.task != "translation":
             raise ValueError(f"'scheduled_sampling': applies to translation only, not {self.task}")
 

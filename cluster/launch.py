@@ -84,7 +84,9 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     # before any file is written
     ddp = job.cluster.strategy == "ddp"
     per_param = CHECKPOINT_BYTES_PER_PARAM if ddp else ZERO_CHECKPOINT_BYTES_PER_PARAM
-    check_free_space(checkpoints_dir(out_dir), count_parameters(job), job.trainer.keep_last, per_param)
+    check_free_space(
+        checkpoints_dir(out_dir), count_parameters(job), job.trainer.keep_last, per_param
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_stop_request(out_dir)
     # chosen (and sha256-verified) once, here, for every worker (cluster/resume.py)
@@ -97,16 +99,28 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
     # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts
     # after a failure (cluster.max_failures) continues from them instead of starting over (resume_point).
-    config = {"job_type": job_type, "job": to_dict(job), "out_dir": str(out_dir), "stage": stage,
-              "started_ns": time.time_ns(), "resume_from": None if latest is None else str(latest)}
+    config = {
+        "job_type": job_type,
+        "job": to_dict(job),
+        "out_dir": str(out_dir),
+        "stage": stage,
+        "started_ns": time.time_ns(),
+        "resume_from": None if latest is None else str(latest),
+    }
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
         torch_config=TorchConfig(timeout_s=job.cluster.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=job.cluster.num_workers, use_gpu=job.cluster.use_gpu,
-                                     resources_per_worker={"CPU": job.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=stage, storage_path=str(out_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=job.cluster.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=job.cluster.num_workers,
+            use_gpu=job.cluster.use_gpu,
+            resources_per_worker={"CPU": job.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=stage,
+            storage_path=str(out_dir / "ray"),
+            failure_config=FailureConfig(max_failures=job.cluster.max_failures),
+        ),
     )
     start = time.perf_counter()
     # SIGTERM: every rank checkpoints at one step and stops (preemption); rank 0's progress on the console
@@ -116,7 +130,13 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
     summary = json.loads((out_dir / "train_summary.json").read_text())
     if summary.get("preempted"):
         raise Preempted(stage, summary["steps"], Path(summary["checkpoint"]))
-    return TrainResult(out_dir, Path(summary["checkpoint"]), out_dir / "metrics.csv", seconds, summary["new_tensors"])
+    return TrainResult(
+        out_dir,
+        Path(summary["checkpoint"]),
+        out_dir / "metrics.csv",
+        seconds,
+        summary["new_tensors"],
+    )
 
 
 def check_gpus(cluster: ClusterConfig, connected: bool = False) -> None:
@@ -140,9 +160,11 @@ def check_gpus(cluster: ClusterConfig, connected: bool = False) -> None:
             return
     need = cluster.num_workers
     if have < need:
-        raise ConfigError(f"cluster.use_gpu=true needs {need} GPU(s), one per worker "
-                          f"(cluster.num_workers={need}), but {where} {have}; "
-                          "set cluster.use_gpu=false")
+        raise ConfigError(
+            f"cluster.use_gpu=true needs {need} GPU(s), one per worker "
+            f"(cluster.num_workers={need}), but {where} {have}; "
+            "set cluster.use_gpu=false"
+        )
 
 
 def fit_reporting_user_errors(trainer: Any) -> None:
@@ -207,47 +229,83 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_threads(job.cluster.cpus_per_worker)
     quiet_worker_logs()
-    if rank == 0:  # rank 0's lines (emit) reach the user's console through the driver (cluster.progress)
+    if (
+        rank == 0
+    ):  # rank 0's lines (emit) reach the user's console through the driver (cluster.progress)
         send_lines_to(progress_file(out_dir))
-    peak, peak_source = peak_flops(job.trainer.peak_flops, _worker_device(job.cluster.use_gpu), job.trainer.precision)
+    peak, peak_source = peak_flops(
+        job.trainer.peak_flops, _worker_device(job.cluster.use_gpu), job.trainer.precision
+    )
     pl.seed_everything(job.trainer.seed, workers=True, verbose=False)
     parts = TASKS[job.task](job, rank, world)
     parts.module.peak_flops = peak
     parts.module.max_nonfinite_steps = job.trainer.max_nonfinite_steps
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
-    checkpoint = KilnCheckpoint(checkpoints_dir(out_dir), parts.model_config, tokenizer_file,
-                                to_dict(job), Path(job.data_dir) / "manifest.json",
-                                job.trainer.checkpoint_every, job.trainer.keep_last,
-                                parts.train_loader, parts.val_loader)
+    checkpoint = KilnCheckpoint(
+        checkpoints_dir(out_dir),
+        parts.model_config,
+        tokenizer_file,
+        to_dict(job),
+        Path(job.data_dir) / "manifest.json",
+        job.trainer.checkpoint_every,
+        job.trainer.keep_last,
+        parts.train_loader,
+        parts.val_loader,
+    )
     # A restarted worker group continues from this run's own newest checkpoint; else the driver's choice.
-    resume_from = resume_point(out_dir, config.get("resume_from"), config.get("started_ns", 0), say=emit)
+    resume_from = resume_point(
+        out_dir, config.get("resume_from"), config.get("started_ns", 0), say=emit
+    )
     checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
     stopper = StopOnRequest(stop_file(out_dir), checkpoint)
     # LogLastStep: metrics.csv always ends with the last step's row, even in a run shorter than log_every
-    trainer = _build_trainer(job, out_dir, stage, parts, [checkpoint, stopper, LogLastStep()],
-                             resume=resume_from is not None)
+    trainer = _build_trainer(
+        job,
+        out_dir,
+        stage,
+        parts,
+        [checkpoint, stopper, LogLastStep()],
+        resume=resume_from is not None,
+    )
     if rank == 0:
         emit(f"[{stage}] MFU against {peak / 1e9:.4g} GFLOP/s per worker, {peak_source}")
         if parts.new_tensors:
-            emit(f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors "
-                 f"(e.g. {', '.join(parts.new_tensors[:3])})")
+            emit(
+                f"[{stage}] initialised fresh: {len(parts.new_tensors)} tensors "
+                f"(e.g. {', '.join(parts.new_tensors[:3])})"
+            )
         if resume_from is not None:
             emit(f"[{stage}] resuming from {resume_from}")
             stash_metrics(out_dir, checkpoint_step(resume_from))
-    trainer.fit(parts.module, train_dataloaders=parts.train_loader, val_dataloaders=parts.val_loader,
-                ckpt_path=str(resume_from) if resume_from is not None else None)
+    trainer.fit(
+        parts.module,
+        train_dataloaders=parts.train_loader,
+        val_dataloaders=parts.val_loader,
+        ckpt_path=str(resume_from) if resume_from is not None else None,
+    )
     finish_run()  # rank 0's W&B run, complete before Ray ends this process (cluster.tracking)
     if rank == 0:
         restore_metrics(out_dir)
-        summary = {"checkpoint": str(checkpoint.last_saved), "new_tensors": parts.new_tensors,
-                   "steps": trainer.global_step, "task": job.task,
-                   "resumed_from": None if resume_from is None else str(resume_from),
-                   "preempted": stopper.stopped_at is not None, "stopped_at_per_rank": stopper.stopped_at}
+        summary = {
+            "checkpoint": str(checkpoint.last_saved),
+            "new_tensors": parts.new_tensors,
+            "steps": trainer.global_step,
+            "task": job.task,
+            "resumed_from": None if resume_from is None else str(resume_from),
+            "preempted": stopper.stopped_at is not None,
+            "stopped_at_per_rank": stopper.stopped_at,
+        }
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, parts: Any, callbacks: list[Any],
-                   resume: bool) -> Any:
+def _build_trainer(
+    job: PretrainJob | FinetuneJob,
+    out_dir: Path,
+    stage: str,
+    parts: Any,
+    callbacks: list[Any],
+    resume: bool,
+) -> Any:
     import lightning.pytorch as pl
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
 
@@ -272,8 +330,10 @@ def _build_trainer(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str, pa
         limit_val_batches=job.trainer.limit_val_batches,
         log_every_n_steps=job.trainer.log_every,
         logger=build_loggers(job.wandb, out_dir, stage, to_dict(job)),
-        callbacks=[ProgressPrinter(stage, job.trainer.log_every, progress_keys, progress_file(out_dir)),
-                   *callbacks],
+        callbacks=[
+            ProgressPrinter(stage, job.trainer.log_every, progress_keys, progress_file(out_dir)),
+            *callbacks,
+        ],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,

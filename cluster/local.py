@@ -61,7 +61,14 @@ def _connect_host(host: str) -> str:
 def cmd_cluster(args: argparse.Namespace) -> int:
     """`kiln cluster up | down | status`."""
     if args.cluster_command == "up":
-        up(args.host, args.port, args.dashboard_port, args.num_cpus, args.num_gpus, args.allow_remote)
+        up(
+            args.host,
+            args.port,
+            args.dashboard_port,
+            args.num_cpus,
+            args.num_gpus,
+            args.allow_remote,
+        )
         return 0
     if args.cluster_command == "down":
         down()
@@ -81,7 +88,9 @@ def read_state() -> LocalCluster | None:
     try:
         return LocalCluster(**json.loads(file.read_text()))
     except (json.JSONDecodeError, TypeError) as err:
-        raise ConfigError(f"{file}: not a Kiln cluster state file ({err}); delete it if no cluster runs") from None
+        raise ConfigError(
+            f"{file}: not a Kiln cluster state file ({err}); delete it if no cluster runs"
+        ) from None
 
 
 def _write_state(cluster: LocalCluster) -> None:
@@ -97,13 +106,22 @@ def _clear_state() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- up
-def up(host: str = "127.0.0.1", port: int = 6379, dashboard_port: int = 8265, num_cpus: int | None = None,
-       num_gpus: int | None = None, allow_remote: bool = False, timeout: float = START_TIMEOUT_S) -> LocalCluster:
+def up(
+    host: str = "127.0.0.1",
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    allow_remote: bool = False,
+    timeout: float = START_TIMEOUT_S,
+) -> LocalCluster:
     """Start a Ray head for job submission and wait until its Jobs API answers."""
     remote = host not in LOOPBACK
     if remote and not allow_remote:
-        raise ConfigError(f"--host {host}: a Ray head executes code for anyone who can reach it; it listens on "
-                          "127.0.0.1 unless you also pass --allow-remote")
+        raise ConfigError(
+            f"--host {host}: a Ray head executes code for anyone who can reach it; it listens on "
+            "127.0.0.1 unless you also pass --allow-remote"
+        )
     _refuse_second_cluster()
     for name, value in (("--port", port), ("--dashboard-port", dashboard_port)):
         _check_port_free(name, value)
@@ -111,15 +129,25 @@ def up(host: str = "127.0.0.1", port: int = 6379, dashboard_port: int = 8265, nu
     auth = _ensure_token_auth(env)
     if remote:
         _warn_remote(host, port, dashboard_port, auth)
-    temp_dir = Path(f"/tmp/kiln-ray-{os.getuid()}-{port}")  # short: Ray's unix socket paths must fit 107 bytes
+    temp_dir = Path(
+        f"/tmp/kiln-ray-{os.getuid()}-{port}"
+    )  # short: Ray's unix socket paths must fit 107 bytes
     log_file = kiln_home() / f"ray-head-{port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = _start_command(host, port, dashboard_port, num_cpus, num_gpus, temp_dir)
     with open(log_file, "w") as log:
         # A new session: the head outlives this command, and Ctrl-C in the user's shell does not reach it.
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    cluster = LocalCluster(proc.pid, host, port, dashboard_port, str(temp_dir), str(log_file), auth, time.time())
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    cluster = LocalCluster(
+        proc.pid, host, port, dashboard_port, str(temp_dir), str(log_file), auth, time.time()
+    )
     _write_state(cluster)
     try:
         _wait_until_ready(cluster, proc, timeout)
@@ -136,8 +164,10 @@ def _refuse_second_cluster() -> None:
     if running is None:
         return
     if _is_our_head(running):
-        raise ConfigError(f"a Kiln cluster is already running (pid {running.pid}, {running.dashboard_url}); "
-                          "stop it with `kiln cluster down` first")
+        raise ConfigError(
+            f"a Kiln cluster is already running (pid {running.pid}, {running.dashboard_url}); "
+            "stop it with `kiln cluster down` first"
+        )
     _clear_state()  # the recorded head is gone (machine restarted, process killed): the record is stale
 
 
@@ -147,7 +177,9 @@ def _check_port_free(flag: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         if sock.connect_ex(("127.0.0.1", port)) == 0:
-            raise ConfigError(f"{flag} {port}: something already listens on this port; choose another")
+            raise ConfigError(
+                f"{flag} {port}: something already listens on this port; choose another"
+            )
 
 
 def free_port() -> int:
@@ -183,15 +215,24 @@ def _ensure_token_auth(env: dict[str, str]) -> str:
 
     mode = env.get("RAY_AUTH_MODE", "").lower()
     if mode and mode != "token":
-        print(f"kiln: warning: RAY_AUTH_MODE={mode}: the head accepts jobs from anyone who reaches its ports",
-              file=sys.stderr)
+        print(
+            f"kiln: warning: RAY_AUTH_MODE={mode}: the head accepts jobs from anyone who reaches its ports",
+            file=sys.stderr,
+        )
         return "disabled"
     if not token_available():
         # `ray get-auth-token --generate` writes ~/.ray/auth_token (and prints it: discarded here).
-        subprocess.run([_ray_executable(), "get-auth-token", "--generate"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [_ray_executable(), "get-auth-token", "--generate"],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     env["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_MODE"] = "token"  # this process talks to the head next; Ray is not imported yet
+    os.environ["RAY_AUTH_MODE"] = (
+        "token"  # this process talks to the head next; Ray is not imported yet
+    )
     return "token"
 
 
@@ -201,11 +242,15 @@ def _warn_remote(host: str, port: int, dashboard_port: int, auth: str) -> None:
         "WARNING: Ray executes arbitrary code for anyone who can reach those ports, as this user, on this machine.",
     ]
     if auth == "token":
-        lines.append("WARNING: token authentication is on (RAY_AUTH_MODE=token, token in ~/.ray/auth_token or "
-                     "RAY_AUTH_TOKEN): it turns away callers without the token, but plain http carries the token in "
-                     "clear text; put the dashboard behind https or an SSH tunnel and firewall the ports.")
+        lines.append(
+            "WARNING: token authentication is on (RAY_AUTH_MODE=token, token in ~/.ray/auth_token or "
+            "RAY_AUTH_TOKEN): it turns away callers without the token, but plain http carries the token in "
+            "clear text; put the dashboard behind https or an SSH tunnel and firewall the ports."
+        )
     else:
-        lines.append("WARNING: token authentication is OFF: anyone on the network can run code here.")
+        lines.append(
+            "WARNING: token authentication is OFF: anyone on the network can run code here."
+        )
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -213,17 +258,35 @@ def _ray_executable() -> str:
     beside = Path(sys.executable).parent / "ray"
     found = str(beside) if beside.is_file() else shutil.which("ray")
     if not found:
-        raise ConfigError("the `ray` command is not installed next to this python; install Kiln's dependencies")
+        raise ConfigError(
+            "the `ray` command is not installed next to this python; install Kiln's dependencies"
+        )
     return found
 
 
-def _start_command(host: str, port: int, dashboard_port: int, num_cpus: int | None, num_gpus: int | None,
-                   temp_dir: Path) -> list[str]:
-    cmd = [_ray_executable(), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard_port}",
-           f"--dashboard-host={host}", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats",
-           # Ray's fixed defaults (10001, 52365) would collide with any other Ray on the machine.
-           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
+def _start_command(
+    host: str,
+    port: int,
+    dashboard_port: int,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    temp_dir: Path,
+) -> list[str]:
+    cmd = [
+        _ray_executable(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--dashboard-port={dashboard_port}",
+        f"--dashboard-host={host}",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        # Ray's fixed defaults (10001, 52365) would collide with any other Ray on the machine.
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
     if host not in LOOPBACK and host != "0.0.0.0":
         cmd.append(f"--node-ip-address={host}")
     if num_cpus is not None:
@@ -238,15 +301,19 @@ def _wait_until_ready(cluster: LocalCluster, proc: subprocess.Popen, timeout: fl
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = Path(cluster.log_file).read_text(errors="replace").strip().splitlines()[-3:]
-            raise ConfigError(f"`ray start` exited with code {proc.returncode}: {' | '.join(tail)} "
-                              f"(full log: {cluster.log_file})")
+            raise ConfigError(
+                f"`ray start` exited with code {proc.returncode}: {' | '.join(tail)} "
+                f"(full log: {cluster.log_file})"
+            )
         url = cluster.dashboard_url
         # The Jobs API answers a few seconds before the head's raylet has registered; jobs need the node.
         if _dashboard_answers(url) and _jobs_api_answers(url) and _alive_nodes(url) > 0:
             return
         time.sleep(1.0)
-    raise ConfigError(f"the Ray head did not answer on {cluster.dashboard_url} within {timeout:.0f} s "
-                      f"(log: {cluster.log_file})")
+    raise ConfigError(
+        f"the Ray head did not answer on {cluster.dashboard_url} within {timeout:.0f} s "
+        f"(log: {cluster.log_file})"
+    )
 
 
 def _dashboard_answers(url: str) -> bool:
@@ -273,7 +340,9 @@ def _alive_nodes(url: str) -> int:
     from ray.util.state import list_nodes
 
     try:
-        return sum(n.state == "ALIVE" for n in list_nodes(address=url, raise_on_missing_output=False))
+        return sum(
+            n.state == "ALIVE" for n in list_nodes(address=url, raise_on_missing_output=False)
+        )
     except Exception:  # noqa: BLE001 — the state API wraps a not-yet-ready server in several error types
         return 0
 
@@ -282,15 +351,22 @@ def _print_started(cluster: LocalCluster) -> None:
     from cluster.tracking import SECRET_ENV_VARS
 
     passed = [name for name in SECRET_ENV_VARS if os.environ.get(name)]
-    print(f"Ray head started (pid {cluster.pid}), listening on {cluster.host}\n"
-          f"  Jobs API / dashboard: {cluster.dashboard_url}\n"
-          f"  GCS address:          {cluster.gcs_address}\n"
-          f"  authentication:       {cluster.auth}\n"
-          f"  log:                  {cluster.log_file}")
+    print(
+        f"Ray head started (pid {cluster.pid}), listening on {cluster.host}\n"
+        f"  Jobs API / dashboard: {cluster.dashboard_url}\n"
+        f"  GCS address:          {cluster.gcs_address}\n"
+        f"  authentication:       {cluster.auth}\n"
+        f"  log:                  {cluster.log_file}"
+    )
     if passed:
-        print(f"  jobs inherit {', '.join(passed)} from this environment (never sent through the Jobs API)")
-    print(f"next: kiln submit pretrain --config configs/tiny-bert.yaml --address {cluster.dashboard_url}\n"
-          "stop it with: kiln cluster down", flush=True)
+        print(
+            f"  jobs inherit {', '.join(passed)} from this environment (never sent through the Jobs API)"
+        )
+    print(
+        f"next: kiln submit pretrain --config configs/tiny-bert.yaml --address {cluster.dashboard_url}\n"
+        "stop it with: kiln cluster down",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- down
@@ -301,7 +377,9 @@ def down(timeout: float = STOP_TIMEOUT_S) -> bool:
         print(f"no Kiln cluster recorded in {kiln_home() / STATE_FILE}; nothing to stop")
         return False
     if not _is_our_head(cluster):
-        print(f"the recorded Ray head (pid {cluster.pid}) is no longer running; clearing {STATE_FILE}")
+        print(
+            f"the recorded Ray head (pid {cluster.pid}) is no longer running; clearing {STATE_FILE}"
+        )
         _clear_state()
         return True
     print(f"stopping the Ray head (pid {cluster.pid}) ...", flush=True)
@@ -324,7 +402,10 @@ def _stop(cluster: LocalCluster, timeout: float = STOP_TIMEOUT_S) -> None:
     # Whatever is left in the head's process group (it is its own session leader) did not stop: kill it.
     for proc in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(proc.info["pid"]) == cluster.pid and proc.status() != psutil.STATUS_ZOMBIE:
+            if (
+                os.getpgid(proc.info["pid"]) == cluster.pid
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
                 proc.kill()
         except (ProcessLookupError, psutil.Error):
             continue
@@ -350,11 +431,15 @@ def status(address: str | None = None) -> int:
     cluster = read_state()
     if address is None:
         if cluster is None or not _is_our_head(cluster):
-            raise ConfigError("no Kiln cluster is running here (start one with `kiln cluster up`, or pass "
-                              "--address http://HOST:8265)")
+            raise ConfigError(
+                "no Kiln cluster is running here (start one with `kiln cluster up`, or pass "
+                "--address http://HOST:8265)"
+            )
         address = cluster.dashboard_url
-        print(f"Kiln cluster: pid {cluster.pid}, up {(time.time() - cluster.started_at) / 60:.1f} min, "
-              f"listening on {cluster.host}, auth {cluster.auth}, log {cluster.log_file}")
+        print(
+            f"Kiln cluster: pid {cluster.pid}, up {(time.time() - cluster.started_at) / 60:.1f} min, "
+            f"listening on {cluster.host}, auth {cluster.auth}, log {cluster.log_file}"
+        )
     _print_nodes(address)
     _print_jobs(address)
     return 0
@@ -366,7 +451,9 @@ def _print_nodes(address: str) -> None:
     try:
         nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False)
     except Exception as err:  # noqa: BLE001 — the state API wraps connection errors in several types
-        raise ConfigError(f"cannot read the nodes of {address}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot read the nodes of {address}: {str(err).splitlines()[0]}"
+        ) from None
     alive = [n for n in nodes if n.state == "ALIVE"]
     totals: dict[str, float] = {}
     print(f"Ray at {address}: {len(alive)} alive node(s) of {len(nodes)}")
@@ -380,8 +467,10 @@ def _print_nodes(address: str) -> None:
 
 
 def _fmt_resources(res: dict[str, float]) -> str:
-    return (f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, "
-            f"{float(res.get('memory', 0)) / 2**30:.1f} GiB memory")
+    return (
+        f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU, "
+        f"{float(res.get('memory', 0)) / 2**30:.1f} GiB memory"
+    )
 
 
 def _print_jobs(address: str) -> None:

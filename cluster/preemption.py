@@ -24,7 +24,9 @@ from typing import Any
 from cluster.progress import say
 
 STOP_FILE = "STOP"
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped cleanly, run the same command again to continue
+EXIT_PREEMPTED = (
+    75  # sysexits' EX_TEMPFAIL: stopped cleanly, run the same command again to continue
+)
 # How long a scheduler should leave between its SIGTERM and its SIGKILL: the current step plus one checkpoint.
 # Ray Jobs waits RAY_JOB_STOP_WAIT_TIME_S (3 s by default) after `ray job stop`; Kiln's heads set this instead,
 # and SLURM scripts ask for the signal this long before the time limit.
@@ -38,8 +40,10 @@ class Preempted(Exception):
     """The run stopped early on request and wrote a checkpoint to continue from."""
 
     def __init__(self, stage: str, step: int, checkpoint: Path, hint: str = RESUME_HINT) -> None:
-        super().__init__(f"[{stage}] preempted: every worker stopped at step {step} and checkpointed to "
-                         f"{checkpoint}; {hint}")
+        super().__init__(
+            f"[{stage}] preempted: every worker stopped at step {step} and checkpointed to "
+            f"{checkpoint}; {hint}"
+        )
         self.stage, self.step, self.checkpoint = stage, step, checkpoint
 
 
@@ -61,9 +65,13 @@ def stop_on_sigterm(out_dir: Path, stage: str) -> Iterator[None]:
 
     def request_stop(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the driver at once
-        stop_file(out_dir).write_text(f"SIGTERM received by the driver at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        say(f"[{stage}] SIGTERM: every worker stops after its current step and checkpoints "
-            "(SIGTERM again stops at once, without a checkpoint)")
+        stop_file(out_dir).write_text(
+            f"SIGTERM received by the driver at {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+        )
+        say(
+            f"[{stage}] SIGTERM: every worker stops after its current step and checkpoints "
+            "(SIGTERM again stops at once, without a checkpoint)"
+        )
 
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:

@@ -56,7 +56,9 @@ def format_step(event: dict[str, Any]) -> str:
     parts = [" ".join(p for p in (head, _metrics(event.get("metrics", {}))) if p)]
     if _rate(event.get("metrics", {})):
         parts.append(_rate(event["metrics"]))
-    parts.append(f"{duration(event.get('elapsed', 0))} elapsed, ETA {duration(event.get('eta', 0))}")
+    parts.append(
+        f"{duration(event.get('elapsed', 0))} elapsed, ETA {duration(event.get('eta', 0))}"
+    )
     return " | ".join(parts)
 
 
@@ -67,9 +69,13 @@ def format_bar(event: dict[str, Any], width: int) -> str:
     filled = min(BAR_WIDTH, BAR_WIDTH * step // total)
     bar = "=" * filled + (">" if filled < BAR_WIDTH else "") + "." * (BAR_WIDTH - filled - 1)
     metrics = event.get("metrics", {})
-    parts = [f"[{event['stage']}] [{bar[:BAR_WIDTH]}] {step}/{event['max_steps']} "
-             f"ETA {duration(event.get('eta', 0))}", _rate(metrics), _metrics(metrics)]
-    return " | ".join(p for p in parts if p)[:max(width, 20)]
+    parts = [
+        f"[{event['stage']}] [{bar[:BAR_WIDTH]}] {step}/{event['max_steps']} "
+        f"ETA {duration(event.get('eta', 0))}",
+        _rate(metrics),
+        _metrics(metrics),
+    ]
+    return " | ".join(p for p in parts if p)[: max(width, 20)]
 
 
 def format_validation(event: dict[str, Any]) -> str:
@@ -82,8 +88,13 @@ class Console:
     """Renders events on `stream`: a live line on a terminal (`tty`), plain lines otherwise. Thread-safe: the
     follower thread renders events while the main thread (or a signal handler on it) may print lines."""
 
-    def __init__(self, every: int, stream: TextIO | None = None, tty: bool | None = None,
-                 width: int | None = None) -> None:
+    def __init__(
+        self,
+        every: int,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        width: int | None = None,
+    ) -> None:
         self.stream = stream or sys.stdout
         self.tty = _is_tty(self.stream) if tty is None else tty
         self.every, self.width = max(1, every), width
@@ -207,8 +218,9 @@ class Follower:
 
 
 @contextmanager
-def follow_progress(out_dir: Path, every: int, stream: TextIO | None = None,
-                    tty: bool | None = None) -> Iterator[Console]:
+def follow_progress(
+    out_dir: Path, every: int, stream: TextIO | None = None, tty: bool | None = None
+) -> Iterator[Console]:
     """While inside, rank 0's events under `out_dir` (those appended from now on) show on the console."""
     global _ACTIVE
     path = progress_file(out_dir)
@@ -221,9 +233,14 @@ def follow_progress(out_dir: Path, every: int, stream: TextIO | None = None,
     except Exception as err:
         follower.stop()
         console.close()
-        if not _is_user_error(err):  # a crash: its details (tracebacks, Ray's reasons) are in the run log
-            print(f"kiln: the workers' and Ray's own output: {Path(out_dir) / 'logs' / 'ray.log'}",
-                  file=sys.stderr, flush=True)
+        if not _is_user_error(
+            err
+        ):  # a crash: its details (tracebacks, Ray's reasons) are in the run log
+            print(
+                f"kiln: the workers' and Ray's own output: {Path(out_dir) / 'logs' / 'ray.log'}",
+                file=sys.stderr,
+                flush=True,
+            )
         raise
     finally:
         follower.stop()

@@ -44,32 +44,54 @@ def _ray_version() -> str:
 def _check_clean(text: str, what: str) -> str:
     leaked = find_secrets(text)
     if leaked:
-        raise ConfigError(f"the {what} would contain the value of {', '.join(leaked)}; pass secrets through the "
-                          "cluster's environment, never the config or overrides")
+        raise ConfigError(
+            f"the {what} would contain the value of {', '.join(leaked)}; pass secrets through the "
+            "cluster's environment, never the config or overrides"
+        )
     return text
 
 
 def _describe(job: Any) -> str:
     c = job.cluster
     gpu = ", 1 GPU each" if c.use_gpu else ""
-    return (f"{c.num_workers} workers × {c.cpus_per_worker} CPU{gpu}, strategy {c.strategy}, "
-            f"max_failures {c.max_failures}")
+    return (
+        f"{c.num_workers} workers × {c.cpus_per_worker} CPU{gpu}, strategy {c.strategy}, "
+        f"max_failures {c.max_failures}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- KubeRay
-def render_kuberay(command: str, config: Path | None, overrides: list[str], job: Any, image: str | None,
-                   out_dir: str | None = None, name: str | None = None, namespace: str | None = None,
-                   code_dir: str = "/kiln", worker_memory: str = "8Gi", head_cpu: str = "1",
-                   head_memory: str = "4Gi", secret_name: str = SECRET_NAME) -> str:
+def render_kuberay(
+    command: str,
+    config: Path | None,
+    overrides: list[str],
+    job: Any,
+    image: str | None,
+    out_dir: str | None = None,
+    name: str | None = None,
+    namespace: str | None = None,
+    code_dir: str = "/kiln",
+    worker_memory: str = "8Gi",
+    head_cpu: str = "1",
+    head_memory: str = "4Gi",
+    secret_name: str = SECRET_NAME,
+) -> str:
     """A RayJob (ray.io/v1, KubeRay ≥ 1.5.1 for `authOptions`) whose cluster has one worker pod per Ray Train
     worker; the head runs only the driver (num-cpus 0)."""
     if not image:
-        raise ConfigError("kiln render kuberay needs --image: a container image with Kiln's dependencies and the "
-                          f"project at --code-dir ({code_dir})")
+        raise ConfigError(
+            "kiln render kuberay needs --image: a container image with Kiln's dependencies and the "
+            f"project at --code-dir ({code_dir})"
+        )
     c = job.cluster
     name = name or f"kiln-{command}"
-    env = [{"name": var, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": True}}}
-           for var, key in SECRET_KEYS.items()]
+    env = [
+        {
+            "name": var,
+            "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": True}},
+        }
+        for var, key in SECRET_KEYS.items()
+    ]
     worker_resources: dict[str, Any] = {"cpu": str(c.cpus_per_worker), "memory": worker_memory}
     if c.use_gpu:
         worker_resources["nvidia.com/gpu"] = "1"
@@ -79,16 +101,26 @@ def render_kuberay(command: str, config: Path | None, overrides: list[str], job:
     # Deleting the RayJob stops the job with SIGTERM; the driver then has every worker checkpoint at one step
     # and stop (preemption), which needs longer than Ray's default 3 s before its SIGKILL.
     head_env = [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}]
-    head = _container("ray-head", image, code_dir, head_env, {"cpu": head_cpu, "memory": head_memory})
-    head["ports"] = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-                     {"containerPort": 10001, "name": "client"}]
+    head = _container(
+        "ray-head", image, code_dir, head_env, {"cpu": head_cpu, "memory": head_memory}
+    )
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     manifest = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": name, **({"namespace": namespace} if namespace else {}),
-                     "labels": {"app.kubernetes.io/name": "kiln", "kiln/command": command}},
+        "metadata": {
+            "name": name,
+            **({"namespace": namespace} if namespace else {}),
+            "labels": {"app.kubernetes.io/name": "kiln", "kiln/command": command},
+        },
         "spec": {
-            "entrypoint": entrypoint(command, config, overrides, Path(out_dir) if out_dir else None),
+            "entrypoint": entrypoint(
+                command, config, overrides, Path(out_dir) if out_dir else None
+            ),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
@@ -96,23 +128,36 @@ def render_kuberay(command: str, config: Path | None, overrides: list[str], job:
             "rayClusterSpec": {
                 "rayVersion": _ray_version(),
                 "authOptions": {"mode": "token"},
-                "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
-                                  "template": {"spec": {"containers": [head]}}},
-                "workerGroupSpecs": [{
-                    "groupName": "train-workers",
-                    "replicas": c.num_workers, "minReplicas": c.num_workers, "maxReplicas": c.num_workers,
-                    "rayStartParams": {},
-                    "template": {"spec": {"containers": [
-                        _container("ray-worker", image, code_dir, env, worker_resources)]}},
-                }],
+                "headGroupSpec": {
+                    "rayStartParams": {"num-cpus": "0"},
+                    "template": {"spec": {"containers": [head]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "train-workers",
+                        "replicas": c.num_workers,
+                        "minReplicas": c.num_workers,
+                        "maxReplicas": c.num_workers,
+                        "rayStartParams": {},
+                        "template": {
+                            "spec": {
+                                "containers": [
+                                    _container("ray-worker", image, code_dir, env, worker_resources)
+                                ]
+                            }
+                        },
+                    }
+                ],
             },
         },
     }
-    header = (f"# Rendered by `kiln render kuberay` from {config or 'defaults'}: {_describe(job)}.\n"
-              f"# Secrets come from the Kubernetes Secret '{secret_name}' (keys {', '.join(SECRET_KEYS.values())}):\n"
-              f"#   kubectl create secret generic {secret_name} --from-literal=wandb-api-key=\"$WANDB_API_KEY\"\n"
-              "# Apply with: kubectl apply -f <this file>; follow with: kubectl get rayjob; kubectl logs -l "
-              f"job-name={name}\n")
+    header = (
+        f"# Rendered by `kiln render kuberay` from {config or 'defaults'}: {_describe(job)}.\n"
+        f"# Secrets come from the Kubernetes Secret '{secret_name}' (keys {', '.join(SECRET_KEYS.values())}):\n"
+        f'#   kubectl create secret generic {secret_name} --from-literal=wandb-api-key="$WANDB_API_KEY"\n'
+        "# Apply with: kubectl apply -f <this file>; follow with: kubectl get rayjob; kubectl logs -l "
+        f"job-name={name}\n"
+    )
     if not out_dir:
         header += "# No --job-out: outputs stay in the head pod and vanish with it; mount shared storage.\n"
     text = yaml.dump(manifest, Dumper=_ManifestDumper, sort_keys=False, width=1000)
@@ -127,44 +172,82 @@ class _ManifestDumper(yaml.SafeDumper):
 
 
 _ManifestDumper.add_representer(
-    str, lambda dumper, s: dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+    str,
+    lambda dumper, s: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None
+    ),
+)
 
 
-def _container(name: str, image: str, code_dir: str, env: list[dict], resources: dict[str, str]) -> dict[str, Any]:
-    return {"name": name, "image": image, "workingDir": code_dir, "env": env,
-            "resources": {"requests": dict(resources), "limits": dict(resources)}}
+def _container(
+    name: str, image: str, code_dir: str, env: list[dict], resources: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "workingDir": code_dir,
+        "env": env,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- SLURM
-def render_slurm(command: str, config: Path | None, overrides: list[str], job: Any, nodes: int | None,
-                 out_dir: str | None = None, name: str | None = None, time_limit: str = "04:00:00",
-                 partition: str | None = None, venv: str | None = None, project_dir: Path = PROJECT_ROOT) -> str:
+def render_slurm(
+    command: str,
+    config: Path | None,
+    overrides: list[str],
+    job: Any,
+    nodes: int | None,
+    out_dir: str | None = None,
+    name: str | None = None,
+    time_limit: str = "04:00:00",
+    partition: str | None = None,
+    venv: str | None = None,
+    project_dir: Path = PROJECT_ROOT,
+) -> str:
     """An sbatch script: a Ray head on the first node, Ray workers on the others (srun), wait until all joined,
     run the job on the head node, stop Ray (also when the job fails or is cancelled)."""
     c = job.cluster
     if not nodes or nodes < 1:
         raise ConfigError("kiln render slurm needs --nodes N (at least 1)")
     if nodes > c.num_workers:
-        raise ConfigError(f"--nodes {nodes} for cluster.num_workers={c.num_workers}: some nodes would hold no "
-                          "worker; use at most as many nodes as workers")
+        raise ConfigError(
+            f"--nodes {nodes} for cluster.num_workers={c.num_workers}: some nodes would hold no "
+            "worker; use at most as many nodes as workers"
+        )
     per_node = math.ceil(c.num_workers / nodes)
     cpus, gpus = per_node * c.cpus_per_worker, per_node if c.use_gpu else 0
     venv = venv or str(project_dir / ".venv")
     name = name or f"kiln-{command}"
     # --signal: USR1 to the batch shell STOP_GRACE_S before the time limit; run_job turns it into the driver's
     # SIGTERM, and every worker checkpoints at one step and stops (preemption) before SLURM kills the job.
-    sbatch = [f"--job-name={name}", f"--nodes={nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
-              f"--time={time_limit}", f"--output={name}-%j.out", f"--signal=B:USR1@{STOP_GRACE_S}"]
+    sbatch = [
+        f"--job-name={name}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={cpus}",
+        f"--time={time_limit}",
+        f"--output={name}-%j.out",
+        f"--signal=B:USR1@{STOP_GRACE_S}",
+    ]
     if gpus:
         sbatch.append(f"--gpus-per-task={gpus}")
     if partition:
         sbatch.append(f"--partition={partition}")
     run = entrypoint(command, config, overrides, Path(out_dir) if out_dir else None)
     text = _SLURM_TEMPLATE.format(
-        source=config or "defaults", describe=_describe(job), nodes=nodes, per_node=per_node,
+        source=config or "defaults",
+        describe=_describe(job),
+        nodes=nodes,
+        per_node=per_node,
         sbatch="\n".join(f"#SBATCH {line}" for line in sbatch),
-        project=shlex.quote(str(project_dir)), activate=shlex.quote(f"{venv}/bin/activate"),
-        cpus=cpus, gpus=gpus, entrypoint=run, run_job=SLURM_RUN_JOB)
+        project=shlex.quote(str(project_dir)),
+        activate=shlex.quote(f"{venv}/bin/activate"),
+        cpus=cpus,
+        gpus=gpus,
+        entrypoint=run,
+        run_job=SLURM_RUN_JOB,
+    )
     return _check_clean(text, "script")
 
 

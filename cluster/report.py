@@ -107,8 +107,12 @@ def pretrain_chance(data_dir: Path) -> PretrainChance:
     positive = float(labels.mean()) if len(labels) else 0.5
     name = Tokenizer.from_file(str(data_dir / "tokenizer.json")).decode([top]).strip() or str(top)
     guess = float(val_counts[top] / max(val_counts.sum(), 1))
-    return PretrainChance(unigram_token=name, unigram_accuracy=guess,
-                          nsp_chance=max(positive, 1.0 - positive), nsp_pairs=len(labels))
+    return PretrainChance(
+        unigram_token=name,
+        unigram_accuracy=guess,
+        nsp_chance=max(positive, 1.0 - positive),
+        nsp_pairs=len(labels),
+    )
 
 
 def _column(split_dir: Path, column: str) -> np.ndarray:

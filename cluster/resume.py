@@ -119,8 +119,9 @@ def check_resume(job: PretrainJob | FinetuneJob, run: Path, say: Say = print) ->
     root = checkpoints_dir(run)
     if job.trainer.resume == "auto":
         for leftover in clean_partial_saves(root):
-            say(f"[resume] removed {leftover.name}, a save that was interrupted before it "
-                "completed")
+            say(
+                f"[resume] removed {leftover.name}, a save that was interrupted before it completed"
+            )
     latest = resume_checkpoint(root, job.trainer.resume, say)
     if latest is not None:
         _check_exact(job, latest)
@@ -136,14 +137,18 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path) -> None:
     for section in ("task", "model"):
         if section in saved and section in now and saved[section] != now[section]:
             diff = _diff(saved[section], now[section])
-            raise ConfigError(f"trainer.resume=auto: {latest} was trained with a different "
-                              f"'{section}' ({diff}); resume with the run's own config, or start a "
-                              "new --out")
+            raise ConfigError(
+                f"trainer.resume=auto: {latest} was trained with a different "
+                f"'{section}' ({diff}); resume with the run's own config, or start a "
+                "new --out"
+            )
     data_sha = (manifest.get("data_manifest") or {}).get("sha256")
     if data_sha and data_sha != sha256_file(Path(job.data_dir) / "manifest.json"):
-        raise ConfigError(f"trainer.resume=auto: {latest} was trained on other data than "
-                          f"{job.data_dir} (its manifest.json differs); resume on the same "
-                          "data_dir, or start a new --out")
+        raise ConfigError(
+            f"trainer.resume=auto: {latest} was trained on other data than "
+            f"{job.data_dir} (its manifest.json differs); resume on the same "
+            "data_dir, or start a new --out"
+        )
 
 
 def _check_optimizer_state(job: PretrainJob | FinetuneJob, latest: Path, manifest: dict) -> None:
@@ -154,15 +159,19 @@ def _check_optimizer_state(job: PretrainJob | FinetuneJob, latest: Path, manifes
         return
     if (saved == "ddp") != (job.cluster.strategy == "ddp"):
         resumable_with = "ddp" if saved == "ddp" else "any deepspeed_stage_N"
-        raise ConfigError(f"trainer.resume=auto: {latest} was saved with cluster.strategy={saved} "
-                          f"and cannot be resumed with cluster.strategy={job.cluster.strategy}: "
-                          "DDP and DeepSpeed ZeRO save the optimizer state in different forms "
-                          f"(resume with {resumable_with}, or start a new --out)")
+        raise ConfigError(
+            f"trainer.resume=auto: {latest} was saved with cluster.strategy={saved} "
+            f"and cannot be resumed with cluster.strategy={job.cluster.strategy}: "
+            "DDP and DeepSpeed ZeRO save the optimizer state in different forms "
+            f"(resume with {resumable_with}, or start a new --out)"
+        )
     state = load_trainer_state(latest, mmap=True) if saved != "ddp" else {"optimizer": True}
     if "optimizer" not in (state or {}):
-        raise ConfigError(f"trainer.resume=auto: {latest} holds no optimizer state (a ZeRO run "
-                          "saved by an older Kiln); it cannot be continued exactly, start a new "
-                          "--out")
+        raise ConfigError(
+            f"trainer.resume=auto: {latest} holds no optimizer state (a ZeRO run "
+            "saved by an older Kiln); it cannot be continued exactly, start a new "
+            "--out"
+        )
 
 
 def _diff(saved: Any, now: Any) -> str:
@@ -183,8 +192,9 @@ def retry_checkpoint(root: Path, since_ns: int, say: Say = print) -> Path | None
     return path
 
 
-def resume_point(run: Path, chosen: str | Path | None, started_ns: int,
-                 say: Say = print) -> Path | None:
+def resume_point(
+    run: Path, chosen: str | Path | None, started_ns: int, say: Say = print
+) -> Path | None:
     """The checkpoint a worker group continues from: after a restart this run's own newest one
     (`retry_checkpoint`, any strategy), else the driver's choice `chosen` (`check_resume`; None: a
     fresh start)."""
@@ -198,8 +208,9 @@ def checkpoint_step(path: Path) -> int:
     """The training step a checkpoint was saved at (its manifest's `step`)."""
     step = read_manifest(path).get("step")
     if not isinstance(step, int):
-        raise CheckpointError(f"{path / 'manifest.json'}: no integer 'step'; not a training "
-                              "checkpoint to resume")
+        raise CheckpointError(
+            f"{path / 'manifest.json'}: no integer 'step'; not a training checkpoint to resume"
+        )
     return step
 
 
@@ -254,23 +265,33 @@ def lightning_checkpoint(path: Path) -> dict[str, Any]:
     state = load_trainer_state(path) or {}
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
-        raise CheckpointError(f"{path}: its trainer_state lacks {missing}, which resuming needs "
-                              "(saved by an older Kiln; a ZeRO run's then held no optimizer state)")
+        raise CheckpointError(
+            f"{path}: its trainer_state lacks {missing}, which resuming needs "
+            "(saved by an older Kiln; a ZeRO run's then held no optimizer state)"
+        )
     scheduler = dict(state["scheduler"])
     # The schedule's shape (warmup, total = max_steps) stays this run's, so a resume with a larger
     # max_steps decays over the new total: LambdaLR.load_state_dict leaves a lambda alone whose
     # saved entry is None.
     scheduler["lr_lambdas"] = [None] * len(scheduler.get("lr_lambdas", [None]))
     weights = load_weights(path / MODEL_FILE)
-    return {**state["lightning"], "epoch": state["epoch"], "global_step": state["step"],
-            "state_dict": {f"model.{name}": tensor for name, tensor in weights.items()},
-            "optimizer_states": [state["optimizer"]], "lr_schedulers": [scheduler], "callbacks": {},
-            "kiln_path": str(path), "kiln_rng_per_rank": state["rng_per_rank"],
-            "kiln_val_loader": state.get("val_loader")}
+    return {
+        **state["lightning"],
+        "epoch": state["epoch"],
+        "global_step": state["step"],
+        "state_dict": {f"model.{name}": tensor for name, tensor in weights.items()},
+        "optimizer_states": [state["optimizer"]],
+        "lr_schedulers": [scheduler],
+        "callbacks": {},
+        "kiln_path": str(path),
+        "kiln_rng_per_rank": state["rng_per_rank"],
+        "kiln_val_loader": state.get("val_loader"),
+    }
 
 
-def rank_state(checkpoint: dict[str, Any], world_size: int,
-               rank: int) -> tuple[dict | None, dict | None]:
+def rank_state(
+    checkpoint: dict[str, Any], world_size: int, rank: int
+) -> tuple[dict | None, dict | None]:
     """What Lightning leaves out of `lightning_checkpoint`'s dict, for this rank: (its RNG state,
     the validation loader's state); (None, None) when the dict has neither.
 

@@ -64,9 +64,13 @@ def prepare_run_dir(out: Path, overwrite: bool = False) -> Path:
         raise ConfigError(f"{out}: output path exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ConfigError(f"{out}: output directory is not empty (choose another --out, or pass --overwrite)")
+            raise ConfigError(
+                f"{out}: output directory is not empty (choose another --out, or pass --overwrite)"
+            )
         if not (out / MARKER).is_file():
-            raise ConfigError(f"{out}: not empty and not a Kiln run directory; refusing to overwrite it")
+            raise ConfigError(
+                f"{out}: not empty and not a Kiln run directory; refusing to overwrite it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by kiln\n")

@@ -88,7 +88,9 @@ class CPUCapableDeepSpeedStrategy(RayDeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
-    def _setup_model_and_optimizer(self, model: Any, optimizer: Any, lr_scheduler: Any = None) -> tuple[Any, Any]:
+    def _setup_model_and_optimizer(
+        self, model: Any, optimizer: Any, lr_scheduler: Any = None
+    ) -> tuple[Any, Any]:
         if self._on_cuda():
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
@@ -105,8 +107,9 @@ class CPUCapableDeepSpeedStrategy(RayDeepSpeedStrategy):
         )
         return engine, ds_optimizer
 
-    def load_checkpoint(self, checkpoint_path: Any,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # A Kiln checkpoint directory is read by the checkpoint IO plugin (KilnCheckpointIO), as
         # under DDP; Lightning's DeepSpeed strategy would hand it to the engine as DeepSpeed's own
         # format.
@@ -129,8 +132,12 @@ class CPUCapableDeepSpeedStrategy(RayDeepSpeedStrategy):
         else:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)
         if module.trainer.state.fn == TrainerFn.FITTING:
-            restore_zero_optimizer_state(module.model, self.optimizers[0],
-                                         checkpoint["optimizer_states"][0], checkpoint["kiln_path"])
+            restore_zero_optimizer_state(
+                module.model,
+                self.optimizers[0],
+                checkpoint["optimizer_states"][0],
+                checkpoint["kiln_path"],
+            )
 
 
 def _ddp(cfg: ClusterConfig, batch_size: int) -> Strategy:
@@ -201,9 +208,13 @@ def zero_optimizer_state(model: nn.Module, optimizer: Any, rank: int) -> dict[st
             params[name] = {key: value.detach().cpu().clone() for key, value in entry.items()}
     if rank != 0:
         return None
-    return {"format": ZERO_OPTIMIZER_FORMAT, "params": params,
-            "param_groups": [_group_state(optimizer, g, group)
-                             for g, group in enumerate(inner.param_groups)]}
+    return {
+        "format": ZERO_OPTIMIZER_FORMAT,
+        "params": params,
+        "param_groups": [
+            _group_state(optimizer, g, group) for g, group in enumerate(inner.param_groups)
+        ],
+    }
 
 
 def _moment_keys(inner: torch.optim.Optimizer) -> list[str]:
@@ -229,8 +240,10 @@ def _flat_partitions(optimizer: Any) -> list[tuple[int, Tensor]]:
     this rank. ZeRO-3 keeps its sub-groups' partitions outside the torch optimizer's param groups,
     which hold them only while stepping."""
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
-        return [(optimizer.sub_group_to_group_id[i], flat)
-                for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat)]
+        return [
+            (optimizer.sub_group_to_group_id[i], flat)
+            for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat)
+        ]
     groups = optimizer.optimizer.param_groups
     return [(g, flat) for g, group in enumerate(groups) for flat in group["params"]]
 
@@ -240,8 +253,11 @@ def _group_state(optimizer: Any, index: int, group: dict[str, Any]) -> dict[str,
     keeps `step` per flat partition, and a group's partitions always step together (None: not
     yet)."""
     state = optimizer.optimizer.state
-    steps = [state[flat]["step"] for g, flat in _flat_partitions(optimizer)
-             if g == index and "step" in state.get(flat, {})]
+    steps = [
+        state[flat]["step"]
+        for g, flat in _flat_partitions(optimizer)
+        if g == index and "step" in state.get(flat, {})
+    ]
     if len({float(step) for step in steps}) > 1:
         raise RuntimeError(f"ZeRO param group {index}: partitions at different steps {steps}")
     saved = {key: value for key, value in group.items() if key != "params"}
@@ -249,19 +265,24 @@ def _group_state(optimizer: Any, index: int, group: dict[str, Any]) -> dict[str,
     return saved
 
 
-def restore_zero_optimizer_state(model: nn.Module, optimizer: Any, saved: dict[str, Any],
-                                 where: str) -> None:
+def restore_zero_optimizer_state(
+    model: nn.Module, optimizer: Any, saved: dict[str, Any], where: str
+) -> None:
     """Put `zero_optimizer_state`'s dict back into this rank's partitions of a ZeRO `optimizer`,
     whatever stage and world size wrote it. Called once the engine is built, before the first step
     (`CPUCapableDeepSpeedStrategy.load_model_state_dict`). Every rank holds `saved` whole."""
     inner = optimizer.optimizer
     if not isinstance(saved, dict) or saved.get("format") != ZERO_OPTIMIZER_FORMAT:
-        raise CheckpointError(f"{where}: its optimizer state is not a ZeRO one "
-                              f"({ZERO_OPTIMIZER_FORMAT}); it resumes with the cluster.strategy "
-                              "that wrote it")
+        raise CheckpointError(
+            f"{where}: its optimizer state is not a ZeRO one "
+            f"({ZERO_OPTIMIZER_FORMAT}); it resumes with the cluster.strategy "
+            "that wrote it"
+        )
     if len(saved["param_groups"]) != len(inner.param_groups):
-        raise CheckpointError(f"{where}: {len(saved['param_groups'])} optimizer param groups "
-                              f"saved, this model has {len(inner.param_groups)}")
+        raise CheckpointError(
+            f"{where}: {len(saved['param_groups'])} optimizer param groups "
+            f"saved, this model has {len(inner.param_groups)}"
+        )
     keys = _create_state(optimizer, saved)
     if keys:
         _link_state_fragments(optimizer)
@@ -284,11 +305,12 @@ def _set_full(optimizer: Any, param: Tensor, value: Tensor, key: str | None) -> 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     if hasattr(param, "ds_id") and value.numel() % optimizer._get_param_partition_world_size(param):
-        part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                          optim_state_key=key)
+        part, _ = optimizer._get_fp32_opt_state_partition(
+            param, release_swap_buffers=False, optim_state_key=key
+        )
         start = part.numel() * optimizer._get_param_partition_rank(param)
-        piece = value.flatten()[start:start + part.numel()]
-        part.data[:piece.numel()].copy_(piece)
+        piece = value.flatten()[start : start + part.numel()]
+        part.data[: piece.numel()].copy_(piece)
     elif key is None:
         safe_set_full_fp32_param(param, value)
     else:

@@ -25,8 +25,21 @@ from data_pipeline.configlib import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never uploaded with the code: outputs, tracking runs, data, checkpoints and caches. Ray adds its own defaults
 # (.git, .venv, venv, __pycache__) and everything .gitignore / .rayignore name.
-EXCLUDES = ["runs", "outputs", "wandb", "/data", "checkpoints", "lightning_logs", "*.egg-info", "__pycache__",
-            ".pytest_cache", ".ruff_cache", ".mypy_cache", "/build", "/dist"]
+EXCLUDES = [
+    "runs",
+    "outputs",
+    "wandb",
+    "/data",
+    "checkpoints",
+    "lightning_logs",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "/build",
+    "/dist",
+]
 COMMANDS = {"pretrain": "pretrain", "finetune": "finetune", "data-prepare": "data prepare"}
 # Ray refuses a working_dir package of 512 MiB (its gRPC message limit, GCS_STORAGE_MAX_SIZE) and warns from half
 # of that; a project's code is a few MiB, so anything near this is data that slipped in.
@@ -37,16 +50,23 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def _address(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ConfigError("no Ray cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS")
+        raise ConfigError(
+            "no Ray cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS"
+        )
     if address.startswith("ray://") or "://" not in address:
-        raise ConfigError(f"{address}: the Jobs API is the dashboard's http(s)://HOST:8265 address "
-                          "(ray:// and HOST:6379 are for drivers, not job submission)")
+        raise ConfigError(
+            f"{address}: the Jobs API is the dashboard's http(s)://HOST:8265 address "
+            "(ray:// and HOST:6379 are for drivers, not job submission)"
+        )
     return address
 
 
 def token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").is_file())
+    return bool(
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
 
 
 def use_token_auth_if_available() -> None:
@@ -68,10 +88,14 @@ def client(address: str | None):  # noqa: ANN201 — ray's client type is import
     try:
         return JobSubmissionClient(resolved, verify=ca_bundle or True)
     except ConnectionError as err:
-        raise ConfigError(f"cannot reach the Ray dashboard at {resolved}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(
+            f"cannot reach the Ray dashboard at {resolved}: {str(err).splitlines()[0]}"
+        ) from None
     except AuthenticationError:
-        raise ConfigError(f"{resolved} wants a Ray auth token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
-                          "cluster's token and RAY_AUTH_MODE=token") from None
+        raise ConfigError(
+            f"{resolved} wants a Ray auth token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+            "cluster's token and RAY_AUTH_MODE=token"
+        ) from None
 
 
 _warned: set[str] = set()
@@ -81,8 +105,11 @@ def _warn_if_cleartext(address: str) -> None:
     host = urlparse(address).hostname or ""
     if address.startswith("http://") and host not in LOOPBACK_HOSTS and address not in _warned:
         _warned.add(address)
-        print(f"kiln: warning: {address} is plain http: the Ray token and your code cross the network unencrypted; "
-              "use an https:// address (a TLS proxy in front of the dashboard) or an SSH tunnel", file=sys.stderr)
+        print(
+            f"kiln: warning: {address} is plain http: the Ray token and your code cross the network unencrypted; "
+            "use an https:// address (a TLS proxy in front of the dashboard) or an SSH tunnel",
+            file=sys.stderr,
+        )
 
 
 def entrypoint(command: str, config: Path | None, overrides: list[str], out: Path | None) -> str:
@@ -93,7 +120,9 @@ def entrypoint(command: str, config: Path | None, overrides: list[str], out: Pat
     if config is not None:
         config = Path(config).resolve()
         if not config.is_relative_to(PROJECT_ROOT):
-            raise ConfigError(f"{config}: the config must live inside the project ({PROJECT_ROOT}) to be uploaded")
+            raise ConfigError(
+                f"{config}: the config must live inside the project ({PROJECT_ROOT}) to be uploaded"
+            )
         parts += ["--config", str(config.relative_to(PROJECT_ROOT))]
     parts += overrides
     if out is not None:
@@ -108,7 +137,9 @@ def upload_files(root: Path = PROJECT_ROOT, excludes: list[str] | None = None) -
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     root = Path(root).resolve()
-    patterns = ray_constants.get_runtime_env_default_excludes() + list(EXCLUDES if excludes is None else excludes)
+    patterns = ray_constants.get_runtime_env_default_excludes() + list(
+        EXCLUDES if excludes is None else excludes
+    )
     files: dict[str, int] = {}
 
     def record(path: Path) -> None:
@@ -120,12 +151,19 @@ def upload_files(root: Path = PROJECT_ROOT, excludes: list[str] | None = None) -
     include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
     quiet = logging.getLogger("kiln.upload")  # Ray's walk logs every ignore file it honours at INFO
     quiet.setLevel(logging.WARNING)
-    _dir_travel(root, [_get_excludes(root, patterns)], record, include_gitignore=include_gitignore, logger=quiet)
+    _dir_travel(
+        root,
+        [_get_excludes(root, patterns)],
+        record,
+        include_gitignore=include_gitignore,
+        logger=quiet,
+    )
     return files
 
 
-def check_upload_size(root: Path = PROJECT_ROOT, limit_mib: float = MAX_UPLOAD_MIB,
-                      excludes: list[str] | None = None) -> int:
+def check_upload_size(
+    root: Path = PROJECT_ROOT, limit_mib: float = MAX_UPLOAD_MIB, excludes: list[str] | None = None
+) -> int:
     """Total bytes to upload; a ConfigError naming the biggest offenders when it is over `limit_mib`."""
     files = upload_files(root, excludes)
     total = sum(files.values())
@@ -137,9 +175,11 @@ def check_upload_size(root: Path = PROJECT_ROOT, limit_mib: float = MAX_UPLOAD_M
         by_top[top] = by_top.get(top, 0) + size
     tops = _largest(by_top)
     files_text = _largest(files)
-    raise ConfigError(f"{root}: {total / 2**20:.1f} MiB would be uploaded as the job's working directory, over the "
-                      f"{limit_mib:g} MiB limit (Ray refuses 512 MiB); biggest: {tops}; largest files: {files_text}. "
-                      "Move data and outputs out of the project or list them in .rayignore")
+    raise ConfigError(
+        f"{root}: {total / 2**20:.1f} MiB would be uploaded as the job's working directory, over the "
+        f"{limit_mib:g} MiB limit (Ray refuses 512 MiB); biggest: {tops}; largest files: {files_text}. "
+        "Move data and outputs out of the project or list them in .rayignore"
+    )
 
 
 def _largest(sizes: dict[str, int], n: int = 3) -> str:
@@ -153,9 +193,15 @@ def job_metadata(command: str, job: Any) -> dict[str, str]:
     meta = {"kiln_command": command}
     cluster = getattr(job, "cluster", None)
     if cluster is not None:
-        meta.update({"kiln_num_workers": str(cluster.num_workers), "kiln_cpus_per_worker": str(cluster.cpus_per_worker),
-                     "kiln_gpus_per_worker": "1" if cluster.use_gpu else "0", "kiln_strategy": cluster.strategy,
-                     "kiln_max_failures": str(cluster.max_failures)})
+        meta.update(
+            {
+                "kiln_num_workers": str(cluster.num_workers),
+                "kiln_cpus_per_worker": str(cluster.cpus_per_worker),
+                "kiln_gpus_per_worker": "1" if cluster.use_gpu else "0",
+                "kiln_strategy": cluster.strategy,
+                "kiln_max_failures": str(cluster.max_failures),
+            }
+        )
     return meta
 
 
@@ -165,12 +211,21 @@ def check_no_secrets(payload: dict[str, Any]) -> None:
 
     leaked = find_secrets(json.dumps(payload, default=str))
     if leaked:
-        raise ConfigError(f"the job's entrypoint/metadata would contain the value of {', '.join(leaked)}; secrets "
-                          "reach jobs only as environment variables of the cluster (see docs/scaling.md)")
+        raise ConfigError(
+            f"the job's entrypoint/metadata would contain the value of {', '.join(leaked)}; secrets "
+            "reach jobs only as environment variables of the cluster (see docs/scaling.md)"
+        )
 
 
-def submit(command: str, config: Path | None, overrides: list[str], out: Path | None, address: str | None,
-           job: Any = None, max_upload_mib: float = MAX_UPLOAD_MIB) -> str:
+def submit(
+    command: str,
+    config: Path | None,
+    overrides: list[str],
+    out: Path | None,
+    address: str | None,
+    job: Any = None,
+    max_upload_mib: float = MAX_UPLOAD_MIB,
+) -> str:
     size = check_upload_size(PROJECT_ROOT, max_upload_mib)
     payload = {
         "entrypoint": entrypoint(command, config, overrides, out),
@@ -187,8 +242,10 @@ def submit(command: str, config: Path | None, overrides: list[str], out: Path | 
     job_id = jobs_client.submit_job(**payload)
     print(f"submitted {job_id} ({size / 2**20:.1f} MiB of code): {payload['entrypoint']}")
     if out is None or not Path(out).is_absolute():
-        print("note: the output directory is relative to the job's temporary working directory on the cluster; "
-              "pass --out /shared/path to keep it")
+        print(
+            "note: the output directory is relative to the job's temporary working directory on the cluster; "
+            "pass --out /shared/path to keep it"
+        )
     print(f"follow it with: kiln jobs logs {job_id} --follow --address {_address(address)}")
     return job_id
 
@@ -198,15 +255,26 @@ def _check_resources(address: str | None, cluster: Any) -> None:
     from ray.util.state import list_nodes
 
     try:
-        nodes = [n for n in list_nodes(address=_address(address), detail=True) if n.state == "ALIVE"]
+        nodes = [
+            n for n in list_nodes(address=_address(address), detail=True) if n.state == "ALIVE"
+        ]
     except Exception:  # noqa: BLE001 — a missing state API must not block submission
         return
-    have = {key: sum(float((n.resources_total or {}).get(key, 0)) for n in nodes) for key in ("CPU", "GPU")}
-    need = {"CPU": cluster.num_workers * cluster.cpus_per_worker, "GPU": cluster.num_workers if cluster.use_gpu else 0}
+    have = {
+        key: sum(float((n.resources_total or {}).get(key, 0)) for n in nodes)
+        for key in ("CPU", "GPU")
+    }
+    need = {
+        "CPU": cluster.num_workers * cluster.cpus_per_worker,
+        "GPU": cluster.num_workers if cluster.use_gpu else 0,
+    }
     for key in ("CPU", "GPU"):
         if need[key] > have[key]:
-            print(f"kiln: warning: the job asks for {need[key]:g} {key} ({cluster.num_workers} workers) but the "
-                  f"cluster has {have[key]:g}; it waits until enough nodes join", file=sys.stderr)
+            print(
+                f"kiln: warning: the job asks for {need[key]:g} {key} ({cluster.num_workers} workers) but the "
+                f"cluster has {have[key]:g}; it waits until enough nodes join",
+                file=sys.stderr,
+            )
 
 
 # -------------------------------------------------------------------------------------------------------- jobs

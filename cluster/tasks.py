@@ -19,7 +19,12 @@ from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
 from pretrain.checkpoint import CheckpointError
-from pretrain.hf_import import HF_PREFIX, check_tokenizer_matches_data, import_hf, save_imported_checkpoint
+from pretrain.hf_import import (
+    HF_PREFIX,
+    check_tokenizer_matches_data,
+    import_hf,
+    save_imported_checkpoint,
+)
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 
@@ -46,12 +51,14 @@ def data_paths(data_dir: str | Path, task: str) -> tuple[Path, Path, dict]:
     root = Path(data_dir)
     manifest_file = root / "manifest.json"
     if not manifest_file.is_file():
-        raise DataDirError(f"{root}: not a prepared data directory (no manifest.json); "
-                           "run `kiln data prepare`")
+        raise DataDirError(
+            f"{root}: not a prepared data directory (no manifest.json); run `kiln data prepare`"
+        )
     manifest = read_manifest(manifest_file)
     if task not in manifest.get("tasks", []):
-        raise DataDirError(f"{root}: has no '{task}' examples "
-                           f"(prepared tasks: {', '.join(manifest['tasks'])})")
+        raise DataDirError(
+            f"{root}: has no '{task}' examples (prepared tasks: {', '.join(manifest['tasks'])})"
+        )
     return root / task, root / "tokenizer.json", manifest
 
 
@@ -62,26 +69,51 @@ def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
     if job.init_from is None:
         model = dataclasses.replace(job.model, vocab_size=vocab)
     elif vocab > job.model.vocab_size:
-        raise CheckpointError(f"'init_from': {job.init_from} has {job.model.vocab_size} embedding rows, but the data's "
-                              f"tokenizer has {vocab} tokens")
+        raise CheckpointError(
+            f"'init_from': {job.init_from} has {job.model.vocab_size} embedding rows, but the data's "
+            f"tokenizer has {vocab} tokens"
+        )
     else:
         model = job.model
     seq_len = int(manifest["config"]["seq_len"])
-    positions = model.max_position_embeddings if isinstance(model, BertConfig) else model.n_positions
+    positions = (
+        model.max_position_embeddings if isinstance(model, BertConfig) else model.n_positions
+    )
     if positions < seq_len:
         key = "max_position_embeddings" if isinstance(model, BertConfig) else "n_positions"
-        raise CheckpointError(f"model positions ({positions}) < the data's seq_len ({seq_len}): raise 'model.{key}'")
+        raise CheckpointError(
+            f"model positions ({positions}) < the data's seq_len ({seq_len}): raise 'model.{key}'"
+        )
     return dataclasses.replace(job, model=model)
 
 
 def _loaders(job: PretrainJob | FinetuneJob, rank: int, world: int) -> tuple[Any, Any]:
     bs, seed = job.trainer.batch_size, job.trainer.seed
     docs = getattr(job, "document_attention", False)
-    train = make_loader(job.data_dir, job.task, "train", bs, rank=rank, world_size=world, seed=seed, shuffle=True,
-                        document_attention=docs)
+    train = make_loader(
+        job.data_dir,
+        job.task,
+        "train",
+        bs,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        shuffle=True,
+        document_attention=docs,
+    )
     # Validation sees every row: ranks are topped up with repeats rather than dropping a tail.
-    val = make_loader(job.data_dir, job.task, "validation", bs, rank=rank, world_size=world, seed=seed, shuffle=False,
-                      drop_last=False, document_attention=docs)
+    val = make_loader(
+        job.data_dir,
+        job.task,
+        "validation",
+        bs,
+        rank=rank,
+        world_size=world,
+        seed=seed,
+        shuffle=False,
+        drop_last=False,
+        document_attention=docs,
+    )
     return train, val
 
 
@@ -119,17 +151,30 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     if job.model is not None:
         model, new = scratch_model(job, manifest), []
     elif not job.encoder_checkpoint or not job.decoder_checkpoint:
-        raise CheckpointError("translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT), or a "
-                              "'model' section to train a baseline from scratch")
+        raise CheckpointError(
+            "translation needs 'encoder_checkpoint' (BERT) and 'decoder_checkpoint' (GPT), or a "
+            "'model' section to train a baseline from scratch"
+        )
     else:
-        model, new = WarmStartedSeq2Seq.from_pretrained(Path(job.encoder_checkpoint), Path(job.decoder_checkpoint),
-                                                        Path(job.data_dir))
+        model, new = WarmStartedSeq2Seq.from_pretrained(
+            Path(job.encoder_checkpoint), Path(job.decoder_checkpoint), Path(job.data_dir)
+        )
     from finetune.module import TranslationModule
 
     train, val = _loaders(job, rank, world)
-    module = TranslationModule(model, job.optim, job.trainer.max_steps, label_smoothing=job.label_smoothing,
-                               scheduled_sampling=job.sampling_schedule())
-    keys = ("train/loss", "train/acc", "train/sampling_prob", "train/tokens_per_s")  # sampling_prob: when it is on
+    module = TranslationModule(
+        model,
+        job.optim,
+        job.trainer.max_steps,
+        label_smoothing=job.label_smoothing,
+        scheduled_sampling=job.sampling_schedule(),
+    )
+    keys = (
+        "train/loss",
+        "train/acc",
+        "train/sampling_prob",
+        "train/tokens_per_s",
+    )  # sampling_prob: when it is on
     return TaskParts(module, train, val, model.config, keys, new)
 
 
@@ -139,12 +184,18 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     if job.model is not None:
         model, new = scratch_model(job, manifest, labels=labels), []
     elif job.encoder_checkpoint:
-        model, new = EncoderClassifier.from_pretrained(Path(job.encoder_checkpoint), len(labels), labels)
+        model, new = EncoderClassifier.from_pretrained(
+            Path(job.encoder_checkpoint), len(labels), labels
+        )
     elif job.decoder_checkpoint:
-        model, new = DecoderClassifier.from_pretrained(Path(job.decoder_checkpoint), len(labels), labels)
+        model, new = DecoderClassifier.from_pretrained(
+            Path(job.decoder_checkpoint), len(labels), labels
+        )
     else:
-        raise CheckpointError("classification needs 'encoder_checkpoint' (BERT) or 'decoder_checkpoint' (GPT), or "
-                              "model.arch=lstm_classifier to train from scratch")
+        raise CheckpointError(
+            "classification needs 'encoder_checkpoint' (BERT) or 'decoder_checkpoint' (GPT), or "
+            "model.arch=lstm_classifier to train from scratch"
+        )
     if job.model is None:
         model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
     from finetune.module import ClassificationModule
@@ -157,11 +208,15 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
 def scratch_config(job: FinetuneJob, manifest: dict, labels: list[str] | None = None) -> Any:
     """The job's from-scratch model config, speaking the data's vocabulary and covering its lengths."""
     if "target_tokenizer" in manifest:
-        raise CheckpointError(f"'model.arch': {job.model.arch} trains one vocabulary for source and target, but "
-                              f"{job.data_dir} was prepared with a target tokenizer of its own; prepare it without "
-                              "data.target_tokenizer_path, or warm-start from encoder_checkpoint/decoder_checkpoint")
-    values: dict[str, Any] = {"vocab_size": int(manifest["vocab_size"]),
-                              "pad_id": int(manifest["special_tokens"]["[PAD]"])}
+        raise CheckpointError(
+            f"'model.arch': {job.model.arch} trains one vocabulary for source and target, but "
+            f"{job.data_dir} was prepared with a target tokenizer of its own; prepare it without "
+            "data.target_tokenizer_path, or warm-start from encoder_checkpoint/decoder_checkpoint"
+        )
+    values: dict[str, Any] = {
+        "vocab_size": int(manifest["vocab_size"]),
+        "pad_id": int(manifest["special_tokens"]["[PAD]"]),
+    }
     if labels is not None:
         values.update(num_labels=len(labels), label_names=list(labels))
     config = dataclasses.replace(job.model, **values)
@@ -169,8 +224,10 @@ def scratch_config(job: FinetuneJob, manifest: dict, labels: list[str] | None = 
     data_cfg = manifest.get("config", {})
     longest = max(int(data_cfg.get("max_src_len", 0)), int(data_cfg.get("max_tgt_len", 0)))
     if positions is not None and positions < longest:
-        raise CheckpointError(f"'model.max_positions' ({positions}) < the data's longest sequence ({longest}: "
-                              "max_src_len / max_tgt_len); raise it")
+        raise CheckpointError(
+            f"'model.max_positions' ({positions}) < the data's longest sequence ({longest}: "
+            "max_src_len / max_tgt_len); raise it"
+        )
     return config
 
 
@@ -178,10 +235,14 @@ def scratch_model(job: FinetuneJob, manifest: dict, labels: list[str] | None = N
     from finetune.models import ARCHITECTURES
 
     config = scratch_config(job, manifest, labels)
-    return ARCHITECTURES[config.arch].model(config)  # the model's own init; every rank was seeded alike
+    return ARCHITECTURES[config.arch].model(
+        config
+    )  # the model's own init; every rank was seeded alike
 
 
-def preflight(job: PretrainJob | FinetuneJob, out_dir: Path | None = None) -> PretrainJob | FinetuneJob:
+def preflight(
+    job: PretrainJob | FinetuneJob, out_dir: Path | None = None
+) -> PretrainJob | FinetuneJob:
     """Driver-side checks before any worker starts: data present, checkpoints of the right family, speaking the
     data's vocabulary, and the data holding what every worker will read. `hf:` checkpoints are
     converted into `out_dir/imported/`; returns the job to launch."""
@@ -214,11 +275,17 @@ def _check_model(job: Job, manifest: dict, out_dir: Path | None) -> Job:
     for key, arch in needed.items():
         path = getattr(job, key)
         if not path:
-            raise CheckpointError(f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory")
+            raise CheckpointError(
+                f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory"
+            )
         load_pretrained(Path(path), arch)
         # a translation decoder speaks the target side: the data's target_tokenizer.json where it has one
-        check_tokenizer_matches_data(Path(path), Path(job.data_dir), key,
-                                     target=job.task == "translation" and key == "decoder_checkpoint")
+        check_tokenizer_matches_data(
+            Path(path),
+            Path(job.data_dir),
+            key,
+            target=job.task == "translation" and key == "decoder_checkpoint",
+        )
     return job
 
 
@@ -240,13 +307,16 @@ def check_prepared_data(job: PretrainJob | FinetuneJob, manifest: dict) -> None:
             raise DataDirError(f"{task_manifest}: no split {split!r}; it has {sorted(splits)}")
         for shard in splits[split]["shards"]:
             if not (task_dir / shard["file"]).is_file():
-                raise DataDirError(f"{task_dir / shard['file']}: missing "
-                                   f"(listed in {task_manifest})")
+                raise DataDirError(
+                    f"{task_dir / shard['file']}: missing (listed in {task_manifest})"
+                )
     world, batch = job.cluster.num_workers, job.trainer.batch_size
     train, val = int(splits["train"]["rows"]), int(splits["validation"]["rows"])
     if train // world // batch == 0 or val == 0:
-        raise DataError(f"{task_dir}: {train} train and {val} validation rows make no batch of "
-                        f"{batch} on each of {world} workers; lower trainer.batch_size or add data")
+        raise DataError(
+            f"{task_dir}: {train} train and {val} validation rows make no batch of "
+            f"{batch} on each of {world} workers; lower trainer.batch_size or add data"
+        )
 
 
 def count_parameters(job: PretrainJob | FinetuneJob) -> int:
@@ -265,7 +335,9 @@ def count_parameters(job: PretrainJob | FinetuneJob) -> int:
         labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
         config = scratch_config(job, manifest, labels)
         return num_parameters(build_on_meta(ARCHITECTURES[config.arch].model, config))
-    files = [Path(p) / "model.safetensors" for p in (job.encoder_checkpoint, job.decoder_checkpoint) if p]
+    files = [
+        Path(p) / "model.safetensors" for p in (job.encoder_checkpoint, job.decoder_checkpoint) if p
+    ]
     return sum(f.stat().st_size // 4 for f in files if f.is_file())  # fp32 tensors, 4 bytes each
 
 
@@ -277,8 +349,10 @@ def _continued_pretraining(job: PretrainJob, out_dir: Path | None) -> PretrainJo
     job = import_hf_checkpoints(job, {"init_from": family}, out_dir)
     ckpt = load_pretrained(Path(job.init_from), family)
     check_tokenizer_matches_data(Path(job.init_from), Path(job.data_dir), "init_from")
-    print(f"[init] model weights and config from {job.init_from} ({family}); the config's 'model' section is not used",
-          flush=True)
+    print(
+        f"[init] model weights and config from {job.init_from} ({family}); the config's 'model' section is not used",
+        flush=True,
+    )
     return dataclasses.replace(job, model=ckpt.model_config)
 
 
@@ -291,12 +365,19 @@ def import_hf_checkpoints(job: Job, needed: dict[str, str], out_dir: Path | None
         if not value or not value.startswith(HF_PREFIX):
             continue
         if out_dir is None:
-            raise CheckpointError(f"'{key}': {value} is converted into the run's output directory; "
-                                  "call preflight(job, out_dir)")
+            raise CheckpointError(
+                f"'{key}': {value} is converted into the run's output directory; "
+                "call preflight(job, out_dir)"
+            )
         imported = import_hf(value, arch)
-        dest = save_imported_checkpoint(imported, Path(out_dir) / "imported" / key.removesuffix("_checkpoint"),
-                                        overwrite=True)
-        fresh = f"; initialised fresh: {', '.join(imported.new_tensors)}" if imported.new_tensors else ""
+        dest = save_imported_checkpoint(
+            imported, Path(out_dir) / "imported" / key.removesuffix("_checkpoint"), overwrite=True
+        )
+        fresh = (
+            f"; initialised fresh: {', '.join(imported.new_tensors)}"
+            if imported.new_tensors
+            else ""
+        )
         print(f"[import] {value} ({imported.layout}) -> {dest}{fresh}", flush=True)
         changes[key] = str(dest)
     return dataclasses.replace(job, **changes) if changes else job

@@ -22,12 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 from data_pipeline.configlib import ConfigError
 
-if TYPE_CHECKING:  # cluster.jobs imports torch; `kiln wandb sync` and `kiln jobs` must start without it
+if (
+    TYPE_CHECKING
+):  # cluster.jobs imports torch; `kiln wandb sync` and `kiln jobs` must start without it
     from cluster.jobs import WandbConfig
 
 SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_AUTH_TOKEN")
 REDACTED = "<redacted>"
-REFERENCE_OVER_MIB = 100.0  # checkpoints larger than this are logged by reference (file:// URI), not copied
+REFERENCE_OVER_MIB = (
+    100.0  # checkpoints larger than this are logged by reference (file:// URI), not copied
+)
 MAX_TABLE_ROWS = 200
 
 
@@ -35,7 +39,9 @@ MAX_TABLE_ROWS = 200
 def secret_values() -> dict[str, str]:
     """{variable: value} of the secret variables set in this environment (values shorter than 8 chars are not
     secrets worth matching: they would flag ordinary words)."""
-    return {name: os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8}
+    return {
+        name: os.environ[name] for name in SECRET_ENV_VARS if len(os.environ.get(name, "")) >= 8
+    }
 
 
 def find_secrets(text: str) -> list[str]:
@@ -67,18 +73,24 @@ def check_online_credentials(mode: str) -> None:
     """An online run needs an API key from the environment (or `wandb login`'s ~/.netrc) before workers start."""
     if mode != "online" or os.environ.get("WANDB_API_KEY"):
         return
-    host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    host = (
+        (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    )
     try:
         if netrc.netrc().authenticators(host):
             return
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
-    raise ConfigError("wandb.mode=online needs WANDB_API_KEY in the environment (for a submitted job: the "
-                      "cluster's environment) or `wandb login`; or keep wandb.mode=offline and `kiln wandb sync`")
+    raise ConfigError(
+        "wandb.mode=online needs WANDB_API_KEY in the environment (for a submitted job: the "
+        "cluster's environment) or `wandb login`; or keep wandb.mode=offline and `kiln wandb sync`"
+    )
 
 
 # ------------------------------------------------------------------------------------------ loggers (workers)
-def build_loggers(cfg: WandbConfig, out_dir: Path, stage: str, job_config: dict[str, Any]) -> list[Any]:
+def build_loggers(
+    cfg: WandbConfig, out_dir: Path, stage: str, job_config: dict[str, Any]
+) -> list[Any]:
     """CSV metrics (always, `out_dir/metrics.csv`) and a W&B run unless disabled. Lightning loggers write from
     rank 0 only (the W&B run is created lazily, on rank 0), so every rank may build them."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -142,9 +154,15 @@ def read_run_id(out_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------ after training (driver)
-def log_artifacts(cfg: WandbConfig, out_dir: Path, stage: str, checkpoint: Path | None = None,
-                  images: list[Path] | None = None, tables: dict[str, Path] | None = None,
-                  reference_over_mib: float = REFERENCE_OVER_MIB) -> str | None:
+def log_artifacts(
+    cfg: WandbConfig,
+    out_dir: Path,
+    stage: str,
+    checkpoint: Path | None = None,
+    images: list[Path] | None = None,
+    tables: dict[str, Path] | None = None,
+    reference_over_mib: float = REFERENCE_OVER_MIB,
+) -> str | None:
     """Add what training leaves behind to the run of `out_dir`: PNGs (loss curves, attention maps) as images,
     JSONL predictions (sample translations) as tables, test metrics as summary values, and the checkpoint as a
     model artifact, by reference when larger than `reference_over_mib`. Returns the run id (None: no run).
@@ -159,9 +177,17 @@ def log_artifacts(cfg: WandbConfig, out_dir: Path, stage: str, checkpoint: Path 
     images = _default_images(out_dir) if images is None else images
     tables = _default_tables(out_dir) if tables is None else tables
     quiet_wandb()
-    run = wandb.init(id=read_run_id(out_dir), resume="allow", dir=str(out_dir), mode=cfg.mode, project=cfg.project,
-                     entity=cfg.entity, name=cfg.name or f"{stage}-{out_dir.name}", tags=[stage, *cfg.tags],
-                     settings=wandb.Settings(console="off"))
+    run = wandb.init(
+        id=read_run_id(out_dir),
+        resume="allow",
+        dir=str(out_dir),
+        mode=cfg.mode,
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or f"{stage}-{out_dir.name}",
+        tags=[stage, *cfg.tags],
+        settings=wandb.Settings(console="off"),
+    )
     try:
         media: dict[str, Any] = {f"images/{png.stem}": wandb.Image(str(png)) for png in images}
         media.update({f"samples/{name}": _table(file) for name, file in tables.items()})
@@ -171,14 +197,18 @@ def log_artifacts(cfg: WandbConfig, out_dir: Path, stage: str, checkpoint: Path 
         if metrics.is_file():
             run.summary.update({f"test/{k}": v for k, v in json.loads(metrics.read_text()).items()})
         if checkpoint is not None:
-            run.log_artifact(checkpoint_artifact(Path(checkpoint), f"{stage}-{run.id}", reference_over_mib),
-                             aliases=["latest", Path(checkpoint).name])
+            run.log_artifact(
+                checkpoint_artifact(Path(checkpoint), f"{stage}-{run.id}", reference_over_mib),
+                aliases=["latest", Path(checkpoint).name],
+            )
     finally:
         run.finish()
     return run.id
 
 
-def checkpoint_artifact(checkpoint: Path, name: str, reference_over_mib: float = REFERENCE_OVER_MIB) -> Any:
+def checkpoint_artifact(
+    checkpoint: Path, name: str, reference_over_mib: float = REFERENCE_OVER_MIB
+) -> Any:
     """A W&B model artifact of a checkpoint directory: its files (small) or a file:// reference (large; W&B
     records paths and checksums, the bytes stay where they are)."""
     import wandb
@@ -208,7 +238,11 @@ def _default_tables(out_dir: Path) -> dict[str, Path]:
 def _table(file: Path) -> Any:
     import wandb
 
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines()[:MAX_TABLE_ROWS] if line]
+    rows = [
+        json.loads(line)
+        for line in file.read_text(encoding="utf-8").splitlines()[:MAX_TABLE_ROWS]
+        if line
+    ]
     columns = list(rows[0]) if rows else ["empty"]
     return wandb.Table(columns=columns, data=[[scrub(row.get(c)) for c in columns] for row in rows])
 
@@ -232,8 +266,10 @@ def sync(out_dir: Path, dry_run: bool = False, extra: list[str] | None = None) -
         raise ConfigError(f"{out_dir}: no such directory")
     runs = offline_runs(out_dir)
     if not runs:
-        raise ConfigError(f"{out_dir}: no offline W&B runs under it (looked for */wandb/offline-run-*/run-*.wandb; "
-                          "was the run made with wandb.mode=disabled or online?)")
+        raise ConfigError(
+            f"{out_dir}: no offline W&B runs under it (looked for */wandb/offline-run-*/run-*.wandb; "
+            "was the run made with wandb.mode=disabled or online?)"
+        )
     if not dry_run:
         check_online_credentials("online")
     beside = Path(sys.executable).parent / "wandb"

@@ -16,14 +16,23 @@ import pyarrow as pa
 # C0 and C1 control characters (Unicode category Cc) except "\n", which separates segments; "\t" and
 # "\r" are turned into whitespace first.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-TEXT_FIELDS: dict[str, tuple[str, ...]] = {"documents": ("text",), "pairs": ("src", "tgt"), "labelled": ("text",)}
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    "documents": ("text",),
+    "pairs": ("src", "tgt"),
+    "labelled": ("text",),
+}
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 DROP_REASONS: tuple[str, ...] = ("empty", "too_short", "too_long", "duplicate")
 
 
 def clean_text(text: str, keep_newlines: bool) -> str:
     """NFC, no control characters, single spaces; documents keep one segment per line, no blank lines."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    text = (
+        unicodedata.normalize("NFC", text)
+        .replace("\r\n", "\n")
+        .replace("\r", "\n")
+        .replace("\t", " ")
+    )
     text = _CONTROL.sub("", text)
     if not keep_newlines:
         return " ".join(text.split())
@@ -59,12 +68,23 @@ def assign_split(key: str, seed: int, validation_fraction: float, test_fraction:
     return "train"
 
 
-def clean_batch(batch: pa.Table, kind: str, min_chars: int, max_chars: int, seed: int,
-                validation_fraction: float, test_fraction: float) -> pa.Table:
+def clean_batch(
+    batch: pa.Table,
+    kind: str,
+    min_chars: int,
+    max_chars: int,
+    seed: int,
+    validation_fraction: float,
+    test_fraction: float,
+) -> pa.Table:
     """Ray UDF: clean the text fields in place and add `drop`, `key` and `split` columns."""
     fields = TEXT_FIELDS[kind]
-    cleaned = {name: [clean_text(t, keep_newlines=kind == "documents") for t in batch.column(name).to_pylist()]
-               for name in fields}
+    cleaned = {
+        name: [
+            clean_text(t, keep_newlines=kind == "documents") for t in batch.column(name).to_pylist()
+        ]
+        for name in fields
+    }
     if "label" in batch.column_names:
         cleaned["label"] = [" ".join(t.split()) for t in batch.column("label").to_pylist()]
     drops, keys, splits = [], [], []
@@ -73,6 +93,11 @@ def clean_batch(batch: pa.Table, kind: str, min_chars: int, max_chars: int, seed
         keys.append(content_key(list(values)))
         splits.append(assign_split(keys[-1], seed, validation_fraction, test_fraction))
     for name, values in cleaned.items():
-        batch = batch.set_column(batch.column_names.index(name), name, pa.array(values, pa.string()))
-    return batch.append_column("drop", pa.array(drops, pa.string())).append_column(
-        "key", pa.array(keys, pa.string())).append_column("split", pa.array(splits, pa.string()))
+        batch = batch.set_column(
+            batch.column_names.index(name), name, pa.array(values, pa.string())
+        )
+    return (
+        batch.append_column("drop", pa.array(drops, pa.string()))
+        .append_column("key", pa.array(keys, pa.string()))
+        .append_column("split", pa.array(splits, pa.string()))
+    )

@@ -38,15 +38,23 @@ class MlmNspCollator:
 
     columns = ("sample_id", "input_ids", "token_type_ids", "next_sentence_label")
 
-    def __init__(self, pad_id: int, mask_id: int, vocab_size: int, special_ids: Iterable[int],
-                 mlm_probability: float = 0.15) -> None:
+    def __init__(
+        self,
+        pad_id: int,
+        mask_id: int,
+        vocab_size: int,
+        special_ids: Iterable[int],
+        mlm_probability: float = 0.15,
+    ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         self.pad_id, self.mask_id, self.mlm_probability = pad_id, mask_id, mlm_probability
         special = set(special_ids) | {pad_id, mask_id}
         self.special_ids = torch.tensor(sorted(special), dtype=torch.long)
         # Random replacements are ordinary tokens: a random [CLS] or [SEP] would fake a segment boundary.
-        self.random_ids = torch.tensor([i for i in range(vocab_size) if i not in special], dtype=torch.long)
+        self.random_ids = torch.tensor(
+            [i for i in range(vocab_size) if i not in special], dtype=torch.long
+        )
 
     def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, Tensor]:
         seqs = [r["input_ids"] for r in rows]
@@ -56,19 +64,33 @@ class MlmNspCollator:
         labels = torch.where(masked, input_ids, IGNORE_INDEX)
         to_mask = masked & (torch.rand(input_ids.shape, generator=generator) < 0.8)
         to_random = masked & ~to_mask & (torch.rand(input_ids.shape, generator=generator) < 0.5)
-        random_tokens = self.random_ids[torch.randint(len(self.random_ids), input_ids.shape, generator=generator)]
-        input_ids = torch.where(to_mask, self.mask_id, torch.where(to_random, random_tokens, input_ids))
-        return {"input_ids": input_ids, "token_type_ids": pad([r["token_type_ids"] for r in rows], 0),
-                "attention_mask": attention_mask, "mlm_labels": labels,
-                "next_sentence_label": torch.tensor([r["next_sentence_label"] for r in rows], dtype=torch.long),
-                "sample_id": _sample_ids(rows)}
+        random_tokens = self.random_ids[
+            torch.randint(len(self.random_ids), input_ids.shape, generator=generator)
+        ]
+        input_ids = torch.where(
+            to_mask, self.mask_id, torch.where(to_random, random_tokens, input_ids)
+        )
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": pad([r["token_type_ids"] for r in rows], 0),
+            "attention_mask": attention_mask,
+            "mlm_labels": labels,
+            "next_sentence_label": torch.tensor(
+                [r["next_sentence_label"] for r in rows], dtype=torch.long
+            ),
+            "sample_id": _sample_ids(rows),
+        }
 
     def _choose(self, candidates: Tensor, generator: torch.Generator) -> Tensor:
         """Bernoulli(p) over candidates; a row that drew none gets one, so no row is without an MLM target."""
-        masked = candidates & (torch.rand(candidates.shape, generator=generator) < self.mlm_probability)
+        masked = candidates & (
+            torch.rand(candidates.shape, generator=generator) < self.mlm_probability
+        )
         scores = torch.rand(candidates.shape, generator=generator).masked_fill(~candidates, -1.0)
         empty = (masked.sum(dim=1) == 0) & candidates.any(dim=1)  # (B,)
-        one = torch.zeros_like(masked).scatter_(1, scores.argmax(dim=1, keepdim=True), True)  # (B, T)
+        one = torch.zeros_like(masked).scatter_(
+            1, scores.argmax(dim=1, keepdim=True), True
+        )  # (B, T)
         return masked | (one & empty[:, None])
 
 
@@ -96,9 +118,13 @@ class ClmCollator:
         return batch
 
     def _documents(self, inputs: Tensor) -> dict[str, Tensor]:
-        doc = (inputs == self.bos_id).long().cumsum(dim=1)  # (B, T): which document each token belongs to
+        doc = (
+            (inputs == self.bos_id).long().cumsum(dim=1)
+        )  # (B, T): which document each token belongs to
         index = torch.arange(inputs.size(1)).expand_as(inputs)  # (B, T)
-        start = torch.where(inputs == self.bos_id, index, torch.zeros_like(index)).cummax(dim=1).values  # (B, T)
+        start = (
+            torch.where(inputs == self.bos_id, index, torch.zeros_like(index)).cummax(dim=1).values
+        )  # (B, T)
         same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
         causal = torch.ones(inputs.size(1), inputs.size(1), dtype=torch.bool).tril()
         return {"position_ids": index - start, "document_mask": same & causal}
@@ -120,8 +146,13 @@ class TranslationCollator:
     def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, Tensor]:
         src = [r["src_ids"] for r in rows]
         tgt_in, tgt_out = [r["tgt_ids"][:-1] for r in rows], [r["tgt_ids"][1:] for r in rows]
-        return {"src_ids": pad(src, self.pad_id), "src_mask": _real(src), "tgt_in": pad(tgt_in, self.tgt_pad_id),
-                "tgt_out": pad(tgt_out, IGNORE_INDEX), "sample_id": _sample_ids(rows)}
+        return {
+            "src_ids": pad(src, self.pad_id),
+            "src_mask": _real(src),
+            "tgt_in": pad(tgt_in, self.tgt_pad_id),
+            "tgt_out": pad(tgt_out, IGNORE_INDEX),
+            "sample_id": _sample_ids(rows),
+        }
 
 
 class ClassificationCollator:
@@ -134,5 +165,9 @@ class ClassificationCollator:
 
     def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, Tensor]:
         seqs = [r["input_ids"] for r in rows]
-        return {"input_ids": pad(seqs, self.pad_id), "attention_mask": _real(seqs),
-                "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long), "sample_id": _sample_ids(rows)}
+        return {
+            "input_ids": pad(seqs, self.pad_id),
+            "attention_mask": _real(seqs),
+            "labels": torch.tensor([r["label"] for r in rows], dtype=torch.long),
+            "sample_id": _sample_ids(rows),
+        }

@@ -24,7 +24,9 @@ from data_pipeline.config import TASK_INPUTS
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import SequenceSpecials
 
-SHORT_SEQ_PROB = 0.1  # BERT: a tenth of the rows are shorter, so fine-tuning on short inputs is not a surprise
+SHORT_SEQ_PROB = (
+    0.1  # BERT: a tenth of the rows are shorter, so fine-tuning on short inputs is not a surprise
+)
 NSP_RANDOM_PROB = 0.5
 _IDS = pa.list_(pa.int32())
 
@@ -43,7 +45,9 @@ class BuildParams:
     nsp_dupe_factor: int = 1
 
 
-Examples = tuple[pa.Table, dict[str, int]]  # rows (shard schema less sample_id), counters (e.g. rows dropped)
+Examples = tuple[
+    pa.Table, dict[str, int]
+]  # rows (shard schema less sample_id), counters (e.g. rows dropped)
 
 
 # -------------------------------------------------------------------------------------------- mlm_nsp
@@ -54,7 +58,9 @@ def build_mlm_nsp(rows: pa.Table, params: BuildParams, rng: random.Random) -> Ex
     docs = [[s for s in doc if s] for doc in rows.column("segments").to_pylist()]
     docs = [d for d in docs if d]
     if len(docs) < 2:
-        raise DataError(f"tasks: mlm_nsp needs at least 2 non-empty documents in a split, found {len(docs)}")
+        raise DataError(
+            f"tasks: mlm_nsp needs at least 2 non-empty documents in a split, found {len(docs)}"
+        )
     out: list[dict] = []
     for _ in range(params.nsp_dupe_factor):
         for index in range(len(docs)):
@@ -62,8 +68,13 @@ def build_mlm_nsp(rows: pa.Table, params: BuildParams, rng: random.Random) -> Ex
     return _table(out, "mlm_nsp"), {}
 
 
-def _document_pairs(docs: list[list[list[int]]], index: int, max_tokens: int, special: dict[str, int],
-                    rng: random.Random) -> list[dict]:
+def _document_pairs(
+    docs: list[list[list[int]]],
+    index: int,
+    max_tokens: int,
+    special: dict[str, int],
+    rng: random.Random,
+) -> list[dict]:
     """Follows BERT's create_instances_from_document: gather segments up to a target length, then split."""
     doc = docs[index]
     target = max_tokens if rng.random() >= SHORT_SEQ_PROB else rng.randint(2, max_tokens)
@@ -81,8 +92,9 @@ def _document_pairs(docs: list[list[list[int]]], index: int, max_tokens: int, sp
     return out
 
 
-def _split_chunk(chunk: list[list[int]], docs: list[list[list[int]]], index: int, target: int,
-                 rng: random.Random) -> tuple[list[int], list[int], bool, int]:
+def _split_chunk(
+    chunk: list[list[int]], docs: list[list[list[int]]], index: int, target: int, rng: random.Random
+) -> tuple[list[int], list[int], bool, int]:
     """(A, B, B is random, segments of the chunk left unused)."""
     single = len(chunk) == 1
     if single and len(chunk[0]) >= 2:
@@ -96,7 +108,7 @@ def _split_chunk(chunk: list[list[int]], docs: list[list[list[int]]], index: int
         return a, [t for seg in chunk[a_end:] for t in seg], False, 0
     other = docs[_other_index(len(docs), index, rng)]
     b: list[int] = []
-    for seg in other[rng.randrange(len(other)):]:
+    for seg in other[rng.randrange(len(other)) :]:
         b.extend(seg)
         if len(b) >= max(1, target - len(a)):
             break
@@ -120,8 +132,11 @@ def _truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: random.Rand
 
 def _pair_row(a: list[int], b: list[int], is_random: bool, special: dict[str, int]) -> dict:
     cls, sep = special["[CLS]"], special["[SEP]"]
-    return {"input_ids": [cls, *a, sep, *b, sep], "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
-            "next_sentence_label": int(is_random)}
+    return {
+        "input_ids": [cls, *a, sep, *b, sep],
+        "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1),
+        "next_sentence_label": int(is_random),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ clm
@@ -145,8 +160,11 @@ def build_clm(rows: pa.Table, params: BuildParams, rng: random.Random) -> Exampl
     step = params.seq_len
     n_blocks = max(0, (len(stream) - 1) // step)
     # Block k is stream[k*step : k*step + step + 1]: a (n_blocks, step + 1) view with overlapping rows.
-    blocks = np.lib.stride_tricks.sliding_window_view(stream, step + 1)[::step][:n_blocks] if n_blocks else (
-        np.empty((0, step + 1), np.int32))
+    blocks = (
+        np.lib.stride_tricks.sliding_window_view(stream, step + 1)[::step][:n_blocks]
+        if n_blocks
+        else (np.empty((0, step + 1), np.int32))
+    )
     offsets = pa.array(np.arange(n_blocks + 1, dtype=np.int32) * (step + 1))
     table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(blocks.reshape(-1)))})
     tail = len(stream) - 1 - n_blocks * step if len(stream) else 0
@@ -165,7 +183,10 @@ def build_translation(rows: pa.Table, params: BuildParams, rng: random.Random) -
     src_head = [] if src_frame.bos is None else [src_frame.bos]
     out, too_long = [], 0
     for row in rows.select(["src_ids", "tgt_ids", "src", "tgt"]).to_pylist():
-        src, tgt = [*src_head, *row["src_ids"], src_frame.eos], [tgt_frame.bos, *row["tgt_ids"], tgt_frame.eos]
+        src, tgt = (
+            [*src_head, *row["src_ids"], src_frame.eos],
+            [tgt_frame.bos, *row["tgt_ids"], tgt_frame.eos],
+        )
         if len(src) > params.max_src_len or len(tgt) > params.max_tgt_len:
             too_long += 1
             continue
@@ -181,8 +202,13 @@ def build_classification(rows: pa.Table, params: BuildParams, rng: random.Random
     cls, sep = params.special_ids["[CLS]"], params.special_ids["[SEP]"]
     keep = params.seq_len - 2
     ids = rows.column("ids").to_pylist()
-    table = pa.table({"input_ids": pa.array([[cls, *row[:keep], sep] for row in ids], _IDS),
-                      "label": rows.column("label").cast(pa.int32()), "text": rows.column("text")})
+    table = pa.table(
+        {
+            "input_ids": pa.array([[cls, *row[:keep], sep] for row in ids], _IDS),
+            "label": rows.column("label").cast(pa.int32()),
+            "text": rows.column("text"),
+        }
+    )
     return table, {"truncated": sum(len(row) > keep for row in ids)}
 
 
@@ -208,16 +234,41 @@ def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
 
 
 BUILDERS: dict[str, Builder] = {
-    "mlm_nsp": Builder(TASK_INPUTS["mlm_nsp"], ("train", "validation"), _schema(
-        ("input_ids", _IDS), ("token_type_ids", pa.list_(pa.int8())), ("next_sentence_label", pa.int8())),
-        ("input_ids",), build_mlm_nsp),
-    "clm": Builder(TASK_INPUTS["clm"], ("train", "validation"), _schema(("input_ids", _IDS)),
-                   ("input_ids",), build_clm),
-    "translation": Builder(TASK_INPUTS["translation"], ("train", "validation", "test"), _schema(
-        ("src_ids", _IDS), ("tgt_ids", _IDS), ("src_text", pa.string()), ("tgt_text", pa.string())),
-        ("src_ids", "tgt_ids"), build_translation),
+    "mlm_nsp": Builder(
+        TASK_INPUTS["mlm_nsp"],
+        ("train", "validation"),
+        _schema(
+            ("input_ids", _IDS),
+            ("token_type_ids", pa.list_(pa.int8())),
+            ("next_sentence_label", pa.int8()),
+        ),
+        ("input_ids",),
+        build_mlm_nsp,
+    ),
+    "clm": Builder(
+        TASK_INPUTS["clm"],
+        ("train", "validation"),
+        _schema(("input_ids", _IDS)),
+        ("input_ids",),
+        build_clm,
+    ),
+    "translation": Builder(
+        TASK_INPUTS["translation"],
+        ("train", "validation", "test"),
+        _schema(
+            ("src_ids", _IDS),
+            ("tgt_ids", _IDS),
+            ("src_text", pa.string()),
+            ("tgt_text", pa.string()),
+        ),
+        ("src_ids", "tgt_ids"),
+        build_translation,
+    ),
     "classification": Builder(
-        TASK_INPUTS["classification"], ("train", "validation", "test"),
+        TASK_INPUTS["classification"],
+        ("train", "validation", "test"),
         _schema(("input_ids", _IDS), ("label", pa.int32()), ("text", pa.string())),
-        ("input_ids",), build_classification),
+        ("input_ids",),
+        build_classification,
+    ),
 }

@@ -23,8 +23,13 @@ from data_pipeline.readers import ReadOptions, arrow_columns, arrow_records, mak
 
 # Data files -> the `datasets` builder that reads them (and its options).
 DATA_FILE_BUILDERS: dict[str, tuple[str, dict[str, str]]] = {
-    ".parquet": ("parquet", {}), ".jsonl": ("json", {}), ".json": ("json", {}), ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t"}), ".txt": ("text", {}), ".arrow": ("arrow", {}),
+    ".parquet": ("parquet", {}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".txt": ("text", {}),
+    ".arrow": ("arrow", {}),
 }
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes
 _HUB_TIMEOUT_S = 3.0
@@ -44,11 +49,19 @@ def resolve(name: str, split: str, opts: ReadOptions) -> dict[str, Any]:
     # The Ray tasks read whole Arrow files: refuse what the files do not hold as is (an in-memory dataset,
     # a split slice such as "train[:10%]", an index mapping left by select/shuffle).
     if not files or ds._indices is not None or sum(_arrow_rows(f) for f in files) != ds.num_rows:
-        raise DataError(f"hf_split: {name!r} split {split!r} is not stored as whole Arrow files (an in-memory "
-                        "dataset, a slice or a selection); save it with save_to_disk and name that directory")
-    return {"source": "hf", "hf_name": name, "hf_split": split, "num_rows": ds.num_rows,
-            "fingerprint": ds._fingerprint, "label_names": label_names,
-            "files": [{"path": f, "bytes": os.path.getsize(f)} for f in files]}
+        raise DataError(
+            f"hf_split: {name!r} split {split!r} is not stored as whole Arrow files (an in-memory "
+            "dataset, a slice or a selection); save it with save_to_disk and name that directory"
+        )
+    return {
+        "source": "hf",
+        "hf_name": name,
+        "hf_split": split,
+        "num_rows": ds.num_rows,
+        "fingerprint": ds._fingerprint,
+        "label_names": label_names,
+        "files": [{"path": f, "bytes": os.path.getsize(f)} for f in files],
+    }
 
 
 def _arrow_rows(path: str) -> int:
@@ -70,11 +83,18 @@ def _load(name: str, split: str) -> Any:
     if files:
         suffix = os.path.splitext(files[0].removesuffix(".gz"))[1].lower()
         if suffix not in DATA_FILE_BUILDERS:
-            raise DataError(f"hf_name: {files[0]}: no datasets builder for {suffix or 'files without a suffix'!r}; "
-                            f"use one of {sorted(DATA_FILE_BUILDERS)}")
+            raise DataError(
+                f"hf_name: {files[0]}: no datasets builder for {suffix or 'files without a suffix'!r}; "
+                f"use one of {sorted(DATA_FILE_BUILDERS)}"
+            )
         builder, options = DATA_FILE_BUILDERS[suffix]
-        return _call(name, split, lambda: datasets.load_dataset(builder, data_files={split: files}, split=split,
-                                                                **options))
+        return _call(
+            name,
+            split,
+            lambda: datasets.load_dataset(
+                builder, data_files={split: files}, split=split, **options
+            ),
+        )
     if os.path.isdir(name):  # a directory of data files: datasets infers the builder
         return _call(name, split, lambda: datasets.load_dataset(name, split=split))
     _require_hub(name)
@@ -86,7 +106,9 @@ def _call(name: str, split: str, load: Any) -> Any:
         return load()
     except DataError:
         raise
-    except Exception as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetNotFoundError...)
+    except (
+        Exception
+    ) as e:  # datasets raises many types (FileNotFoundError, ValueError, DatasetNotFoundError...)
         lines = str(e).strip().splitlines() or [type(e).__name__]
         raise DataError(f"hf_name: cannot load {name!r} split {split!r}: {lines[0]}") from None
 
@@ -98,7 +120,12 @@ def _require_hub(name: str) -> None:
     """
     from huggingface_hub import constants
 
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "ON", "YES", "TRUE")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") in (
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    )
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     if not offline:
         try:
@@ -106,12 +133,16 @@ def _require_hub(name: str) -> None:
         except OSError:
             offline = True
     if offline:
-        raise DataError(f"hf_name: {name!r} is not a local directory or file, and the Hugging Face Hub ({host}) "
-                        "cannot be reached (offline); run `datasets.load_dataset(...).save_to_disk(DIR)` "
-                        "where there is a network and set hf_name to DIR")
+        raise DataError(
+            f"hf_name: {name!r} is not a local directory or file, and the Hugging Face Hub ({host}) "
+            "cannot be reached (offline); run `datasets.load_dataset(...).save_to_disk(DIR)` "
+            "where there is a network and set hf_name to DIR"
+        )
 
 
-def arrow_file_rows(path: str, opts: ReadOptions, label_names: dict[str, list[str]]) -> Iterator[dict]:
+def arrow_file_rows(
+    path: str, opts: ReadOptions, label_names: dict[str, list[str]]
+) -> Iterator[dict]:
     """Raw rows of one of a dataset's Arrow files (IPC stream format, as `datasets` writes them)."""
     columns = opts.columns("parquet") or {}
     try:

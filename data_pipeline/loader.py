@@ -52,8 +52,19 @@ from data_pipeline.shards import (
     verify_sha256,
 )
 
-__all__ = ["COLLATORS", "ClassificationCollator", "ClmCollator", "Collator", "EpochOrder", "Layout",
-           "MlmNspCollator", "ShardLoader", "TranslationCollator", "make_loader", "read_manifest"]
+__all__ = [
+    "COLLATORS",
+    "ClassificationCollator",
+    "ClmCollator",
+    "Collator",
+    "EpochOrder",
+    "Layout",
+    "MlmNspCollator",
+    "ShardLoader",
+    "TranslationCollator",
+    "make_loader",
+    "read_manifest",
+]
 
 WINDOW_BLOCKS = 8  # blocks shuffled together: 8 x 1,024 rows in memory, one more window read ahead
 Span = tuple[int, int]  # [start, stop) of positions in an epoch's global sequence
@@ -82,8 +93,15 @@ class EpochOrder:
     Holds O(shards) integers; a window's rows are located and permuted on demand.
     """
 
-    def __init__(self, shard_rows: list[int], block_rows: int, window_blocks: int, seed: int,
-                 epoch: int, shuffle: bool) -> None:
+    def __init__(
+        self,
+        shard_rows: list[int],
+        block_rows: int,
+        window_blocks: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+    ) -> None:
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         count = len(shard_rows)
@@ -103,8 +121,9 @@ class EpochOrder:
 
     def window_span(self, window: int) -> Span:
         first = window * self.window_blocks
-        return self._block_start(first), self._block_start(min(first + self.window_blocks,
-                                                              self.cum_blocks[-1]))
+        return self._block_start(first), self._block_start(
+            min(first + self.window_blocks, self.cum_blocks[-1])
+        )
 
     def window_parts(self, window: int) -> list[tuple[int, int, int]]:
         """(shard index, first row, end row) of each shard stretch the window holds, in order."""
@@ -186,8 +205,9 @@ class Layout:
         ranks: R after its first served * G rows (see the class docstring)."""
         consumed = min(served * self.world_size * self.batch_size, self.rows)
         left = self._positions(consumed, self.rows)
-        return Layout(_merge(left), world_size, self.batch_size, self.drop_last,
-                      self.start + served)
+        return Layout(
+            _merge(left), world_size, self.batch_size, self.drop_last, self.start + served
+        )
 
     def _positions(self, begin: int, end: int) -> list[Span]:
         """Indices [begin, end) of R as spans of global positions."""
@@ -224,16 +244,29 @@ class ShardLoader:
     columns (the one being served, the next read ahead in a thread); only a batch becomes Python.
     """
 
-    def __init__(self, task_dir: str | os.PathLike[str], split: str, batch_size: int,
-                 collate: Collator, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = True, block_rows: int = ROW_GROUP_ROWS,
-                 window_blocks: int = WINDOW_BLOCKS) -> None:
+    def __init__(
+        self,
+        task_dir: str | os.PathLike[str],
+        split: str,
+        batch_size: int,
+        collate: Collator,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        block_rows: int = ROW_GROUP_ROWS,
+        window_blocks: int = WINDOW_BLOCKS,
+    ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got "
-                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need batch_size >= 1 and 0 <= rank < world_size; got "
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            )
         if block_rows < 1 or window_blocks < 1:
-            raise ValueError(f"need block_rows, window_blocks >= 1; got {block_rows}, "
-                             f"{window_blocks}")
+            raise ValueError(
+                f"need block_rows, window_blocks >= 1; got {block_rows}, {window_blocks}"
+            )
         self.split, self.batch_size, self.collate = split, batch_size, collate
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -241,8 +274,9 @@ class ShardLoader:
         self.columns = list(collate.columns)
         self._fs, self._root = filesystem(task_dir)
         self._manifest_path = f"{self._root}/{MANIFEST}"
-        self._shards = _split_shards(read_json_at(self._fs, self._manifest_path), split,
-                                     self._manifest_path)
+        self._shards = _split_shards(
+            read_json_at(self._fs, self._manifest_path), split, self._manifest_path
+        )
         self.num_rows = sum(int(s["rows"]) for s in self._shards)
         self.data = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode()).hexdigest()
         self._verified: set[int] = set()  # shards whose sha256 this process checked
@@ -250,25 +284,32 @@ class ShardLoader:
         self.epoch, self._batch = 0, 0
         self._layout = self._full_layout(world_size)
         if self._layout.batches == 0:
-            raise DataError(f"{self._root}/{split}: {self.num_rows} rows make no batch of "
-                            f"{batch_size} on each of {world_size} ranks; lower the batch size "
-                            "or add data")
+            raise DataError(
+                f"{self._root}/{split}: {self.num_rows} rows make no batch of "
+                f"{batch_size} on each of {world_size} ranks; lower the batch size "
+                "or add data"
+            )
         self._order_cache: EpochOrder | None = None
 
     def __len__(self) -> int:
         return self._layout.start + self._layout.batches
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        if self._batch >= len(self):  # the last epoch was served in full but the loop never asked for more
+        if self._batch >= len(
+            self
+        ):  # the last epoch was served in full but the loop never asked for more
             self.set_epoch(self.epoch + 1)
         order, served = self.order(self.epoch), self._batch - self._layout.start
         rows = self._rank_batches(order, self._layout.rank_spans(self.rank, served))
         try:
             for batch_rows in rows:
                 generator = torch.Generator().manual_seed(
-                    seed_for(self.seed, self.epoch, self.rank, self._batch))
+                    seed_for(self.seed, self.epoch, self.rank, self._batch)
+                )
                 batch = self.collate(batch_rows, generator)
-                self._batch += 1  # counted as served once handed out: a checkpoint taken now resumes after it
+                self._batch += (
+                    1  # counted as served once handed out: a checkpoint taken now resumes after it
+                )
                 yield batch
         finally:
             rows.close()  # stops the read-ahead thread when a consumer leaves early
@@ -277,8 +318,14 @@ class ShardLoader:
     def order(self, epoch: int) -> EpochOrder:
         """The global sequence of `epoch` (the same on every rank and for every world size)."""
         if self._order_cache is None or self._order_cache.epoch != epoch:
-            self._order_cache = EpochOrder([int(s["rows"]) for s in self._shards], self.block_rows,
-                                           self.window_blocks, self.seed, epoch, self.shuffle)
+            self._order_cache = EpochOrder(
+                [int(s["rows"]) for s in self._shards],
+                self.block_rows,
+                self.window_blocks,
+                self.seed,
+                epoch,
+                self.shuffle,
+            )
         return self._order_cache
 
     def set_epoch(self, epoch: int) -> None:
@@ -289,12 +336,23 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from; identical on every rank, so any rank's copy resumes all
         of them, on this number of ranks or another (load_state_dict)."""
-        return {"epoch": self.epoch, "batches_served": self._batch, "seed": self.seed,
-                "world_size": self.world_size, "num_rows": self.num_rows, "data": self.data,
-                "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
-                "block_rows": self.block_rows, "window_blocks": self.window_blocks,
-                "layout": {"remaining": [list(s) for s in self._layout.remaining],
-                           "start": self._layout.start}}
+        return {
+            "epoch": self.epoch,
+            "batches_served": self._batch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "num_rows": self.num_rows,
+            "data": self.data,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "block_rows": self.block_rows,
+            "window_blocks": self.window_blocks,
+            "layout": {
+                "remaining": [list(s) for s in self._layout.remaining],
+                "start": self._layout.start,
+            },
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume exactly. The data, seed, batch size and order settings must be the ones saved;
@@ -303,17 +361,25 @@ class ShardLoader:
         fixed = [k for k in mine if k not in ("epoch", "batches_served", "world_size", "layout")]
         wrong = {k: (state.get(k), mine[k]) for k in fixed if state.get(k) != mine[k]}
         if "layout" not in state:
-            raise ValueError("loader state has no 'layout': it was saved by an older Kiln loader, "
-                             "whose order this one does not reproduce")
+            raise ValueError(
+                "loader state has no 'layout': it was saved by an older Kiln loader, "
+                "whose order this one does not reproduce"
+            )
         if wrong:
             raise ValueError(f"loader state does not match this loader (saved, now): {wrong}")
-        saved = Layout(tuple((int(a), int(b)) for a, b in state["layout"]["remaining"]),
-                       int(state["world_size"]), self.batch_size, self.drop_last,
-                       int(state["layout"]["start"]))
+        saved = Layout(
+            tuple((int(a), int(b)) for a, b in state["layout"]["remaining"]),
+            int(state["world_size"]),
+            self.batch_size,
+            self.drop_last,
+            int(state["layout"]["start"]),
+        )
         served = int(state["batches_served"]) - saved.start
         if not 0 <= served <= saved.batches:
-            raise ValueError(f"batches_served {state['batches_served']} outside "
-                             f"{saved.start}..{saved.start + saved.batches}")
+            raise ValueError(
+                f"batches_served {state['batches_served']} outside "
+                f"{saved.start}..{saved.start + saved.batches}"
+            )
         self.epoch, self._batch = int(state["epoch"]), int(state["batches_served"])
         if saved.world_size == self.world_size:
             self._layout = saved
@@ -414,8 +480,12 @@ def _next_different(windows: list[int]) -> list[int | None]:
 
 def _mlm_nsp(top: dict) -> Collator:
     special = top["special_tokens"]
-    return MlmNspCollator(pad_id=special["[PAD]"], mask_id=special["[MASK]"], vocab_size=top["vocab_size"],
-                          special_ids=special.values())
+    return MlmNspCollator(
+        pad_id=special["[PAD]"],
+        mask_id=special["[MASK]"],
+        vocab_size=top["vocab_size"],
+        special_ids=special.values(),
+    )
 
 
 def _translation(top: dict) -> Collator:
@@ -425,7 +495,9 @@ def _translation(top: dict) -> Collator:
     return TranslationCollator(framing["source"]["pad"], framing["target"]["pad"])
 
 
-COLLATORS: dict[str, Callable[[dict], Collator]] = {  # task -> collator, from the top-level manifest
+COLLATORS: dict[
+    str, Callable[[dict], Collator]
+] = {  # task -> collator, from the top-level manifest
     "mlm_nsp": _mlm_nsp,
     "clm": lambda top: ClmCollator(top["special_tokens"]["[PAD]"]),
     "translation": _translation,
@@ -433,18 +505,38 @@ COLLATORS: dict[str, Callable[[dict], Collator]] = {  # task -> collator, from t
 }
 
 
-def make_loader(data_dir: str | os.PathLike[str], task: str, split: str, batch_size: int, rank: int = 0,
-                world_size: int = 1, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                document_attention: bool = False) -> ShardLoader:
+def make_loader(
+    data_dir: str | os.PathLike[str],
+    task: str,
+    split: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    document_attention: bool = False,
+) -> ShardLoader:
     """A loader for `task`/`split` of a prepared data directory, with the task's collator. document_attention
     (clm only): packed documents do not attend to each other (ClmCollator)."""
     top = read_manifest(data_dir)
     if task not in top.get("tasks", {}):
-        raise DataError(f"{Path(data_dir) / 'manifest.json'}: no task {task!r}; it has {sorted(top.get('tasks', {}))}")
+        raise DataError(
+            f"{Path(data_dir) / 'manifest.json'}: no task {task!r}; it has {sorted(top.get('tasks', {}))}"
+        )
     collate = COLLATORS[task](top)
     if document_attention:
         if task != "clm":
             raise DataError(f"document_attention applies to the clm task, not {task!r}")
         collate = ClmCollator(top["special_tokens"]["[PAD]"], bos_id=top["special_tokens"]["[BOS]"])
-    return ShardLoader(Path(data_dir) / task, split, batch_size, collate, rank=rank,
-                       world_size=world_size, seed=seed, shuffle=shuffle, drop_last=drop_last)
+    return ShardLoader(
+        Path(data_dir) / task,
+        split,
+        batch_size,
+        collate,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+    )

@@ -50,11 +50,17 @@ from data_pipeline.tokenizer import (
 
 FORMAT = "kiln-data/1"
 T = TypeVar("T")
-_HELPER_COLUMNS = ["drop", "key", "error", "replaced"]  # cleaning's bookkeeping, dropped on the driver
+_HELPER_COLUMNS = [
+    "drop",
+    "key",
+    "error",
+    "replaced",
+]  # cleaning's bookkeeping, dropped on the driver
 
 
-def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
-            progress: Callable[[str], None] | None = None) -> dict:
+def prepare(
+    cfg: DataConfig, out_dir: str | os.PathLike[str], progress: Callable[[str], None] | None = None
+) -> dict:
     """Prepare every task of `cfg` into `out_dir` (which must not exist or be empty); returns the top manifest."""
     out_dir = Path(out_dir)
     refuse_non_empty(out_dir)
@@ -68,14 +74,19 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
     # bad line anywhere in the input (the pre-flight parse) and a bad tokenizer fail at once.
     inputs = SOURCES[cfg.source].resolve(cfg)
     loaded = load_tokenizer(cfg.tokenizer_path) if cfg.tokenizer_path is not None else None
-    target = (load_tokenizer(cfg.target_tokenizer_path, "target_tokenizer_path")
-              if cfg.target_tokenizer_path is not None else None)
+    target = (
+        load_tokenizer(cfg.target_tokenizer_path, "target_tokenizer_path")
+        if cfg.target_tokenizer_path is not None
+        else None
+    )
     if loaded is not None and target is not None:
         translation_tokenizers(loaded, target)  # the specials each side is framed with must exist
     checked = preflight(cfg, inputs)  # last: the one check whose time grows with the input
     if checked is not None:
-        say(f"inputs: checked {'every line of' if checked['whole'] else 'the head of each of'} "
-            f"{checked['files']} file(s), {checked['bytes'] / 1e6:.1f} MB")
+        say(
+            f"inputs: checked {'every line of' if checked['whole'] else 'the head of each of'} "
+            f"{checked['files']} file(s), {checked['bytes'] / 1e6:.1f} MB"
+        )
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed run of this same process id
     tmp.mkdir(parents=True)
@@ -92,54 +103,99 @@ def prepare(cfg: DataConfig, out_dir: str | os.PathLike[str],
     return manifest
 
 
-def _prepare_into(cfg: DataConfig, inputs: dict, tokenizers: tuple[Tokenizer | None, Tokenizer | None], out: Path,
-                  say: Callable[[str], None]) -> dict:
+def _prepare_into(
+    cfg: DataConfig,
+    inputs: dict,
+    tokenizers: tuple[Tokenizer | None, Tokenizer | None],
+    out: Path,
+    say: Callable[[str], None],
+) -> dict:
     """tokenizers: the loaded (source) tokenizer and the target one, each None when not given."""
     (loaded, target), kinds = tokenizers, cfg.row_kinds()
     tables, sources, dropped = {}, {}, {}
     if loaded is not None:  # one pass: read -> clean -> tokenize, de-duplicated on the driver
-        tok, tok_info = loaded, {"file": "tokenizer.json", "kind": "loaded", "loaded_from": cfg.tokenizer_path}
+        tok, tok_info = (
+            loaded,
+            {"file": "tokenizer.json", "kind": "loaded", "loaded_from": cfg.tokenizer_path},
+        )
         say(f"tokenizer: loaded {cfg.tokenizer_path} (vocabulary {tok.get_vocab_size()})")
-    results = _concurrently(lambda k: _collect(_cleaned(cfg, k, inputs, loaded, target), cfg, k), kinds)
+    results = _concurrently(
+        lambda k: _collect(_cleaned(cfg, k, inputs, loaded, target), cfg, k), kinds
+    )
     for kind, (tables[kind], sources[kind], dropped[kind]) in zip(kinds, results, strict=True):
-        say(f"{kind}: {sources[kind]['rows_read']} read, {sources[kind]['kept']} kept, "
-            f"dropped {dropped[kind]}, splits {sources[kind]['splits']}")
-    if loaded is None:  # two passes: the tokenizer is trained on the cleaned, de-duplicated text in between
+        say(
+            f"{kind}: {sources[kind]['rows_read']} read, {sources[kind]['kept']} kept, "
+            f"dropped {dropped[kind]}, splits {sources[kind]['splits']}"
+        )
+    if (
+        loaded is None
+    ):  # two passes: the tokenizer is trained on the cleaned, de-duplicated text in between
         tok, tok_info = _train(cfg, tables, say)
-        tables = dict(zip(kinds, _concurrently(lambda k: _tokenize_table(tables[k], tok, k, cfg.tasks), kinds),
-                          strict=True))
+        tables = dict(
+            zip(
+                kinds,
+                _concurrently(lambda k: _tokenize_table(tables[k], tok, k, cfg.tasks), kinds),
+                strict=True,
+            )
+        )
     tok.save(str(out / "tokenizer.json"))
     tok_info["sha256"] = sha256_file(out / "tokenizer.json")
     special = special_token_ids(tok)
     labels = _label_names(cfg, inputs, tables["labelled"]) if "labelled" in tables else []
-    params = BuildParams(cfg.seq_len, cfg.max_src_len, cfg.max_tgt_len, special,
-                         nsp_dupe_factor=cfg.nsp_dupe_factor)
+    params = BuildParams(
+        cfg.seq_len, cfg.max_src_len, cfg.max_tgt_len, special, nsp_dupe_factor=cfg.nsp_dupe_factor
+    )
     extra = {}
     if target is not None:
         params, extra = _with_target_tokenizer(cfg, params, tok, target, out)
-        say(f"target tokenizer: loaded {cfg.target_tokenizer_path} (vocabulary {target.get_vocab_size()})")
+        say(
+            f"target tokenizer: loaded {cfg.target_tokenizer_path} (vocabulary {target.get_vocab_size()})"
+        )
     tasks = {}
     for task in cfg.tasks:
         tasks[task] = _build_task(cfg, task, tables[BUILDERS[task].input_kind], params, labels, out)
-        say(f"{task}: " + ", ".join(f"{s} {v['rows']} rows / {v['tokens']} tokens"
-                                    for s, v in tasks[task]["splits"].items()))
-    manifest = {"format": FORMAT, "config": cfg.to_dict(), "seed": cfg.seed, "inputs": inputs,
-                "sources": sources, "dropped": dropped, "tokenizer": tok_info, "special_tokens": special,
-                "vocab_size": tok.get_vocab_size(), **extra, "tasks": tasks}
+        say(
+            f"{task}: "
+            + ", ".join(
+                f"{s} {v['rows']} rows / {v['tokens']} tokens"
+                for s, v in tasks[task]["splits"].items()
+            )
+        )
+    manifest = {
+        "format": FORMAT,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "inputs": inputs,
+        "sources": sources,
+        "dropped": dropped,
+        "tokenizer": tok_info,
+        "special_tokens": special,
+        "vocab_size": tok.get_vocab_size(),
+        **extra,
+        "tasks": tasks,
+    }
     write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def _with_target_tokenizer(cfg: DataConfig, params: BuildParams, source: Tokenizer, target: Tokenizer,
-                           out: Path) -> tuple[BuildParams, dict]:
+def _with_target_tokenizer(
+    cfg: DataConfig, params: BuildParams, source: Tokenizer, target: Tokenizer, out: Path
+) -> tuple[BuildParams, dict]:
     """Save the target tokenizer beside tokenizer.json; the manifest fields that record it and each side's framing."""
     target.save(str(out / TARGET_TOKENIZER_FILE))
     pair = translation_tokenizers(source, target)
-    info = {"file": TARGET_TOKENIZER_FILE, "kind": "loaded", "loaded_from": cfg.target_tokenizer_path,
-            "sha256": sha256_file(out / TARGET_TOKENIZER_FILE)}
-    extra = {"target_tokenizer": info, "target_special_tokens": special_token_ids(target),
-             "target_vocab_size": target.get_vocab_size(),
-             "translation_specials": {"source": pair.src.to_dict(), "target": pair.tgt.to_dict()}}
+    info = {
+        "file": TARGET_TOKENIZER_FILE,
+        "kind": "loaded",
+        "loaded_from": cfg.target_tokenizer_path,
+        "sha256": sha256_file(out / TARGET_TOKENIZER_FILE),
+    }
+    extra = {
+        "target_tokenizer": info,
+        "target_special_tokens": special_token_ids(target),
+        "target_vocab_size": target.get_vocab_size(),
+        "translation_specials": {"source": pair.src.to_dict(), "target": pair.tgt.to_dict()},
+    }
     return dataclasses.replace(params, src_frame=pair.src, tgt_frame=pair.tgt), extra
 
 
@@ -159,10 +215,17 @@ def _quiet_ray_data() -> Iterator[None]:
     """Start Ray if needed; keep Ray Data's bars and per-dataset log lines out of the user's terminal."""
     init_ray(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size
+    saved = (
+        ctx.enable_progress_bars,
+        ctx.execution_options.preserve_order,
+        ctx.target_max_block_size,
+    )
     logger = logging.getLogger("ray.data")
     level = logger.level
-    ctx.enable_progress_bars, ctx.execution_options.preserve_order = False, True  # deterministic output order
+    ctx.enable_progress_bars, ctx.execution_options.preserve_order = (
+        False,
+        True,
+    )  # deterministic output order
     # Ray Data merges what a task yields into blocks of up to 128 MiB: a file of less than that would stay
     # one block, tokenized by one task. Blocks of about BLOCK_CHARS spread it over the cores.
     ctx.target_max_block_size = BLOCK_CHARS
@@ -170,30 +233,66 @@ def _quiet_ray_data() -> Iterator[None]:
     try:
         yield
     finally:
-        ctx.enable_progress_bars, ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+        (
+            ctx.enable_progress_bars,
+            ctx.execution_options.preserve_order,
+            ctx.target_max_block_size,
+        ) = saved
         logger.setLevel(level)
 
 
-def _cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer | None,
-             target: Tokenizer | None = None) -> ray.data.Dataset:
+def _cleaned(
+    cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer | None, target: Tokenizer | None = None
+) -> ray.data.Dataset:
     """Raw rows of `kind`, cleaned and marked (`drop`, `key`, `split`) in Ray, and tokenized if `tok` is given
     (translation targets with `target` when given)."""
-    test_fraction = 0.0 if kind == "documents" else cfg.test_fraction  # documents: train/validation only
-    ds = SOURCES[cfg.source].read(cfg, kind, inputs).map_batches(
-        clean_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={
-            "kind": kind, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars, "seed": cfg.seed,
-            "validation_fraction": cfg.validation_fraction, "test_fraction": test_fraction})
+    test_fraction = (
+        0.0 if kind == "documents" else cfg.test_fraction
+    )  # documents: train/validation only
+    ds = (
+        SOURCES[cfg.source]
+        .read(cfg, kind, inputs)
+        .map_batches(
+            clean_batch,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={
+                "kind": kind,
+                "min_chars": cfg.min_chars,
+                "max_chars": cfg.max_chars,
+                "seed": cfg.seed,
+                "validation_fraction": cfg.validation_fraction,
+                "test_fraction": test_fraction,
+            },
+        )
+    )
     return ds if tok is None else _tokenized(ds, tok, kind, cfg.tasks, target)
 
 
-def _tokenized(ds: ray.data.Dataset, tok: Tokenizer, kind: str, tasks: list[str],
-               target: Tokenizer | None = None) -> ray.data.Dataset:
-    return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, fn_kwargs={
-        "tokenizer_json": tok.to_str(), "kind": kind, "segments": "mlm_nsp" in tasks, "whole": "clm" in tasks,
-        "target_tokenizer_json": target.to_str() if target is not None else None})
+def _tokenized(
+    ds: ray.data.Dataset,
+    tok: Tokenizer,
+    kind: str,
+    tasks: list[str],
+    target: Tokenizer | None = None,
+) -> ray.data.Dataset:
+    return ds.map_batches(
+        tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={
+            "tokenizer_json": tok.to_str(),
+            "kind": kind,
+            "segments": "mlm_nsp" in tasks,
+            "whole": "clm" in tasks,
+            "target_tokenizer_json": target.to_str() if target is not None else None,
+        },
+    )
 
 
-def _collect(ds: ray.data.Dataset, cfg: DataConfig, kind: str) -> tuple[pa.Table, dict, dict[str, int]]:
+def _collect(
+    ds: ray.data.Dataset, cfg: DataConfig, kind: str
+) -> tuple[pa.Table, dict, dict[str, int]]:
     """On the driver: raise parse errors, count drops by reason, keep first occurrences."""
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     seen: set[str] = set()
@@ -203,7 +302,9 @@ def _collect(ds: ray.data.Dataset, cfg: DataConfig, kind: str) -> tuple[pa.Table
         if errors:
             raise DataError(errors[0])
         keep = []
-        for reason, key in zip(batch.column("drop").to_pylist(), batch.column("key").to_pylist(), strict=True):
+        for reason, key in zip(
+            batch.column("drop").to_pylist(), batch.column("key").to_pylist(), strict=True
+        ):
             reason = reason or ("duplicate" if key in seen else "")
             seen.add(key)
             if reason:
@@ -213,27 +314,54 @@ def _collect(ds: ray.data.Dataset, cfg: DataConfig, kind: str) -> tuple[pa.Table
         replaced += int(pc.sum(batch.column("replaced")).as_py() or 0)
         tables.append(batch.filter(pa.array(keep, pa.bool_())).drop_columns(_HELPER_COLUMNS))
     if read == 0:
-        raise DataError(f"paths: source {cfg.source!r} gave no {kind} rows from {cfg.paths or cfg.hf_name}")
+        raise DataError(
+            f"paths: source {cfg.source!r} gave no {kind} rows from {cfg.paths or cfg.hf_name}"
+        )
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
-        raise DataError(f"min_chars: all {read} {kind} rows were dropped ({dict(dropped)}); check the input, "
-                        "min_chars and max_chars")
+        raise DataError(
+            f"min_chars: all {read} {kind} rows were dropped ({dict(dropped)}); check the input, "
+            "min_chars and max_chars"
+        )
     splits = Counter(table.column("split").to_pylist())
-    info = {"rows_read": read, "kept": table.num_rows, "splits": {s: splits.get(s, 0) for s in SPLITS},
-            "encoding_errors_replaced": replaced}
+    info = {
+        "rows_read": read,
+        "kept": table.num_rows,
+        "splits": {s: splits.get(s, 0) for s in SPLITS},
+        "encoding_errors_replaced": replaced,
+    }
     return table, info, dict(dropped)
 
 
 def _tokenize_table(table: pa.Table, tok: Tokenizer, kind: str, tasks: list[str]) -> pa.Table:
     """The second pass: kept rows back through Ray for tokenizing, in blocks of about BLOCK_CHARS characters."""
-    chars = np.cumsum(sum(pc.utf8_length(table.column(n)).to_numpy(zero_copy_only=False) for n in TEXT_FIELDS[kind]))
-    cuts = sorted({0, table.num_rows, *(int(c) for c in np.searchsorted(
-        chars, np.arange(BLOCK_CHARS, chars[-1], BLOCK_CHARS), side="right"))})
+    chars = np.cumsum(
+        sum(
+            pc.utf8_length(table.column(n)).to_numpy(zero_copy_only=False)
+            for n in TEXT_FIELDS[kind]
+        )
+    )
+    cuts = sorted(
+        {
+            0,
+            table.num_rows,
+            *(
+                int(c)
+                for c in np.searchsorted(
+                    chars, np.arange(BLOCK_CHARS, chars[-1], BLOCK_CHARS), side="right"
+                )
+            ),
+        }
+    )
     ds = ray.data.from_arrow([table.slice(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False)])
-    return pa.concat_tables(_tokenized(ds, tok, kind, tasks).iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables(
+        _tokenized(ds, tok, kind, tasks).iter_batches(batch_format="pyarrow", batch_size=None)
+    )
 
 
-def _train(cfg: DataConfig, kept: dict[str, pa.Table], say: Callable[[str], None]) -> tuple[Tokenizer, dict]:
+def _train(
+    cfg: DataConfig, kept: dict[str, pa.Table], say: Callable[[str], None]
+) -> tuple[Tokenizer, dict]:
     start = time.perf_counter()
 
     def train_texts() -> Iterator[str]:
@@ -244,7 +372,9 @@ def _train(cfg: DataConfig, kept: dict[str, pa.Table], say: Callable[[str], None
                 yield from train.column(name).to_pylist()
 
     tok = train_tokenizer(cfg.tokenizer, train_texts(), cfg.vocab_size)
-    say(f"tokenizer: trained {cfg.tokenizer}, vocabulary {tok.get_vocab_size()} in {time.perf_counter() - start:.1f} s")
+    say(
+        f"tokenizer: trained {cfg.tokenizer}, vocabulary {tok.get_vocab_size()} in {time.perf_counter() - start:.1f} s"
+    )
     return tok, {"file": "tokenizer.json", "kind": cfg.tokenizer, "loaded_from": None}
 
 
@@ -258,40 +388,70 @@ def _label_names(cfg: DataConfig, inputs: dict, table: pa.Table) -> list[str]:
     if given:
         outside = found - set(given)
         if outside:  # the file readers check this per line; this catches the other sources
-            origin = table.column("origin")[table.column("label").to_pylist().index(min(outside))].as_py()
-            raise DataError(f"{origin}: label {min(outside)!r} is not one of the given labels {given} (labels)")
+            origin = table.column("origin")[
+                table.column("label").to_pylist().index(min(outside))
+            ].as_py()
+            raise DataError(
+                f"{origin}: label {min(outside)!r} is not one of the given labels {given} (labels)"
+            )
         return list(given)
     if all(n.lstrip("-").isdigit() for n in found):
         return sorted(found, key=int)
     return sorted(found)
 
 
-def _build_task(cfg: DataConfig, task: str, table: pa.Table, params: BuildParams, labels: list[str],
-                out: Path) -> dict:
+def _build_task(
+    cfg: DataConfig, task: str, table: pa.Table, params: BuildParams, labels: list[str], out: Path
+) -> dict:
     builder = BUILDERS[task]
     if task == "classification":
-        table = table.set_column(table.column_names.index("label"), "label",
-                                 pc.index_in(table.column("label"), value_set=pa.array(labels)))
+        table = table.set_column(
+            table.column_names.index("label"),
+            "label",
+            pc.index_in(table.column("label"), value_set=pa.array(labels)),
+        )
     splits, counters, next_id = {}, {}, 0
     for split in builder.splits:
         inputs = table.filter(pc.equal(table.column("split"), split))
         try:
-            examples, counters[split] = builder.build(inputs, params, random.Random(f"{cfg.seed}-{task}-{split}"))
+            examples, counters[split] = builder.build(
+                inputs, params, random.Random(f"{cfg.seed}-{task}-{split}")
+            )
         except DataError as e:
-            raise DataError(f"{e} (split {split!r}: raise validation_fraction or add input)") from None
+            raise DataError(
+                f"{e} (split {split!r}: raise validation_fraction or add input)"
+            ) from None
         if split == "train" and examples.num_rows == 0:
-            raise DataError(f"seq_len: task {task} got no train examples from {inputs.num_rows} inputs "
-                            f"({counters[split]}); check seq_len, max_src_len and max_tgt_len")
+            raise DataError(
+                f"seq_len: task {task} got no train examples from {inputs.num_rows} inputs "
+                f"({counters[split]}); check seq_len, max_src_len and max_tgt_len"
+            )
         # sample_id: unique across the splits of the task
         ids = pa.array(np.arange(next_id, next_id + examples.num_rows, dtype=np.int64))
-        splits[split], next_id = examples.add_column(0, "sample_id", ids), next_id + examples.num_rows
+        splits[split], next_id = (
+            examples.add_column(0, "sample_id", ids),
+            next_id + examples.num_rows,
+        )
     extra: dict[str, Any] = {"seq_len": cfg.seq_len, "counters": counters}
     if task == "translation":
         extra.update(max_src_len=cfg.max_src_len, max_tgt_len=cfg.max_tgt_len)
     if task == "classification":
-        extra.update(labels=labels, label_counts={
-            s: {labels[y]: n for y, n in sorted(Counter(ex.column("label").to_pylist()).items())}
-            for s, ex in splits.items()})
-    manifest = write_task(out / task, task, builder.schema, splits, cfg.shard_rows, builder.token_columns, extra)
-    return {"manifest": f"{task}/manifest.json", "sha256": sha256_file(out / task / "manifest.json"),
-            "splits": {s: {"rows": v["rows"], "tokens": v["tokens"]} for s, v in manifest["splits"].items()}}
+        extra.update(
+            labels=labels,
+            label_counts={
+                s: {
+                    labels[y]: n for y, n in sorted(Counter(ex.column("label").to_pylist()).items())
+                }
+                for s, ex in splits.items()
+            },
+        )
+    manifest = write_task(
+        out / task, task, builder.schema, splits, cfg.shard_rows, builder.token_columns, extra
+    )
+    return {
+        "manifest": f"{task}/manifest.json",
+        "sha256": sha256_file(out / task / "manifest.json"),
+        "splits": {
+            s: {"rows": v["rows"], "tokens": v["tokens"]} for s, v in manifest["splits"].items()
+        },
+    }

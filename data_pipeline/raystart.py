@@ -20,7 +20,10 @@ from typing import Any
 import ray
 
 VERBOSE_ENV = "KILN_VERBOSE"
-RAY_LOGGERS = ("ray", "ray.data")  # the loggers with console handlers of their own; the rest propagate to "ray"
+RAY_LOGGERS = (
+    "ray",
+    "ray.data",
+)  # the loggers with console handlers of their own; the rest propagate to "ray"
 PENDING_LINES = 20_000  # what the run log keeps in memory before it has a file
 
 
@@ -101,7 +104,9 @@ def route_ray_loggers() -> None:
             logger.addHandler(handler)
         if not verbose():
             for handler in list(logger.handlers):
-                if type(handler) is not _RunLogHandler and not isinstance(handler, logging.FileHandler):
+                if type(handler) is not _RunLogHandler and not isinstance(
+                    handler, logging.FileHandler
+                ):
                     logger.removeHandler(handler)  # a console handler (Ray's PlainRayHandler)
     logging.getLogger("ray").setLevel(logging.INFO)
 
@@ -129,7 +134,9 @@ def _stdstream_dispatcher() -> Any:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher
     except ImportError:
         return None
-    has = all(hasattr(global_worker_stdstream_dispatcher, m) for m in ("add_handler", "remove_handler"))
+    has = all(
+        hasattr(global_worker_stdstream_dispatcher, m) for m in ("add_handler", "remove_handler")
+    )
     return global_worker_stdstream_dispatcher if has else None
 
 
@@ -143,7 +150,9 @@ def route_worker_output() -> None:
     if not verbose():
         dispatcher.remove_handler("ray_print_logs")
     elif not _isatty(sys.stdout):
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's printer: no colour codes into a pipe or log
+        os.environ.setdefault(
+            "RAY_COLOR_PREFIX", "0"
+        )  # Ray's printer: no colour codes into a pipe or log
 
 
 def _isatty(stream: Any) -> bool:
@@ -184,7 +193,9 @@ def _join_as_kiln_cluster_up_expects(address: str, kwargs: dict[str, Any]) -> No
     loopback too. The head authenticates with a token (`kiln cluster up`), which a client sends only in
     token mode: turn it on when a token is there and the user said nothing."""
     host = address.rsplit(":", 1)[0]
-    if "://" not in address and host.startswith(LOOPBACK_HOSTS):  # a GCS address, not ray:// (Ray Client)
+    if "://" not in address and host.startswith(
+        LOOPBACK_HOSTS
+    ):  # a GCS address, not ray:// (Ray Client)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
             # Ray read the variable into this constant when it was imported (before this call); its
@@ -227,8 +238,11 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     except Exception as e:  # Ray raises bare Exception / ConnectionError / RuntimeError for these
         first = (str(e).splitlines() or [type(e).__name__])[0]
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = ("is the address right and the cluster up?" if address else
-                "the machine may be overloaded (Ray's processes must start within its timeout): retry, or free CPU")
+        hint = (
+            "is the address right and the cluster up?"
+            if address
+            else "the machine may be overloaded (Ray's processes must start within its timeout): retry, or free CPU"
+        )
         raise RayStartError(f"could not start or reach {where}: {first}; {hint}") from None
     if kwargs["log_to_driver"]:
         route_worker_output()

@@ -38,7 +38,13 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "pairs": ("src", "tgt"),
     "labelled": ("text", "label"),
 }
-TABULAR: dict[str, str] = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+TABULAR: dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+}
 GZIP_MAGIC = b"\x1f\x8b"
 # A WikiText level-1 heading: " = Title = ". Level 2 and deeper (" = = Section = = ") do not match.
 _HEADING = re.compile(r"^\s*=\s+(?!=)\S.*?(?<!=)\s+=\s*$")
@@ -54,14 +60,25 @@ class ReadOptions:
     encoding_errors: str = "strict"
     text_column: str = "text"
     label_column: str = "label"
-    src_column: str | int | None = None  # a header name, or a 0-based index into a header-less TSV line
+    src_column: str | int | None = (
+        None  # a header name, or a 0-based index into a header-less TSV line
+    )
     tgt_column: str | int | None = None
     labels: tuple[str, ...] | None = None  # the allowed labels; None: any (the set is inferred)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, kind: str) -> ReadOptions:
-        return cls(kind, cfg.text_unit, cfg.wikitext_headings, cfg.encoding_errors, cfg.text_column,
-                   cfg.label_column, cfg.src_column, cfg.tgt_column, tuple(cfg.labels) if cfg.labels else None)
+        return cls(
+            kind,
+            cfg.text_unit,
+            cfg.wikitext_headings,
+            cfg.encoding_errors,
+            cfg.text_column,
+            cfg.label_column,
+            cfg.src_column,
+            cfg.tgt_column,
+            tuple(cfg.labels) if cfg.labels else None,
+        )
 
     def columns(self, fmt: str, path: str = "") -> Columns | None:
         """Config key -> column name (or index), in KIND_FIELDS order; None: two positional columns
@@ -73,17 +90,21 @@ class ReadOptions:
         if self.src_column is None and self.tgt_column is None and fmt in ("tsv", "text"):
             return None
         if self.src_column is None or self.tgt_column is None:
-            raise DataError(f"src_column: {fmt} pairs need both src_column and tgt_column "
-                            f"(got {self.src_column!r}, {self.tgt_column!r})")
+            raise DataError(
+                f"src_column: {fmt} pairs need both src_column and tgt_column "
+                f"(got {self.src_column!r}, {self.tgt_column!r})"
+            )
         if isinstance(self.src_column, int) and fmt not in ("tsv", "text"):
             where = f"{path} is {fmt}" if path else f"the input is {fmt}"
-            raise DataError(f"src_column: column indices ({self.src_column}, {self.tgt_column}) are for "
-                            f"header-less tab-separated files, but {where}; name the columns instead")
+            raise DataError(
+                f"src_column: column indices ({self.src_column}, {self.tgt_column}) are for "
+                f"header-less tab-separated files, but {where}; name the columns instead"
+            )
         return {"src_column": self.src_column, "tgt_column": self.tgt_column}
 
 
 def file_format(path: str) -> str:
-    """"jsonl" | "csv" | "tsv" | "parquet" | "text", from the name (.gz looked through)."""
+    """ "jsonl" | "csv" | "tsv" | "parquet" | "text", from the name (.gz looked through)."""
     name = path.lower().removesuffix(".gz")
     return next((fmt for suffix, fmt in TABULAR.items() if name.endswith(suffix)), "text")
 
@@ -104,8 +125,10 @@ def _open_binary(path: str) -> IO[bytes]:
         return gzip.open(path, "rb")
     if magic == GZIP_MAGIC:
         # Read as text this would be a stream of undecodable bytes; say what it is instead.
-        raise DataError(f"{path}:1: gzip-compressed data but the name does not end in .gz; "
-                        f"rename it to {path}.gz or decompress it")
+        raise DataError(
+            f"{path}:1: gzip-compressed data but the name does not end in .gz; "
+            f"rename it to {path}.gz or decompress it"
+        )
     return open(path, "rb")
 
 
@@ -126,8 +149,10 @@ def iter_lines(path: str, encoding_errors: str = "strict") -> Iterator[tuple[int
                     line, bad = raw.decode("utf-8"), 0
                 except UnicodeDecodeError as e:
                     if encoding_errors != "replace":
-                        raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                        f"{e.start + 1}); fix the file or set encoding_errors: replace") from None
+                        raise DataError(
+                            f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); fix the file or set encoding_errors: replace"
+                        ) from None
                     line, bad = raw.decode("utf-8", errors="replace"), 1
                 seen_text = seen_text or not line.isspace() and line != ""
                 yield number, line, bad
@@ -153,10 +178,18 @@ def text_documents(path: str, opts: ReadOptions) -> Iterator[dict]:
     for number, line, bad in iter_lines(path, opts.encoding_errors):
         blank = line == "" or line.isspace()
         # WikiText puts a blank line before every heading; a table row such as " = Played , W = " has none.
-        heading = opts.wikitext_headings and after_blank and not blank and _HEADING.match(line) is not None
+        heading = (
+            opts.wikitext_headings
+            and after_blank
+            and not blank
+            and _HEADING.match(line) is not None
+        )
         after_blank = blank
-        boundary = heading or (opts.text_unit == "line" and not blank) or (
-            opts.text_unit == "block" and blank and not only_headings)
+        boundary = (
+            heading
+            or (opts.text_unit == "line" and not blank)
+            or (opts.text_unit == "block" and blank and not only_headings)
+        )
         if boundary and lines:
             yield {"text": "\n".join(lines), "origin": f"{path}:{start}", "replaced": replaced}
             lines, start, replaced = [], 0, 0
@@ -181,15 +214,22 @@ def aligned_pairs(src_path: str, tgt_path: str, opts: ReadOptions) -> Iterator[d
         if t is None:
             _misaligned(tgt_path, s[0], src_path, s[0] + sum(1 for _ in src))
         if s[1].strip() or t[1].strip():
-            yield {"src": s[1], "tgt": t[1], "origin": f"{src_path}:{s[0]}", "replaced": s[2] + t[2]}
+            yield {
+                "src": s[1],
+                "tgt": t[1],
+                "origin": f"{src_path}:{s[0]}",
+                "replaced": s[2] + t[2],
+            }
     rest = sum(1 for _ in tgt)
     if rest:
         _misaligned(src_path, s[0] + 1, tgt_path, s[0] + rest)
 
 
 def _misaligned(short: str, line: int, long_: str, long_lines: int) -> None:
-    raise DataError(f"{short}:{line}: file ends here but {long_} has {long_lines} lines "
-                    "(parallel files must be line-aligned)")
+    raise DataError(
+        f"{short}:{line}: file ends here but {long_} has {long_lines} lines "
+        "(parallel files must be line-aligned)"
+    )
 
 
 # ------------------------------------------------------------------------------------------- records
@@ -231,8 +271,14 @@ def check_file(path: str, partner: str, opts: ReadOptions, limit: int | None = N
         rows.close()  # type: ignore[attr-defined]  # a generator: closes the file when stopped early
 
 
-def make_row(path: str, number: int, values: list[object], replaced: int, opts: ReadOptions,
-             columns: Columns | None) -> dict:
+def make_row(
+    path: str,
+    number: int,
+    values: list[object],
+    replaced: int,
+    opts: ReadOptions,
+    columns: Columns | None,
+) -> dict:
     """A raw row from a record's values; text must be a string (null reads as empty and is dropped later)."""
     keys = list(columns) if columns else ["column 1", "column 2"]
     row: dict[str, object] = {}
@@ -243,26 +289,38 @@ def make_row(path: str, number: int, values: list[object], replaced: int, opts: 
             row[field] = value or ""
         else:
             name = columns[key] if columns else key
-            raise DataError(f"{path}:{number}: column {name!r} ({key}) must hold text, "
-                            f"found {type(value).__name__} {repr(value)[:80]}")
+            raise DataError(
+                f"{path}:{number}: column {name!r} ({key}) must hold text, "
+                f"found {type(value).__name__} {repr(value)[:80]}"
+            )
     return {**row, "origin": f"{path}:{number}", "replaced": replaced}
 
 
 def check_label(path: str, number: int, label: object, allowed: tuple[str, ...] | None) -> str:
     """The label as a string (spaces normalised, as cleaning does); with a given set it must be in it."""
     if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        raise DataError(f"{path}:{number}: the label must be a non-empty string or an integer, found {label!r}")
+        raise DataError(
+            f"{path}:{number}: the label must be a non-empty string or an integer, found {label!r}"
+        )
     name = " ".join(str(label).split())
     if allowed is not None and name not in allowed:
-        raise DataError(f"{path}:{number}: label {name!r} is not one of the given labels {list(allowed)} (labels)")
+        raise DataError(
+            f"{path}:{number}: label {name!r} is not one of the given labels {list(allowed)} (labels)"
+        )
     return name
 
 
-def records(path: str, fmt: str, columns: Columns | None, encoding_errors: str = "strict") -> Iterator[Record]:
+def records(
+    path: str, fmt: str, columns: Columns | None, encoding_errors: str = "strict"
+) -> Iterator[Record]:
     """The records of a tabular file, with the values of `columns`; None columns: 2 positional columns."""
     readers: dict[str, Callable[[str, Columns | None, str], Iterator[Record]]] = {
-        "jsonl": _jsonl_records, "csv": _csv_records, "tsv": _tsv_records, "text": _tsv_records,
-        "parquet": _parquet_records}
+        "jsonl": _jsonl_records,
+        "csv": _csv_records,
+        "tsv": _tsv_records,
+        "text": _tsv_records,
+        "parquet": _parquet_records,
+    }
     found = False
     for record in readers[fmt](path, columns, encoding_errors):
         found = True
@@ -279,7 +337,9 @@ def _jsonl_records(path: str, columns: Columns | None, errors: str) -> Iterator[
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(
+                f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})"
+            ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, found {type(obj).__name__}")
         for key, name in columns.items():
@@ -289,7 +349,9 @@ def _jsonl_records(path: str, columns: Columns | None, errors: str) -> Iterator[
 
 
 def _csv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Record]:
-    replaced: list[int] = [0]  # per physical line (1-based), so a record spanning lines counts them all
+    replaced: list[int] = [
+        0
+    ]  # per physical line (1-based), so a record spanning lines counts them all
 
     def text_lines() -> Iterator[str]:
         for _, line, bad in iter_lines(path, errors):
@@ -304,9 +366,13 @@ def _csv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Re
             if not fields or fields == [""]:
                 continue
             if len(fields) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(fields)}")
-            first = reader.line_num - sum(f.count("\n") for f in fields)  # where a multi-line record began
-            yield first, [fields[i] for i in index], sum(replaced[first: reader.line_num + 1])
+                raise DataError(
+                    f"{path}:{reader.line_num}: expected {len(header)} columns, found {len(fields)}"
+                )
+            first = reader.line_num - sum(
+                f.count("\n") for f in fields
+            )  # where a multi-line record began
+            yield first, [fields[i] for i in index], sum(replaced[first : reader.line_num + 1])
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
@@ -332,7 +398,11 @@ def _tsv_records(path: str, columns: Columns | None, errors: str) -> Iterator[Re
         if width is None:
             width = _indexed_width(path, number, len(fields), columns or {})
         if len(fields) != width:
-            what = "tab-separated columns" if index is not None else "tab-separated columns (source, target)"
+            what = (
+                "tab-separated columns"
+                if index is not None
+                else "tab-separated columns (source, target)"
+            )
             raise DataError(f"{path}:{number}: expected {width} {what}, found {len(fields)}")
         yield number, list(fields) if index is None else [fields[i] for i in index], bad
 
@@ -341,8 +411,10 @@ def _indexed_width(path: str, number: int, width: int, columns: Columns) -> int:
     """The first line's width, which every column index must fit (indices count from 0)."""
     for key, column in columns.items():
         if not isinstance(column, int) or column >= width:
-            raise DataError(f"{path}:{number}: {key} {column} is out of range: the line has {width} "
-                            f"tab-separated columns (indices 0-{width - 1})")
+            raise DataError(
+                f"{path}:{number}: {key} {column} is out of range: the line has {width} "
+                f"tab-separated columns (indices 0-{width - 1})"
+            )
     return width
 
 
@@ -352,21 +424,28 @@ def _parquet_records(path: str, columns: Columns | None, errors: str) -> Iterato
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     names = arrow_columns(path, parquet.schema_arrow, columns or {})
-    yield from arrow_records(parquet.iter_batches(batch_size=4096, columns=sorted({n.split(".")[0] for n in names})),
-                             names)
+    yield from arrow_records(
+        parquet.iter_batches(batch_size=4096, columns=sorted({n.split(".")[0] for n in names})),
+        names,
+    )
 
 
 def arrow_columns(path: str, schema: pa.Schema, columns: Columns) -> list[str]:
     """Check that every named column exists ("a.b": field b of struct column a); returns the names."""
     for key, name in columns.items():
         head = name if name in schema.names else name.split(".")[0]
-        if head not in schema.names or (head != name and not pa.types.is_struct(schema.field(head).type)):
+        if head not in schema.names or (
+            head != name and not pa.types.is_struct(schema.field(head).type)
+        ):
             raise DataError(f"{path}: no column {name!r} ({key}); it has {schema.names}")
     return list(columns.values())
 
 
-def arrow_records(batches: Iterator[pa.RecordBatch], names: list[str],
-                  label_names: dict[str, list[str]] | None = None) -> Iterator[Record]:
+def arrow_records(
+    batches: Iterator[pa.RecordBatch],
+    names: list[str],
+    label_names: dict[str, list[str]] | None = None,
+) -> Iterator[Record]:
     """Rows of Arrow record batches (Parquet, Hugging Face Arrow files), numbered from 1.
 
     `label_names` maps a column of integer class ids to their names (a Hugging Face ClassLabel).
@@ -376,8 +455,10 @@ def arrow_records(batches: Iterator[pa.RecordBatch], names: list[str],
         values = [_arrow_column(batch, name) for name in names]
         for i, name in enumerate(names):
             if label_names and name in label_names:
-                values[i] = [v if v is None or not 0 <= v < len(label_names[name]) else label_names[name][v]
-                             for v in values[i]]
+                values[i] = [
+                    v if v is None or not 0 <= v < len(label_names[name]) else label_names[name][v]
+                    for v in values[i]
+                ]
         for record in zip(*values, strict=True):
             row += 1
             yield row, list(record), 0

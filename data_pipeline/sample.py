@@ -28,7 +28,9 @@ from collections.abc import Iterable
 from num2words import num2words
 
 # Modules whose docstrings are not prose, or that are tooling rather than library.
-_SKIP_MODULES = frozenset({"this", "antigravity", "idlelib", "tkinter", "turtledemo", "lib2to3", "test", "pydoc_data"})
+_SKIP_MODULES = frozenset(
+    {"this", "antigravity", "idlelib", "tkinter", "turtledemo", "lib2to3", "test", "pydoc_data"}
+)
 _MIN_MODULE_DOC_CHARS = 200  # shorter module docstrings are one-liners, not documents
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _RULE_LINE = re.compile(r"^[*=\-~^]{3,}$")  # reST heading underlines in pydoc topics
@@ -36,23 +38,116 @@ _RULE_LINE = re.compile(r"^[*=\-~^]{3,}$")  # reST heading underlines in pydoc t
 LABEL_NAMES: tuple[str, ...] = ("text", "network", "numbers", "files", "concurrency")
 # Standard-library modules by domain; a docstring's label is its module's domain.
 _DOMAINS: dict[str, tuple[str, ...]] = {
-    "text": ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser", "shlex",
-             "gettext", "locale", "csv", "json", "json.decoder", "json.encoder", "xml.etree.ElementTree",
-             "xml.dom.minidom", "xml.sax.saxutils", "pprint", "reprlib", "tokenize", "base64", "binascii",
-             "quopri", "email.quoprimime", "email.base64mime", "builtins.str"),
-    "network": ("http.client", "http.server", "http.cookies", "http.cookiejar", "urllib.request", "urllib.parse",
-                "urllib.robotparser", "email.message", "email.utils", "email.parser", "email.header",
-                "email.policy", "email.headerregistry", "socket", "smtplib", "ftplib", "poplib", "imaplib", "ssl",
-                "socketserver", "xmlrpc.client", "xmlrpc.server", "ipaddress", "mailbox", "wsgiref.simple_server",
-                "wsgiref.handlers", "wsgiref.util", "mimetypes"),
-    "numbers": ("math", "cmath", "statistics", "_pydecimal", "fractions", "random", "numbers", "operator"),
-    "files": ("os", "shutil", "pathlib", "glob", "fnmatch", "tarfile", "zipfile", "tempfile", "filecmp", "stat",
-              "gzip", "bz2", "lzma", "io", "_pyio", "fileinput", "ntpath", "posixpath"),
-    "concurrency": ("threading", "multiprocessing.pool", "multiprocessing.process", "multiprocessing.managers",
-                    "multiprocessing.connection", "concurrent.futures._base", "concurrent.futures.thread",
-                    "concurrent.futures.process", "asyncio.tasks", "asyncio.events", "asyncio.queues",
-                    "asyncio.locks", "asyncio.streams", "asyncio.subprocess", "asyncio.base_events", "queue",
-                    "sched", "subprocess", "selectors"),
+    "text": (
+        "string",
+        "re",
+        "textwrap",
+        "difflib",
+        "unicodedata",
+        "codecs",
+        "html",
+        "html.parser",
+        "shlex",
+        "gettext",
+        "locale",
+        "csv",
+        "json",
+        "json.decoder",
+        "json.encoder",
+        "xml.etree.ElementTree",
+        "xml.dom.minidom",
+        "xml.sax.saxutils",
+        "pprint",
+        "reprlib",
+        "tokenize",
+        "base64",
+        "binascii",
+        "quopri",
+        "email.quoprimime",
+        "email.base64mime",
+        "builtins.str",
+    ),
+    "network": (
+        "http.client",
+        "http.server",
+        "http.cookies",
+        "http.cookiejar",
+        "urllib.request",
+        "urllib.parse",
+        "urllib.robotparser",
+        "email.message",
+        "email.utils",
+        "email.parser",
+        "email.header",
+        "email.policy",
+        "email.headerregistry",
+        "socket",
+        "smtplib",
+        "ftplib",
+        "poplib",
+        "imaplib",
+        "ssl",
+        "socketserver",
+        "xmlrpc.client",
+        "xmlrpc.server",
+        "ipaddress",
+        "mailbox",
+        "wsgiref.simple_server",
+        "wsgiref.handlers",
+        "wsgiref.util",
+        "mimetypes",
+    ),
+    "numbers": (
+        "math",
+        "cmath",
+        "statistics",
+        "_pydecimal",
+        "fractions",
+        "random",
+        "numbers",
+        "operator",
+    ),
+    "files": (
+        "os",
+        "shutil",
+        "pathlib",
+        "glob",
+        "fnmatch",
+        "tarfile",
+        "zipfile",
+        "tempfile",
+        "filecmp",
+        "stat",
+        "gzip",
+        "bz2",
+        "lzma",
+        "io",
+        "_pyio",
+        "fileinput",
+        "ntpath",
+        "posixpath",
+    ),
+    "concurrency": (
+        "threading",
+        "multiprocessing.pool",
+        "multiprocessing.process",
+        "multiprocessing.managers",
+        "multiprocessing.connection",
+        "concurrent.futures._base",
+        "concurrent.futures.thread",
+        "concurrent.futures.process",
+        "asyncio.tasks",
+        "asyncio.events",
+        "asyncio.queues",
+        "asyncio.locks",
+        "asyncio.streams",
+        "asyncio.subprocess",
+        "asyncio.base_events",
+        "queue",
+        "sched",
+        "subprocess",
+        "selectors",
+    ),
 }
 _MIN_LABELLED_WORDS = 4  # "S_ISFIFO(mode) -> bool" is a signature, not text
 MAX_SAMPLE_PAIRS = 2 * 10_000  # integers 0..9999, each as a cardinal and as an ordinal
@@ -122,7 +217,9 @@ def _module_docstring(name: str) -> str | None:
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     with open(spec.origin, "rb") as f:
-        for tok in tokenize.tokenize(f.readline):  # stop at the first real token: no full parse needed
+        for tok in tokenize.tokenize(
+            f.readline
+        ):  # stop at the first real token: no full parse needed
             if tok.type in (tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE):
                 continue
             if tok.type != tokenize.STRING:
@@ -159,18 +256,26 @@ def _api_docstrings(module_name: str) -> Iterable[str | None]:
         return list(_ast_docstrings(tree.body))
     # C modules (math, cmath, unicodedata, binascii) have no source; importing them has no side effects.
     module = importlib.import_module(module_name)
-    return [getattr(v, "__doc__", None) for k, v in sorted(vars(module).items()) if not k.startswith("_")
-            and callable(v)]
+    return [
+        getattr(v, "__doc__", None)
+        for k, v in sorted(vars(module).items())
+        if not k.startswith("_") and callable(v)
+    ]
 
 
 def _ast_docstrings(body: list[ast.stmt]) -> Iterable[str | None]:
     for node in body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+        if isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        ) and not node.name.startswith("_"):
             yield ast.get_docstring(node)
             if isinstance(node, ast.ClassDef):
-                yield from (ast.get_docstring(sub) for sub in node.body
-                            if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef))
-                            and not sub.name.startswith("_"))
+                yield from (
+                    ast.get_docstring(sub)
+                    for sub in node.body
+                    if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and not sub.name.startswith("_")
+                )
 
 
 def _first_paragraph(doc: str | None) -> str | None:

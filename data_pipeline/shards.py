@@ -41,14 +41,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def refuse_non_empty(path: Path) -> None:
     """Output directories are never overwritten, not even partly."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise DataError(f"{path}: output directory exists and is not empty; choose a new one or remove it")
+        raise DataError(
+            f"{path}: output directory exists and is not empty; choose a new one or remove it"
+        )
 
 
 def count_tokens(table: pa.Table, token_columns: tuple[str, ...]) -> int:
-    return sum(int(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0) for c in token_columns)
+    return sum(
+        int(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0) for c in token_columns
+    )
 
 
-def write_split(table: pa.Table, split_dir: Path, shard_rows: int, token_columns: tuple[str, ...]) -> list[dict]:
+def write_split(
+    table: pa.Table, split_dir: Path, shard_rows: int, token_columns: tuple[str, ...]
+) -> list[dict]:
     """Write `table` as part-00000.parquet ... of at most `shard_rows` rows; return their manifest entries.
 
     An empty split still gets one (empty) shard so that its schema can be read back.
@@ -59,34 +65,57 @@ def write_split(table: pa.Table, split_dir: Path, shard_rows: int, token_columns
     for number, start in enumerate(starts):
         part = table.slice(start, shard_rows)
         path = split_dir / f"part-{number:05d}.parquet"
-        pq.write_table(part, path, row_group_size=min(max(shard_rows, 1), ROW_GROUP_ROWS),
-                       **_PARQUET_OPTIONS)
-        shards.append({"file": f"{split_dir.name}/{path.name}", "rows": part.num_rows,
-                       "tokens": count_tokens(part, token_columns), "sha256": sha256_file(path)})
+        pq.write_table(
+            part, path, row_group_size=min(max(shard_rows, 1), ROW_GROUP_ROWS), **_PARQUET_OPTIONS
+        )
+        shards.append(
+            {
+                "file": f"{split_dir.name}/{path.name}",
+                "rows": part.num_rows,
+                "tokens": count_tokens(part, token_columns),
+                "sha256": sha256_file(path),
+            }
+        )
     return shards
 
 
-def write_task(task_dir: Path, task: str, schema: pa.Schema, splits: dict[str, pa.Table | list[dict]],
-               shard_rows: int, token_columns: tuple[str, ...], extra: dict[str, Any] | None = None) -> dict:
+def write_task(
+    task_dir: Path,
+    task: str,
+    schema: pa.Schema,
+    splits: dict[str, pa.Table | list[dict]],
+    shard_rows: int,
+    token_columns: tuple[str, ...],
+    extra: dict[str, Any] | None = None,
+) -> dict:
     """Write every split of one task (a table, or rows as dicts) and its manifest.json; returns the manifest."""
     refuse_non_empty(task_dir)
     task_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, Any] = {"task": task, "schema": {f.name: str(f.type) for f in schema}, "splits": {}}
+    manifest: dict[str, Any] = {
+        "task": task,
+        "schema": {f.name: str(f.type) for f in schema},
+        "splits": {},
+    }
     for split, rows in splits.items():
         if isinstance(rows, pa.Table):
             table = rows.select(schema.names).cast(schema).combine_chunks()
         else:
             table = pa.Table.from_pylist(rows, schema=schema)
         shards = write_split(table, task_dir / split, shard_rows, token_columns)
-        manifest["splits"][split] = {"shards": shards, "rows": sum(s["rows"] for s in shards),
-                                     "tokens": sum(s["tokens"] for s in shards)}
+        manifest["splits"][split] = {
+            "shards": shards,
+            "rows": sum(s["rows"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+        }
     manifest.update(extra or {})
     write_json(task_dir / MANIFEST, manifest)
     return manifest
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict:
@@ -98,23 +127,33 @@ def read_manifest(path: str | os.PathLike[str]) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path}: no manifest (was the data prepared with `kiln data prepare`?)") from None
+        raise DataError(
+            f"{path}: no manifest (was the data prepared with `kiln data prepare`?)"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def read_split(task_dir: str | os.PathLike[str], split: str, columns: list[str] | None = None,
-               verify: bool = False) -> pa.Table:
+def read_split(
+    task_dir: str | os.PathLike[str],
+    split: str,
+    columns: list[str] | None = None,
+    verify: bool = False,
+) -> pa.Table:
     """All rows of one split (only `columns`, if given), in shard order; `verify` checks the sha256s."""
     task_dir = Path(task_dir)
     manifest = read_manifest(task_dir)
     if split not in manifest["splits"]:
-        raise DataError(f"{task_dir / MANIFEST}: no split {split!r}; it has {sorted(manifest['splits'])}")
+        raise DataError(
+            f"{task_dir / MANIFEST}: no split {split!r}; it has {sorted(manifest['splits'])}"
+        )
     tables = []
     for shard in manifest["splits"][split]["shards"]:
         path = task_dir / shard["file"]
         if verify and sha256_file(path) != shard["sha256"]:
-            raise DataError(f"{path}: sha256 does not match {task_dir / MANIFEST}; the shard changed or is corrupt")
+            raise DataError(
+                f"{path}: sha256 does not match {task_dir / MANIFEST}; the shard changed or is corrupt"
+            )
         try:
             tables.append(pq.read_table(path, columns=columns))
         except (OSError, pa.ArrowException) as e:  # truncated, overwritten, not Parquet at all
@@ -141,8 +180,9 @@ def read_json_at(fs: pafs.FileSystem, path: str) -> dict:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: no manifest (was the data prepared with "
-                        "`kiln data prepare`?)") from None
+        raise DataError(
+            f"{path}: no manifest (was the data prepared with `kiln data prepare`?)"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
@@ -157,12 +197,14 @@ def verify_sha256(fs: pafs.FileSystem, path: str, expected: str, manifest: str) 
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: cannot read this shard ({_first_line(e)})") from None
     if digest.hexdigest() != expected:
-        raise DataError(f"{path}: sha256 does not match {manifest}; the shard changed or is "
-                        "corrupt")
+        raise DataError(
+            f"{path}: sha256 does not match {manifest}; the shard changed or is corrupt"
+        )
 
 
-def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int,
-              columns: list[str]) -> pa.Table:
+def read_rows(
+    fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str]
+) -> pa.Table:
     """Rows [start, stop) of one shard: only the row groups that hold them are read and decoded."""
     try:
         with fs.open_input_file(path) as f:
@@ -176,11 +218,13 @@ def read_rows(fs: pafs.FileSystem, path: str, start: int, stop: int,
                 offset += rows
             table = parquet.read_row_groups(groups, columns=columns)
     except (OSError, pa.ArrowException) as e:  # truncated, overwritten, not Parquet at all
-        raise DataError(f"{path}: cannot read this shard ({_first_line(e)}); "
-                        "prepare it again") from None
+        raise DataError(
+            f"{path}: cannot read this shard ({_first_line(e)}); prepare it again"
+        ) from None
     if offset < stop:
-        raise DataError(f"{path}: has {offset} rows, its manifest says at least {stop}; "
-                        "prepare it again")
+        raise DataError(
+            f"{path}: has {offset} rows, its manifest says at least {stop}; prepare it again"
+        )
     return table.slice(start - (first or 0), stop - start)
 
 

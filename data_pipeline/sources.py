@@ -38,10 +38,20 @@ from data_pipeline.errors import DataError
 from data_pipeline.readers import KIND_FIELDS, ReadOptions, check_file, file_format, file_rows
 from data_pipeline.shards import sha256_file
 
-__all__ = ["BLOCK_CHARS", "KIND_FIELDS", "SOURCES", "Source", "expand_paths", "preflight", "raw_schema",
-           "read_task"]
+__all__ = [
+    "BLOCK_CHARS",
+    "KIND_FIELDS",
+    "SOURCES",
+    "Source",
+    "expand_paths",
+    "preflight",
+    "raw_schema",
+    "read_task",
+]
 
-BLOCK_CHARS = 1 << 20  # characters per block: ~0.5 s of tokenizing, a few blocks per core on a real corpus
+BLOCK_CHARS = (
+    1 << 20
+)  # characters per block: ~0.5 s of tokenizing, a few blocks per core on a real corpus
 BLOCK_ROWS = 4096
 # Reading is cheap parsing and waiting on disk. A fractional CPU lets it run beside the tokenizing tasks,
 # and, as the resources differ, keeps it a Ray Data operator of its own: the blocks of one large file
@@ -57,15 +67,26 @@ PREFLIGHT_HEAD_ROWS = 10_000
 @dataclass(frozen=True)
 class Source:
     kinds: tuple[str, ...]  # the row kinds this source can supply
-    resolve: Callable[[DataConfig], dict[str, Any]]  # driver, before Ray: check inputs, return provenance
-    read: Callable[[DataConfig, str, dict[str, Any]], ray.data.Dataset]  # (config, kind, provenance) -> raw rows
+    resolve: Callable[
+        [DataConfig], dict[str, Any]
+    ]  # driver, before Ray: check inputs, return provenance
+    read: Callable[
+        [DataConfig, str, dict[str, Any]], ray.data.Dataset
+    ]  # (config, kind, provenance) -> raw rows
     # (config, kind, provenance) -> the read tasks ({"path", "partner"}) and their reader; None: nothing to check
-    tasks: Callable[[DataConfig, str, dict[str, Any]], tuple[list[dict[str, str]], str]] | None = None
+    tasks: Callable[[DataConfig, str, dict[str, Any]], tuple[list[dict[str, str]], str]] | None = (
+        None
+    )
 
 
 def raw_schema(kind: str) -> pa.Schema:
-    return pa.schema([*((name, pa.string()) for name in (*KIND_FIELDS[kind], "origin")),
-                      ("replaced", pa.int32()), ("error", pa.string())])
+    return pa.schema(
+        [
+            *((name, pa.string()) for name in (*KIND_FIELDS[kind], "origin")),
+            ("replaced", pa.int32()),
+            ("error", pa.string()),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -81,8 +102,12 @@ def expand_paths(patterns: list[str]) -> list[str]:
                 raise DataError(f"{pattern}: no file matches this pattern (paths)")
             files.extend(matches)
         elif os.path.isdir(pattern):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names
-                           if not f.startswith("."))
+            found = sorted(
+                os.path.join(d, f)
+                for d, _, names in os.walk(pattern)
+                for f in names
+                if not f.startswith(".")
+            )
             if not found:
                 raise DataError(f"{pattern}: directory holds no files (paths)")
             files.extend(found)
@@ -95,28 +120,45 @@ def expand_paths(patterns: list[str]) -> list[str]:
 
 def _resolve_files(cfg: DataConfig) -> dict[str, Any]:
     files = expand_paths(cfg.paths)
-    return {"source": cfg.source, "files": [{"path": p, "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
-                                            for p in files]}
+    return {
+        "source": cfg.source,
+        "files": [
+            {"path": p, "bytes": os.path.getsize(p), "sha256": sha256_file(p)} for p in files
+        ],
+    }
 
 
 def _file_tasks(cfg: DataConfig, kind: str, files: list[str]) -> list[dict[str, str]]:
     """One task per file, or one for a line-aligned pair: exactly two plain-text paths given for pairs."""
-    aligned = (kind == "pairs" and len(cfg.paths) == 2 and len(files) == 2
-               and all(file_format(f) == "text" for f in files) and cfg.src_column is None)
+    aligned = (
+        kind == "pairs"
+        and len(cfg.paths) == 2
+        and len(files) == 2
+        and all(file_format(f) == "text" for f in files)
+        and cfg.src_column is None
+    )
     if aligned:
         return [{"path": files[0], "partner": files[1]}]  # source side, target side
     return [{"path": f, "partner": ""} for f in files]
 
 
-def read_task(batch: dict, opts: ReadOptions, reader: str, label_names: dict[str, list[str]],
-              block_chars: int = BLOCK_CHARS) -> Iterator[pa.Table]:
+def read_task(
+    batch: dict,
+    opts: ReadOptions,
+    reader: str,
+    label_names: dict[str, list[str]],
+    block_chars: int = BLOCK_CHARS,
+) -> Iterator[pa.Table]:
     """Ray UDF: parse the file of one task row, yielding blocks as it goes; a DataError becomes an `error` row."""
     path, partner = str(batch["path"][0]), str(batch["partner"][0])
     rows: list[dict] = []
     chars = 0
     try:
-        parsed = (hf_datasets.arrow_file_rows(path, opts, label_names) if reader == "hf"
-                  else file_rows(path, partner, opts))
+        parsed = (
+            hf_datasets.arrow_file_rows(path, opts, label_names)
+            if reader == "hf"
+            else file_rows(path, partner, opts)
+        )
         for row in parsed:
             rows.append(row)
             chars += sum(len(row[name]) for name in KIND_FIELDS[opts.kind])
@@ -124,7 +166,14 @@ def read_task(batch: dict, opts: ReadOptions, reader: str, label_names: dict[str
                 yield _table(rows, opts.kind)
                 rows, chars = [], 0
     except DataError as e:
-        rows = [{**dict.fromkeys(KIND_FIELDS[opts.kind], ""), "origin": path, "replaced": 0, "error": str(e)}]
+        rows = [
+            {
+                **dict.fromkeys(KIND_FIELDS[opts.kind], ""),
+                "origin": path,
+                "replaced": 0,
+                "error": str(e),
+            }
+        ]
     if rows:
         yield _table(rows, opts.kind)
 
@@ -134,16 +183,30 @@ def _table(rows: list[dict], kind: str) -> pa.Table:
     return pa.table({name: [r.get(name, "") for r in rows] for name in schema.names}, schema=schema)
 
 
-def _read_tasks(cfg: DataConfig, kind: str, tasks: list[dict[str, str]], reader: str,
-                label_names: dict[str, list[str]]) -> ray.data.Dataset:
+def _read_tasks(
+    cfg: DataConfig,
+    kind: str,
+    tasks: list[dict[str, str]],
+    reader: str,
+    label_names: dict[str, list[str]],
+) -> ray.data.Dataset:
     # One input block per task so that files parse in parallel; prepare() preserves order.
     return ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        read_task, batch_size=1, num_cpus=READ_CPUS, fn_kwargs={
-            "opts": ReadOptions.from_config(cfg, kind), "reader": reader, "label_names": label_names,
-            "block_chars": BLOCK_CHARS})
+        read_task,
+        batch_size=1,
+        num_cpus=READ_CPUS,
+        fn_kwargs={
+            "opts": ReadOptions.from_config(cfg, kind),
+            "reader": reader,
+            "label_names": label_names,
+            "block_chars": BLOCK_CHARS,
+        },
+    )
 
 
-def _files_tasks(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+def _files_tasks(
+    cfg: DataConfig, kind: str, inputs: dict[str, Any]
+) -> tuple[list[dict[str, str]], str]:
     return _file_tasks(cfg, kind, [f["path"] for f in inputs["files"]]), "file"
 
 
@@ -170,8 +233,9 @@ def preflight(cfg: DataConfig, inputs: dict[str, Any]) -> dict[str, Any] | None:
     return {"files": len(inputs["files"]), "bytes": total, "rows": rows, "whole": limit is None}
 
 
-def _check_task(task: dict[str, str], opts: ReadOptions, reader: str, inputs: dict[str, Any],
-                limit: int | None) -> int:
+def _check_task(
+    task: dict[str, str], opts: ReadOptions, reader: str, inputs: dict[str, Any], limit: int | None
+) -> int:
     if reader == "file":
         return check_file(task["path"], task["partner"], opts, limit)
     parsed = hf_datasets.arrow_file_rows(task["path"], opts, inputs["label_names"])
@@ -186,12 +250,19 @@ def _check_task(task: dict[str, str], opts: ReadOptions, reader: str, inputs: di
 
 def _resolve_hf(cfg: DataConfig) -> dict[str, Any]:
     assert cfg.hf_name is not None  # DataConfig checks it
-    resolved = [hf_datasets.resolve(cfg.hf_name, cfg.hf_split, ReadOptions.from_config(cfg, kind))
-                for kind in cfg.row_kinds()]
-    return {**resolved[0], "label_names": {k: v for r in resolved for k, v in r["label_names"].items()}}
+    resolved = [
+        hf_datasets.resolve(cfg.hf_name, cfg.hf_split, ReadOptions.from_config(cfg, kind))
+        for kind in cfg.row_kinds()
+    ]
+    return {
+        **resolved[0],
+        "label_names": {k: v for r in resolved for k, v in r["label_names"].items()},
+    }
 
 
-def _hf_tasks(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+def _hf_tasks(
+    cfg: DataConfig, kind: str, inputs: dict[str, Any]
+) -> tuple[list[dict[str, str]], str]:
     return [{"path": f["path"], "partner": ""} for f in inputs["files"]], "hf"
 
 
@@ -205,14 +276,24 @@ def _read_hf(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data.Dat
 def sample_rows(kind: str, seed: int, n: int) -> pa.Table:
     """Raw rows of the built-in sample of one kind."""
     if kind == "documents":
-        rows = [{"text": d, "origin": f"sample:documents:{i}"} for i, d in enumerate(sample.sample_documents(seed, n))]
+        rows = [
+            {"text": d, "origin": f"sample:documents:{i}"}
+            for i, d in enumerate(sample.sample_documents(seed, n))
+        ]
     elif kind == "pairs":
-        rows = [{"src": s, "tgt": t, "origin": f"sample:pairs:{i}"}
-                for i, (s, t) in enumerate(sample.sample_pairs(seed, n))]
+        rows = [
+            {"src": s, "tgt": t, "origin": f"sample:pairs:{i}"}
+            for i, (s, t) in enumerate(sample.sample_pairs(seed, n))
+        ]
     else:
         labelled, names = sample.sample_labelled(seed, n)
-        rows = [{"text": t, "label": names[y], "origin": f"sample:labelled:{i}"} for i, (t, y) in enumerate(labelled)]
-    return pa.Table.from_pylist([{**r, "replaced": 0, "error": ""} for r in rows], schema=raw_schema(kind))
+        rows = [
+            {"text": t, "label": names[y], "origin": f"sample:labelled:{i}"}
+            for i, (t, y) in enumerate(labelled)
+        ]
+    return pa.Table.from_pylist(
+        [{**r, "replaced": 0, "error": ""} for r in rows], schema=raw_schema(kind)
+    )
 
 
 def _sample_task(batch: dict, kind: str) -> pa.Table:
@@ -220,14 +301,21 @@ def _sample_task(batch: dict, kind: str) -> pa.Table:
 
 
 def _resolve_sample(cfg: DataConfig) -> dict[str, Any]:
-    return {"source": "sample", "python": sys.version.split()[0], "num2words": metadata.version("num2words")}
+    return {
+        "source": "sample",
+        "python": sys.version.split()[0],
+        "num2words": metadata.version("num2words"),
+    }
 
 
 def _read_sample(cfg: DataConfig, kind: str, inputs: dict[str, Any]) -> ray.data.Dataset:
     # Generated inside a Ray task, so the three kinds are generated in parallel, not on the driver.
-    n = {"documents": cfg.sample_docs, "pairs": cfg.sample_pairs, "labelled": cfg.sample_labelled}[kind]
-    return ray.data.from_items([{"seed": cfg.seed, "n": n}]).map_batches(_sample_task, batch_size=1,
-                                                                         fn_kwargs={"kind": kind})
+    n = {"documents": cfg.sample_docs, "pairs": cfg.sample_pairs, "labelled": cfg.sample_labelled}[
+        kind
+    ]
+    return ray.data.from_items([{"seed": cfg.seed, "n": n}]).map_batches(
+        _sample_task, batch_size=1, fn_kwargs={"kind": kind}
+    )
 
 
 # One per name of data_pipeline.config.Source, supplying the row kinds config's SOURCE_KINDS lists.

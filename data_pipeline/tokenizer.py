@@ -18,7 +18,16 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 from data_pipeline.errors import DataError
 
@@ -32,9 +41,13 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=_MIN_PAIR_FREQUENCY,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -48,9 +61,13 @@ def _train_plain_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     # (add_prefix_space=False); every space is kept, so the decoder restores the text exactly.
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  limit_alphabet=vocab_size - len(SPECIAL_TOKENS))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=_MIN_PAIR_FREQUENCY,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        limit_alphabet=vocab_size - len(SPECIAL_TOKENS),
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -61,8 +78,12 @@ def _train_wordpiece(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=_MIN_PAIR_FREQUENCY,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=_MIN_PAIR_FREQUENCY,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -75,7 +96,9 @@ def _train_char(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     chars = sorted(counts, key=lambda c: (-counts[c], c))[: vocab_size - len(SPECIAL_TOKENS)]
     vocab = {**FIXED_SPECIAL_IDS, **{c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tok.pre_tokenizer = pre_tokenizers.Split(
+        Regex(r"[\s\S]"), behavior="isolated"
+    )  # every character
     tok.decoder = decoders.Fuse()  # concatenate, no spaces between characters
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
@@ -92,7 +115,9 @@ TOKENIZER_KINDS: dict[str, Callable[[Iterator[str], int], Tokenizer]] = {
 def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a tokenizer of `kind` on `texts`; special tokens get the fixed ids 0..6."""
     if kind not in TOKENIZER_KINDS:
-        raise DataError(f"tokenizer: unknown kind {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}")
+        raise DataError(
+            f"tokenizer: unknown kind {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}"
+        )
     tok = TOKENIZER_KINDS[kind](iter(texts), vocab_size)
     ids = special_token_ids(tok)
     if ids != FIXED_SPECIAL_IDS:  # the trainers put special tokens first; this guards that contract
@@ -108,11 +133,16 @@ def load_tokenizer(path: str | os.PathLike[str], key: str = "tokenizer_path") ->
     config key errors name."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name, loader in (("tokenizer.json", _from_file), ("vocab.txt", _load_wordpiece_vocab),
-                             ("vocab.json", _load_bpe_vocab)):
+        for name, loader in (
+            ("tokenizer.json", _from_file),
+            ("vocab.txt", _load_wordpiece_vocab),
+            ("vocab.json", _load_bpe_vocab),
+        ):
             if os.path.isfile(os.path.join(path, name)):
                 return _unpadded(_with_special_tokens(loader(os.path.join(path, name), key)))
-        raise DataError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory ({key})")
+        raise DataError(
+            f"{path}: no tokenizer.json, vocab.txt or vocab.json in this directory ({key})"
+        )
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file or directory ({key})")
     return _unpadded(_with_special_tokens(_from_file(path, key)))
@@ -123,7 +153,9 @@ def _from_file(path: str, key: str = "") -> Tokenizer:
         return Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         where = f" ({key})" if key else ""  # the config key, when a user named the file
-        raise DataError(f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]}){where}") from None
+        raise DataError(
+            f"{path}: not a tokenizers JSON file ({str(e).splitlines()[0]}){where}"
+        ) from None
 
 
 def _unpadded(tok: Tokenizer) -> Tokenizer:
@@ -175,7 +207,9 @@ def _with_special_tokens(tok: Tokenizer) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------- translation: source and target sides
-TARGET_TOKENIZER_FILE = "target_tokenizer.json"  # beside tokenizer.json when the target has its own vocabulary
+TARGET_TOKENIZER_FILE = (
+    "target_tokenizer.json"  # beside tokenizer.json when the target has its own vocabulary
+)
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
 
 
@@ -213,28 +247,42 @@ class TranslationTokenizers:
 def _special(tok: Tokenizer, token: str, side: str) -> int:
     token_id = tok.token_to_id(token)
     if token_id is None:
-        raise DataError(f"{side} tokenizer has no {token} token; Kiln tokenizers define {' '.join(SPECIAL_TOKENS)} "
-                        "(docs/design.md)")
+        raise DataError(
+            f"{side} tokenizer has no {token} token; Kiln tokenizers define {' '.join(SPECIAL_TOKENS)} "
+            "(docs/design.md)"
+        )
     return token_id
 
 
-def translation_tokenizers(source: Tokenizer, target: Tokenizer | None = None) -> TranslationTokenizers:
+def translation_tokenizers(
+    source: Tokenizer, target: Tokenizer | None = None
+) -> TranslationTokenizers:
     """The framing rules of docs/design.md ("Special tokens"), as data preparation and every reader apply them."""
     if target is None or target is source:
         pad, bos, eos = (_special(source, t, "the") for t in ("[PAD]", "[BOS]", "[EOS]"))
-        return TranslationTokenizers(source, source, SequenceSpecials(None, eos, pad), SequenceSpecials(bos, eos, pad))
+        return TranslationTokenizers(
+            source, source, SequenceSpecials(None, eos, pad), SequenceSpecials(bos, eos, pad)
+        )
     cls, sep, pad = (_special(source, t, "the source") for t in ("[CLS]", "[SEP]", "[PAD]"))
     eot = target.token_to_id(END_OF_TEXT)
     if eot is not None:
         tgt = SequenceSpecials(eot, eot, eot)
     else:
-        tgt = SequenceSpecials(*(_special(target, t, "the target") for t in ("[BOS]", "[EOS]", "[PAD]")))
+        tgt = SequenceSpecials(
+            *(_special(target, t, "the target") for t in ("[BOS]", "[EOS]", "[PAD]"))
+        )
     return TranslationTokenizers(source, target, SequenceSpecials(cls, sep, pad), tgt)
 
 
-def as_translation_tokenizers(tokenizers: Tokenizer | TranslationTokenizers) -> TranslationTokenizers:
+def as_translation_tokenizers(
+    tokenizers: Tokenizer | TranslationTokenizers,
+) -> TranslationTokenizers:
     """Callers holding one shared tokenizer may pass it as it is."""
-    return tokenizers if isinstance(tokenizers, TranslationTokenizers) else translation_tokenizers(tokenizers)
+    return (
+        tokenizers
+        if isinstance(tokenizers, TranslationTokenizers)
+        else translation_tokenizers(tokenizers)
+    )
 
 
 def load_translation_tokenizers(directory: str | os.PathLike[str]) -> TranslationTokenizers:
@@ -242,20 +290,35 @@ def load_translation_tokenizers(directory: str | os.PathLike[str]) -> Translatio
     source and, when present, `target_tokenizer.json` for the target; without it the source's serves both, so every
     checkpoint written before target tokenizers existed reads as it always did."""
     root = os.fspath(directory)
-    source_file, target_file = os.path.join(root, "tokenizer.json"), os.path.join(root, TARGET_TOKENIZER_FILE)
+    source_file, target_file = (
+        os.path.join(root, "tokenizer.json"),
+        os.path.join(root, TARGET_TOKENIZER_FILE),
+    )
     if not os.path.isfile(source_file):
-        raise DataError(f"{source_file}: missing; translation needs the tokenizer it was trained with")
+        raise DataError(
+            f"{source_file}: missing; translation needs the tokenizer it was trained with"
+        )
     source = _from_file(source_file)
-    return translation_tokenizers(source, _from_file(target_file) if os.path.isfile(target_file) else None)
+    return translation_tokenizers(
+        source, _from_file(target_file) if os.path.isfile(target_file) else None
+    )
 
 
 # ------------------------------------------------------------------------------------ batch encoding
 
-_CACHE: dict[int, Tokenizer] = {}  # per worker process: parse the tokenizer JSON once, not once per batch
+_CACHE: dict[
+    int, Tokenizer
+] = {}  # per worker process: parse the tokenizer JSON once, not once per batch
 
 
-def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bool, whole: bool,
-                   target_tokenizer_json: str | None = None) -> pa.Table:
+def tokenize_batch(
+    batch: pa.Table,
+    tokenizer_json: str,
+    kind: str,
+    segments: bool,
+    whole: bool,
+    target_tokenizer_json: str | None = None,
+) -> pa.Table:
     """Ray UDF: add token-id columns (no special tokens) to a cleaned batch of one row kind.
 
     documents: `segments` (one id list per line, for mlm_nsp) and/or `ids` (the whole text, for clm), and
@@ -264,12 +327,21 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bo
     column) get empty lists: their tokens would be thrown away.
     """
     tok = _cached(tokenizer_json)
-    keep = [not reason for reason in batch.column("drop").to_pylist()] if "drop" in batch.column_names else None
+    keep = (
+        [not reason for reason in batch.column("drop").to_pylist()]
+        if "drop" in batch.column_names
+        else None
+    )
     ids_type = pa.list_(pa.int32())
     if kind == "pairs":  # targets with the target tokenizer when there is one (a second vocabulary)
-        sides = (("src", tok), ("tgt", _cached(target_tokenizer_json) if target_tokenizer_json else tok))
+        sides = (
+            ("src", tok),
+            ("tgt", _cached(target_tokenizer_json) if target_tokenizer_json else tok),
+        )
         for name, side_tok in sides:
-            batch = batch.append_column(f"{name}_ids", pa.array(_encode(side_tok, _texts(batch, name, keep)), ids_type))
+            batch = batch.append_column(
+                f"{name}_ids", pa.array(_encode(side_tok, _texts(batch, name, keep)), ids_type)
+            )
         return batch
     texts = _texts(batch, "text", keep)
     if kind == "documents" and segments:
@@ -279,7 +351,7 @@ def tokenize_batch(batch: pa.Table, tokenizer_json: str, kind: str, segments: bo
         flat = _encode(tok, [" " + line for doc in lines for line in doc])
         grouped, start = [], 0
         for doc in lines:
-            grouped.append(flat[start: start + len(doc)])
+            grouped.append(flat[start : start + len(doc)])
             start += len(doc)
         batch = batch.append_column("segments", pa.array(grouped, pa.list_(ids_type)))
     if kind != "documents" or whole:

@@ -46,8 +46,9 @@ class Seq2SeqDecoder(Protocol):
         """(B,S) ids and mask -> memory: (B,S,C), or a tuple of tensors each with the batch in dim 0."""
         ...
 
-    def decode_step(self, tgt_ids: Tensor, memory: Memory, src_mask: Tensor,
-                    cache: Any | None) -> tuple[Tensor, Any]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Memory, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         """(N,t) new target ids -> (logits of the last position (N,V), cache including the new ids)."""
         ...
 
@@ -88,13 +89,16 @@ LENGTH_PENALTIES: dict[str, Callable[[int, float], float]] = {
 def normalised_score(logprob: float, length: int, length_penalty: str, alpha: float) -> float:
     """Length-normalised score of a hypothesis of `length` generated tokens (EOS included)."""
     if length_penalty not in LENGTH_PENALTIES:
-        raise ValueError(f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}")
+        raise ValueError(
+            f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}"
+        )
     return logprob / LENGTH_PENALTIES[length_penalty](length, alpha)
 
 
 @torch.no_grad()
-def greedy_decode(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id: int, eos_id: int,
-                  max_len: int) -> list[list[int]]:
+def greedy_decode(
+    model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, max_len: int
+) -> list[list[int]]:
     """Argmax decoding with the KV cache; returns per source the generated ids without [BOS]/[EOS]."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -141,11 +145,18 @@ def _check_beam_args(beam_size: int, n_best: int, max_len: int, length_penalty: 
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if length_penalty not in LENGTH_PENALTIES:
-        raise ValueError(f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}")
+        raise ValueError(
+            f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}"
+        )
 
 
-def _best_possible(best_alive: float, length: int, max_len: int, penalty: Callable[[int, float], float],
-                   alpha: float) -> float:
+def _best_possible(
+    best_alive: float,
+    length: int,
+    max_len: int,
+    penalty: Callable[[int, float], float],
+    alpha: float,
+) -> float:
     """Upper bound on the final score of an alive beam of `length` tokens with summed log-prob `best_alive`.
 
     Log-probs only fall as tokens are added, so the final logprob is <= best_alive (<= 0) and the final length
@@ -157,8 +168,18 @@ def _best_possible(best_alive: float, length: int, max_len: int, penalty: Callab
     return max(best_alive / penalty(n, alpha) for n in ends)
 
 
-def _finalise(beams: _Beams, finished: list[list[Hypothesis]], top_lp: Tensor, beam_idx: Tensor, top_tok: Tensor,
-              step: int, eos_id: int, last: bool, penalty: Callable[[int, float], float], alpha: float) -> None:
+def _finalise(
+    beams: _Beams,
+    finished: list[list[Hypothesis]],
+    top_lp: Tensor,
+    beam_idx: Tensor,
+    top_tok: Tensor,
+    step: int,
+    eos_id: int,
+    last: bool,
+    penalty: Callable[[int, float], float],
+    alpha: float,
+) -> None:
     """Move candidates among each source's top K that end in EOS (or every top-K one at max_len) to `finished`."""
     n, k = beams.logprob.shape
     length = step + 1
@@ -180,8 +201,9 @@ def _is_done(hyps: list[Hypothesis], n_best: int, bound: float) -> bool:
     return kth >= bound
 
 
-def _advance(model: Seq2SeqDecoder, beams: _Beams, inp: Tensor,
-             first: tuple[Memory, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+def _advance(
+    model: Seq2SeqDecoder, beams: _Beams, inp: Tensor, first: tuple[Memory, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Score every one-token extension; return the top 2K candidates per source (logprob, beam, token).
 
     `first` (the unexpanded memory and mask) marks the first step: the K beams of a source are still identical
@@ -203,14 +225,18 @@ def _advance(model: Seq2SeqDecoder, beams: _Beams, inp: Tensor,
     return top_lp, top_idx // vocab, top_idx % vocab
 
 
-def _select_alive(beams: _Beams, top_lp: Tensor, beam_idx: Tensor, top_tok: Tensor, eos_id: int) -> Tensor:
+def _select_alive(
+    beams: _Beams, top_lp: Tensor, beam_idx: Tensor, top_tok: Tensor, eos_id: int
+) -> Tensor:
     """Keep the K best candidates not ending in EOS; update tokens/logprob; return the cache row index."""
     n, k = beams.logprob.shape
     masked = top_lp.masked_fill(top_tok == eos_id, -math.inf)
     keep_lp, pos = masked.topk(k, dim=-1)  # (N, K); topk keeps the candidates' order, best first
     src_beam = beam_idx.gather(1, pos)  # (N, K)
     new_tok = top_tok.gather(1, pos)  # (N, K)
-    rows = (torch.arange(n).unsqueeze(1) * k + src_beam).view(-1)  # (N*K,) rows of the previous step
+    rows = (torch.arange(n).unsqueeze(1) * k + src_beam).view(
+        -1
+    )  # (N*K,) rows of the previous step
     beams.tokens = torch.cat([beams.tokens[rows], new_tok.view(-1, 1)], dim=1)  # (N*K, t+1)
     beams.logprob = keep_lp
     return rows
@@ -236,7 +262,9 @@ def _init_beams(memory: Memory, src_mask: Tensor, beam_size: int) -> _Beams:
     batch = src_mask.size(0)
     rows = torch.arange(batch, device=src_mask.device).repeat_interleave(beam_size)  # (B*K,)
     logprob = torch.full((batch, beam_size), -math.inf)
-    logprob[:, 0] = 0.0  # all K beams start identical: expand only the first so the K survivors differ
+    logprob[:, 0] = (
+        0.0  # all K beams start identical: expand only the first so the K survivors differ
+    )
     return _Beams(
         src_index=list(range(batch)),
         tokens=torch.zeros(batch * beam_size, 0, dtype=torch.long),
@@ -248,9 +276,18 @@ def _init_beams(memory: Memory, src_mask: Tensor, beam_size: int) -> _Beams:
 
 
 @torch.no_grad()
-def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, max_len: int,
-                beam_size: int = 5, length_penalty: str = "gnmt", alpha: float = 1.0,
-                n_best: int = 1) -> list[list[Hypothesis]]:
+def beam_search(
+    model: Seq2SeqDecoder,
+    src_ids: Tensor,
+    src_mask: Tensor,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    beam_size: int = 5,
+    length_penalty: str = "gnmt",
+    alpha: float = 1.0,
+    n_best: int = 1,
+) -> list[list[Hypothesis]]:
     """Batched beam search; per source the n_best finished hypotheses, best (highest score) first.
 
     A candidate ending in EOS that ranks among its source's top K leaves the beam as a finished hypothesis;
@@ -263,17 +300,24 @@ def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id
     memory = model.encode(src_ids, src_mask)
     beams = _init_beams(memory, src_mask, beam_size)
     finished: list[list[Hypothesis]] = [[] for _ in range(src_ids.size(0))]
-    inp = torch.full((src_ids.size(0) * beam_size, 1), bos_id, dtype=torch.long, device=src_ids.device)
+    inp = torch.full(
+        (src_ids.size(0) * beam_size, 1), bos_id, dtype=torch.long, device=src_ids.device
+    )
     for step in range(max_len):
-        top_lp, beam_idx, top_tok = _advance(model, beams, inp, (memory, src_mask) if step == 0 else None)
+        top_lp, beam_idx, top_tok = _advance(
+            model, beams, inp, (memory, src_mask) if step == 0 else None
+        )
         last = step == max_len - 1
         _finalise(beams, finished, top_lp, beam_idx, top_tok, step, eos_id, last, penalty, alpha)
         if last:
             break
         rows = _select_alive(beams, top_lp, beam_idx, top_tok, eos_id)
         done = [
-            _is_done(finished[src], n_best, _best_possible(float(beams.logprob[i, 0]), step + 1, max_len, penalty,
-                                                           alpha))
+            _is_done(
+                finished[src],
+                n_best,
+                _best_possible(float(beams.logprob[i, 0]), step + 1, max_len, penalty, alpha),
+            )
             for i, src in enumerate(beams.src_index)
         ]
         rows = _drop_done(beams, rows, done)
@@ -290,7 +334,9 @@ def beam_search(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
     """ValueError naming the first bad sampling setting (the CLI checks flags with it before loading a model)."""
     if temperature < 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
     if not 0.0 < top_p <= 1.0:
@@ -307,7 +353,9 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     check_sampling_args(1.0, top_k, top_p)
     out = logits
     if 0 < top_k < logits.size(-1):
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(
+            -1, logits.topk(top_k, dim=-1).indices, True
+        )
         out = out.masked_fill(~keep, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = out.sort(dim=-1, descending=True)  # (N,V)
@@ -321,21 +369,33 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return out
 
 
-def _pick(logits: Tensor, temperature: float, top_k: int, top_p: float,
-          generator: torch.Generator | None) -> Tensor:
+def _pick(
+    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> Tensor:
     """(N,V) logits -> (N,) next ids: argmax at temperature 0, else a draw from the filtered, tempered softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
     if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)  # a CPU generator draws for a GPU model (and the reverse)
+        probs = probs.to(
+            generator.device
+        )  # a CPU generator draws for a GPU model (and the reverse)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
 @torch.no_grad()
-def sample_decode(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_id: int, eos_id: int, max_len: int,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> list[list[int]]:
+def sample_decode(
+    model: Seq2SeqDecoder,
+    src_ids: Tensor,
+    src_mask: Tensor,
+    bos_id: int,
+    eos_id: int,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Ancestral sampling with the cache; per source the generated ids without [BOS]/[EOS].
 
     Each step draws from softmax(filter_logits(logits / temperature, top_k, top_p)). temperature=0 means greedy
@@ -361,14 +421,23 @@ def sample_decode(model: Seq2SeqDecoder, src_ids: Tensor, src_mask: Tensor, bos_
                     out[b].append(tok)
         if all(done):
             break
-        inp = nxt.unsqueeze(1)  # (B,1); finished rows keep going, their output frozen (as greedy_decode)
+        inp = nxt.unsqueeze(
+            1
+        )  # (B,1); finished rows keep going, their output frozen (as greedy_decode)
     return out
 
 
 @torch.no_grad()
-def generate_lm(model: GPTLMHeadModel, prompt_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
-                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> list[list[int]]:
+def generate_lm(
+    model: GPTLMHeadModel,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """Continue (B,T) prompts with a decoder-only `GPTLMHeadModel` and its KV cache; per row the new ids.
 
     Rows share one length T (GPT has no attention mask: left padding would be attended to). A row stops at
@@ -378,12 +447,16 @@ def generate_lm(model: GPTLMHeadModel, prompt_ids: Tensor, max_new_tokens: int, 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if prompt_ids.dim() != 2 or prompt_ids.size(1) < 1:
-        raise ValueError(f"prompt_ids must be (B,T) with T >= 1, got shape {tuple(prompt_ids.shape)}")
+        raise ValueError(
+            f"prompt_ids must be (B,T) with T >= 1, got shape {tuple(prompt_ids.shape)}"
+        )
     positions = model.config.n_positions
     # the last new token is never fed back, so T + max_new_tokens - 1 positions are used
     if prompt_ids.size(1) + max_new_tokens - 1 > positions:
-        raise ValueError(f"prompt length {prompt_ids.size(1)} + max_new_tokens {max_new_tokens} - 1 exceeds the "
-                         f"model's n_positions={positions}")
+        raise ValueError(
+            f"prompt length {prompt_ids.size(1)} + max_new_tokens {max_new_tokens} - 1 exceeds the "
+            f"model's n_positions={positions}"
+        )
     out: list[list[int]] = [[] for _ in range(prompt_ids.size(0))]
     done = [False] * prompt_ids.size(0)
     inp, cache = prompt_ids, None

@@ -20,7 +20,9 @@ from torch import Tensor
 
 def _check_pairs(hyps: Sequence[str], refs: Sequence[str]) -> None:
     if len(hyps) != len(refs):
-        raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} references; they must be line-aligned")
+        raise ValueError(
+            f"got {len(hyps)} hypotheses but {len(refs)} references; they must be line-aligned"
+        )
     if not hyps:
         raise ValueError("cannot score an empty list of hypotheses")
 
@@ -45,8 +47,9 @@ def copy_source_bleu(srcs: Sequence[str], refs: Sequence[str]) -> float:
     return bleu(srcs, refs)
 
 
-def _as_label_tensors(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor,
-                      num_classes: int | None) -> tuple[Tensor, Tensor, int]:
+def _as_label_tensors(
+    preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None
+) -> tuple[Tensor, Tensor, int]:
     p = torch.as_tensor(preds, dtype=torch.long).flatten()
     t = torch.as_tensor(labels, dtype=torch.long).flatten()
     if p.numel() != t.numel():
@@ -63,7 +66,9 @@ def _as_label_tensors(preds: Sequence[int] | Tensor, labels: Sequence[int] | Ten
     return p, t, max(n, 2)
 
 
-def accuracy(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
+def accuracy(
+    preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None
+) -> float:
     """Fraction of predictions equal to the label (micro accuracy)."""
     from torchmetrics.functional.classification import multiclass_accuracy
 
@@ -71,7 +76,9 @@ def accuracy(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_
     return float(multiclass_accuracy(p, t, num_classes=n, average="micro"))
 
 
-def macro_f1(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
+def macro_f1(
+    preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None
+) -> float:
     """Unweighted mean of per-class F1 over the classes that occur in labels or predictions."""
     from torchmetrics.functional.classification import multiclass_f1_score
 
@@ -82,7 +89,9 @@ def macro_f1(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_
     return float(per_class[present].mean())
 
 
-def mcc(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None) -> float:
+def mcc(
+    preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None
+) -> float:
     """Matthews correlation coefficient (multi-class form, Gorodkin 2004); 0 for a constant predictor."""
     from torchmetrics.functional.classification import multiclass_matthews_corrcoef
 
@@ -111,8 +120,9 @@ def majority_class_accuracy(train_labels: Sequence[int], test_labels: Sequence[i
     return sum(int(x) == top for x in test_labels) / len(test_labels)
 
 
-def classification_report(preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor,
-                          num_classes: int | None = None) -> dict[str, float]:
+def classification_report(
+    preds: Sequence[int] | Tensor, labels: Sequence[int] | Tensor, num_classes: int | None = None
+) -> dict[str, float]:
     """accuracy, macro_f1 and mcc in one dict (the keys the fine-tuning report prints)."""
     return {
         "accuracy": accuracy(preds, labels, num_classes),
@@ -122,7 +132,9 @@ def classification_report(preds: Sequence[int] | Tensor, labels: Sequence[int] |
 
 
 @torch.no_grad()
-def predict_labels(model: torch.nn.Module, batches: Iterable[dict[str, Tensor]]) -> tuple[list[int], list[int]]:
+def predict_labels(
+    model: torch.nn.Module, batches: Iterable[dict[str, Tensor]]
+) -> tuple[list[int], list[int]]:
     """Argmax predictions and gold labels over classification batches (docs/design.md batch format).
 
     The model is called as `model(input_ids, attention_mask)` in eval mode, then returned to its previous mode.
@@ -134,7 +146,9 @@ def predict_labels(model: torch.nn.Module, batches: Iterable[dict[str, Tensor]])
     model.eval()
     try:
         for batch in batches:
-            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (B, num_labels)
+            logits = model(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            )  # (B, num_labels)
             preds += logits.argmax(dim=-1).tolist()
             gold += batch["labels"].tolist()
     finally:

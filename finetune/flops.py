@@ -77,18 +77,24 @@ class _Forward:
 
     def training(self, b: BatchShape) -> float:
         trained = self.src * b.src_tokens + self.tgt * b.tgt_tokens + self.seq * b.sequences
-        untrained = self.forward_only * b.src_tokens + (self.frozen - self.no_grad_state) * b.sequences
+        untrained = (
+            self.forward_only * b.src_tokens + (self.frozen - self.no_grad_state) * b.sequences
+        )
         return TRAIN_MULTIPLIER * trained + untrained
 
 
 def _cross_decoder(d: int, ff: int, layers: int, vocab: int, b: BatchShape) -> _Forward:
     """A Transformer decoder with cross-attention and an output projection: (per source token, per target token)."""
-    tgt = layers * (transformer_layer_flops(d, ff, b.tgt_len) + 2.0 * 2 * d * d + 4.0 * b.src_len * d)
+    tgt = layers * (
+        transformer_layer_flops(d, ff, b.tgt_len) + 2.0 * 2 * d * d + 4.0 * b.src_len * d
+    )
     return _Forward(src=layers * 2.0 * 2 * d * d, tgt=tgt + 2.0 * d * vocab)
 
 
 def _bert_per_token(cfg: BertConfig, seq_len: int) -> float:
-    return cfg.num_hidden_layers * transformer_layer_flops(cfg.hidden_size, cfg.intermediate_size, seq_len)
+    return cfg.num_hidden_layers * transformer_layer_flops(
+        cfg.hidden_size, cfg.intermediate_size, seq_len
+    )
 
 
 def transformer_flops(cfg: TransformerConfig, b: BatchShape) -> float:
@@ -139,16 +145,25 @@ def lstm_seq2seq_flops(cfg: RNNSeq2SeqConfig, b: BatchShape) -> float:
     H, E, L = cfg.hidden_size, cfg.embedding_dim, cfg.num_layers
     D = 2 if cfg.bidirectional else 1
     attention = cfg.attention is not None
-    proj = 2.0 * 2 * H * H if D == 2 else 0.0  # encoder states to the decoder's width: only attention reads them
+    proj = (
+        2.0 * 2 * H * H if D == 2 else 0.0
+    )  # encoder states to the decoder's width: only attention reads them
     src = _lstm_stack(E, H, L, D) + (proj if attention else 0.0)
     seq = 2 * L * 2.0 * 2 * H * H if D == 2 else 0.0  # bridges of h and c, per layer
-    dec_input = E + H if attention else E  # attention decoders feed the context (or h~) into the LSTM
+    dec_input = (
+        E + H if attention else E
+    )  # attention decoders feed the context (or h~) into the LSTM
     tgt = _lstm_layer(dec_input, H) + (L - 1) * _lstm_layer(H, H) + 2.0 * H * cfg.vocab_size
     if attention:
         per_src, per_tgt = _lstm_attention(cfg, b.src_len)
         src, tgt = src + per_src, tgt + per_tgt
-    return _Forward(src=src, tgt=tgt, seq=seq, forward_only=0.0 if attention else proj,
-                    no_grad_state=_zero_state(H, L, D)).training(b)
+    return _Forward(
+        src=src,
+        tgt=tgt,
+        seq=seq,
+        forward_only=0.0 if attention else proj,
+        no_grad_state=_zero_state(H, L, D),
+    ).training(b)
 
 
 def convs2s_flops(cfg: ConvS2SConfig, b: BatchShape) -> float:
@@ -179,8 +194,9 @@ def lstm_classifier_flops(cfg: LSTMClassifierConfig, b: BatchShape) -> float:
     """LSTMClassifier: biLSTM, max + mean pooling, a linear head (finetune/models/classifier.py)."""
     H = cfg.hidden_size
     body = _lstm_stack(cfg.embedding_dim, H, cfg.num_layers, 2)
-    return _Forward(src=body, seq=2.0 * 4 * H * cfg.num_labels,
-                    no_grad_state=_zero_state(H, cfg.num_layers, 2)).training(b)
+    return _Forward(
+        src=body, seq=2.0 * 4 * H * cfg.num_labels, no_grad_state=_zero_state(H, cfg.num_layers, 2)
+    ).training(b)
 
 
 # arch -> the count for its config; every translation and classification architecture of the

@@ -45,7 +45,14 @@ from data_pipeline.errors import DataError
 from data_pipeline.readers import iter_lines
 from data_pipeline.sample import sample_documents
 from data_pipeline.tokenizer import load_tokenizer, special_token_ids
-from finetune.models.char_rnn import CharRNNConfig, CharRNNLM, CharVocab, State, detach_state, sample_text
+from finetune.models.char_rnn import (
+    CharRNNConfig,
+    CharRNNLM,
+    CharVocab,
+    State,
+    detach_state,
+    sample_text,
+)
 from finetune.models.ngram import UNITS, NGramLM
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -59,7 +66,9 @@ class LMBaselineJob:
     """One baseline run. Text comes from train/valid/test paths, or from one file cut into contiguous train /
     valid / test line ranges (`split_path`), or by default from the built-in sample's documents (no files)."""
 
-    model: str = "ngram"  # ngram | char_lstm | gpt (scores valid/test with `gpt_checkpoint`; trains nothing)
+    model: str = (
+        "ngram"  # ngram | char_lstm | gpt (scores valid/test with `gpt_checkpoint`; trains nothing)
+    )
     train_path: str | None = field(default=None, metadata={"path": "path"})
     valid_path: str | None = field(default=None, metadata={"path": "path"})
     test_path: str | None = field(default=None, metadata={"path": "path"})
@@ -82,7 +91,9 @@ class LMBaselineJob:
     grad_clip: float = 1.0
     log_every: int = 50
     eval_every: int = 250
-    eval_chars: int = 20000  # validation characters scored for the loss curve (the final scores use all)
+    eval_chars: int = (
+        20000  # validation characters scored for the loss curve (the final scores use all)
+    )
     sample_chars: int = 400
     sample_prompt: str = "\n"
     temperature: float = 0.8
@@ -94,30 +105,55 @@ class LMBaselineJob:
     # GPT
     gpt_checkpoint: str | None = field(default=None, metadata={"path": "checkpoint"})
     gpt_window: int | None = None  # None: the model's n_positions
-    gpt_stride: int | None = None  # None: half the window, so every scored token sees >= window/2 context
+    gpt_stride: int | None = (
+        None  # None: half the window, so every scored token sees >= window/2 context
+    )
     seed: int = 0
     save_model: bool = True
     out_dir: str = field(default="runs/lm-baseline", metadata={"path": "path"})
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
-            raise ValueError(f"'model': unknown baseline '{self.model}' (choose from {', '.join(MODELS)})")
+            raise ValueError(
+                f"'model': unknown baseline '{self.model}' (choose from {', '.join(MODELS)})"
+            )
         if self.ngram_unit not in UNITS:
-            raise ValueError(f"'ngram_unit' must be one of {', '.join(UNITS)}, got '{self.ngram_unit}'")
+            raise ValueError(
+                f"'ngram_unit' must be one of {', '.join(UNITS)}, got '{self.ngram_unit}'"
+            )
         given = [p is not None for p in (self.train_path, self.valid_path, self.test_path)]
         if any(given) and not all(given):
-            raise ValueError("'train_path', 'valid_path' and 'test_path' go together: give all three or none")
+            raise ValueError(
+                "'train_path', 'valid_path' and 'test_path' go together: give all three or none"
+            )
         if all(given) and self.split_path is not None:
-            raise ValueError("give either 'split_path' or 'train_path'/'valid_path'/'test_path', not both")
-        if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1
-                and self.valid_fraction + self.test_fraction < 1):
-            raise ValueError("'valid_fraction' and 'test_fraction' must be in (0, 1) and sum to less than 1")
-        for key in ("ngram_order", "ngram_min_count", "steps", "batch_size", "seq_len", "log_every", "eval_every",
-                    "eval_chars"):
+            raise ValueError(
+                "give either 'split_path' or 'train_path'/'valid_path'/'test_path', not both"
+            )
+        if not (
+            0 < self.valid_fraction < 1
+            and 0 < self.test_fraction < 1
+            and self.valid_fraction + self.test_fraction < 1
+        ):
+            raise ValueError(
+                "'valid_fraction' and 'test_fraction' must be in (0, 1) and sum to less than 1"
+            )
+        for key in (
+            "ngram_order",
+            "ngram_min_count",
+            "steps",
+            "batch_size",
+            "seq_len",
+            "log_every",
+            "eval_every",
+            "eval_chars",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"'{key}' must be at least 1, got {getattr(self, key)}")
         if self.threads < 0 or self.time_limit_s < 0 or not self.lr > 0 or not self.grad_clip > 0:
-            raise ValueError("need 'threads' >= 0, 'time_limit_s' >= 0, 'lr' > 0 and 'grad_clip' > 0")
+            raise ValueError(
+                "need 'threads' >= 0, 'time_limit_s' >= 0, 'lr' > 0 and 'grad_clip' > 0"
+            )
         if self.model == "gpt" and not self.gpt_checkpoint:
             raise ValueError("model 'gpt' needs 'gpt_checkpoint' (a Kiln GPT checkpoint directory)")
 
@@ -131,8 +167,11 @@ def read_text_lines(path: str | Path) -> list[str]:
 
 def text_stats(lines: list[str]) -> dict[str, int]:
     """Lines, words (whitespace tokens) and characters (each line's plus its newline) of a text."""
-    return {"lines": len(lines), "words": sum(len(line.split()) for line in lines),
-            "chars": sum(len(line) + 1 for line in lines)}
+    return {
+        "lines": len(lines),
+        "words": sum(len(line.split()) for line in lines),
+        "chars": sum(len(line) + 1 for line in lines),
+    }
 
 
 def perplexities(nll: float, units: int, lines: list[str]) -> dict[str, float | int]:
@@ -140,18 +179,32 @@ def perplexities(nll: float, units: int, lines: list[str]) -> dict[str, float | 
     stats = text_stats(lines)
     if units < 1 or stats["words"] < 1:
         raise ValueError("perplexities: the text has no predicted units or no words")
-    return {"nll": nll, "units": units, **stats, "nll_per_unit": nll / units, "ppl_unit": math.exp(nll / units),
-            "ppl_word": math.exp(nll / stats["words"]), "ppl_char": math.exp(nll / stats["chars"]),
-            "bits_per_char": nll / stats["chars"] / math.log(2)}
+    return {
+        "nll": nll,
+        "units": units,
+        **stats,
+        "nll_per_unit": nll / units,
+        "ppl_unit": math.exp(nll / units),
+        "ppl_word": math.exp(nll / stats["words"]),
+        "ppl_char": math.exp(nll / stats["chars"]),
+        "bits_per_char": nll / stats["chars"] / math.log(2),
+    }
 
 
-def _contiguous_split(items: list, valid_fraction: float, test_fraction: float, where: str) -> dict[str, list]:
+def _contiguous_split(
+    items: list, valid_fraction: float, test_fraction: float, where: str
+) -> dict[str, list]:
     n = len(items)
     n_valid, n_test = max(1, round(n * valid_fraction)), max(1, round(n * test_fraction))
     if n - n_valid - n_test < 1:
-        raise DataError(f"{where}: {n} non-blank lines/documents are too few for a train/valid/test split")
-    return {"train": items[:n - n_valid - n_test], "valid": items[n - n_valid - n_test:n - n_test],
-            "test": items[n - n_test:]}
+        raise DataError(
+            f"{where}: {n} non-blank lines/documents are too few for a train/valid/test split"
+        )
+    return {
+        "train": items[: n - n_valid - n_test],
+        "valid": items[n - n_valid - n_test : n - n_test],
+        "test": items[n - n_test :],
+    }
 
 
 def load_texts(job: LMBaselineJob) -> dict[str, list[str]]:
@@ -160,11 +213,17 @@ def load_texts(job: LMBaselineJob) -> dict[str, list[str]]:
     if all(p is not None for p in paths):
         return {split: read_text_lines(p) for split, p in zip(SPLITS, paths, strict=True)}  # type: ignore[arg-type]
     if job.split_path is not None:
-        return _contiguous_split(read_text_lines(job.split_path), job.valid_fraction, job.test_fraction,
-                                 job.split_path)
-    docs = sample_documents(job.sample_seed, job.sample_docs)  # seed-shuffled: a contiguous cut is a random one
+        return _contiguous_split(
+            read_text_lines(job.split_path), job.valid_fraction, job.test_fraction, job.split_path
+        )
+    docs = sample_documents(
+        job.sample_seed, job.sample_docs
+    )  # seed-shuffled: a contiguous cut is a random one
     parts = _contiguous_split(docs, job.valid_fraction, job.test_fraction, "the built-in sample")
-    return {name: [s.strip() for d in part for s in d.split("\n") if s.strip()] for name, part in parts.items()}
+    return {
+        name: [s.strip() for d in part for s in d.split("\n") if s.strip()]
+        for name, part in parts.items()
+    }
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
@@ -173,27 +232,38 @@ def format_summary(metrics: dict[str, Any]) -> str:
     for split in ("valid", "test"):
         m = metrics.get(split)
         if m:
-            out.append(f"[{metrics['model']}] {split}: {m['ppl_word']:.2f} ppl/word, {m['ppl_char']:.4f} ppl/char "
-                       f"({m['bits_per_char']:.4f} bits/char), {m['ppl_unit']:.3f} ppl per {metrics['unit']} "
-                       f"over {m['words']:,} words")
+            out.append(
+                f"[{metrics['model']}] {split}: {m['ppl_word']:.2f} ppl/word, {m['ppl_char']:.4f} ppl/char "
+                f"({m['bits_per_char']:.4f} bits/char), {m['ppl_unit']:.3f} ppl per {metrics['unit']} "
+                f"over {m['words']:,} words"
+            )
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------- the runner
-def run_lm_baseline(job: LMBaselineJob, out_dir: str | Path | None = None, log: Log | None = None) -> dict:
+def run_lm_baseline(
+    job: LMBaselineJob, out_dir: str | Path | None = None, log: Log | None = None
+) -> dict:
     """Train (or, for "gpt", only load) the baseline, score valid and test, write metrics.json (and, for the
     character RNN, loss_curve.png, samples.txt, the checkpoint); returns the metrics."""
     out = Path(out_dir if out_dir is not None else job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = log or (lambda msg: print(f"[lm-baseline] {msg}", flush=True))
     texts = load_texts(job)
-    log(f"{job.model}: " + ", ".join(f"{k} {text_stats(v)['words']:,} words" for k, v in texts.items()))
+    log(
+        f"{job.model}: "
+        + ", ".join(f"{k} {text_stats(v)['words']:,} words" for k, v in texts.items())
+    )
     runner = {"ngram": _run_ngram, "char_lstm": _run_char_rnn, "gpt": _run_gpt}[job.model]
     threads = torch.get_num_threads()
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     try:
-        metrics = {"model": job.model, "job": dataclasses.asdict(job), **runner(job, texts, out, log)}
+        metrics = {
+            "model": job.model,
+            "job": dataclasses.asdict(job),
+            **runner(job, texts, out, log),
+        }
     finally:
         torch.set_num_threads(threads)
     metrics["train"] = {**text_stats(texts["train"]), **metrics.get("train", {})}
@@ -206,13 +276,22 @@ def _run_ngram(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, log: 
     start = time.perf_counter()
     lm = NGramLM(job.ngram_order, job.ngram_unit, job.ngram_min_count).fit(texts["train"])
     fit_s = time.perf_counter() - start
-    log(f"fitted order-{lm.order} {lm.unit} KN model in {fit_s:.1f} s (vocabulary {lm.vocab_size:,})")
-    result: dict[str, Any] = {"unit": f"{lm.unit} (+ </s> per line)", "vocab_size": lm.vocab_size,
-                              "discounts": lm.discounts, "train": {"seconds": fit_s}}
+    log(
+        f"fitted order-{lm.order} {lm.unit} KN model in {fit_s:.1f} s (vocabulary {lm.vocab_size:,})"
+    )
+    result: dict[str, Any] = {
+        "unit": f"{lm.unit} (+ </s> per line)",
+        "vocab_size": lm.vocab_size,
+        "discounts": lm.discounts,
+        "train": {"seconds": fit_s},
+    }
     for split in ("valid", "test"):
         start = time.perf_counter()
-        result[split] = {**perplexities(*lm.score_lines(texts[split]), texts[split]),
-                         "oov_units": lm.count_oov(texts[split]), "seconds": time.perf_counter() - start}
+        result[split] = {
+            **perplexities(*lm.score_lines(texts[split]), texts[split]),
+            "oov_units": lm.count_oov(texts[split]),
+            "seconds": time.perf_counter() - start,
+        }
     if job.save_model:
         lm.save(out / "ngram.json")
     return result
@@ -221,14 +300,22 @@ def _run_ngram(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, log: 
 def _run_gpt(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, log: Log) -> dict:
     result: dict[str, Any] = {"unit": "token (+ [EOS] per line)", "checkpoint": job.gpt_checkpoint}
     for split in ("valid", "test"):
-        result[split] = gpt_lines_perplexity(Path(job.gpt_checkpoint), texts[split], window=job.gpt_window,  # type: ignore[arg-type]
-                                             stride=job.gpt_stride, device=job.device, log=log)
+        result[split] = gpt_lines_perplexity(
+            Path(job.gpt_checkpoint),
+            texts[split],
+            window=job.gpt_window,  # type: ignore[arg-type]
+            stride=job.gpt_stride,
+            device=job.device,
+            log=log,
+        )
     return result
 
 
 # ---------------------------------------------------------------------------------------- character RNN
 def _run_char_rnn(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, log: Log) -> dict:
-    joined = {k: "\n" + "\n".join(v) + "\n" for k, v in texts.items()}  # a leading "\n": the first char's context
+    joined = {
+        k: "\n" + "\n".join(v) + "\n" for k, v in texts.items()
+    }  # a leading "\n": the first char's context
     vocab = CharVocab.from_text(joined["train"])
     config = dataclasses.replace(job.char_model, vocab_size=len(vocab))
     torch.manual_seed(job.seed)
@@ -237,33 +324,57 @@ def _run_char_rnn(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, lo
     start = time.perf_counter()
     curve = _train_char_rnn(job, model, ids["train"], ids["valid"][: job.eval_chars + 1], log)
     train_s = time.perf_counter() - start
-    result: dict[str, Any] = {"unit": "char", "vocab_size": len(vocab), "char_model": dataclasses.asdict(config),
-                              "parameters": sum(p.numel() for p in model.parameters()),
-                              "train": {"seconds": train_s, "steps": len(curve["train"])}}
+    result: dict[str, Any] = {
+        "unit": "char",
+        "vocab_size": len(vocab),
+        "char_model": dataclasses.asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train": {"seconds": train_s, "steps": len(curve["train"])},
+    }
     for split in ("valid", "test"):
         nll, n = stream_nll(model, ids[split].to(job.device))
         result[split] = perplexities(nll, n, texts[split])
-    _plot_curve(curve, out / "loss_curve.png", f"char {config.cell.upper()} {config.layers}x{config.hidden}")
+    _plot_curve(
+        curve, out / "loss_curve.png", f"char {config.cell.upper()} {config.layers}x{config.hidden}"
+    )
     gen = torch.Generator().manual_seed(job.seed)
-    samples = [sample_text(model, vocab, job.sample_prompt, job.sample_chars, temperature=job.temperature,
-                           top_k=job.top_k, generator=gen) for _ in range(3)]
+    samples = [
+        sample_text(
+            model,
+            vocab,
+            job.sample_prompt,
+            job.sample_chars,
+            temperature=job.temperature,
+            top_k=job.top_k,
+            generator=gen,
+        )
+        for _ in range(3)
+    ]
     (out / "samples.txt").write_text("\n\n=====\n\n".join(samples) + "\n", encoding="utf-8")
     if job.save_model:
         vocab.save(out / "char_vocab.json")
-        save_checkpoint(out / "checkpoint", model, config, job_config=dataclasses.asdict(job), overwrite=True)
+        save_checkpoint(
+            out / "checkpoint", model, config, job_config=dataclasses.asdict(job), overwrite=True
+        )
     return result
 
 
-def _train_char_rnn(job: LMBaselineJob, model: CharRNNLM, train: Tensor, valid: Tensor, log: Log) -> dict:
+def _train_char_rnn(
+    job: LMBaselineJob, model: CharRNNLM, train: Tensor, valid: Tensor, log: Log
+) -> dict:
     """Truncated BPTT over `batch_size` contiguous streams of the training text, the state carried from one
     window to the next (as scoring carries it); returns the loss curve (nats per character)."""
     B, T = job.batch_size, job.seq_len
     L = (train.numel() - 1) // B
     if L < 2:
         where = job.train_path or job.split_path or "the built-in sample"
-        raise DataError(f"{where}: the training text ({train.numel()} chars) is too short for batch_size {B}")
-    xs = train[: B * L].view(B, L).to(job.device)  # (B, L): stream b is one contiguous stretch of the text
-    ys = train[1: B * L + 1].view(B, L).to(job.device)  # (B, L): the next character
+        raise DataError(
+            f"{where}: the training text ({train.numel()} chars) is too short for batch_size {B}"
+        )
+    xs = (
+        train[: B * L].view(B, L).to(job.device)
+    )  # (B, L): stream b is one contiguous stretch of the text
+    ys = train[1 : B * L + 1].view(B, L).to(job.device)  # (B, L): the next character
     opt = torch.optim.Adam(model.parameters(), lr=job.lr)
     curve: dict[str, list] = {"train": [], "valid": []}
     state: State | None = None
@@ -273,13 +384,15 @@ def _train_char_rnn(job: LMBaselineJob, model: CharRNNLM, train: Tensor, valid: 
         # Cosine decay to lr/10 over the run, whichever of the step and time budgets is closer to its end, so
         # that a run stopped by time_limit_s has annealed too.
         elapsed = time.perf_counter() - start
-        progress = max((step - 1) / job.steps, elapsed / job.time_limit_s if job.time_limit_s else 0.0)
+        progress = max(
+            (step - 1) / job.steps, elapsed / job.time_limit_s if job.time_limit_s else 0.0
+        )
         for group in opt.param_groups:
             group["lr"] = job.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
         if pos >= L:  # a new pass over the text starts from a zero state
             pos, state = 0, None
-        logits, state = model(xs[:, pos:pos + T], state)  # (B, t, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), ys[:, pos:pos + T].flatten())
+        logits, state = model(xs[:, pos : pos + T], state)  # (B, t, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), ys[:, pos : pos + T].flatten())
         state, pos = detach_state(state), pos + T
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,9 +406,11 @@ def _train_char_rnn(job: LMBaselineJob, model: CharRNNLM, train: Tensor, valid: 
             curve["valid"].append((step, nll / n))
             model.train()
         if step % job.log_every == 0 or step == job.steps or out_of_time:
-            window = curve["train"][-job.log_every:]
-            log(f"step {step}/{job.steps} train {sum(window) / len(window):.4f} nats/char, valid "
-                f"{curve['valid'][-1][1] if curve['valid'] else float('nan'):.4f}, {elapsed:.0f} s")
+            window = curve["train"][-job.log_every :]
+            log(
+                f"step {step}/{job.steps} train {sum(window) / len(window):.4f} nats/char, valid "
+                f"{curve['valid'][-1][1] if curve['valid'] else float('nan'):.4f}, {elapsed:.0f} s"
+            )
         if out_of_time:
             log(f"time limit {job.time_limit_s:.0f} s reached after {step} steps")
             break
@@ -303,8 +418,9 @@ def _train_char_rnn(job: LMBaselineJob, model: CharRNNLM, train: Tensor, valid: 
 
 
 @torch.no_grad()
-def stream_nll(model: CharRNNLM, ids: Tensor, *, streams: int = 32, chunk: int = 256,
-               burn_in: int = 512) -> tuple[float, int]:
+def stream_nll(
+    model: CharRNNLM, ids: Tensor, *, streams: int = 32, chunk: int = 256, burn_in: int = 512
+) -> tuple[float, int]:
     """(total NLL in nats, count) of ids[1:] given everything before, ids[0] being context only.
 
     For speed the text is cut into up to `streams` contiguous segments scored side by side; each segment but
@@ -315,22 +431,26 @@ def stream_nll(model: CharRNNLM, ids: Tensor, *, streams: int = 32, chunk: int =
     if n < 1:
         raise ValueError("stream_nll: nothing to score")
     streams = max(1, min(streams, n // 1024))  # segments of >= 1024 scored characters
-    bounds = [1 + round(s * n / streams) for s in range(streams + 1)]  # targets [bounds[s], bounds[s+1])
+    bounds = [
+        1 + round(s * n / streams) for s in range(streams + 1)
+    ]  # targets [bounds[s], bounds[s+1])
     rows = [(max(0, a - 1 - burn_in), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     width = max(b - 1 - u for u, _, b in rows)
     x = torch.zeros(streams, width, dtype=torch.long, device=ids.device)  # (S, W)
     y = torch.zeros_like(x)
     scored = torch.zeros(streams, width, dtype=torch.bool, device=ids.device)
     for r, (u, a, b) in enumerate(rows):  # column c holds input ids[u + c], target ids[u + c + 1]
-        x[r, : b - 1 - u], y[r, : b - 1 - u] = ids[u: b - 1], ids[u + 1: b]
-        scored[r, a - 1 - u: b - 1 - u] = True
+        x[r, : b - 1 - u], y[r, : b - 1 - u] = ids[u : b - 1], ids[u + 1 : b]
+        scored[r, a - 1 - u : b - 1 - u] = True
     was_training = model.training
     model.eval()
     total, state = torch.zeros((), dtype=torch.float64, device=ids.device), None
     for c in range(0, width, chunk):
-        logits, state = model(x[:, c:c + chunk], state)  # (S, t, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), y[:, c:c + chunk], reduction="none")  # (S, t)
-        total += (nll * scored[:, c:c + chunk]).sum(dtype=torch.float64)
+        logits, state = model(x[:, c : c + chunk], state)  # (S, t, V)
+        nll = F.cross_entropy(
+            logits.transpose(1, 2), y[:, c : c + chunk], reduction="none"
+        )  # (S, t)
+        total += (nll * scored[:, c : c + chunk]).sum(dtype=torch.float64)
     model.train(was_training)
     return float(total), n
 
@@ -344,7 +464,10 @@ def _plot_curve(curve: dict, file: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     train = curve["train"]
     k = max(1, len(train) // 100)  # a running mean over ~1% of the steps, so the trend is readable
-    smooth = [sum(train[max(0, i - k + 1): i + 1]) / len(train[max(0, i - k + 1): i + 1]) for i in range(len(train))]
+    smooth = [
+        sum(train[max(0, i - k + 1) : i + 1]) / len(train[max(0, i - k + 1) : i + 1])
+        for i in range(len(train))
+    ]
     ax.plot(range(1, len(train) + 1), smooth, label="train (running mean)")
     if curve["valid"]:
         steps, losses = zip(*curve["valid"], strict=True)
@@ -358,26 +481,51 @@ def _plot_curve(curve: dict, file: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- GPT
-def gpt_text_perplexity(checkpoint_dir: str | Path, text_path: str | Path, *, window: int | None = None,
-                        stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-                        log: Log | None = None) -> dict:
+def gpt_text_perplexity(
+    checkpoint_dir: str | Path,
+    text_path: str | Path,
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> dict:
     """Score a text file (its non-blank lines, see the module docstring) with a Kiln GPT checkpoint; the same
     per-unit / per-word / per-char perplexities as the baselines, plus the checkpoint and window used."""
     lines = read_text_lines(text_path)
-    return {"text_path": str(text_path), **gpt_lines_perplexity(Path(checkpoint_dir), lines, window=window,
-                                                                 stride=stride, batch_size=batch_size,
-                                                                 device=device, log=log)}
+    return {
+        "text_path": str(text_path),
+        **gpt_lines_perplexity(
+            Path(checkpoint_dir),
+            lines,
+            window=window,
+            stride=stride,
+            batch_size=batch_size,
+            device=device,
+            log=log,
+        ),
+    }
 
 
-def gpt_lines_perplexity(checkpoint_dir: Path, lines: list[str], *, window: int | None = None,
-                         stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-                         log: Log | None = None) -> dict:
+def gpt_lines_perplexity(
+    checkpoint_dir: Path,
+    lines: list[str],
+    *,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    log: Log | None = None,
+) -> dict:
     """`[BOS] line [EOS]` per line, packed; sliding windows of at most n_positions tokens, advanced by
     `stride`, each scoring only the tokens the previous windows did not (so every token is scored once, with
     at least window - stride tokens of context once the first window is full)."""
     ckpt = load_checkpoint(checkpoint_dir)
     if ckpt.arch != "gpt" or ckpt.model is None:
-        raise CheckpointError(f"{checkpoint_dir}: a GPT checkpoint is needed, this one is {ckpt.arch!r}")
+        raise CheckpointError(
+            f"{checkpoint_dir}: a GPT checkpoint is needed, this one is {ckpt.arch!r}"
+        )
     if ckpt.tokenizer_file is None:
         raise CheckpointError(f"{checkpoint_dir}: no tokenizer.json in the checkpoint directory")
     tok = load_tokenizer(ckpt.tokenizer_file)
@@ -392,9 +540,21 @@ def gpt_lines_perplexity(checkpoint_dir: Path, lines: list[str], *, window: int 
     if not 1 <= stride <= window:
         raise ValueError(f"gpt perplexity: need 1 <= stride <= window ({window}), got {stride}")
     model = ckpt.model.to(device).eval()
-    nll, units = _score_windows(model, torch.tensor(ids, dtype=torch.long), window, stride, bos, batch_size,
-                                log or (lambda msg: None))
-    return {"checkpoint": str(checkpoint_dir), "window": window, "stride": stride, **perplexities(nll, units, lines)}
+    nll, units = _score_windows(
+        model,
+        torch.tensor(ids, dtype=torch.long),
+        window,
+        stride,
+        bos,
+        batch_size,
+        log or (lambda msg: None),
+    )
+    return {
+        "checkpoint": str(checkpoint_dir),
+        "window": window,
+        "stride": stride,
+        **perplexities(nll, units, lines),
+    }
 
 
 def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -408,24 +568,35 @@ def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def _score_windows(model: torch.nn.Module, ids: Tensor, window: int, stride: int, bos: int, batch_size: int,
-                   log: Log) -> tuple[float, int]:
+def _score_windows(
+    model: torch.nn.Module,
+    ids: Tensor,
+    window: int,
+    stride: int,
+    bos: int,
+    batch_size: int,
+    log: Log,
+) -> tuple[float, int]:
     spans = _windows(ids.numel(), window, stride)
     device = next(model.parameters()).device
     total, units = 0.0, 0
     for i in range(0, len(spans), batch_size):
-        batch = spans[i:i + batch_size]
+        batch = spans[i : i + batch_size]
         width = max(end - 1 - begin for begin, end, _ in batch)
-        x = torch.zeros(len(batch), width, dtype=torch.long)  # (B, W); padding after the end is never attended
+        x = torch.zeros(
+            len(batch), width, dtype=torch.long
+        )  # (B, W); padding after the end is never attended
         y = torch.full((len(batch), width), -100, dtype=torch.long)  # -100: not scored here
         for r, (begin, end, first) in enumerate(batch):
-            x[r, : end - 1 - begin] = ids[begin: end - 1]
+            x[r, : end - 1 - begin] = ids[begin : end - 1]
             target = ids[first:end].clone()
             target[target == bos] = -100  # a document start is formatting, not text
-            y[r, first - 1 - begin: end - 1 - begin] = target
+            y[r, first - 1 - begin : end - 1 - begin] = target
         logits, _ = model(x.to(device))  # (B, W, V)
         y = y.to(device)
-        total += float(F.cross_entropy(logits.float().transpose(1, 2), y, reduction="sum", ignore_index=-100))
+        total += float(
+            F.cross_entropy(logits.float().transpose(1, 2), y, reduction="sum", ignore_index=-100)
+        )
         units += int((y != -100).sum())
         if (i // batch_size + 1) % 50 == 0:
             log(f"gpt: scored {units:,} tokens ({i + len(batch)}/{len(spans)} windows)")

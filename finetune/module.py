@@ -31,7 +31,9 @@ def translation_loss(logits: Tensor, tgt_out: Tensor, label_smoothing: float) ->
     """
     flat_logits = logits.reshape(-1, logits.size(-1)).float()  # (B*U, V)
     flat_tgt = tgt_out.reshape(-1)  # (B*U,)
-    loss = F.cross_entropy(flat_logits, flat_tgt, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        flat_logits, flat_tgt, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
     with torch.no_grad():
         nll = F.cross_entropy(flat_logits, flat_tgt, ignore_index=IGNORE_INDEX)
         real = flat_tgt != IGNORE_INDEX
@@ -60,8 +62,14 @@ class TranslationModule(KilnModule):
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
     BATCH_KEYS: ClassVar[tuple[str, ...]] = ("src_ids", "src_mask", "tgt_in", "tgt_out")
 
-    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, total_steps: int,
-                 label_smoothing: float = 0.1, scheduled_sampling: ScheduledSampling | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optim_cfg: OptimConfig,
+        total_steps: int,
+        label_smoothing: float = 0.1,
+        scheduled_sampling: ScheduledSampling | None = None,
+    ) -> None:
         super().__init__(model, optim_cfg, total_steps)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -70,13 +78,17 @@ class TranslationModule(KilnModule):
         # The schedule's step under a Lightning Trainer is its optimizer-step count (restored on resume, so the
         # schedule resumes with it); a loop that drives `compute` without a Trainer (benchmarks) sets this instead.
         self.manual_step = 0
-        self._sampled = False  # whether the last training step ran scheduled sampling's extra forward pass
+        self._sampled = (
+            False  # whether the last training step ran scheduled sampling's extra forward pass
+        )
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, self.BATCH_KEYS, "TranslationModule")
         tgt_in, extra = batch["tgt_in"], {}
         if stage == "train" and self.scheduled_sampling is not None:
-            prob = self.scheduled_sampling.probability(self.global_step if self._trainer else self.manual_step)
+            prob = self.scheduled_sampling.probability(
+                self.global_step if self._trainer else self.manual_step
+            )
             tgt_in = self.sampled_decoder_inputs(batch, prob)
             extra = {"sampling_prob": torch.tensor(prob)}
             self._sampled = prob > 0.0
@@ -90,7 +102,9 @@ class TranslationModule(KilnModule):
         if prob <= 0.0:
             return batch["tgt_in"]
         with torch.no_grad():
-            predicted = self.model(batch["src_ids"], batch["src_mask"], batch["tgt_in"]).argmax(dim=-1)  # (B,U)
+            predicted = self.model(batch["src_ids"], batch["src_mask"], batch["tgt_in"]).argmax(
+                dim=-1
+            )  # (B,U)
         return mix_decoder_inputs(batch["tgt_in"], batch["tgt_out"], predicted, prob)
 
     def count_tokens(self, batch: dict[str, Tensor]) -> int:
@@ -99,9 +113,13 @@ class TranslationModule(KilnModule):
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         """Training FLOPs of the batch (finetune/flops.py) per counted token, for train/mfu; with scheduled
         sampling the extra no-grad forward pass too (a third of a training step's count)."""
-        shape = BatchShape(sequences=batch["src_ids"].size(0), src_tokens=int(batch["src_mask"].sum()),
-                           src_len=batch["src_ids"].size(1),
-                           tgt_tokens=int((batch["tgt_out"] != IGNORE_INDEX).sum()), tgt_len=batch["tgt_in"].size(1))
+        shape = BatchShape(
+            sequences=batch["src_ids"].size(0),
+            src_tokens=int(batch["src_mask"].sum()),
+            src_len=batch["src_ids"].size(1),
+            tgt_tokens=int((batch["tgt_out"] != IGNORE_INDEX).sum()),
+            tgt_len=batch["tgt_in"].size(1),
+        )
         flops = training_flops(getattr(self.model, "config", None), shape)
         if flops is None:
             return None
@@ -125,7 +143,10 @@ class ClassificationModule(KilnModule):
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         """Training FLOPs of the batch (finetune/flops.py) per real input token, for train/mfu."""
         tokens = int(batch["attention_mask"].sum())  # what count_tokens counts
-        shape = BatchShape(sequences=batch["input_ids"].size(0), src_tokens=tokens,
-                           src_len=batch["input_ids"].size(1))
+        shape = BatchShape(
+            sequences=batch["input_ids"].size(0),
+            src_tokens=tokens,
+            src_len=batch["input_ids"].size(1),
+        )
         flops = training_flops(getattr(self.model, "config", None), shape)
         return None if flops is None else flops / max(tokens, 1)

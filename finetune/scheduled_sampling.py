@@ -70,8 +70,10 @@ class ScheduledSampling:
         if not 0.0 <= self.max_prob <= 1.0:
             raise ValueError(f"scheduled_sampling must be in [0, 1], got {self.max_prob}")
         if self.schedule not in SAMPLING_SCHEDULES:
-            raise ValueError(f"scheduled_sampling_schedule: unknown schedule {self.schedule!r} "
-                             f"(choose from {', '.join(SAMPLING_SCHEDULES)})")
+            raise ValueError(
+                f"scheduled_sampling_schedule: unknown schedule {self.schedule!r} "
+                f"(choose from {', '.join(SAMPLING_SCHEDULES)})"
+            )
         if self.ramp_steps < 1:
             raise ValueError(f"scheduled_sampling_steps must be >= 1, got {self.ramp_steps}")
 
@@ -86,7 +88,9 @@ def mix_decoder_inputs(tgt_in: Tensor, tgt_out: Tensor, predicted: Tensor, prob:
     two have the same real positions) are never replaced. The draw uses torch's global RNG, which Kiln checkpoints
     per rank, so a resumed run draws the same replacements."""
     real = tgt_out[:, 1:] != IGNORE_INDEX  # (B,U-1): tgt_in[:, t] is real iff tgt_out[:, t] is
-    replace = real & (torch.rand(real.shape, device=tgt_in.device) < prob)  # rand is in [0, 1): prob 1 takes all
+    replace = real & (
+        torch.rand(real.shape, device=tgt_in.device) < prob
+    )  # rand is in [0, 1): prob 1 takes all
     mixed = tgt_in.clone()
     mixed[:, 1:] = torch.where(replace, predicted[:, :-1].to(tgt_in.dtype), tgt_in[:, 1:])
     return mixed

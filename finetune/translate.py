@@ -27,23 +27,31 @@ Tokenizers = Tokenizer | TranslationTokenizers  # one shared tokenizer, or a sou
 def special_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise ValueError(f"tokenizer has no {token} token; Kiln tokenizers define [PAD] [UNK] [CLS] [SEP] [MASK] "
-                         "[BOS] [EOS] (docs/design.md)")
+        raise ValueError(
+            f"tokenizer has no {token} token; Kiln tokenizers define [PAD] [UNK] [CLS] [SEP] [MASK] "
+            "[BOS] [EOS] (docs/design.md)"
+        )
     return token_id
 
 
-def encode_sources(tokenizer: Tokenizers, texts: Sequence[str], max_src_len: int) -> list[list[int]]:
+def encode_sources(
+    tokenizer: Tokenizers, texts: Sequence[str], max_src_len: int
+) -> list[list[int]]:
     """`src [EOS]` per text (`[CLS] src [SEP]` with a source tokenizer of its own), the source truncated so that
     the whole row has at most max_src_len ids."""
     pair = as_translation_tokenizers(tokenizer)
     head = [] if pair.src.bos is None else [pair.src.bos]
     if max_src_len < len(head) + 2:
-        raise ValueError(f"max_src_len must be >= {len(head) + 2} (one token + the specials), got {max_src_len}")
+        raise ValueError(
+            f"max_src_len must be >= {len(head) + 2} (one token + the specials), got {max_src_len}"
+        )
     encoded = pair.source.encode_batch(list(texts), add_special_tokens=False)
     return [head + enc.ids[: max_src_len - len(head) - 1] + [pair.src.eos] for enc in encoded]
 
 
-def pad_batch(rows: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def pad_batch(
+    rows: Sequence[list[int]], pad_id: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """Right-pad to the longest row: (ids (B,S), mask (B,S) with 1 = real token)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -59,23 +67,35 @@ def source_limit(model: nn.Module, max_src_len: int | None) -> int:
     config = getattr(model, "config", None)
     encoder = getattr(config, "encoder", None)
     # the warm-started model's BERT encoder, or a scratch model's own table (LSTMs have none)
-    limit = getattr(encoder, "max_position_embeddings", None) or getattr(config, "max_positions", None)
+    limit = getattr(encoder, "max_position_embeddings", None) or getattr(
+        config, "max_positions", None
+    )
     if max_src_len is None:
         return limit if limit is not None else 512
     return min(max_src_len, limit) if limit is not None else max_src_len
 
 
 @torch.no_grad()
-def translate_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str], beam_size: int = 5,
-                    length_penalty: str = "gnmt", alpha: float = 1.0, max_len: int = 64, batch_size: int = 32,
-                    max_src_len: int | None = None) -> list[str]:
+def translate_texts(
+    model: nn.Module,
+    tokenizer: Tokenizers,
+    texts: Sequence[str],
+    beam_size: int = 5,
+    length_penalty: str = "gnmt",
+    alpha: float = 1.0,
+    max_len: int = 64,
+    batch_size: int = 32,
+    max_src_len: int | None = None,
+) -> list[str]:
     """Translate `texts` (in order) with batched beam search; returns detokenised strings.
 
     Texts are batched by length (fewer pad positions) and the results put back in input order. The model is
     put in eval mode for the call and returned to its previous mode afterwards.
     """
     if length_penalty not in LENGTH_PENALTIES:
-        raise ValueError(f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}")
+        raise ValueError(
+            f"length_penalty must be one of {sorted(LENGTH_PENALTIES)}, got {length_penalty!r}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not texts:
@@ -91,8 +111,17 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             src_ids, src_mask = pad_batch([rows[i] for i in chunk], pair.src.pad, device)
-            hyps = beam_search(model, src_ids, src_mask, pair.tgt.bos, pair.tgt.eos, max_len, beam_size=beam_size,
-                               length_penalty=length_penalty, alpha=alpha)
+            hyps = beam_search(
+                model,
+                src_ids,
+                src_mask,
+                pair.tgt.bos,
+                pair.tgt.eos,
+                max_len,
+                beam_size=beam_size,
+                length_penalty=length_penalty,
+                alpha=alpha,
+            )
             for i, best in zip(chunk, hyps, strict=True):
                 tokens = best[0].tokens if best else []
                 outputs[i] = pair.target.decode(tokens, skip_special_tokens=True)
@@ -102,9 +131,17 @@ def translate_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str
 
 
 @torch.no_grad()
-def sample_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str], max_len: int = 64,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 batch_size: int = 32) -> list[str]:
+def sample_texts(
+    model: nn.Module,
+    tokenizer: Tokenizers,
+    texts: Sequence[str],
+    max_len: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
     """One draw per text (in order) from the tempered, top-k / top-p filtered model distribution; detokenised.
     The same seed gives the same draws."""
     check_sampling_args(temperature, top_k, top_p)
@@ -120,18 +157,42 @@ def sample_texts(model: nn.Module, tokenizer: Tokenizers, texts: Sequence[str], 
     try:
         for start in range(0, len(rows), batch_size):
             src_ids, src_mask = pad_batch(rows[start : start + batch_size], pair.src.pad, device)
-            ids = sample_decode(model, src_ids, src_mask, pair.tgt.bos, pair.tgt.eos, max_len, temperature, top_k,
-                                top_p, generator)
+            ids = sample_decode(
+                model,
+                src_ids,
+                src_mask,
+                pair.tgt.bos,
+                pair.tgt.eos,
+                max_len,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+            )
             outputs += pair.target.decode_batch(ids, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return outputs
 
 
-def evaluate_translation(model: nn.Module, tokenizer: Tokenizers, srcs: Sequence[str], refs: Sequence[str],
-                         beam_size: int = 5, length_penalty: str = "gnmt", alpha: float = 1.0, max_len: int = 64,
-                         batch_size: int = 32) -> tuple[dict[str, float], list[str]]:
+def evaluate_translation(
+    model: nn.Module,
+    tokenizer: Tokenizers,
+    srcs: Sequence[str],
+    refs: Sequence[str],
+    beam_size: int = 5,
+    length_penalty: str = "gnmt",
+    alpha: float = 1.0,
+    max_len: int = 64,
+    batch_size: int = 32,
+) -> tuple[dict[str, float], list[str]]:
     """BLEU and chrF of the model's translations, next to the copy-the-source baseline; plus the hypotheses."""
-    hyps = translate_texts(model, tokenizer, srcs, beam_size, length_penalty, alpha, max_len, batch_size)
-    scores = {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), "copy_source_bleu": copy_source_bleu(srcs, refs)}
+    hyps = translate_texts(
+        model, tokenizer, srcs, beam_size, length_penalty, alpha, max_len, batch_size
+    )
+    scores = {
+        "bleu": bleu(hyps, refs),
+        "chrf": chrf(hyps, refs),
+        "copy_source_bleu": copy_source_bleu(srcs, refs),
+    }
     return scores, hyps

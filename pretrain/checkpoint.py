@@ -52,7 +52,6 @@ FORMAT_VERSION = 1
 _TIED_METADATA_KEY = "kiln.tied"  # safetensors metadata: {alias name: stored name}
 
 
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or trusted; the message names the file."""
 
@@ -63,7 +62,9 @@ class LoadedCheckpoint:
     arch: str
     model_config: Any
     state_dict: dict[str, Tensor]  # every name the model expects, tied aliases sharing one tensor
-    model: nn.Module | None  # built from model_config and loaded strictly (None when build_model=False)
+    model: (
+        nn.Module | None
+    )  # built from model_config and loaded strictly (None when build_model=False)
     job_config: dict | None
     manifest: dict
     tokenizer_file: Path | None
@@ -81,10 +82,18 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- saving
-def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_file: Path | None = None,
-                    job_config: dict | None = None, trainer_state: dict | None = None,
-                    data_manifest: Path | None = None, *, overwrite: bool = False,
-                    state_dict: dict[str, Tensor] | None = None) -> Path:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    model_config: Any,
+    tokenizer_file: Path | None = None,
+    job_config: dict | None = None,
+    trainer_state: dict | None = None,
+    data_manifest: Path | None = None,
+    *,
+    overwrite: bool = False,
+    state_dict: dict[str, Tensor] | None = None,
+) -> Path:
     """Write a complete checkpoint directory at `path` (atomically, via `.tmp-<name>`); returns `path`.
 
     model_config: a dataclass with an `arch` field. state_dict: use this instead of `model.state_dict()`
@@ -105,7 +114,9 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_f
         shutil.rmtree(tmp)  # left by a save that crashed; never visible as a checkpoint
     tmp.mkdir(parents=True)
     try:
-        _write_weights(tmp / MODEL_FILE, state_dict if state_dict is not None else model.state_dict())
+        _write_weights(
+            tmp / MODEL_FILE, state_dict if state_dict is not None else model.state_dict()
+        )
         _write_json(tmp / CONFIG_FILE, {"arch": arch, "config": dataclasses.asdict(model_config)})
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
@@ -121,10 +132,12 @@ def save_checkpoint(path: Path, model: nn.Module, model_config: Any, tokenizer_f
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free
-            raise CheckpointError(f"{path}: the disk is full ({free / 2**20:.0f} MiB free on {path.parent}) while "
-                                  "writing this checkpoint; nothing of it was kept and the earlier checkpoints are "
-                                  "intact. Free space (or lower trainer.keep_last) and resume with "
-                                  "trainer.resume=auto") from None
+            raise CheckpointError(
+                f"{path}: the disk is full ({free / 2**20:.0f} MiB free on {path.parent}) while "
+                "writing this checkpoint; nothing of it was kept and the earlier checkpoints are "
+                "intact. Free space (or lower trainer.keep_last) and resume with "
+                "trainer.resume=auto"
+            ) from None
         raise
     _move_into_place(tmp, path)
     return path
@@ -141,28 +154,37 @@ CHECKPOINT_BYTES_PER_PARAM = 12  # fp32 weights (4) + AdamW's two fp32 moments i
 ZERO_CHECKPOINT_BYTES_PER_PARAM = 16  # ZeRO's trainer_state holds the fp32 master weights (4) too
 
 
-def check_free_space(root: Path, num_params: int, keep_last: int,
-                     bytes_per_param: int = CHECKPOINT_BYTES_PER_PARAM) -> None:
+def check_free_space(
+    root: Path, num_params: int, keep_last: int, bytes_per_param: int = CHECKPOINT_BYTES_PER_PARAM
+) -> None:
     """Before training: the disk under `root` must hold the run's checkpoints at their peak (keep_last kept + the one
     being written), less what checkpoints already there take. Raises CheckpointError naming the numbers."""
     root = Path(root)
     probe = next(p for p in (root, *root.parents) if p.exists())
     each = num_params * bytes_per_param
-    present = sum(f.stat().st_size for c in list_checkpoints(root) for f in c.rglob("*") if f.is_file())
+    present = sum(
+        f.stat().st_size for c in list_checkpoints(root) for f in c.rglob("*") if f.is_file()
+    )
     needed = (keep_last + 1) * each - present
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise CheckpointError(f"{root}: {free / 2**20:.0f} MiB free, but {keep_last + 1} checkpoints of ~"
-                              f"{each / 2**20:.0f} MiB each ({num_params:,} parameters x {bytes_per_param} "
-                              "bytes) need more; free space, lower trainer.keep_last, or choose another --out")
+        raise CheckpointError(
+            f"{root}: {free / 2**20:.0f} MiB free, but {keep_last + 1} checkpoints of ~"
+            f"{each / 2**20:.0f} MiB each ({num_params:,} parameters x {bytes_per_param} "
+            "bytes) need more; free space, lower trainer.keep_last, or choose another --out"
+        )
 
 
 def _arch_of(model_config: Any) -> str:
     if not dataclasses.is_dataclass(model_config) or isinstance(model_config, type):
-        raise CheckpointError(f"model_config must be a dataclass instance, got {type(model_config).__name__}")
+        raise CheckpointError(
+            f"model_config must be a dataclass instance, got {type(model_config).__name__}"
+        )
     arch = getattr(model_config, "arch", None)
     if not isinstance(arch, str) or not arch:
-        raise CheckpointError(f"{type(model_config).__name__} has no string `arch` field naming the model family")
+        raise CheckpointError(
+            f"{type(model_config).__name__} has no string `arch` field naming the model family"
+        )
     return arch
 
 
@@ -194,8 +216,16 @@ def _write_weights(file: Path, state_dict: dict[str, Tensor]) -> None:
     storages: set[int] = set()
     for name, t in state_dict.items():
         if t.device.type == "meta":
-            raise CheckpointError(f"{file}: tensor {name!r} is on the meta device; materialise the model first")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is on the meta device; materialise the model first"
+            )
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+        )
         if key in views:
             aliases[name] = views[key]
             continue
@@ -213,14 +243,18 @@ def _check_weights_only_safe(obj: Any, where: str) -> None:
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, (str, int, float, bool)) and k is not None:
-                raise CheckpointError(f"{where}: key {k!r} of type {type(k).__name__} cannot be loaded safely")
+                raise CheckpointError(
+                    f"{where}: key {k!r} of type {type(k).__name__} cannot be loaded safely"
+                )
             _check_weights_only_safe(v, f"{where}[{k!r}]")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             _check_weights_only_safe(v, f"{where}[{i}]")
     elif not isinstance(obj, (str, int, float, bool, Tensor, torch.Size)) and obj is not None:
-        raise CheckpointError(f"{where} is a {type(obj).__name__}, which torch.load(weights_only=True) refuses; "
-                              "store tensors, numbers, strings, lists or dicts")
+        raise CheckpointError(
+            f"{where} is a {type(obj).__name__}, which torch.load(weights_only=True) refuses; "
+            "store tensors, numbers, strings, lists or dicts"
+        )
 
 
 def _write_json(file: Path, obj: Any) -> None:
@@ -255,8 +289,13 @@ def _kiln_version() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -266,7 +305,9 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     if not path.exists():
         tmp.rename(path)
         return
-    old = path.parent / f".old-{path.name}"  # dot-prefixed: never listed, even if we crash right here
+    old = (
+        path.parent / f".old-{path.name}"
+    )  # dot-prefixed: never listed, even if we crash right here
     if old.exists():
         shutil.rmtree(old)
     path.rename(old)
@@ -288,7 +329,9 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{file}: not UTF-8 text ({e})") from e
     valid = isinstance(manifest, dict) and manifest.get("format") == FORMAT
     if not valid or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{file}: not a {FORMAT} manifest (needs 'format': {FORMAT!r} and a 'files' mapping)")
+        raise CheckpointError(
+            f"{file}: not a {FORMAT} manifest (needs 'format': {FORMAT!r} and a 'files' mapping)"
+        )
     for required in (MODEL_FILE, CONFIG_FILE):
         if required not in manifest["files"]:
             raise CheckpointError(f"{file}: 'files' does not list {required}")
@@ -305,14 +348,21 @@ def verify_checkpoint(path: Path) -> dict:
             raise CheckpointError(f"{f}: listed in {MANIFEST_FILE} but missing")
         got = sha256_file(f)
         if got != info.get("sha256"):
-            raise CheckpointError(f"{f}: sha256 mismatch (manifest {str(info.get('sha256'))[:16]}..., file "
-                                  f"{got[:16]}...): the file was modified or corrupted after saving")
+            raise CheckpointError(
+                f"{f}: sha256 mismatch (manifest {str(info.get('sha256'))[:16]}..., file "
+                f"{got[:16]}...): the file was modified or corrupted after saving"
+            )
     return manifest
 
 
-def load_checkpoint(path: Path, registry: Mapping[str, ArchSpec] | None = None, *,
-                    build_model: bool = True,
-                    verify: bool = True, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(
+    path: Path,
+    registry: Mapping[str, ArchSpec] | None = None,
+    *,
+    build_model: bool = True,
+    verify: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> LoadedCheckpoint:
     """Verify sha256s, rebuild the config dataclass via the arch registry, load the weights, and (by
     default) build the model and load it strictly, with tied matrices re-tied."""
     path = Path(path)
@@ -323,10 +373,14 @@ def load_checkpoint(path: Path, registry: Mapping[str, ArchSpec] | None = None, 
     doc = _read_json(config_file)
     arch = doc.get("arch") if isinstance(doc, dict) else None
     if arch not in registry:
-        raise CheckpointError(f"{config_file}: arch {arch!r} is not in the architecture registry "
-                              f"(known: {sorted(registry)})")
+        raise CheckpointError(
+            f"{config_file}: arch {arch!r} is not in the architecture registry "
+            f"(known: {sorted(registry)})"
+        )
     if not isinstance(doc.get("config"), dict):
-        raise CheckpointError(f"{config_file}: key 'config' must be a mapping of the config's fields")
+        raise CheckpointError(
+            f"{config_file}: key 'config' must be a mapping of the config's fields"
+        )
     config_cls, model_cls = registry[arch].config, registry[arch].model
     try:
         model_config = from_dict(config_cls, doc["config"], str(config_file))
@@ -339,11 +393,20 @@ def load_checkpoint(path: Path, registry: Mapping[str, ArchSpec] | None = None, 
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{path / MODEL_FILE}: weights do not fit {model_cls.__name__}: {e}") from e
+            raise CheckpointError(
+                f"{path / MODEL_FILE}: weights do not fit {model_cls.__name__}: {e}"
+            ) from e
     tokenizer = path / TOKENIZER_FILE
-    return LoadedCheckpoint(path=path, arch=arch, model_config=model_config, state_dict=state_dict, model=model,
-                            job_config=manifest.get("job_config"), manifest=manifest,
-                            tokenizer_file=tokenizer if tokenizer.is_file() else None)
+    return LoadedCheckpoint(
+        path=path,
+        arch=arch,
+        model_config=model_config,
+        state_dict=state_dict,
+        model=model,
+        job_config=manifest.get("job_config"),
+        manifest=manifest,
+        tokenizer_file=tokenizer if tokenizer.is_file() else None,
+    )
 
 
 def _read_json(file: Path) -> Any:
@@ -362,11 +425,17 @@ def load_weights(file: Path, map_location: str | torch.device = "cpu") -> dict[s
         state_dict = load_file(str(file), device=str(map_location))
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
-    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises SafetensorError (an Exception)
+    except (
+        OSError,
+        RuntimeError,
+        ValueError,
+    ) as e:  # safetensors raises SafetensorError (an Exception)
         raise CheckpointError(f"{file}: cannot read safetensors: {e}") from e
     for alias, source in json.loads(metadata.get(_TIED_METADATA_KEY, "{}")).items():
         if source not in state_dict:
-            raise CheckpointError(f"{file}: tied name {alias!r} points at {source!r}, which is not stored")
+            raise CheckpointError(
+                f"{file}: tied name {alias!r} points at {source!r}, which is not stored"
+            )
         state_dict[alias] = state_dict[source]
     return state_dict
 
@@ -389,8 +458,13 @@ def capture_rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -401,7 +475,9 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     random.setstate(_as_tuples(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -432,7 +508,9 @@ def list_checkpoints(root: Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_complete(p)]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_complete(p)
+    ]
     return sorted(found, key=lambda p: (read_manifest(p).get("created_ns", 0), p.name))
 
 
@@ -441,7 +519,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print, since_ns: int = 0) -> Path | None:
+def newest_valid_checkpoint(
+    root: Path, warn: Callable[[str], None] = print, since_ns: int = 0
+) -> Path | None:
     """The newest complete checkpoint under `root` (created at or after `since_ns`) whose files match their sha256s;
     a newer one that fails the check (a flipped byte, a truncated file) is skipped with a warning. None when there
     is no such checkpoint at all; an error when there are some and none is intact (silently starting over would
@@ -455,8 +535,10 @@ def newest_valid_checkpoint(root: Path, warn: Callable[[str], None] = print, sin
             continue
         return path
     if found:
-        raise CheckpointError(f"{root}: none of the {len(found)} checkpoints is intact (see the warnings above); "
-                              "nothing to resume from safely")
+        raise CheckpointError(
+            f"{root}: none of the {len(found)} checkpoints is intact (see the warnings above); "
+            "nothing to resume from safely"
+        )
     return None
 
 
@@ -472,8 +554,9 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
         return path  # neither a run directory nor a directory of checkpoints
     newest = newest_valid_checkpoint(root, warn=warn)
     if newest is None:
-        raise CheckpointError(f"{path}: holds no complete checkpoint (none under {root} has a "
-                              "valid manifest.json)")
+        raise CheckpointError(
+            f"{path}: holds no complete checkpoint (none under {root} has a valid manifest.json)"
+        )
     return newest
 
 

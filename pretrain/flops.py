@@ -47,7 +47,9 @@ def encoder_flops_per_token(cfg: BertConfig, seq_len: int, masked_fraction: floa
 
     masked_fraction: masked positions / tokens in the batch (the collator masks 15% of non-special tokens)."""
     if seq_len < 1 or not 0.0 <= masked_fraction <= 1.0:
-        raise ValueError(f"need seq_len >= 1 and 0 <= masked_fraction <= 1, got {seq_len}, {masked_fraction}")
+        raise ValueError(
+            f"need seq_len >= 1 and 0 <= masked_fraction <= 1, got {seq_len}, {masked_fraction}"
+        )
     d, V = cfg.hidden_size, cfg.vocab_size
     body = cfg.num_hidden_layers * transformer_layer_flops(d, cfg.intermediate_size, seq_len)
     mlm_head = masked_fraction * 2.0 * (d * d + d * V)
@@ -60,7 +62,9 @@ def decoder_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     if seq_len < 1:
         raise ValueError(f"need seq_len >= 1, got {seq_len}")
     if cfg.add_cross_attention:
-        raise ValueError("decoder_flops_per_token counts a decoder-only GPT; this config has cross-attention")
+        raise ValueError(
+            "decoder_flops_per_token counts a decoder-only GPT; this config has cross-attention"
+        )
     d = cfg.n_embd
     body = cfg.n_layer * transformer_layer_flops(d, cfg.inner_size, seq_len)
     return TRAIN_MULTIPLIER * (body + 2.0 * d * cfg.vocab_size)
@@ -69,11 +73,16 @@ def decoder_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
 # (name fragment, "bf16" | "fp32") -> dense FLOP/s of one GPU. Checked in order: the first fragment found in
 # torch.cuda.get_device_name() wins, so the PCIe/NVL variants come before the SXM default of their family.
 GPU_PEAK_FLOPS: dict[tuple[str, str], float] = {
-    ("H100 PCIe", "bf16"): 756.5e12, ("H100 PCIe", "fp32"): 51.0e12,
-    ("H100 NVL", "bf16"): 835.5e12, ("H100 NVL", "fp32"): 60.0e12,
-    ("H100", "bf16"): 989.4e12, ("H100", "fp32"): 67.0e12,  # SXM5
-    ("H200", "bf16"): 989.4e12, ("H200", "fp32"): 67.0e12,  # the same GH100 compute as H100 SXM5
-    ("A100", "bf16"): 312.0e12, ("A100", "fp32"): 19.5e12,  # SXM4 and PCIe alike
+    ("H100 PCIe", "bf16"): 756.5e12,
+    ("H100 PCIe", "fp32"): 51.0e12,
+    ("H100 NVL", "bf16"): 835.5e12,
+    ("H100 NVL", "fp32"): 60.0e12,
+    ("H100", "bf16"): 989.4e12,
+    ("H100", "fp32"): 67.0e12,  # SXM5
+    ("H200", "bf16"): 989.4e12,
+    ("H200", "fp32"): 67.0e12,  # the same GH100 compute as H100 SXM5
+    ("A100", "bf16"): 312.0e12,
+    ("A100", "fp32"): 19.5e12,  # SXM4 and PCIe alike
 }
 
 
@@ -91,8 +100,12 @@ def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(n: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32,
-                         device: str | torch.device = "cpu") -> float:
+def measure_matmul_flops(
+    n: int = 1024,
+    seconds: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> float:
     """Best FLOP/s of an n×n matmul over ~`seconds`, with the current torch thread count.
 
     Reported as the best of short timed chunks, so a neighbour's burst on a shared machine lowers it less.
@@ -128,4 +141,7 @@ def peak_flops(configured: float | None, device: torch.device, precision: str) -
             return table, f"table ({name}, {precision_family(precision)})"
         dtype = torch.bfloat16 if precision_family(precision) == "bf16" else torch.float32
         return measure_matmul_flops(4096, 0.5, dtype, device), f"measured ({name}, 4096² {dtype})"
-    return measure_matmul_flops(), f"measured (CPU fp32 1024² matmul, {torch.get_num_threads()} threads)"
+    return (
+        measure_matmul_flops(),
+        f"measured (CPU fp32 1024² matmul, {torch.get_num_threads()} threads)",
+    )

@@ -54,11 +54,17 @@ from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.models.meta import build_on_meta
 
 HF_PREFIX = "hf:"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")  # in order of preference
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")  # load_tokenizer's order
 _SHOW = 8  # how many offending names an error lists
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "sentence-transformers/all-MiniLM-L6-v2"
+_HUB_NAME = re.compile(
+    r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"
+)  # "gpt2", "sentence-transformers/all-MiniLM-L6-v2"
 _DISPLAY = {"bert": "BERT", "gpt": "GPT-2"}
 _TF_LAYER_NORM = {"gamma": "weight", "beta": "bias"}
 
@@ -78,8 +84,12 @@ class ImportFamily:
     body: str  # where the body sits in the export names (HF BertForPreTraining / GPT2LMHeadModel)
     marker: str  # a body tensor every checkpoint of the family has: it identifies the layout
     layouts: tuple[Layout, ...]
-    fresh_ok: tuple[str, ...]  # export-name prefixes that may be absent (heads): initialised fresh, reported
-    vocab_rows: tuple[str, ...]  # tensors with one row per token: grown when appended special tokens need rows
+    fresh_ok: tuple[
+        str, ...
+    ]  # export-name prefixes that may be absent (heads): initialised fresh, reported
+    vocab_rows: tuple[
+        str, ...
+    ]  # tensors with one row per token: grown when appended special tokens need rows
     parse: Callable[[dict, str], Any]  # config.json mapping -> Kiln config
     model_cls: type[nn.Module]
 
@@ -93,17 +103,35 @@ class ImportedModel:
     model: nn.Module  # BertForPreTraining | GPTLMHeadModel, in eval mode
     tokenizer: Tokenizer  # no padding, truncation or post-processor; Kiln special tokens present
     layout: str  # which layout the weights were stored in, e.g. "BertModel"
-    new_tensors: list[str] = field(default_factory=list)  # Kiln names (or row ranges) initialised fresh
+    new_tensors: list[str] = field(
+        default_factory=list
+    )  # Kiln names (or row ranges) initialised fresh
     hf_config: dict = field(default_factory=dict)  # config.json as read
 
 
 # ---------------------------------------------------------------- config.json -> Kiln config
 # The config.json keys Kiln reads (HF and Kiln name them alike); the dataclass checks their types.
-_BERT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size", "max_position_embeddings", "type_vocab_size", "pad_token_id",
-              "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps",
-              "initializer_range")
-_BERT_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_BERT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "pad_token_id",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "layer_norm_eps",
+    "initializer_range",
+)
+_BERT_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
 # key -> (accepted values, why). A key config.json leaves out takes HF's default, which is accepted.
 _BERT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "position_embedding_type": (("absolute",), "Kiln's BERT has absolute position embeddings only"),
@@ -111,10 +139,20 @@ _BERT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "is_decoder": ((False,), "Kiln's BERT is a bidirectional encoder"),
     "add_cross_attention": ((False,), "Kiln's BERT has no cross-attention"),
 }
-_GPT_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head",
-             "n_inner",  # null: 4 * n_embd
-             "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
-             "add_cross_attention")
+_GPT_KEYS = (
+    "vocab_size",
+    "n_positions",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",  # null: 4 * n_embd
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "add_cross_attention",
+)
 _GPT_REQUIRED = ("vocab_size", "n_embd", "n_layer", "n_head")
 _GPT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     # gelu_pytorch_tanh is the same tanh approximation as gelu_new, computed by PyTorch's kernel.
@@ -127,11 +165,15 @@ _GPT_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
 def _refuse(hf: dict, where: str, refused: dict[str, tuple[tuple[Any, ...], str]]) -> None:
     for key, (accepted, why) in refused.items():
         if key in hf and hf[key] not in accepted:
-            raise CheckpointError(f"{where}: key {key!r} is {hf[key]!r}, which Kiln cannot import ({why}; "
-                                  f"accepted: {', '.join(map(repr, accepted))})")
+            raise CheckpointError(
+                f"{where}: key {key!r} is {hf[key]!r}, which Kiln cannot import ({why}; "
+                f"accepted: {', '.join(map(repr, accepted))})"
+            )
 
 
-def _build_config(cls: type, hf: dict, where: str, keys: tuple[str, ...], required: tuple[str, ...]) -> Any:
+def _build_config(
+    cls: type, hf: dict, where: str, keys: tuple[str, ...], required: tuple[str, ...]
+) -> Any:
     """HF's config.json -> the Kiln config: the keys Kiln reads, built (and type-checked) by
     configlib. A key that is absent or null keeps Kiln's default, which is HF's for every key here."""
     missing = [k for k in required if hf.get(k) is None]
@@ -156,7 +198,9 @@ def _gpt_config(hf: dict, where: str) -> GPTConfig:
 # ---------------------------------------------------------------- the family registry
 IMPORT_FAMILIES: dict[str, ImportFamily] = {
     "bert": ImportFamily(
-        model_types=("bert",), body="bert.", marker="embeddings.word_embeddings.weight",
+        model_types=("bert",),
+        body="bert.",
+        marker="embeddings.word_embeddings.weight",
         layouts=(
             Layout("BertForPreTraining/BertForMaskedLM", "bert.", heads=("cls.",)),
             Layout("BertModel", ""),
@@ -167,29 +211,46 @@ IMPORT_FAMILIES: dict[str, ImportFamily] = {
         ),
         fresh_ok=("cls.", "bert.pooler."),
         vocab_rows=("bert.embeddings.word_embeddings.weight", "cls.predictions.bias"),
-        parse=_bert_config, model_cls=BertForPreTraining),
+        parse=_bert_config,
+        model_cls=BertForPreTraining,
+    ),
     "gpt": ImportFamily(
-        model_types=("gpt2",), body="transformer.", marker="wte.weight",
-        layouts=(Layout("GPT2LMHeadModel", "transformer.", heads=("lm_head.",)), Layout("GPT2Model", "")),
+        model_types=("gpt2",),
+        body="transformer.",
+        marker="wte.weight",
+        layouts=(
+            Layout("GPT2LMHeadModel", "transformer.", heads=("lm_head.",)),
+            Layout("GPT2Model", ""),
+        ),
         fresh_ok=(),  # the LM head is the token-embedding matrix: nothing of GPT-2 is optional
         vocab_rows=("transformer.wte.weight",),
-        parse=_gpt_config, model_cls=GPTLMHeadModel),
+        parse=_gpt_config,
+        model_cls=GPTLMHeadModel,
+    ),
 }
 
 
 def _check_model_type(hf: dict, where: str, arch: str) -> None:
     model_type = hf.get("model_type")
-    if model_type is None:  # configs written before model_type existed: the class name tells the family
+    if (
+        model_type is None
+    ):  # configs written before model_type existed: the class name tells the family
         names = hf.get("architectures") or []
         first = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
-        model_type = "bert" if first.startswith("Bert") else "gpt2" if first.startswith("GPT2") else None
+        model_type = (
+            "bert" if first.startswith("Bert") else "gpt2" if first.startswith("GPT2") else None
+        )
     owner = next((a for a, f in IMPORT_FAMILIES.items() if model_type in f.model_types), None)
     if owner is None:
-        raise CheckpointError(f"{where}: key 'model_type' is {model_type!r}; Kiln imports 'bert' (BERT) and "
-                              "'gpt2' (GPT-2) checkpoints only")
+        raise CheckpointError(
+            f"{where}: key 'model_type' is {model_type!r}; Kiln imports 'bert' (BERT) and "
+            "'gpt2' (GPT-2) checkpoints only"
+        )
     if owner != arch:
-        raise CheckpointError(f"{where}: model_type {model_type!r} is a {_DISPLAY[owner]} checkpoint, but a "
-                              f"{_DISPLAY[arch]} checkpoint is needed here")
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} is a {_DISPLAY[owner]} checkpoint, but a "
+            f"{_DISPLAY[arch]} checkpoint is needed here"
+        )
 
 
 # ---------------------------------------------------------------- where the files are
@@ -209,20 +270,32 @@ def resolve_source(source: str) -> Path:
 def _download(repo_id: str) -> Path:
     where = f"hf:{repo_id}: not a local directory, and"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise CheckpointError(f"{where} the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set); "
-                              "download the model elsewhere and pass its local path (hf:/path/to/model)")
+        raise CheckpointError(
+            f"{where} the Hugging Face Hub is unreachable (HF_HUB_OFFLINE is set); "
+            "download the model elsewhere and pass its local path (hf:/path/to/model)"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"{where} huggingface_hub is not installed; pass a local path") from None
+        raise CheckpointError(
+            f"{where} huggingface_hub is not installed; pass a local path"
+        ) from None
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
         if not any(path.rglob("*.safetensors")):  # an older release: pickled weights only
             snapshot_download(repo_id, allow_patterns=["*pytorch_model*.bin"])
     except Exception as e:  # huggingface_hub raises many types; all mean the same to the caller
-        unreachable = type(e).__name__ == "LocalEntryNotFoundError"  # no connection and nothing cached
-        reason = "the Hugging Face Hub is unreachable" if unreachable else f"the download failed ({type(e).__name__})"
-        raise CheckpointError(f"{where} {reason}: {_first_line(e)}; pass a local path (hf:/path/to/model)") from None
+        unreachable = (
+            type(e).__name__ == "LocalEntryNotFoundError"
+        )  # no connection and nothing cached
+        reason = (
+            "the Hugging Face Hub is unreachable"
+            if unreachable
+            else f"the download failed ({type(e).__name__})"
+        )
+        raise CheckpointError(
+            f"{where} {reason}: {_first_line(e)}; pass a local path (hf:/path/to/model)"
+        ) from None
     return path
 
 
@@ -247,9 +320,14 @@ def model_dir(root: Path) -> Path:
     modules = root / "modules.json"
     if modules.is_file():
         entries = _read_json(modules)
-        for entry in (e for e in entries if isinstance(e, dict)) if isinstance(entries, list) else ():
+        for entry in (
+            (e for e in entries if isinstance(e, dict)) if isinstance(entries, list) else ()
+        ):
             sub = root / str(entry.get("path", ""))
-            if str(entry.get("type", "")).endswith("models.Transformer") and (sub / "config.json").is_file():
+            if (
+                str(entry.get("type", "")).endswith("models.Transformer")
+                and (sub / "config.json").is_file()
+            ):
                 return sub
     raise CheckpointError(f"{root}: no config.json (not a Hugging Face model directory)")
 
@@ -272,11 +350,17 @@ def _shards(index: Path) -> list[Path]:
     doc = _read_json(index)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index}: needs a non-empty 'weight_map' of tensor name -> shard file")
+        raise CheckpointError(
+            f"{index}: needs a non-empty 'weight_map' of tensor name -> shard file"
+        )
     names = list(dict.fromkeys(str(v) for v in weight_map.values()))
-    outside = [n for n in names if Path(n).name != n]  # a shard is a sibling file, never a path elsewhere
+    outside = [
+        n for n in names if Path(n).name != n
+    ]  # a shard is a sibling file, never a path elsewhere
     if outside:
-        raise CheckpointError(f"{index}: 'weight_map' names files outside the directory: {outside[:_SHOW]}")
+        raise CheckpointError(
+            f"{index}: 'weight_map' names files outside the directory: {outside[:_SHOW]}"
+        )
     absent = [n for n in names if not (index.parent / n).is_file()]
     if absent:
         raise CheckpointError(f"{index}: shard file(s) missing: {absent[:_SHOW]}")
@@ -287,7 +371,9 @@ def _read_weight_file(file: Path) -> dict[str, Tensor]:
     try:
         if file.suffix == ".safetensors":
             return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        state = torch.load(
+            file, map_location="cpu", weights_only=True
+        )  # never unpickle arbitrary objects
     except Exception as e:  # safetensors and the restricted unpickler raise several types
         raise CheckpointError(f"{file}: cannot read weights: {_first_line(e)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -302,15 +388,20 @@ def _detect_layout(arch: str, weights: dict[str, Tensor], where: str) -> Layout:
             return layout
     for other, fam in IMPORT_FAMILIES.items():
         if other != arch and any(lay.prefix + fam.marker in weights for lay in fam.layouts):
-            raise CheckpointError(f"{where}: holds {_DISPLAY[other]} weights, but a {_DISPLAY[arch]} checkpoint "
-                                  "is needed here")
+            raise CheckpointError(
+                f"{where}: holds {_DISPLAY[other]} weights, but a {_DISPLAY[arch]} checkpoint "
+                "is needed here"
+            )
     known = [lay.prefix + family.marker for lay in family.layouts]
-    raise CheckpointError(f"{where}: not a known {_DISPLAY[arch]} layout (looked for one of {known}); "
-                          f"the file has e.g. {sorted(weights)[:_SHOW]}")
+    raise CheckpointError(
+        f"{where}: not a known {_DISPLAY[arch]} layout (looked for one of {known}); "
+        f"the file has e.g. {sorted(weights)[:_SHOW]}"
+    )
 
 
-def canonical_names(arch: str, weights: dict[str, Tensor], where: str) -> tuple[Layout, dict[str, Tensor],
-                                                                                 dict[str, str]]:
+def canonical_names(
+    arch: str, weights: dict[str, Tensor], where: str
+) -> tuple[Layout, dict[str, Tensor], dict[str, str]]:
     """The layout, the tensors under HF export names, and export name -> the name in the file (for errors)."""
     family, layout = IMPORT_FAMILIES[arch], _detect_layout(arch, weights, where)
     state: dict[str, Tensor] = {}
@@ -318,16 +409,22 @@ def canonical_names(arch: str, weights: dict[str, Tensor], where: str) -> tuple[
     for file_name, tensor in weights.items():
         # Checkpoints converted from TensorFlow (bert-base-uncased among them) name LayerNorm parameters
         # gamma/beta; transformers renames them on load, and so does this.
-        name = re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: f"LayerNorm.{_TF_LAYER_NORM[m[1]]}", file_name)
+        name = re.sub(
+            r"LayerNorm\.(gamma|beta)$", lambda m: f"LayerNorm.{_TF_LAYER_NORM[m[1]]}", file_name
+        )
         if name.startswith(layout.heads):  # str.startswith(()) is False: a layout without heads
             key = name
         elif name.startswith(layout.prefix):
-            key = family.body + name[len(layout.prefix):]
+            key = family.body + name[len(layout.prefix) :]
         else:
-            key = name  # belongs to no part of the family: reported as unexpected under its own name
+            key = (
+                name  # belongs to no part of the family: reported as unexpected under its own name
+            )
         state[key], origin[key] = tensor, file_name
     for alias, source in HF_FAMILIES[arch].hf_tied.items():
-        if alias in state and source not in state:  # a release that kept the other name of a tied pair
+        if (
+            alias in state and source not in state
+        ):  # a release that kept the other name of a tied pair
             state[source], origin[source] = state.pop(alias), origin.pop(alias)
     return layout, state, origin
 
@@ -335,31 +432,47 @@ def canonical_names(arch: str, weights: dict[str, Tensor], where: str) -> tuple[
 def _expected_shapes(arch: str, config: Any) -> dict[str, tuple[int, ...]]:
     """HF export name -> shape (Conv1D weights transposed), from a model built on the meta device."""
     kiln = build_on_meta(IMPORT_FAMILIES[arch].model_cls, config).state_dict()
-    return {r.hf: tuple(reversed(kiln[r.kiln].shape)) if r.transpose else tuple(kiln[r.kiln].shape)
-            for r in expand_key_map(arch, parse_config(arch, config))}
+    return {
+        r.hf: tuple(reversed(kiln[r.kiln].shape)) if r.transpose else tuple(kiln[r.kiln].shape)
+        for r in expand_key_map(arch, parse_config(arch, config))
+    }
 
 
-def check_tensors(arch: str, config: Any, state: dict[str, Tensor], origin: dict[str, str],
-                  where: str) -> list[str]:
+def check_tensors(
+    arch: str, config: Any, state: dict[str, Tensor], origin: dict[str, str], where: str
+) -> list[str]:
     """Names, ties and shapes against the key map of this config; returns the absent heads (export names)."""
     family, hf_family = IMPORT_FAMILIES[arch], HF_FAMILIES[arch]
     shapes = _expected_shapes(arch, config)
     for alias, source in hf_family.hf_tied.items():
         if alias in state and source in state and not torch.equal(state[alias], state[source]):
-            raise CheckpointError(f"{where}: {origin[alias]!r} differs from {origin[source]!r}; Kiln ties them "
-                                  "(an untied checkpoint, tie_word_embeddings=false, cannot be imported)")
-    present = {k for k in state if k not in hf_family.hf_tied and (k in shapes or not k.endswith(HF_BUFFER_SUFFIXES))}
+            raise CheckpointError(
+                f"{where}: {origin[alias]!r} differs from {origin[source]!r}; Kiln ties them "
+                "(an untied checkpoint, tie_word_embeddings=false, cannot be imported)"
+            )
+    present = {
+        k
+        for k in state
+        if k not in hf_family.hf_tied and (k in shapes or not k.endswith(HF_BUFFER_SUFFIXES))
+    }
     unexpected = sorted(origin[k] for k in present - shapes.keys())
     missing = [k for k in shapes if k not in present]
     fresh = [k for k in missing if k.startswith(family.fresh_ok)]
     absent = [origin.get(k, k) for k in missing if k not in fresh]
     if unexpected or absent:
-        raise CheckpointError(f"{where}: tensors do not match a {_DISPLAY[arch]} of this config.json: missing "
-                              f"{len(absent)} {absent[:_SHOW]}, unexpected {len(unexpected)} {unexpected[:_SHOW]}")
-    wrong = [f"{origin[k]}: {tuple(state[k].shape)} in the file vs {shapes[k]} from config.json"
-             for k in shapes if k in present and tuple(state[k].shape) != shapes[k]]
+        raise CheckpointError(
+            f"{where}: tensors do not match a {_DISPLAY[arch]} of this config.json: missing "
+            f"{len(absent)} {absent[:_SHOW]}, unexpected {len(unexpected)} {unexpected[:_SHOW]}"
+        )
+    wrong = [
+        f"{origin[k]}: {tuple(state[k].shape)} in the file vs {shapes[k]} from config.json"
+        for k in shapes
+        if k in present and tuple(state[k].shape) != shapes[k]
+    ]
     if wrong:
-        raise CheckpointError(f"{where}: {len(wrong)} tensor shape(s) differ from config.json: {wrong[:_SHOW]}")
+        raise CheckpointError(
+            f"{where}: {len(wrong)} tensor shape(s) differ from config.json: {wrong[:_SHOW]}"
+        )
     return fresh
 
 
@@ -368,10 +481,14 @@ def load_hf_tokenizer(directory: Path) -> tuple[Tokenizer, Path]:
     """The release's tokenizer exactly as `kiln data prepare` loads it (padding and truncation removed)."""
     file = next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
     if file is None:
-        raise CheckpointError(f"{directory}: no tokenizer ({', '.join(TOKENIZER_FILES)} + merges.txt)")
+        raise CheckpointError(
+            f"{directory}: no tokenizer ({', '.join(TOKENIZER_FILES)} + merges.txt)"
+        )
     try:
         tok = load_tokenizer(directory)
-    except Exception as e:  # DataError, or the bare Exception tokenizers raises for a malformed tokenizer.json
+    except (
+        Exception
+    ) as e:  # DataError, or the bare Exception tokenizers raises for a malformed tokenizer.json
         raise CheckpointError(f"{file}: cannot load the tokenizer: {_first_line(e)}") from None
     return tok, file
 
@@ -382,9 +499,11 @@ def rows_needed(tok: Tokenizer, rows: int, tok_file: Path, config_file: Path) ->
     vocab = tok.get_vocab(with_added_tokens=True)
     beyond = sorted((i, t) for t, i in vocab.items() if i >= rows and t not in SPECIAL_TOKENS)
     if beyond:
-        raise CheckpointError(f"{tok_file}: the tokenizer has tokens up to id {beyond[-1][0]} (e.g. {beyond[0][1]!r} "
-                              f"= {beyond[0][0]}), but {config_file} has vocab_size {rows} (embedding rows): this "
-                              "tokenizer does not belong to these weights")
+        raise CheckpointError(
+            f"{tok_file}: the tokenizer has tokens up to id {beyond[-1][0]} (e.g. {beyond[0][1]!r} "
+            f"= {beyond[0][0]}), but {config_file} has vocab_size {rows} (embedding rows): this "
+            "tokenizer does not belong to these weights"
+        )
     return max(rows, max(vocab.values()) + 1)
 
 
@@ -396,7 +515,9 @@ def import_hf(source: str, expected_family: str, *, seed: int = 0) -> ImportedMo
     another family, an unsupported config key, missing/unexpected/misshapen tensors, a tokenizer larger
     than the embedding matrix. `seed` seeds the fresh heads and rows (the global RNG is left untouched)."""
     if expected_family not in IMPORT_FAMILIES:
-        raise CheckpointError(f"expected_family {expected_family!r}: Kiln imports {sorted(IMPORT_FAMILIES)}")
+        raise CheckpointError(
+            f"expected_family {expected_family!r}: Kiln imports {sorted(IMPORT_FAMILIES)}"
+        )
     family = IMPORT_FAMILIES[expected_family]
     directory = model_dir(resolve_source(source))
     config_file = directory / "config.json"
@@ -410,15 +531,37 @@ def import_hf(source: str, expected_family: str, *, seed: int = 0) -> ImportedMo
     fresh = check_tensors(expected_family, config, state, origin, str(weights_file))
     tokenizer, tok_file = load_hf_tokenizer(directory)
     rows = rows_needed(tokenizer, config.vocab_size, tok_file, config_file)
-    model, new = _assemble(expected_family, replace(config, vocab_size=rows), state, fresh, config.vocab_size, seed,
-                           str(weights_file))
-    return ImportedModel(source=source.removeprefix(HF_PREFIX), path=directory, arch=expected_family,
-                         config=model.config, model=model, tokenizer=tokenizer, layout=layout.name,
-                         new_tensors=new, hf_config=hf_cfg)
+    model, new = _assemble(
+        expected_family,
+        replace(config, vocab_size=rows),
+        state,
+        fresh,
+        config.vocab_size,
+        seed,
+        str(weights_file),
+    )
+    return ImportedModel(
+        source=source.removeprefix(HF_PREFIX),
+        path=directory,
+        arch=expected_family,
+        config=model.config,
+        model=model,
+        tokenizer=tokenizer,
+        layout=layout.name,
+        new_tensors=new,
+        hf_config=hf_cfg,
+    )
 
 
-def _assemble(arch: str, config: Any, state: dict[str, Tensor], fresh: list[str], loaded_rows: int, seed: int,
-              where: str) -> tuple[nn.Module, list[str]]:
+def _assemble(
+    arch: str,
+    config: Any,
+    state: dict[str, Tensor],
+    fresh: list[str],
+    loaded_rows: int,
+    seed: int,
+    where: str,
+) -> tuple[nn.Module, list[str]]:
     """The Kiln model: the release's tensors, fresh ones for the absent heads and the grown vocabulary rows."""
     family = IMPORT_FAMILIES[arch]
     with torch.random.fork_rng(devices=[]):
@@ -433,22 +576,38 @@ def _assemble(arch: str, config: Any, state: dict[str, Tensor], fresh: list[str]
     for name in family.vocab_rows:
         rows = init[name].size(0)
         if name in state and rows > loaded_rows:
-            merged[name] = torch.cat([state[name].to(init[name].dtype), init[name][loaded_rows:]])  # (V+n, ...)
+            merged[name] = torch.cat(
+                [state[name].to(init[name].dtype), init[name][loaded_rows:]]
+            )  # (V+n, ...)
             new.append(f"{to_kiln[name]}[{loaded_rows}:{rows}]")
     model.load_state_dict(hf_to_kiln_state_dict(arch, config, merged, where), strict=True)
     return model.eval(), new
 
 
-def save_imported_checkpoint(imported: ImportedModel, out_dir: Path, *, overwrite: bool = False) -> Path:
+def save_imported_checkpoint(
+    imported: ImportedModel, out_dir: Path, *, overwrite: bool = False
+) -> Path:
     """Write `imported` as a Kiln checkpoint directory (model.safetensors, config.json, tokenizer.json,
     manifest.json); its manifest's job_config records where it came from and what was initialised fresh."""
-    provenance = {"imported_from": {"source": imported.source, "path": str(imported.path), "layout": imported.layout,
-                                    "new_tensors": imported.new_tensors}}
+    provenance = {
+        "imported_from": {
+            "source": imported.source,
+            "path": str(imported.path),
+            "layout": imported.layout,
+            "new_tensors": imported.new_tensors,
+        }
+    }
     with tempfile.TemporaryDirectory() as tmp:
         tok_file = Path(tmp) / TOKENIZER_FILE
         imported.tokenizer.save(str(tok_file))
-        return save_checkpoint(Path(out_dir), imported.model, imported.config, tok_file, job_config=provenance,
-                               overwrite=overwrite)
+        return save_checkpoint(
+            Path(out_dir),
+            imported.model,
+            imported.config,
+            tok_file,
+            job_config=provenance,
+            overwrite=overwrite,
+        )
 
 
 # ---------------------------------------------------------------- does the data speak the checkpoint's vocabulary?
@@ -467,7 +626,9 @@ def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
     return None
 
 
-def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str, target: bool = False) -> None:
+def check_tokenizer_matches_data(
+    checkpoint: Path, data_dir: Path, key: str, target: bool = False
+) -> None:
     """The prepared data must be tokenized with the checkpoint's vocabulary, or every id means another token.
     target: compare with the data's target-side tokenizer (target_tokenizer.json, where translation data has one)."""
     data_name, data_key = TOKENIZER_FILE, "data.tokenizer_path"
@@ -477,12 +638,18 @@ def check_tokenizer_matches_data(checkpoint: Path, data_dir: Path, key: str, tar
     if not ckpt_file.is_file():
         return  # a checkpoint saved without its tokenizer: nothing to compare against
     if not data_file.is_file():
-        raise DataDirError(f"{data_file}: missing; the data directory was not written by "
-                           "`kiln data prepare`")
+        raise DataDirError(
+            f"{data_file}: missing; the data directory was not written by `kiln data prepare`"
+        )
     same_bytes = ckpt_file.read_bytes() == data_file.read_bytes()
-    diff = None if same_bytes else tokenizer_difference(*(Tokenizer.from_file(str(f)) for f in (ckpt_file, data_file)))
+    diff = (
+        None
+        if same_bytes
+        else tokenizer_difference(*(Tokenizer.from_file(str(f)) for f in (ckpt_file, data_file)))
+    )
     if diff is not None:
         raise CheckpointError(
             f"'{key}': {ckpt_file} and {data_file} differ ({diff}), so the data's token ids do not mean what the "
             f"checkpoint learned. Prepare the data with the checkpoint's vocabulary: `kiln data prepare` with "
-            f"{data_key}={Path(checkpoint)}, and point data_dir at the result")
+            f"{data_key}={Path(checkpoint)}, and point data_dir at the result"
+        )

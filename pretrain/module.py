@@ -50,7 +50,9 @@ def require_keys(batch: dict[str, Tensor], keys: Iterable[str], who: str) -> Non
     """A clear error instead of a bare KeyError deep inside a step."""
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise KeyError(f"{who}: batch is missing {missing}; it has {sorted(batch)} (batch formats: docs/design.md)")
+        raise KeyError(
+            f"{who}: batch is missing {missing}; it has {sorted(batch)} (batch formats: docs/design.md)"
+        )
 
 
 def batch_size_of(batch: dict[str, Tensor]) -> int:
@@ -60,10 +62,14 @@ def batch_size_of(batch: dict[str, Tensor]) -> int:
 
 
 class KilnModule(L.LightningModule, ABC):
-    PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "loss"}  # perplexity key -> the loss key it is exp of
+    PERPLEXITY_OF: ClassVar[dict[str, str]] = {
+        "ppl": "loss"
+    }  # perplexity key -> the loss key it is exp of
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss",)
 
-    def __init__(self, model: nn.Module | Callable[[], nn.Module], optim_cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(
+        self, model: nn.Module | Callable[[], nn.Module], optim_cfg: OptimConfig, total_steps: int
+    ) -> None:
         super().__init__()
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
@@ -74,13 +80,17 @@ class KilnModule(L.LightningModule, ABC):
         self._build_rng = None if isinstance(model, nn.Module) else torch.get_rng_state()
         self.optim_cfg = optim_cfg
         self.total_steps = total_steps
-        self.peak_flops: float | None = None  # FLOP/s of one device; set by the launcher, None: no train/mfu
+        self.peak_flops: float | None = (
+            None  # FLOP/s of one device; set by the launcher, None: no train/mfu
+        )
         self._t_last: float | None = None
         self._tokens = 0
         self._flops = 0.0
         self._eval_sums: dict[str, Tensor] = {}
         self._eval_rows = 0
-        self.max_nonfinite_steps = 5  # consecutive non-finite losses before the run stops (trainer.max_nonfinite_steps)
+        self.max_nonfinite_steps = (
+            5  # consecutive non-finite losses before the run stops (trainer.max_nonfinite_steps)
+        )
         self.skipped_steps = 0
         self._nonfinite_run = 0
         self._drop_gradients = False  # a skip in this accumulation window: no optimizer step
@@ -118,7 +128,10 @@ class KilnModule(L.LightningModule, ABC):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
     # ---- training ----
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -127,10 +140,21 @@ class KilnModule(L.LightningModule, ABC):
             return self._skipped_step_loss(out["loss"])  # every rank agreed (see _loss_is_usable)
         n = batch_size_of(batch)
         for key, value in out.items():
-            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False, prog_bar=key in self.PROG_BAR,
-                     batch_size=n)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
-                 batch_size=n)
+            self.log(
+                f"train/{key}",
+                value.detach(),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=key in self.PROG_BAR,
+                batch_size=n,
+            )
+        self.log(
+            "train/lr",
+            self.trainer.optimizers[0].param_groups[0]["lr"],
+            on_step=True,
+            on_epoch=False,
+            batch_size=n,
+        )
         tokens = self.count_tokens(batch)
         per_token = self.flops_per_token(batch)
         self._tokens += tokens
@@ -145,22 +169,36 @@ class KilnModule(L.LightningModule, ABC):
         finite = torch.isfinite(local).float()
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
-        all_finite, value = torch.stack([finite, local]).tolist()  # one device-to-host sync per step, not two
+        all_finite, value = torch.stack(
+            [finite, local]
+        ).tolist()  # one device-to-host sync per step, not two
         if all_finite < 1:
             self.skipped_steps += 1
             self._nonfinite_run += 1
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
-            rank_zero_warn(f"step {self.global_step}: non-finite loss on some rank; optimizer step skipped "
-                           f"({self._nonfinite_run} in a row, {self.skipped_steps} in total)")
+            self.log(
+                "train/skipped_steps",
+                float(self.skipped_steps),
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+            rank_zero_warn(
+                f"step {self.global_step}: non-finite loss on some rank; optimizer step skipped "
+                f"({self._nonfinite_run} in a row, {self.skipped_steps} in total)"
+            )
             if self._nonfinite_run >= self.max_nonfinite_steps:
-                raise NonFiniteLossError(f"{self._nonfinite_run} consecutive steps had a non-finite loss (last at step "
-                                         f"{self.global_step}); stopping. Lower optim.lr, raise optim.warmup_steps or "
-                                         "check the data; trainer.max_nonfinite_steps sets the limit")
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_run} consecutive steps had a non-finite loss (last at step "
+                    f"{self.global_step}); stopping. Lower optim.lr, raise optim.warmup_steps or "
+                    "check the data; trainer.max_nonfinite_steps sets the limit"
+                )
             return False
         self._nonfinite_run = 0
         if len(self._recent) >= 20 and value > SPIKE_FACTOR * statistics.median(self._recent):
-            rank_zero_warn(f"step {self.global_step}: loss spike {value:.4g} > {SPIKE_FACTOR:g}x the running median "
-                           f"{statistics.median(self._recent):.4g}")
+            rank_zero_warn(
+                f"step {self.global_step}: loss spike {value:.4g} > {SPIKE_FACTOR:g}x the running median "
+                f"{statistics.median(self._recent):.4g}"
+            )
         self._recent.append(value)
         return True
 
@@ -199,8 +237,13 @@ class KilnModule(L.LightningModule, ABC):
             rate = self._tokens * self.trainer.world_size / seconds
             self.log("train/tokens_per_s", rate, on_step=True, on_epoch=False, batch_size=n)
             if self.peak_flops and self._flops:
-                self.log("train/mfu", self._flops / seconds / self.peak_flops, on_step=True, on_epoch=False,
-                         batch_size=n)
+                self.log(
+                    "train/mfu",
+                    self._flops / seconds / self.peak_flops,
+                    on_step=True,
+                    on_epoch=False,
+                    batch_size=n,
+                )
         self._t_last, self._tokens, self._flops = now, 0, 0.0
 
     def on_validation_start(self) -> None:
@@ -239,8 +282,9 @@ class KilnModule(L.LightningModule, ABC):
         if not self._eval_sums:
             return
         keys = sorted(self._eval_sums)
-        local = torch.stack([self._eval_sums[k] for k in keys] + [torch.tensor(float(self._eval_rows))]
-                            ).to(self.device)
+        local = torch.stack(
+            [self._eval_sums[k] for k in keys] + [torch.tensor(float(self._eval_rows))]
+        ).to(self.device)
         total = self.trainer.strategy.reduce(local, reduce_op="sum")
         means = {k: total[i] / total[-1] for i, k in enumerate(keys)}
         for ppl_key, loss_key in self.PERPLEXITY_OF.items():
@@ -255,19 +299,34 @@ class BertPretrainModule(KilnModule):
 
     PERPLEXITY_OF: ClassVar[dict[str, str]] = {"ppl": "mlm_loss"}
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "mlm_acc")
-    BATCH_KEYS: ClassVar[tuple[str, ...]] = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
-                                             "next_sentence_label")
+    BATCH_KEYS: ClassVar[tuple[str, ...]] = (
+        "input_ids",
+        "token_type_ids",
+        "attention_mask",
+        "mlm_labels",
+        "next_sentence_label",
+    )
 
-    def __init__(self, model_cfg: BertConfig, optim_cfg: OptimConfig, total_steps: int, deferred: bool = False) -> None:
+    def __init__(
+        self,
+        model_cfg: BertConfig,
+        optim_cfg: OptimConfig,
+        total_steps: int,
+        deferred: bool = False,
+    ) -> None:
         """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here."""
-        model = (lambda: BertForPreTraining(model_cfg)) if deferred else BertForPreTraining(model_cfg)
+        model = (
+            (lambda: BertForPreTraining(model_cfg)) if deferred else BertForPreTraining(model_cfg)
+        )
         super().__init__(model, optim_cfg, total_steps)
         self.model_cfg = model_cfg
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, self.BATCH_KEYS, "BertPretrainModule")
         positions = masked_positions_from_labels(batch["mlm_labels"])
-        out = self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions)
+        out = self.model(
+            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions
+        )
         metrics = mlm_nsp_loss(out, batch["mlm_labels"], batch["next_sentence_label"], positions)
         metrics["ppl"] = metrics.pop("mlm_ppl")
         return metrics
@@ -275,7 +334,9 @@ class BertPretrainModule(KilnModule):
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         tokens = int(batch["attention_mask"].sum())
         masked = int((batch["mlm_labels"] != -100).sum())
-        fraction = min(1.0, masked / max(tokens, 1))  # a label on padding would be a data bug, not a reason to stop
+        fraction = min(
+            1.0, masked / max(tokens, 1)
+        )  # a label on padding would be a data bug, not a reason to stop
         return encoder_flops_per_token(self.model_cfg, batch["input_ids"].size(1), fraction)
 
 
@@ -284,7 +345,9 @@ class GPTPretrainModule(KilnModule):
 
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss", "acc")
 
-    def __init__(self, model_cfg: GPTConfig, optim_cfg: OptimConfig, total_steps: int, deferred: bool = False) -> None:
+    def __init__(
+        self, model_cfg: GPTConfig, optim_cfg: OptimConfig, total_steps: int, deferred: bool = False
+    ) -> None:
         """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here."""
         model = (lambda: GPTLMHeadModel(model_cfg)) if deferred else GPTLMHeadModel(model_cfg)
         super().__init__(model, optim_cfg, total_steps)
@@ -292,10 +355,12 @@ class GPTPretrainModule(KilnModule):
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, ("input_ids", "labels"), "GPTPretrainModule")
-        logits, _ = self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                               document_mask=batch.get("document_mask"))
+        logits, _ = self.model(
+            batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            document_mask=batch.get("document_mask"),
+        )
         return clm_loss(logits, batch["labels"])
 
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         return decoder_flops_per_token(self.model_cfg, batch["input_ids"].size(1))
-

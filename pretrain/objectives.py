@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label value that contributes no loss (HF / PyTorch convention, docs/design.md)
+IGNORE_INDEX = (
+    -100
+)  # label value that contributes no loss (HF / PyTorch convention, docs/design.md)
 
 
 class PreTrainingLogits(Protocol):
@@ -30,14 +32,20 @@ def _token_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     batch in which no token happens to be masked gives 0 rather than NaN, without a host sync."""
     keep = targets != IGNORE_INDEX
     count = keep.sum().clamp(min=1)
-    loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / count
+    loss = (
+        F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / count
+    )
     with torch.no_grad():
         acc = ((logits.argmax(-1) == targets) & keep).sum() / count
     return loss, acc
 
 
-def mlm_nsp_loss(model_out: PreTrainingLogits, mlm_labels: Tensor, next_sentence_label: Tensor,
-                 masked_positions: Tensor | None = None) -> dict[str, Tensor]:
+def mlm_nsp_loss(
+    model_out: PreTrainingLogits,
+    mlm_labels: Tensor,
+    next_sentence_label: Tensor,
+    masked_positions: Tensor | None = None,
+) -> dict[str, Tensor]:
     """BERT's loss: mean MLM cross-entropy over masked tokens + NSP cross-entropy (unweighted sum, as BERT).
 
     model_out.mlm_logits is (N, V) when the model ran its MLM head only at `masked_positions`
@@ -48,10 +56,14 @@ def mlm_nsp_loss(model_out: PreTrainingLogits, mlm_labels: Tensor, next_sentence
     if masked_positions is not None:
         targets = mlm_labels.reshape(-1).index_select(0, masked_positions)  # (N,)
         if mlm_logits.dim() != 2 or mlm_logits.size(0) != targets.size(0):
-            raise ValueError(f"mlm_logits {tuple(mlm_logits.shape)} do not match {targets.size(0)} masked positions")
+            raise ValueError(
+                f"mlm_logits {tuple(mlm_logits.shape)} do not match {targets.size(0)} masked positions"
+            )
     else:
         if mlm_logits.shape[:-1] != mlm_labels.shape:
-            raise ValueError(f"mlm_logits {tuple(mlm_logits.shape)} do not match mlm_labels {tuple(mlm_labels.shape)}")
+            raise ValueError(
+                f"mlm_logits {tuple(mlm_logits.shape)} do not match mlm_labels {tuple(mlm_labels.shape)}"
+            )
         targets = mlm_labels.reshape(-1)
         mlm_logits = mlm_logits.reshape(-1, mlm_logits.size(-1))  # (B, T, V) -> (B*T, V)
     mlm_loss, mlm_acc = _token_ce(mlm_logits, targets)
@@ -75,5 +87,7 @@ def clm_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     logits (B, T, V), labels (B, T). Returns loss, acc, ppl (acc and ppl detached)."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
-    loss, acc = _token_ce(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))  # (B*T, V), (B*T,)
+    loss, acc = _token_ce(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1)
+    )  # (B*T, V), (B*T,)
     return {"loss": loss, "acc": acc, "ppl": torch.exp(loss.detach())}

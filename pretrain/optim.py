@@ -32,7 +32,11 @@ def _constant(progress: float) -> float:
 # Shape of the decay after warmup, as a function of progress in [0, 1] through the decay phase; one
 # per name of Schedule.
 Schedule = Literal["linear", "cosine", "constant"]
-SCHEDULES: dict[str, Callable[[float], float]] = {"linear": _linear, "cosine": _cosine, "constant": _constant}
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "linear": _linear,
+    "cosine": _cosine,
+    "constant": _constant,
+}
 
 
 @dataclass
@@ -45,7 +49,9 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: Schedule = "linear"
     min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # applied by the Trainer (gradient_clip_val), never inside a module; 0 = off
+    grad_clip: float = (
+        1.0  # applied by the Trainer (gradient_clip_val), never inside a module; 0 = off
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -92,17 +98,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             # A ZeRO-3 partition (built under zero.Init) is a flat (0,)-shaped tensor; `ds_shape` is its real shape.
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int) -> tuple[Optimizer, LRScheduler]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, total_steps: int
+) -> tuple[Optimizer, LRScheduler]:
     """AdamW + a LambdaLR to be stepped once per optimizer step (Lightning: interval "step")."""
     from torch.optim import AdamW
     from torch.optim.lr_scheduler import LambdaLR
 
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    optimizer = AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    scheduler = LambdaLR(optimizer, WarmupDecay(cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio))
+    optimizer = AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+    scheduler = LambdaLR(
+        optimizer, WarmupDecay(cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
+    )
     return optimizer, scheduler

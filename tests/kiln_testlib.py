@@ -45,9 +45,16 @@ def one_torch_thread() -> Iterator[None]:
 def fit_steps(module: L.LightningModule, batches: list[dict[str, torch.Tensor]]) -> L.Trainer:
     """A CPU Lightning fit, one step per batch (already collated): no logger, checkpoints or
     validation, and the warnings such a tiny fit raises silenced."""
-    trainer = L.Trainer(max_steps=len(batches), accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=len(batches),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*")
         trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))

@@ -104,8 +104,14 @@ class CharVocab:
             raise CheckpointError(f"{path}: character vocabulary not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a JSON character vocabulary ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != VOCAB_FORMAT or not isinstance(doc.get("chars"), list):
-            raise CheckpointError(f"{path}: not a {VOCAB_FORMAT} file (needs 'format' and a 'chars' list)")
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != VOCAB_FORMAT
+            or not isinstance(doc.get("chars"), list)
+        ):
+            raise CheckpointError(
+                f"{path}: not a {VOCAB_FORMAT} file (needs 'format' and a 'chars' list)"
+            )
         try:
             return cls(doc["chars"])
         except (TypeError, ValueError) as e:
@@ -119,9 +125,16 @@ class CharRNNLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.embed)
-        rnn_dropout = config.dropout if config.layers > 1 else 0.0  # torch warns on dropout with one layer
-        self.rnn = CELLS[config.cell](config.embed, config.hidden, num_layers=config.layers,
-                                      dropout=rnn_dropout, batch_first=True)
+        rnn_dropout = (
+            config.dropout if config.layers > 1 else 0.0
+        )  # torch warns on dropout with one layer
+        self.rnn = CELLS[config.cell](
+            config.embed,
+            config.hidden,
+            num_layers=config.layers,
+            dropout=rnn_dropout,
+            batch_first=True,
+        )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden, config.vocab_size)
 
@@ -138,15 +151,24 @@ def detach_state(state: State) -> State:
 
 
 @torch.no_grad()
-def sample_text(model: CharRNNLM, vocab: CharVocab, prompt: str, max_new_chars: int, *,
-                temperature: float = 1.0, top_k: int | None = None,
-                generator: torch.Generator | None = None) -> str:
+def sample_text(
+    model: CharRNNLM,
+    vocab: CharVocab,
+    prompt: str,
+    max_new_chars: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> str:
     """The prompt continued by `max_new_chars` sampled characters (temperature, then top-k; temperature 0 is
     greedy). The prompt must not be empty: it is the context the first sample is drawn from."""
     if not prompt:
         raise ValueError("sample_text: the prompt must hold at least one character")
     if temperature < 0 or (top_k is not None and top_k < 1):
-        raise ValueError(f"sample_text: need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        raise ValueError(
+            f"sample_text: need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

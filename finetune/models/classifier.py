@@ -30,12 +30,16 @@ from pretrain.models.bert import BertConfig, BertModel, init_bert_module
 from pretrain.models.gpt import GPTConfig, GPTModel, init_gpt_module
 
 
-def _check_head(where: str, num_labels: int, label_names: list[str], dropout_key: str, dropout: float | None) -> None:
+def _check_head(
+    where: str, num_labels: int, label_names: list[str], dropout_key: str, dropout: float | None
+) -> None:
     """Checks shared by every classifier config; `where` is the config's class name."""
     if num_labels < 2:
         raise ValueError(f"{where}.num_labels must be >= 2, got {num_labels}")
     if label_names and len(label_names) != num_labels:
-        raise ValueError(f"{where}.label_names has {len(label_names)} names for num_labels={num_labels}")
+        raise ValueError(
+            f"{where}.label_names has {len(label_names)} names for num_labels={num_labels}"
+        )
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"{where}.{dropout_key} must be in [0, 1), got {dropout}")
 
@@ -52,8 +56,13 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch; an `encoder` mapping becomes a BertConfig
-        _check_head("ClassifierConfig", self.num_labels, self.label_names, "classifier_dropout",
-                    self.classifier_dropout)
+        _check_head(
+            "ClassifierConfig",
+            self.num_labels,
+            self.label_names,
+            "classifier_dropout",
+            self.classifier_dropout,
+        )
 
 
 class EncoderClassifier(nn.Module):
@@ -63,7 +72,11 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.bert = BertModel(config.encoder)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.encoder.hidden_dropout_prob
+        p = (
+            config.classifier_dropout
+            if config.classifier_dropout is not None
+            else config.encoder.hidden_dropout_prob
+        )
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(config.encoder.hidden_size, config.num_labels)
         self._init_head()
@@ -81,16 +94,23 @@ class EncoderClassifier(nn.Module):
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
     @classmethod
-    def from_pretrained(cls, bert_ckpt: Path, num_labels: int,
-                        label_names: list[str] | None = None) -> tuple[EncoderClassifier, list[str]]:
+    def from_pretrained(
+        cls, bert_ckpt: Path, num_labels: int, label_names: list[str] | None = None
+    ) -> tuple[EncoderClassifier, list[str]]:
         """Encoder (incl. the NSP-trained pooler) from a BERT pretraining checkpoint, a fresh head.
 
         Returns the model and the names of the freshly initialised tensors (the classifier head).
         """
         bert = load_pretrained(bert_ckpt, "bert")
-        config = ClassifierConfig(encoder=bert.model_config, num_labels=num_labels, label_names=list(label_names or []))
+        config = ClassifierConfig(
+            encoder=bert.model_config, num_labels=num_labels, label_names=list(label_names or [])
+        )
         model = cls(config)
-        source = {k.removeprefix("bert."): v for k, v in bert.model.state_dict().items() if k.startswith("bert.")}
+        source = {
+            k.removeprefix("bert."): v
+            for k, v in bert.model.state_dict().items()
+            if k.startswith("bert.")
+        }
         copy_matching(model.bert, source, f"{bert_ckpt} (encoder)", lambda name: False)
         return model, [f"classifier.{name}" for name, _ in model.classifier.named_parameters()]
 
@@ -110,8 +130,13 @@ class GPTClassifierConfig:
         if self.decoder.add_cross_attention:
             # nothing to attend to: the cross-attention weights would never get a gradient (DDP waits for them)
             raise ValueError("GPTClassifierConfig.decoder.add_cross_attention must be False")
-        _check_head("GPTClassifierConfig", self.num_labels, self.label_names, "classifier_dropout",
-                    self.classifier_dropout)
+        _check_head(
+            "GPTClassifierConfig",
+            self.num_labels,
+            self.label_names,
+            "classifier_dropout",
+            self.classifier_dropout,
+        )
 
 
 class DecoderClassifier(nn.Module):
@@ -121,7 +146,11 @@ class DecoderClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = GPTModel(config.decoder)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.decoder.resid_pdrop
+        p = (
+            config.classifier_dropout
+            if config.classifier_dropout is not None
+            else config.decoder.resid_pdrop
+        )
         self.dropout = nn.Dropout(p)
         self.score = nn.Linear(config.decoder.n_embd, config.num_labels, bias=False)
         self._init_head()
@@ -147,20 +176,27 @@ class DecoderClassifier(nn.Module):
         return self.score(self.dropout(pooled))  # (B, num_labels)
 
     @classmethod
-    def from_pretrained(cls, gpt_ckpt: Path, num_labels: int,
-                        label_names: list[str] | None = None) -> tuple[DecoderClassifier, list[str]]:
+    def from_pretrained(
+        cls, gpt_ckpt: Path, num_labels: int, label_names: list[str] | None = None
+    ) -> tuple[DecoderClassifier, list[str]]:
         """Decoder from a GPT pretraining checkpoint (its `transformer.*` weights; the LM head is dropped), a
         fresh head. Returns the model and the names of the freshly initialised tensors (the head).
         """
         gpt = load_pretrained(gpt_ckpt, "gpt")
         if gpt.model_config.add_cross_attention:
-            raise CheckpointError(f"{Path(gpt_ckpt) / 'config.json'}: add_cross_attention is true; a classifier "
-                                  "needs a plain GPT (language-model) checkpoint")
-        config = GPTClassifierConfig(decoder=gpt.model_config, num_labels=num_labels,
-                                     label_names=list(label_names or []))
+            raise CheckpointError(
+                f"{Path(gpt_ckpt) / 'config.json'}: add_cross_attention is true; a classifier "
+                "needs a plain GPT (language-model) checkpoint"
+            )
+        config = GPTClassifierConfig(
+            decoder=gpt.model_config, num_labels=num_labels, label_names=list(label_names or [])
+        )
         model = cls(config)
-        source = {k.removeprefix("transformer."): v for k, v in gpt.model.state_dict().items()
-                  if k.startswith("transformer.")}
+        source = {
+            k.removeprefix("transformer."): v
+            for k, v in gpt.model.state_dict().items()
+            if k.startswith("transformer.")
+        }
         copy_matching(model.transformer, source, f"{gpt_ckpt} (decoder)", lambda name: False)
         return model, [f"score.{name}" for name, _ in model.score.named_parameters()]
 
@@ -193,11 +229,17 @@ class LSTMClassifierConfig:
         check_fields(self)  # types, arch, preset name
         for key in ("vocab_size", "embedding_dim", "hidden_size", "num_layers", "init_range"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"LSTMClassifierConfig.{key} must be > 0, got {getattr(self, key)}")
+                raise ValueError(
+                    f"LSTMClassifierConfig.{key} must be > 0, got {getattr(self, key)}"
+                )
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"LSTMClassifierConfig.pad_id must be in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_id}")
-        _check_head("LSTMClassifierConfig", self.num_labels, self.label_names, "dropout", self.dropout)
+            raise ValueError(
+                f"LSTMClassifierConfig.pad_id must be in [0, vocab_size={self.vocab_size}), "
+                f"got {self.pad_id}"
+            )
+        _check_head(
+            "LSTMClassifierConfig", self.num_labels, self.label_names, "dropout", self.dropout
+        )
 
 
 class LSTMClassifier(nn.Module):
@@ -207,8 +249,14 @@ class LSTMClassifier(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
-        self.lstm = nn.LSTM(config.embedding_dim, config.hidden_size, config.num_layers, batch_first=True,
-                            bidirectional=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.lstm = nn.LSTM(
+            config.embedding_dim,
+            config.hidden_size,
+            config.num_layers,
+            batch_first=True,
+            bidirectional=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(4 * config.hidden_size, config.num_labels)
         self.init_weights()
@@ -227,8 +275,14 @@ class LSTMClassifier(nn.Module):
         lengths = real_lengths(mask, "attention_mask")  # (B,)
         emb = self.dropout(self.embedding(input_ids))  # (B,T,E)
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.size(1))  # (B,T,2H)
+        out, _ = pad_packed_sequence(
+            self.lstm(packed)[0], batch_first=True, total_length=input_ids.size(1)
+        )  # (B,T,2H)
         real = mask.bool().unsqueeze(-1)  # (B,T,1)
         max_pool = out.masked_fill(~real, float("-inf")).amax(dim=1)  # (B,2H)
-        mean_pool = out.sum(dim=1) / lengths.unsqueeze(1).to(out.dtype)  # (B,2H); out is 0 at padding
-        return self.classifier(self.dropout(torch.cat([max_pool, mean_pool], dim=-1)))  # (B, num_labels)
+        mean_pool = out.sum(dim=1) / lengths.unsqueeze(1).to(
+            out.dtype
+        )  # (B,2H); out is 0 at padding
+        return self.classifier(
+            self.dropout(torch.cat([max_pool, mean_pool], dim=-1))
+        )  # (B, num_labels)

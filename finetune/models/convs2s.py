@@ -43,10 +43,23 @@ class ConvS2SConfig:
     arch: Literal["convs2s"] = "convs2s"
     preset: str | None = None
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(embed_dim=32, channels=64, encoder_layers=2, decoder_layers=2, kernel_size=3, max_positions=128),
+        "tiny": dict(
+            embed_dim=32,
+            channels=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            kernel_size=3,
+            max_positions=128,
+        ),
         # fairseq's fconv_iwslt_de_en: 256-wide embeddings and convs, 4 encoder and 3 decoder blocks, kernel 3
-        "small": dict(embed_dim=256, channels=256, encoder_layers=4, decoder_layers=3, kernel_size=3,
-                      max_positions=512),
+        "small": dict(
+            embed_dim=256,
+            channels=256,
+            encoder_layers=4,
+            decoder_layers=3,
+            kernel_size=3,
+            max_positions=512,
+        ),
     }
     vocab_size: int = 8000  # set from the tokenizer at launch
     pad_id: int = 0
@@ -60,12 +73,21 @@ class ConvS2SConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch, preset name
-        for key in ("vocab_size", "embed_dim", "channels", "encoder_layers", "decoder_layers", "kernel_size",
-                    "max_positions"):
+        for key in (
+            "vocab_size",
+            "embed_dim",
+            "channels",
+            "encoder_layers",
+            "decoder_layers",
+            "kernel_size",
+            "max_positions",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"ConvS2SConfig.{key} must be > 0, got {getattr(self, key)}")
         if self.kernel_size % 2 == 0:
-            raise ValueError(f"ConvS2SConfig.kernel_size must be odd (symmetric same padding), got {self.kernel_size}")
+            raise ValueError(
+                f"ConvS2SConfig.kernel_size must be odd (symmetric same padding), got {self.kernel_size}"
+            )
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(f"ConvS2SConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1")
         if not 0.0 <= self.dropout < 1.0:
@@ -74,7 +96,9 @@ class ConvS2SConfig:
 
 def _positions(start: int, length: int, max_positions: int, device: torch.device) -> Tensor:
     if start + length > max_positions:
-        raise ValueError(f"sequence of {start + length} positions exceeds ConvS2SConfig.max_positions={max_positions}")
+        raise ValueError(
+            f"sequence of {start + length} positions exceeds ConvS2SConfig.max_positions={max_positions}"
+        )
     return torch.arange(start, start + length, device=device)  # (T,)
 
 
@@ -86,7 +110,9 @@ class ConvEncoder(nn.Module):
         self.embed_positions = nn.Embedding(config.max_positions, config.embed_dim)
         self.fc1 = nn.Linear(config.embed_dim, config.channels)
         k, c = config.kernel_size, config.channels
-        self.convs = nn.ModuleList(nn.Conv1d(c, 2 * c, k, padding=k // 2) for _ in range(config.encoder_layers))
+        self.convs = nn.ModuleList(
+            nn.Conv1d(c, 2 * c, k, padding=k // 2) for _ in range(config.encoder_layers)
+        )
         self.fc2 = nn.Linear(config.channels, config.embed_dim)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -116,8 +142,9 @@ class AttentionLayer(nn.Module):
         self.in_projection = nn.Linear(channels, embed_dim)
         self.out_projection = nn.Linear(embed_dim, channels)
 
-    def forward(self, x: Tensor, target_embedding: Tensor, keys: Tensor, values: Tensor,
-                src_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, target_embedding: Tensor, keys: Tensor, values: Tensor, src_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """x (N,t,C), target_embedding (N,t,E), keys/values (N,S,E) -> (N,t,C) and the weights (N,t,S)."""
         d = (self.in_projection(x) + target_embedding) * SQRT_HALF  # (N,t,E)
         scores = d @ keys.transpose(1, 2)  # (N,t,S)
@@ -150,17 +177,22 @@ class ConvDecoder(nn.Module):
         k, c = config.kernel_size, config.channels
         # no padding here: the k-1 inputs to the left come from the cache buffers (zeros at the start)
         self.convs = nn.ModuleList(nn.Conv1d(c, 2 * c, k) for _ in range(config.decoder_layers))
-        self.attention = nn.ModuleList(AttentionLayer(c, config.embed_dim) for _ in range(config.decoder_layers))
+        self.attention = nn.ModuleList(
+            AttentionLayer(c, config.embed_dim) for _ in range(config.decoder_layers)
+        )
         self.fc2 = nn.Linear(config.channels, config.embed_dim)
         self.fc3 = nn.Linear(config.embed_dim, config.vocab_size)
         self.dropout = nn.Dropout(config.dropout)
 
     def start_cache(self, batch: int, like: Tensor) -> ConvCache:
         width = self.convs[0].in_channels
-        return ConvCache([like.new_zeros(batch, self.kernel_size - 1, width) for _ in self.convs], 0)
+        return ConvCache(
+            [like.new_zeros(batch, self.kernel_size - 1, width) for _ in self.convs], 0
+        )
 
-    def forward(self, tgt_ids: Tensor, keys: Tensor, values: Tensor, src_mask: Tensor,
-                cache: ConvCache) -> tuple[Tensor, Tensor, ConvCache]:
+    def forward(
+        self, tgt_ids: Tensor, keys: Tensor, values: Tensor, src_mask: Tensor, cache: ConvCache
+    ) -> tuple[Tensor, Tensor, ConvCache]:
         """New target ids (N,t) -> logits (N,t,V), the last block's attention (N,t,S), the updated cache."""
         pos = _positions(cache.steps, tgt_ids.size(1), self.max_positions, tgt_ids.device)
         e = self.dropout(self.embed_tokens(tgt_ids) + self.embed_positions(pos))  # (N,t,E)
@@ -170,8 +202,12 @@ class ConvDecoder(nn.Module):
         for conv, attention, buffer in zip(self.convs, self.attention, cache.buffers, strict=True):
             residual = x
             window = torch.cat([buffer, self.dropout(x)], dim=1)  # (N, k-1+t, C)
-            buffers.append(window[:, window.size(1) - keep :])  # the last k-1 inputs, for the next step
-            x = F.glu(conv(window.transpose(1, 2)), dim=1).transpose(1, 2)  # (N,C,k-1+t) -> (N,2C,t) -> (N,t,C)
+            buffers.append(
+                window[:, window.size(1) - keep :]
+            )  # the last k-1 inputs, for the next step
+            x = F.glu(conv(window.transpose(1, 2)), dim=1).transpose(
+                1, 2
+            )  # (N,C,k-1+t) -> (N,2C,t) -> (N,t,C)
             x, weights = attention(x, e, keys, values, src_mask)
             x = (x + residual) * SQRT_HALF
         x = self.dropout(self.fc2(x))  # (N,t,E)
@@ -219,11 +255,18 @@ class ConvS2S(nn.Module):
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
         keys, values = self.encode(src_ids, src_mask)
-        logits, _, _ = self.decoder(tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys))
+        logits, _, _ = self.decoder(
+            tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys)
+        )
         return logits
 
-    def decode_step(self, tgt_ids: Tensor, memory: tuple[Tensor, Tensor], src_mask: Tensor,
-                    cache: ConvCache | None) -> tuple[Tensor, ConvCache]:
+    def decode_step(
+        self,
+        tgt_ids: Tensor,
+        memory: tuple[Tensor, Tensor],
+        src_mask: Tensor,
+        cache: ConvCache | None,
+    ) -> tuple[Tensor, ConvCache]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache."""
         keys, values = memory
         if cache is None:
@@ -238,5 +281,7 @@ class ConvS2S(nn.Module):
         """The last decoder block's attention weights, teacher forced: (B,U,S); rows sum to 1 over the real
         source positions, 0 at padding. Call in eval mode (dropout would perturb it)."""
         keys, values = self.encode(src_ids, src_mask)
-        _, weights, _ = self.decoder(tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys))
+        _, weights, _ = self.decoder(
+            tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys)
+        )
         return weights

@@ -94,15 +94,20 @@ class NGramLM:
 
     def _build_vocab(self, lines: list[str]) -> None:
         freq = Counter(u for line in lines for u in split_units(line, self.unit))
-        kept = sorted((u for u, c in freq.items() if c >= self.min_count and u not in (SOS, EOS, UNK)),
-                      key=lambda u: (-freq[u], u))
+        kept = sorted(
+            (u for u, c in freq.items() if c >= self.min_count and u not in (SOS, EOS, UNK)),
+            key=lambda u: (-freq[u], u),
+        )
         self.vocab = [SOS, EOS, UNK, *kept]
         self._ids = {u: i for i, u in enumerate(self.vocab)}
 
     def encode_line(self, line: str) -> list[int]:
         """`<s>`^(order-1), the line's unit ids (unknown → `<unk>`), `</s>`."""
         ids = self._ids
-        body = [ids.get(u, UNK_ID) if u not in (SOS, EOS) else UNK_ID for u in split_units(line, self.unit)]
+        body = [
+            ids.get(u, UNK_ID) if u not in (SOS, EOS) else UNK_ID
+            for u in split_units(line, self.unit)
+        ]
         return [SOS_ID] * (self.order - 1) + body + [EOS_ID]
 
     # ------------------------------------------------------------------ fitting
@@ -116,7 +121,9 @@ class NGramLM:
         top: Counter[NGram] = Counter()
         for line in lines:
             seq = self.encode_line(line)
-            top.update(zip(*(seq[j:len(seq) - n + 1 + j] for j in range(n)), strict=True))  # every n-gram
+            top.update(
+                zip(*(seq[j : len(seq) - n + 1 + j] for j in range(n)), strict=True)
+            )  # every n-gram
         self._counts = [{} for _ in range(n)]
         self._counts[n - 1] = dict(top)
         for k in range(n - 1, 0, -1):
@@ -144,7 +151,7 @@ class NGramLM:
         """P(w | the last order-1 ids of `context`), interpolated from order 1 up."""
         p = 1.0 / self.vocab_size
         for k in range(1, self.order + 1):
-            h = context[len(context) - k + 1:] if k > 1 else ()
+            h = context[len(context) - k + 1 :] if k > 1 else ()
             stats = self._contexts[k - 1].get(h)
             if stats is None:  # an unseen context at order k is unseen at every higher order too
                 break
@@ -156,8 +163,11 @@ class NGramLM:
         return p
 
     def _context_ids(self, context: Sequence[str]) -> NGram:
-        ids = [self._ids.get(u, UNK_ID) if u != SOS else SOS_ID for u in context][-(self.order - 1):] \
-            if self.order > 1 else []
+        ids = (
+            [self._ids.get(u, UNK_ID) if u != SOS else SOS_ID for u in context][-(self.order - 1) :]
+            if self.order > 1
+            else []
+        )
         return tuple([SOS_ID] * (self.order - 1 - len(ids)) + ids)
 
     def prob(self, word: str, context: Sequence[str] = ()) -> float:
@@ -179,7 +189,7 @@ class NGramLM:
         for line in lines:
             seq = self.encode_line(line)
             for i in range(m, len(seq)):
-                nll -= math.log(self._prob(tuple(seq[i - m:i]), seq[i]))
+                nll -= math.log(self._prob(tuple(seq[i - m : i]), seq[i]))
             count += len(seq) - m
         return nll, count
 
@@ -187,7 +197,11 @@ class NGramLM:
         """How many units of `lines` the model reads as `<unk>` without them being the literal `<unk>`: it pays
         only P(<unk>) for these, not for their spelling, which flatters its per-character figure."""
         self._require_fitted()
-        return sum(u not in self._ids or u in (SOS, EOS) for line in lines for u in split_units(line, self.unit))
+        return sum(
+            u not in self._ids or u in (SOS, EOS)
+            for line in lines
+            for u in split_units(line, self.unit)
+        )
 
     def _require_fitted(self) -> None:
         if not self.fitted:
@@ -197,12 +211,20 @@ class NGramLM:
     def save(self, path: str | Path) -> Path:
         """Write the vocabulary and the adjusted counts of every order as JSON; discounts are re-derived."""
         self._require_fitted()
-        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "order": self.order, "unit": self.unit,
-               "min_count": self.min_count, "vocab": self.vocab,
-               "counts": [[[*gram, c] for gram, c in counts.items()] for counts in self._counts]}
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "order": self.order,
+            "unit": self.unit,
+            "min_count": self.min_count,
+            "vocab": self.vocab,
+            "counts": [[[*gram, c] for gram, c in counts.items()] for counts in self._counts],
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+        path.write_text(
+            json.dumps(doc, ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+        )
         return path
 
     @classmethod
@@ -223,8 +245,10 @@ class NGramLM:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: malformed n-gram model: {e!r}") from None
         if model.vocab[:3] != [SOS, EOS, UNK] or len(model._counts) != model.order:
-            raise CheckpointError(f"{path}: vocabulary must start with {[SOS, EOS, UNK]} and 'counts' hold "
-                                  f"{model.order} orders")
+            raise CheckpointError(
+                f"{path}: vocabulary must start with {[SOS, EOS, UNK]} and 'counts' hold "
+                f"{model.order} orders"
+            )
         model._ids = {u: i for i, u in enumerate(model.vocab)}
         model._index()
         return model

@@ -30,7 +30,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from data_pipeline.configlib import check_fields
 
 Attention = Literal["bahdanau", "luong_dot", "luong_general"]
-RNNMemory = tuple[Tensor, Tensor, Tensor]  # encoder states (B,S,H), h0 (B,L,H), c0 (B,L,H): batch in dim 0
+RNNMemory = tuple[
+    Tensor, Tensor, Tensor
+]  # encoder states (B,S,H), h0 (B,L,H), c0 (B,L,H): batch in dim 0
 
 
 @dataclass
@@ -53,32 +55,46 @@ class RNNSeq2SeqConfig:
     vocab_size: int = 8000
     pad_id: int = 0
     embedding_dim: int = 256
-    hidden_size: int = 256  # decoder width, each encoder direction's width, and the width of the encoder states
-    num_layers: int = 2  # encoder and decoder alike, so the encoder's final state maps layer to layer
+    hidden_size: int = (
+        256  # decoder width, each encoder direction's width, and the width of the encoder states
+    )
+    num_layers: int = (
+        2  # encoder and decoder alike, so the encoder's final state maps layer to layer
+    )
     bidirectional: bool = True  # encoder only; final states bridged to hidden_size by linear + tanh
     dropout: float = 0.2  # embeddings, between LSTM layers, and before the output projection
-    tie_embeddings: bool = True  # output projection = embedding matrix; needs embedding_dim == hidden_size
-    init_range: float = 0.1  # every weight ~ U(-r, r), as Sutskever et al. (0.08) and Luong et al. (0.1)
+    tie_embeddings: bool = (
+        True  # output projection = embedding matrix; needs embedding_dim == hidden_size
+    )
+    init_range: float = (
+        0.1  # every weight ~ U(-r, r), as Sutskever et al. (0.08) and Luong et al. (0.1)
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, choices, preset name
         if self.arch == "lstm" and self.attention is not None:
-            raise ValueError(f"RNNSeq2SeqConfig.attention={self.attention!r} needs arch 'lstm_attention' (arch 'lstm' "
-                             "decodes from the final encoder state only)")
+            raise ValueError(
+                f"RNNSeq2SeqConfig.attention={self.attention!r} needs arch 'lstm_attention' (arch 'lstm' "
+                "decodes from the final encoder state only)"
+            )
         if self.arch == "lstm_attention":
             self.attention = self.attention or "bahdanau"
         for key in ("vocab_size", "embedding_dim", "hidden_size", "num_layers"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"RNNSeq2SeqConfig.{key} must be > 0, got {getattr(self, key)}")
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"RNNSeq2SeqConfig.pad_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}")
+            raise ValueError(
+                f"RNNSeq2SeqConfig.pad_id must be in [0, vocab_size={self.vocab_size}), got {self.pad_id}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"RNNSeq2SeqConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.init_range <= 0:
             raise ValueError(f"RNNSeq2SeqConfig.init_range must be > 0, got {self.init_range}")
         if self.tie_embeddings and self.embedding_dim != self.hidden_size:
-            raise ValueError(f"RNNSeq2SeqConfig.tie_embeddings needs embedding_dim == hidden_size, got "
-                             f"{self.embedding_dim} and {self.hidden_size} (set tie_embeddings: false)")
+            raise ValueError(
+                f"RNNSeq2SeqConfig.tie_embeddings needs embedding_dim == hidden_size, got "
+                f"{self.embedding_dim} and {self.hidden_size} (set tie_embeddings: false)"
+            )
 
 
 @dataclass
@@ -88,14 +104,22 @@ class LSTMCache:
     h: Tensor  # (L, N, H) hidden state per layer (nn.LSTM's layout)
     c: Tensor  # (L, N, H) cell state per layer
     feed: Tensor | None = None  # (N, H) Luong: the last attentional vector h~ (input feeding)
-    keys: Tensor | None = None  # (N, S, H) attention keys of the encoder states, computed once per source
+    keys: Tensor | None = (
+        None  # (N, S, H) attention keys of the encoder states, computed once per source
+    )
 
     def index_select(self, index: Tensor) -> LSTMCache:
         """Rows `index` of the batch (beam search reorders hypotheses this way)."""
+
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.index_select(0, index)
-        return LSTMCache(self.h.index_select(1, index), self.c.index_select(1, index), pick(self.feed),
-                         pick(self.keys))
+
+        return LSTMCache(
+            self.h.index_select(1, index),
+            self.c.index_select(1, index),
+            pick(self.feed),
+            pick(self.keys),
+        )
 
 
 def real_lengths(mask: Tensor, name: str) -> Tensor:
@@ -106,16 +130,26 @@ def real_lengths(mask: Tensor, name: str) -> Tensor:
     """
     lengths = mask.long().sum(dim=1)  # (B,)
     if bool((lengths == 0).any()):
-        raise ValueError(f"{name} has rows without a real token: {(lengths == 0).nonzero().flatten().tolist()}")
+        raise ValueError(
+            f"{name} has rows without a real token: {(lengths == 0).nonzero().flatten().tolist()}"
+        )
     prefix = torch.arange(mask.size(1), device=mask.device) < lengths.unsqueeze(1)  # (B,T)
     if not torch.equal(prefix, mask.bool()):
-        raise ValueError(f"{name} must be right-padded (1 = real token, then only 0s), as the loader builds it")
+        raise ValueError(
+            f"{name} must be right-padded (1 = real token, then only 0s), as the loader builds it"
+        )
     return lengths
 
 
 def _lstm(input_size: int, config: RNNSeq2SeqConfig, bidirectional: bool = False) -> nn.LSTM:
-    return nn.LSTM(input_size, config.hidden_size, config.num_layers, batch_first=True, bidirectional=bidirectional,
-                   dropout=config.dropout if config.num_layers > 1 else 0.0)
+    return nn.LSTM(
+        input_size,
+        config.hidden_size,
+        config.num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        dropout=config.dropout if config.num_layers > 1 else 0.0,
+    )
 
 
 class LSTMEncoder(nn.Module):
@@ -127,7 +161,9 @@ class LSTMEncoder(nn.Module):
         H, D = config.hidden_size, 2 if config.bidirectional else 1
         self.bridge_h: nn.Module = nn.Linear(D * H, H) if D == 2 else nn.Identity()
         self.bridge_c: nn.Module = nn.Linear(D * H, H) if D == 2 else nn.Identity()
-        self.proj: nn.Module = nn.Linear(D * H, H) if D == 2 else nn.Identity()  # states to the decoder's width
+        self.proj: nn.Module = (
+            nn.Linear(D * H, H) if D == 2 else nn.Identity()
+        )  # states to the decoder's width
 
     def forward(self, emb: Tensor, src_mask: Tensor) -> RNNMemory:
         B, S, _ = emb.shape
@@ -142,7 +178,9 @@ class LSTMEncoder(nn.Module):
         c = c.view(L, D, B, -1).permute(2, 0, 1, 3).reshape(B, L, -1)  # (L*D,B,H) -> (B,L,D*H)
         if D == 2:
             h, c = torch.tanh(self.bridge_h(h)), torch.tanh(self.bridge_c(c))  # (B,L,H)
-        states = self.proj(out).masked_fill(~src_mask.bool().unsqueeze(-1), 0.0)  # (B,S,H), 0 at padding
+        states = self.proj(out).masked_fill(
+            ~src_mask.bool().unsqueeze(-1), 0.0
+        )  # (B,S,H), 0 at padding
         return states, h, c
 
 
@@ -157,7 +195,9 @@ def _attend(weights: Tensor, values: Tensor) -> Tensor:
 
 def _initial_cache(memory: RNNMemory) -> LSTMCache:
     _, h0, c0 = memory
-    return LSTMCache(h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous())  # (B,L,H) -> (L,B,H)
+    return LSTMCache(
+        h0.transpose(0, 1).contiguous(), c0.transpose(0, 1).contiguous()
+    )  # (B,L,H) -> (L,B,H)
 
 
 class PlainDecoder(nn.Module):
@@ -170,8 +210,9 @@ class PlainDecoder(nn.Module):
     def start(self, memory: RNNMemory) -> LSTMCache:
         return _initial_cache(memory)
 
-    def forward(self, emb: Tensor, memory: RNNMemory, src_mask: Tensor,
-                cache: LSTMCache) -> tuple[Tensor, LSTMCache, Tensor | None]:
+    def forward(
+        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+    ) -> tuple[Tensor, LSTMCache, Tensor | None]:
         """emb (N,t,E) -> (pre-output states (N,t,H), cache, no attention)."""
         out, (h, c) = self.lstm(emb, (cache.h, cache.c))  # (N,t,H)
         return out, LSTMCache(h, c), None
@@ -191,11 +232,14 @@ class BahdanauDecoder(nn.Module):
 
     def start(self, memory: RNNMemory) -> LSTMCache:
         cache = _initial_cache(memory)
-        cache.keys = self.key(memory[0])  # (B,S,H): U_a h_j does not depend on the decoder, so once per source
+        cache.keys = self.key(
+            memory[0]
+        )  # (B,S,H): U_a h_j does not depend on the decoder, so once per source
         return cache
 
-    def forward(self, emb: Tensor, memory: RNNMemory, src_mask: Tensor,
-                cache: LSTMCache) -> tuple[Tensor, LSTMCache, Tensor]:
+    def forward(
+        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+    ) -> tuple[Tensor, LSTMCache, Tensor]:
         """emb (N,t,E) -> (pre-output states (N,t,H), cache, alignment weights (N,t,S))."""
         values, keys = memory[0], cache.keys
         assert keys is not None  # start() sets them
@@ -204,7 +248,9 @@ class BahdanauDecoder(nn.Module):
         outs, weights = [], []
         for i in range(emb.size(1)):
             y = emb[:, i]  # (N,E)
-            scores = self.energy(torch.tanh(self.query(h[-1]).unsqueeze(1) + keys)).squeeze(-1)  # (N,S)
+            scores = self.energy(torch.tanh(self.query(h[-1]).unsqueeze(1) + keys)).squeeze(
+                -1
+            )  # (N,S)
             w = masked_softmax(scores, src_mask)
             ctx = _attend(w, values)  # (N,H)
             s, (h, c) = self.lstm(torch.cat([y, ctx], dim=-1).unsqueeze(1), (h, c))  # s (N,1,H)
@@ -222,7 +268,9 @@ class LuongDecoder(nn.Module):
         H, E = config.hidden_size, config.embedding_dim
         self.lstm = _lstm(E + H, config)
         # "general": score = h_t^T W_a h_s, i.e. h_t . (W_a h_s), so the keys W_a h_s are computed once per source
-        self.score: nn.Module = nn.Linear(H, H, bias=False) if config.attention == "luong_general" else nn.Identity()
+        self.score: nn.Module = (
+            nn.Linear(H, H, bias=False) if config.attention == "luong_general" else nn.Identity()
+        )
         self.combine = nn.Linear(2 * H, H, bias=False)  # W_c
 
     def start(self, memory: RNNMemory) -> LSTMCache:
@@ -231,21 +279,30 @@ class LuongDecoder(nn.Module):
         cache.feed = memory[0].new_zeros(memory[0].size(0), memory[0].size(2))  # h~_0 = 0
         return cache
 
-    def forward(self, emb: Tensor, memory: RNNMemory, src_mask: Tensor,
-                cache: LSTMCache) -> tuple[Tensor, LSTMCache, Tensor]:
+    def forward(
+        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+    ) -> tuple[Tensor, LSTMCache, Tensor]:
         """emb (N,t,E) -> (attentional states h~ (N,t,H), cache, alignment weights (N,t,S))."""
         values, keys, feed = memory[0], cache.keys, cache.feed
         assert keys is not None and feed is not None  # start() sets them
         h, c = cache.h, cache.c
         outs, weights = [], []
         for i in range(emb.size(1)):
-            s, (h, c) = self.lstm(torch.cat([emb[:, i], feed], dim=-1).unsqueeze(1), (h, c))  # s (N,1,H)
+            s, (h, c) = self.lstm(
+                torch.cat([emb[:, i], feed], dim=-1).unsqueeze(1), (h, c)
+            )  # s (N,1,H)
             scores = torch.bmm(keys, s.transpose(1, 2)).squeeze(-1)  # (N,S,H) @ (N,H,1) -> (N,S)
             w = masked_softmax(scores, src_mask)
-            feed = torch.tanh(self.combine(torch.cat([_attend(w, values), s[:, 0]], dim=-1)))  # h~_t (N,H)
+            feed = torch.tanh(
+                self.combine(torch.cat([_attend(w, values), s[:, 0]], dim=-1))
+            )  # h~_t (N,H)
             outs.append(feed)
             weights.append(w)
-        return torch.stack(outs, dim=1), LSTMCache(h, c, feed=feed, keys=keys), torch.stack(weights, dim=1)
+        return (
+            torch.stack(outs, dim=1),
+            LSTMCache(h, c, feed=feed, keys=keys),
+            torch.stack(weights, dim=1),
+        )
 
 
 # The decoder a config builds: "lstm" for the plain arch, else the attention name.
@@ -293,8 +350,9 @@ class RNNSeq2Seq(nn.Module):
         """(B,S) right-padded source -> (encoder states (B,S,H), h0 (B,L,H), c0 (B,L,H))."""
         return self.encoder(self.dropout(self.embedding(src_ids)), src_mask)
 
-    def _decode(self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor,
-                cache: LSTMCache) -> tuple[Tensor, LSTMCache, Tensor | None]:
+    def _decode(
+        self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+    ) -> tuple[Tensor, LSTMCache, Tensor | None]:
         emb = self.dropout(self.embedding(tgt_ids))  # (N,t,E)
         states, cache, weights = self.decoder(emb, memory, src_mask, cache)  # (N,t,H)
         return self.out(self.dropout(states)), cache, weights  # (N,t,V)
@@ -305,8 +363,9 @@ class RNNSeq2Seq(nn.Module):
         logits, _, _ = self._decode(tgt_in, memory, src_mask, self.decoder.start(memory))
         return logits
 
-    def decode_step(self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor,
-                    cache: LSTMCache | None) -> tuple[Tensor, LSTMCache]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache | None
+    ) -> tuple[Tensor, LSTMCache]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache."""
         if cache is None:
             cache = self.decoder.start(memory)
@@ -319,8 +378,10 @@ class RNNSeq2Seq(nn.Module):
     def cross_attention(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced alignment weights (B,U,S): rows sum to 1 over real source tokens, 0 at padding."""
         if self.config.arch == "lstm":
-            raise ValueError("arch 'lstm' has no attention to show: its decoder sees only the final encoder state "
-                             "(use arch 'lstm_attention')")
+            raise ValueError(
+                "arch 'lstm' has no attention to show: its decoder sees only the final encoder state "
+                "(use arch 'lstm_attention')"
+            )
         memory = self.encode(src_ids, src_mask)
         _, _, weights = self._decode(tgt_in, memory, src_mask, self.decoder.start(memory))
         assert weights is not None  # every attention decoder returns them

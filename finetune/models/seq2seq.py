@@ -46,8 +46,10 @@ class Seq2SeqConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch; `encoder` / `decoder` mappings become their configs
         if not self.decoder.add_cross_attention:
-            raise ValueError("Seq2SeqConfig.decoder.add_cross_attention must be True (the decoder attends to the "
-                             "encoder through it)")
+            raise ValueError(
+                "Seq2SeqConfig.decoder.add_cross_attention must be True (the decoder attends to the "
+                "encoder through it)"
+            )
 
 
 def _is_fresh_decoder_tensor(name: str) -> bool:
@@ -71,7 +73,9 @@ class WarmStartedSeq2Seq(nn.Module):
             p.requires_grad_(False)
         enc_width, dec_width = config.encoder.hidden_size, config.decoder.n_embd
         # HF EncoderDecoderModel's name for the same projection.
-        self.enc_to_dec_proj: nn.Module = nn.Linear(enc_width, dec_width) if enc_width != dec_width else nn.Identity()
+        self.enc_to_dec_proj: nn.Module = (
+            nn.Linear(enc_width, dec_width) if enc_width != dec_width else nn.Identity()
+        )
         self.decoder = GPTLMHeadModel(config.decoder)
         self._init_projection()
 
@@ -92,18 +96,26 @@ class WarmStartedSeq2Seq(nn.Module):
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
         memory = self.encode(src_ids, src_mask)
-        logits, _ = self.decoder(tgt_in, encoder_hidden_states=memory, encoder_attention_mask=src_mask)
+        logits, _ = self.decoder(
+            tgt_in, encoder_hidden_states=memory, encoder_attention_mask=src_mask
+        )
         return logits
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor,
-                    cache: list[KVCache] | None) -> tuple[Tensor, list[KVCache]]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[KVCache] | None
+    ) -> tuple[Tensor, list[KVCache]]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache.
 
         The first call (cache None) projects `memory` to cross-attention keys/values once per block; the
         cache carries them, so later steps only run the new token's self-attention over the cached keys.
         """
-        logits, presents = self.decoder(tgt_ids, past_key_values=cache, encoder_hidden_states=memory,
-                                        encoder_attention_mask=src_mask, use_cache=True)
+        logits, presents = self.decoder(
+            tgt_ids,
+            past_key_values=cache,
+            encoder_hidden_states=memory,
+            encoder_attention_mask=src_mask,
+            use_cache=True,
+        )
         assert presents is not None  # use_cache=True always returns the cache
         return logits[:, -1], presents  # (N,t,V) -> (N,V)
 
@@ -131,8 +143,9 @@ class WarmStartedSeq2Seq(nn.Module):
         return seen[0].mean(dim=1)  # (B, nh, U, S) -> (B, U, S)
 
     @classmethod
-    def from_pretrained(cls, bert_ckpt: Path, gpt_ckpt: Path,
-                        data_dir: Path | None = None) -> tuple[WarmStartedSeq2Seq, list[str]]:
+    def from_pretrained(
+        cls, bert_ckpt: Path, gpt_ckpt: Path, data_dir: Path | None = None
+    ) -> tuple[WarmStartedSeq2Seq, list[str]]:
         """Encoder from a BERT pretraining checkpoint (its `bert.*` weights; the MLM/NSP heads are dropped),
         decoder from a GPT checkpoint; cross-attention (and the projection) initialised fresh.
 
@@ -142,12 +155,19 @@ class WarmStartedSeq2Seq(nn.Module):
         """
         bert, gpt = load_pretrained(bert_ckpt, "bert"), load_pretrained(gpt_ckpt, "gpt")
         check_tokenizers(bert, gpt, data_dir)
-        config = Seq2SeqConfig(encoder=bert.model_config, decoder=replace(gpt.model_config, add_cross_attention=True))
+        config = Seq2SeqConfig(
+            encoder=bert.model_config, decoder=replace(gpt.model_config, add_cross_attention=True)
+        )
         model = cls(config)
-        enc_source = {k.removeprefix("bert."): v for k, v in bert.model.state_dict().items() if k.startswith("bert.")}
+        enc_source = {
+            k.removeprefix("bert."): v
+            for k, v in bert.model.state_dict().items()
+            if k.startswith("bert.")
+        }
         copy_matching(model.encoder, enc_source, f"{bert_ckpt} (encoder)", lambda name: False)
-        new = copy_matching(model.decoder, gpt.model.state_dict(), f"{gpt_ckpt} (decoder)", _is_fresh_decoder_tensor)
+        new = copy_matching(
+            model.decoder, gpt.model.state_dict(), f"{gpt_ckpt} (decoder)", _is_fresh_decoder_tensor
+        )
         new = [f"decoder.{name}" for name in new]
         new += [f"enc_to_dec_proj.{name}" for name, _ in model.enc_to_dec_proj.named_parameters()]
         return model, new
-

@@ -35,11 +35,22 @@ class TransformerConfig:
     arch: Literal["transformer"] = "transformer"
     preset: str | None = None
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2, max_positions=128),
+        "tiny": dict(
+            d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2, max_positions=128
+        ),
         # trains on Multi30k on a 2-core CPU in ~20 minutes
-        "small": dict(d_model=256, n_heads=4, d_ff=1024, encoder_layers=3, decoder_layers=3, max_positions=512),
+        "small": dict(
+            d_model=256, n_heads=4, d_ff=1024, encoder_layers=3, decoder_layers=3, max_positions=512
+        ),
         # Vaswani et al. 2017, Table 3 "base"
-        "base": dict(d_model=512, n_heads=8, d_ff=2048, encoder_layers=6, decoder_layers=6, max_positions=1024),
+        "base": dict(
+            d_model=512,
+            n_heads=8,
+            d_ff=2048,
+            encoder_layers=6,
+            decoder_layers=6,
+            max_positions=1024,
+        ),
     }
     vocab_size: int = 8000  # set from the tokenizer at launch
     pad_id: int = 0
@@ -57,19 +68,35 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, choices, preset name
-        for key in ("vocab_size", "d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
+        for key in (
+            "vocab_size",
+            "d_model",
+            "n_heads",
+            "d_ff",
+            "encoder_layers",
+            "decoder_layers",
+            "max_positions",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"TransformerConfig.{key} must be > 0, got {getattr(self, key)}")
         if self.d_model % self.n_heads != 0:
-            raise ValueError(f"TransformerConfig.d_model ({self.d_model}) must be divisible by "
-                             f"n_heads ({self.n_heads})")
+            raise ValueError(
+                f"TransformerConfig.d_model ({self.d_model}) must be divisible by "
+                f"n_heads ({self.n_heads})"
+            )
         if self.positions == "sinusoidal" and self.d_model % 2 != 0:
-            raise ValueError(f"TransformerConfig.d_model ({self.d_model}) must be even for sinusoidal positions")
+            raise ValueError(
+                f"TransformerConfig.d_model ({self.d_model}) must be even for sinusoidal positions"
+            )
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(f"TransformerConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1")
+            raise ValueError(
+                f"TransformerConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1"
+            )
         for key in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
-                raise ValueError(f"TransformerConfig.{key} must be in [0, 1), got {getattr(self, key)}")
+                raise ValueError(
+                    f"TransformerConfig.{key} must be in [0, 1), got {getattr(self, key)}"
+                )
 
 
 def sinusoids(positions: Tensor, dim: int) -> Tensor:
@@ -78,10 +105,14 @@ def sinusoids(positions: Tensor, dim: int) -> Tensor:
     Computed for the positions asked for rather than kept in a buffer: a decode step needs one row, and there is
     nothing to materialise after a meta-device build.
     """
-    inv_freq = torch.exp(torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
-                         * (-math.log(10000.0) / dim))  # (dim/2,)
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32)
+        * (-math.log(10000.0) / dim)
+    )  # (dim/2,)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).view(positions.numel(), dim)  # (T, dim/2, 2) -> (T, dim)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).view(
+        positions.numel(), dim
+    )  # (T, dim/2, 2) -> (T, dim)
 
 
 class PositionalEmbedding(nn.Module):
@@ -91,14 +122,22 @@ class PositionalEmbedding(nn.Module):
         super().__init__()
         self.dim = config.d_model
         self.max_positions = config.max_positions
-        self.table = nn.Embedding(config.max_positions, config.d_model) if config.positions == "learned" else None
+        self.table = (
+            nn.Embedding(config.max_positions, config.d_model)
+            if config.positions == "learned"
+            else None
+        )
 
     def forward(self, start: int, length: int, device: torch.device) -> Tensor:
         if start + length > self.max_positions:
-            raise ValueError(f"sequence of {start + length} positions exceeds TransformerConfig.max_positions="
-                             f"{self.max_positions}")
+            raise ValueError(
+                f"sequence of {start + length} positions exceeds TransformerConfig.max_positions="
+                f"{self.max_positions}"
+            )
         positions = torch.arange(start, start + length, device=device)  # (T,)
-        return self.table(positions) if self.table is not None else sinusoids(positions, self.dim)  # (T, C)
+        return (
+            self.table(positions) if self.table is not None else sinusoids(positions, self.dim)
+        )  # (T, C)
 
 
 def _heads(x: Tensor, n_heads: int) -> Tensor:
@@ -127,11 +166,15 @@ class MultiHeadAttention(nn.Module):
         """(B, S, C) -> keys, values, each (B, nh, S, hs)."""
         return _heads(self.k_proj(x), self.n_heads), _heads(self.v_proj(x), self.n_heads)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False
+    ) -> Tensor:
         """Queries from x (B, T, C) over k, v (B, nh, S, hs); mask broadcasts to (B, nh, T, S), True = may attend."""
         q = _heads(self.q_proj(x), self.n_heads)  # (B, nh, T, hs)
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
         return self.out_proj(_merge_heads(y))  # (B, T, C)
 
     def probabilities(self, x: Tensor, k: Tensor, mask: Tensor) -> Tensor:
@@ -196,7 +239,9 @@ class LayerCache:
     cross_v: Tensor  # (N, nh, S, hs)
 
     def index_select(self, index: Tensor) -> LayerCache:
-        return LayerCache(*(t.index_select(0, index) for t in (self.k, self.v, self.cross_k, self.cross_v)))
+        return LayerCache(
+            *(t.index_select(0, index) for t in (self.k, self.v, self.cross_k, self.cross_v))
+        )
 
 
 def _causal_mask(new: int, past: int, device: torch.device) -> tuple[Tensor | None, bool]:
@@ -207,7 +252,9 @@ def _causal_mask(new: int, past: int, device: torch.device) -> tuple[Tensor | No
         return None, True
     # is_causal aligns the triangle top-left (query i sees keys 0..i), wrong after `past` cached keys:
     # query i sits at absolute position past+i and must see keys 0..past+i.
-    return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False  # (T, P+T)
+    return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(
+        diagonal=past
+    ), False  # (T, P+T)
 
 
 class DecoderLayer(_Residuals):
@@ -227,23 +274,37 @@ class DecoderLayer(_Residuals):
         past = cache.k.size(2)
         k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (N, nh, P+T, hs)
         mask, is_causal = _causal_mask(x.size(1), past, x.device)
-        return self.add_residual(x, self.self_attn(h, k, v, mask, is_causal), self.self_attn_norm), k, v
+        return (
+            self.add_residual(x, self.self_attn(h, k, v, mask, is_causal), self.self_attn_norm),
+            k,
+            v,
+        )
 
-    def forward(self, x: Tensor, cache: LayerCache, src_key_mask: Tensor) -> tuple[Tensor, LayerCache]:
+    def forward(
+        self, x: Tensor, cache: LayerCache, src_key_mask: Tensor
+    ) -> tuple[Tensor, LayerCache]:
         x, k, v = self.self_attention(x, cache)
-        c = self.cross_attn(self.sublayer_input(x, self.cross_attn_norm), cache.cross_k, cache.cross_v, src_key_mask)
+        c = self.cross_attn(
+            self.sublayer_input(x, self.cross_attn_norm), cache.cross_k, cache.cross_v, src_key_mask
+        )
         x = self.add_residual(x, c, self.cross_attn_norm)
         x = self.add_residual(x, self.ffn(self.sublayer_input(x, self.ffn_norm)), self.ffn_norm)
         return x, LayerCache(k, v, cache.cross_k, cache.cross_v)
 
 
 def _key_mask(src_mask: Tensor) -> Tensor:
-    return src_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padded source positions are never attended
+    return src_mask.bool()[
+        :, None, None, :
+    ]  # (B, S) -> (B, 1, 1, S): padded source positions are never attended
 
 
 def _final_norm(config: TransformerConfig) -> nn.Module:
     """Pre-LN leaves the residual stream unnormalised, so each stack ends in a LayerNorm; post-LN already has one."""
-    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.norm_first else nn.Identity()
+    return (
+        nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        if config.norm_first
+        else nn.Identity()
+    )
 
 
 class TransformerSeq2Seq(nn.Module):
@@ -257,14 +318,20 @@ class TransformerSeq2Seq(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.embed_tokens = nn.Embedding(config.vocab_size, d)  # source, target and output projection (§3.4)
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, d
+        )  # source, target and output projection (§3.4)
         self.embed_scale = math.sqrt(d)
         self.dropout = nn.Dropout(config.dropout)
         self.encoder_positions = PositionalEmbedding(config)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(config) for _ in range(config.encoder_layers)
+        )
         self.encoder_norm = _final_norm(config)
         self.decoder_positions = PositionalEmbedding(config)
-        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(config) for _ in range(config.decoder_layers)
+        )
         self.decoder_norm = _final_norm(config)
         self.init_weights()
 
@@ -299,15 +366,23 @@ class TransformerSeq2Seq(nn.Module):
     def _start_cache(self, memory: Tensor) -> list[LayerCache]:
         """Empty self-attention state and the cross-attention keys/values of `memory`, once per layer."""
         n, _, d = memory.shape
-        empty = memory.new_zeros(n, self.config.n_heads, 0, d // self.config.n_heads)  # (N, nh, 0, hs)
-        return [LayerCache(empty, empty, *layer.cross_attn.keys_values(memory)) for layer in self.decoder_layers]
+        empty = memory.new_zeros(
+            n, self.config.n_heads, 0, d // self.config.n_heads
+        )  # (N, nh, 0, hs)
+        return [
+            LayerCache(empty, empty, *layer.cross_attn.keys_values(memory))
+            for layer in self.decoder_layers
+        ]
 
-    def _decode(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor,
-                cache: list[LayerCache] | None) -> tuple[Tensor, list[LayerCache]]:
+    def _decode(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[LayerCache] | None
+    ) -> tuple[Tensor, list[LayerCache]]:
         """Decoder hidden states (N,t,C) of the new target ids, and the cache including them."""
         if cache is None:
             cache = self._start_cache(memory)
-        x = self._embed(tgt_ids, cache[0].k.size(2), self.decoder_positions)  # positions continue after the cache
+        x = self._embed(
+            tgt_ids, cache[0].k.size(2), self.decoder_positions
+        )  # positions continue after the cache
         key_mask = _key_mask(src_mask)
         new_cache = []
         for layer, layer_cache in zip(self.decoder_layers, cache, strict=True):
@@ -316,15 +391,18 @@ class TransformerSeq2Seq(nn.Module):
         return self.decoder_norm(x), new_cache
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.embed_tokens.weight)  # (..., C) -> (..., V), tied to the embedding
+        return F.linear(
+            hidden, self.embed_tokens.weight
+        )  # (..., C) -> (..., V), tied to the embedding
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
         hidden, _ = self._decode(tgt_in, self.encode(src_ids, src_mask), src_mask, None)
         return self._logits(hidden)
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor,
-                    cache: list[LayerCache] | None) -> tuple[Tensor, list[LayerCache]]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[LayerCache] | None
+    ) -> tuple[Tensor, list[LayerCache]]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache."""
         hidden, cache = self._decode(tgt_ids, memory, src_mask, cache)
         return self._logits(hidden[:, -1]), cache
@@ -343,5 +421,7 @@ class TransformerSeq2Seq(nn.Module):
             x, _ = layer(x, layer_cache, key_mask)
         last: DecoderLayer = self.decoder_layers[-1]
         x, _, _ = last.self_attention(x, cache[-1])
-        probs = last.cross_attn.probabilities(last.sublayer_input(x, last.cross_attn_norm), cache[-1].cross_k, key_mask)
+        probs = last.cross_attn.probabilities(
+            last.sublayer_input(x, last.cross_attn_norm), cache[-1].cross_k, key_mask
+        )
         return probs.mean(dim=1)  # (B, nh, U, S) -> (B, U, S)

@@ -24,8 +24,10 @@ def load_pretrained(path: Path, expected_arch: str) -> LoadedCheckpoint:
     ckpt = load_checkpoint(Path(path))
     arch = getattr(ckpt.model_config, "arch", None)
     if arch != expected_arch:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: arch is {arch!r}, but a {expected_arch!r} checkpoint "
-                              f"is needed here (were the encoder and decoder checkpoints swapped?)")
+        raise CheckpointError(
+            f"{Path(path) / 'config.json'}: arch is {arch!r}, but a {expected_arch!r} checkpoint "
+            f"is needed here (were the encoder and decoder checkpoints swapped?)"
+        )
     return ckpt
 
 
@@ -33,11 +35,15 @@ def check_same_tokenizer(first: Path, second: Path) -> None:
     """Without prepared data to compare with, encoder and decoder must share one tokenizer (docs/design.md)."""
     a, b = Path(first) / "tokenizer.json", Path(second) / "tokenizer.json"
     if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
-        raise CheckpointError(f"{a} and {b} differ: encoder and decoder must share one tokenizer (docs/design.md), "
-                              "unless the data gives each side its own (data.target_tokenizer_path)")
+        raise CheckpointError(
+            f"{a} and {b} differ: encoder and decoder must share one tokenizer (docs/design.md), "
+            "unless the data gives each side its own (data.target_tokenizer_path)"
+        )
 
 
-def check_tokenizers(encoder: LoadedCheckpoint, decoder: LoadedCheckpoint, data_dir: Path | None) -> None:
+def check_tokenizers(
+    encoder: LoadedCheckpoint, decoder: LoadedCheckpoint, data_dir: Path | None
+) -> None:
     """Each half must speak its side of the data: the encoder the source tokenizer (tokenizer.json), the decoder
     the target one (target_tokenizer.json where the data has one, else the shared tokenizer.json), and have an
     embedding row for every id of it."""
@@ -45,17 +51,24 @@ def check_tokenizers(encoder: LoadedCheckpoint, decoder: LoadedCheckpoint, data_
         check_same_tokenizer(encoder.path, decoder.path)
         return
     pair = load_translation_tokenizers(data_dir)
-    for ckpt, key, tok, rows in ((encoder, "encoder_checkpoint", pair.source, encoder.model_config.vocab_size),
-                                 (decoder, "decoder_checkpoint", pair.target, decoder.model_config.vocab_size)):
-        check_tokenizer_matches_data(ckpt.path, Path(data_dir), key, target=key == "decoder_checkpoint")
+    for ckpt, key, tok, rows in (
+        (encoder, "encoder_checkpoint", pair.source, encoder.model_config.vocab_size),
+        (decoder, "decoder_checkpoint", pair.target, decoder.model_config.vocab_size),
+    ):
+        check_tokenizer_matches_data(
+            ckpt.path, Path(data_dir), key, target=key == "decoder_checkpoint"
+        )
         if tok.get_vocab_size() > rows:
             side = "source" if key == "encoder_checkpoint" else "target"
-            raise CheckpointError(f"'{key}': {ckpt.path} has {rows} embedding rows, but the data's {side} tokenizer "
-                                  f"has {tok.get_vocab_size()} tokens ({data_dir})")
+            raise CheckpointError(
+                f"'{key}': {ckpt.path} has {rows} embedding rows, but the data's {side} tokenizer "
+                f"has {tok.get_vocab_size()} tokens ({data_dir})"
+            )
 
 
-def copy_matching(target: nn.Module, source: dict[str, Tensor], where: str,
-                  is_new: Callable[[str], bool]) -> list[str]:
+def copy_matching(
+    target: nn.Module, source: dict[str, Tensor], where: str, is_new: Callable[[str], bool]
+) -> list[str]:
     """Load `source` into `target` by name; return the names of `target` that `source` lacks.
 
     Every name of `source` must exist in `target` with the same shape, and every name missing from
@@ -67,10 +80,15 @@ def copy_matching(target: nn.Module, source: dict[str, Tensor], where: str,
     missing = [k for k in wanted if k not in source]
     not_new = [k for k in missing if not is_new(k)]
     if unexpected or not_new:
-        raise CheckpointError(f"{where}: tensors do not match the model: missing {len(not_new)} "
-                              f"(e.g. {not_new[:_SHOW]}), unexpected {len(unexpected)} (e.g. {unexpected[:_SHOW]})")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(wanted[k].shape)}"
-             for k, v in source.items() if v.shape != wanted[k].shape]
+        raise CheckpointError(
+            f"{where}: tensors do not match the model: missing {len(not_new)} "
+            f"(e.g. {not_new[:_SHOW]}), unexpected {len(unexpected)} (e.g. {unexpected[:_SHOW]})"
+        )
+    wrong = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(wanted[k].shape)}"
+        for k, v in source.items()
+        if v.shape != wanted[k].shape
+    ]
     if wrong:
         raise CheckpointError(f"{where}: {len(wrong)} tensor shapes differ, e.g. {wrong[:_SHOW]}")
     with torch.no_grad():

@@ -33,14 +33,34 @@ class BertConfig:
     # from Devlin et al. 2019, §3; "mini"/"small" are BERT-Mini (4x256) and BERT-Small (4x512) of Turc et al. 2019
     # ("Well-Read Students Learn Better", google-research/bert miniatures).
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                     max_position_embeddings=128),
-        "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                     max_position_embeddings=512),
-        "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048,
-                      max_position_embeddings=512),
-        "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                     max_position_embeddings=512),
+        "tiny": dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        ),
+        "mini": dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=512,
+        ),
+        "small": dict(
+            hidden_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            max_position_embeddings=512,
+        ),
+        "base": dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+        ),
     }
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -58,9 +78,17 @@ class BertConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch, preset name
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
+            raise ValueError(
+                f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"BertConfig.{key} must be > 0, got {getattr(self, key)}")
 
@@ -68,7 +96,9 @@ class BertConfig:
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -78,7 +108,9 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         T = input_ids.size(1)
         if T > self.max_positions:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings={self.max_positions}")
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.max_positions}"
+            )
         # Positions are computed, not a buffer: a buffer would be left uninitialised by meta-device builds.
         positions = torch.arange(T, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
@@ -102,8 +134,9 @@ class BertSelfAttention(nn.Module):
         k = self.key(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.value(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         # attn_mask (B, 1, 1, T) bool, True = attend: padded keys are invisible to every query.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout_p if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
+        )
         return y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
 
 
@@ -207,13 +240,19 @@ class BertModel(nn.Module):
         # visits leaves in the same order as modules() (pre-order), so an eager build's weights are unchanged.
         self.apply(lambda module: init_bert_module(module, self.config.initializer_range))
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         attn_mask = None
         if attention_mask is not None:
-            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, T) -> (B, 1, 1, T), broadcast over heads, queries
+            attn_mask = attention_mask.bool()[
+                :, None, None, :
+            ]  # (B, T) -> (B, 1, 1, T), broadcast over heads, queries
         x = self.encoder(self.embeddings(input_ids, token_type_ids), attn_mask)
         return x, self.pooler(x)
 
@@ -273,7 +312,9 @@ class BertForPreTraining(nn.Module):
         self.tie_weights()
         if self.cls.predictions.bias.is_meta:
             return  # shapes only; materialize() calls this again on real storage
-        self.apply(self._init_module)  # per module, as BertModel.init_weights (ZeRO-3 gathers inside `apply`)
+        self.apply(
+            self._init_module
+        )  # per module, as BertModel.init_weights (ZeRO-3 gathers inside `apply`)
 
     def _init_module(self, module: nn.Module) -> None:
         # The decoder shares the embedding matrix; initialising it as a Linear would redo the embedding
@@ -281,15 +322,25 @@ class BertForPreTraining(nn.Module):
         if module is not self.cls.predictions.decoder:
             init_bert_module(module, self.config.initializer_range)
         if module is self.cls.predictions:
-            nn.init.zeros_(module.bias)  # here, where `apply` has made it whole, not on a ZeRO-3 partition
+            nn.init.zeros_(
+                module.bias
+            )  # here, where `apply` has made it whole, not on a ZeRO-3 partition
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                masked_positions: Tensor | None = None) -> BertPreTrainingOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        masked_positions: Tensor | None = None,
+    ) -> BertPreTrainingOutput:
         """masked_positions: 1-D long indices into the flattened (B*T) positions. When given, the MLM head
         runs only there, since projecting every position onto the vocabulary dominates BERT's cost."""
         seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
         if masked_positions is not None:
-            seq = seq.reshape(-1, seq.size(-1)).index_select(0, masked_positions)  # (B*T, H) -> (N, H)
+            seq = seq.reshape(-1, seq.size(-1)).index_select(
+                0, masked_positions
+            )  # (B*T, H) -> (N, H)
         mlm_logits = self.cls.predictions(seq)
-        return BertPreTrainingOutput(mlm_logits=mlm_logits, nsp_logits=self.cls.seq_relationship(pooled))
-
+        return BertPreTrainingOutput(
+            mlm_logits=mlm_logits, nsp_logits=self.cls.seq_relationship(pooled)
+        )

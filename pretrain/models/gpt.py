@@ -57,7 +57,9 @@ class GPTConfig:
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch, preset name
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
         for key in ("vocab_size", "n_positions", "n_embd", "n_layer"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"GPTConfig.{key} must be > 0, got {getattr(self, key)}")
@@ -79,8 +81,10 @@ class KVCache:
 
     def index_select(self, index: Tensor) -> KVCache:
         """Rows `index` of the batch (beam search reorders hypotheses this way)."""
+
         def pick(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.index_select(0, index)
+
         return KVCache(pick(self.k), pick(self.v), pick(self.cross_k), pick(self.cross_v))
 
 
@@ -108,18 +112,23 @@ class GPTSelfAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, past: tuple[Tensor, Tensor] | None,
-                attn_mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self, x: Tensor, past: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """attn_mask (B, T, T) bool, True = may attend (e.g. causal within each packed document); no cache then."""
         T, C = x.size(1), x.size(2)
-        q, k, v = (_heads(t, self.n_head) for t in self.c_attn(x).split(C, dim=2))  # each (B, nh, T, hs)
+        q, k, v = (
+            _heads(t, self.n_head) for t in self.c_attn(x).split(C, dim=2)
+        )  # each (B, nh, T, hs)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, P+T, hs)
             v = torch.cat([past[1], v], dim=2)
         P = k.size(2) - T
         dropout_p = self.attn_pdrop if self.training else 0.0
         if attn_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask[:, None], dropout_p=dropout_p
+            )
         elif P == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1:  # one new token may see every cached key: no mask at all
@@ -127,7 +136,9 @@ class GPTSelfAttention(nn.Module):
         else:
             # is_causal aligns the triangle top-left (query i sees keys 0..i), which is wrong after P cached
             # keys: query i sits at absolute position P+i and must see keys 0..P+i.
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(
+                diagonal=P
+            )  # (T, P+T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.resid_dropout(self.c_proj(_merge_heads(y))), (k, v)
 
@@ -144,23 +155,38 @@ class GPTCrossAttention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor, encoder_states: Tensor | None, encoder_mask: Tensor | None,
-                cached: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(
+        self,
+        x: Tensor,
+        encoder_states: Tensor | None,
+        encoder_mask: Tensor | None,
+        cached: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         C = x.size(2)
         q = _heads(self.q_attn(x), self.n_head)  # (B, nh, T, hs)
         if cached is not None:
             k, v = cached
         elif encoder_states is not None:
-            k, v = (_heads(t, self.n_head) for t in self.c_attn(encoder_states).split(C, dim=2))  # (B, nh, S, hs)
+            k, v = (
+                _heads(t, self.n_head) for t in self.c_attn(encoder_states).split(C, dim=2)
+            )  # (B, nh, S, hs)
         else:
-            raise ValueError("cross-attention needs encoder_hidden_states or a cache holding cross keys/values")
+            raise ValueError(
+                "cross-attention needs encoder_hidden_states or a cache holding cross keys/values"
+            )
         mask = None
         if encoder_mask is not None:
-            mask = encoder_mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S): padded encoder states hidden
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0)
+            mask = encoder_mask.bool()[
+                :, None, None, :
+            ]  # (B, S) -> (B, 1, 1, S): padded encoder states hidden
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop if self.training else 0.0
+        )
         return self.resid_dropout(self.c_proj(_merge_heads(y))), (k, v)
 
-    def attention_probs(self, x: Tensor, encoder_states: Tensor, encoder_mask: Tensor | None) -> Tensor:
+    def attention_probs(
+        self, x: Tensor, encoder_states: Tensor, encoder_mask: Tensor | None
+    ) -> Tensor:
         """The softmax weights (B, nh, T, S) that `forward` applies (without dropout), for attention maps.
 
         SDPA does not return its weights, so they are recomputed here from the same projections, only when asked
@@ -169,7 +195,9 @@ class GPTCrossAttention(nn.Module):
         C = x.size(2)
         q = _heads(self.q_attn(x), self.n_head)  # (B, nh, T, hs)
         k = _heads(self.c_attn(encoder_states).split(C, dim=2)[0], self.n_head)  # (B, nh, S, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S), SDPA's default scale
+        scores = (
+            q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+        )  # (B, nh, T, S), SDPA's default scale
         if encoder_mask is not None:
             scores = scores.masked_fill(~encoder_mask.bool()[:, None, None, :], -math.inf)
         return scores.softmax(dim=-1)
@@ -183,7 +211,9 @@ class GPTMLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+        return self.dropout(
+            self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        )  # GPT-2's "gelu_new"
 
 
 class GPTBlock(nn.Module):
@@ -199,15 +229,23 @@ class GPTBlock(nn.Module):
             self.ln_cross_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPTMLP(config)
 
-    def forward(self, x: Tensor, past: KVCache | None, encoder_states: Tensor | None,
-                encoder_mask: Tensor | None, attn_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+    def forward(
+        self,
+        x: Tensor,
+        past: KVCache | None,
+        encoder_states: Tensor | None,
+        encoder_mask: Tensor | None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, KVCache]:
         a, (k, v) = self.attn(self.ln_1(x), None if past is None else (past.k, past.v), attn_mask)
         x = x + a
         cross: tuple[Tensor, Tensor] | tuple[None, None] = (None, None)
         cached = None if past is None or past.cross_k is None else (past.cross_k, past.cross_v)
         # As HF: a cross-attention decoder given no encoder states (e.g. plain LM pretraining) skips it.
         if self.crossattention is not None and (encoder_states is not None or cached is not None):
-            c, cross = self.crossattention(self.ln_cross_attn(x), encoder_states, encoder_mask, cached)
+            c, cross = self.crossattention(
+                self.ln_cross_attn(x), encoder_states, encoder_mask, cached
+            )
             x = x + c
         x = x + self.mlp(self.ln_2(x))
         return x, KVCache(k, v, cross[0], cross[1])
@@ -250,12 +288,24 @@ class GPTModel(nn.Module):
         std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
         owners = (GPTSelfAttention, GPTCrossAttention, GPTMLP)
         residual = {id(m.c_proj) for m in self.modules() if isinstance(m, owners)}
-        self.apply(lambda module: nn.init.normal_(module.weight, mean=0.0, std=std) if id(module) in residual else None)
+        self.apply(
+            lambda module: (
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if id(module) in residual
+                else None
+            )
+        )
 
-    def forward(self, input_ids: Tensor, past_key_values: list[KVCache] | None = None,
-                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                use_cache: bool = False, position_ids: Tensor | None = None,
-                document_mask: Tensor | None = None) -> tuple[Tensor, list[KVCache] | None]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: list[KVCache] | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        use_cache: bool = False,
+        position_ids: Tensor | None = None,
+        document_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[KVCache] | None]:
         """position_ids (B, T) and document_mask (B, T, T) bool keep packed documents apart (each starts at
         position 0 and attends only within itself; data_pipeline.collators.ClmCollator makes them); no cache then.
         input_ids (B, T) are the new tokens; past_key_values holds one KVCache per block for the P tokens
@@ -266,14 +316,24 @@ class GPTModel(nn.Module):
         T = input_ids.size(1)
         P = 0 if not past_key_values else past_key_values[0].k.size(2)
         if P + T > self.config.n_positions:
-            raise ValueError(f"input length {T} + cache length {P} exceeds n_positions={self.config.n_positions}")
+            raise ValueError(
+                f"input length {T} + cache length {P} exceeds n_positions={self.config.n_positions}"
+            )
         if past_key_values is not None and len(past_key_values) not in (0, len(self.h)):
-            raise ValueError(f"past_key_values has {len(past_key_values)} entries; the model has {len(self.h)} blocks")
+            raise ValueError(
+                f"past_key_values has {len(past_key_values)} entries; the model has {len(self.h)} blocks"
+            )
         if encoder_hidden_states is not None and not self.config.add_cross_attention:
-            raise ValueError("encoder_hidden_states given, but the model was built with add_cross_attention=False")
+            raise ValueError(
+                "encoder_hidden_states given, but the model was built with add_cross_attention=False"
+            )
         if (position_ids is not None or document_mask is not None) and (P or use_cache):
-            raise ValueError("position_ids / document_mask are for packed training batches, not cached decoding")
-        positions = torch.arange(P, P + T, device=input_ids.device)  # positions continue after the cache
+            raise ValueError(
+                "position_ids / document_mask are for packed training batches, not cached decoding"
+            )
+        positions = torch.arange(
+            P, P + T, device=input_ids.device
+        )  # positions continue after the cache
         if position_ids is not None:
             positions = position_ids  # (B, T)
         x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (B, T, C) + (T, C) or (B, T, C)
@@ -304,10 +364,23 @@ class GPTLMHeadModel(nn.Module):
         self.tie_weights()
         self.transformer.init_weights()
 
-    def forward(self, input_ids: Tensor, past_key_values: list[KVCache] | None = None,
-                encoder_hidden_states: Tensor | None = None, encoder_attention_mask: Tensor | None = None,
-                use_cache: bool = False, position_ids: Tensor | None = None,
-                document_mask: Tensor | None = None) -> tuple[Tensor, list[KVCache] | None]:
-        hidden, presents = self.transformer(input_ids, past_key_values, encoder_hidden_states,
-                                            encoder_attention_mask, use_cache, position_ids, document_mask)
+    def forward(
+        self,
+        input_ids: Tensor,
+        past_key_values: list[KVCache] | None = None,
+        encoder_hidden_states: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        use_cache: bool = False,
+        position_ids: Tensor | None = None,
+        document_mask: Tensor | None = None,
+    ) -> tuple[Tensor, list[KVCache] | None]:
+        hidden, presents = self.transformer(
+            input_ids,
+            past_key_values,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            use_cache,
+            position_ids,
+            document_mask,
+        )
         return self.lm_head(hidden), presents  # (B, T, V)

@@ -30,7 +30,9 @@ def materialize(model: M, device: torch.device | str = "cpu") -> M:
     `to_empty` replaces each meta parameter with a new one, which unties shared matrices; the models'
     `init_weights()` re-ties them before initialising, so the tie survives."""
     if not hasattr(model, "init_weights"):
-        raise TypeError(f"{type(model).__name__} has no init_weights(); it cannot be built on the meta device")
+        raise TypeError(
+            f"{type(model).__name__} has no init_weights(); it cannot be built on the meta device"
+        )
     model.to_empty(device=device)
     model.init_weights()  # type: ignore[operator]
     return model

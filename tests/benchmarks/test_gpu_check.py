@@ -40,8 +40,9 @@ def _load_script() -> ModuleType:
     return module
 
 
-def _run(args: list[str], without: bool = False,
-         timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], without: bool = False, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, *(["-c", WITHOUT] if without else [str(SCRIPT)]), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 

@@ -16,8 +16,10 @@ WORDS = {0: "socket server connection", 1: "thread lock queue", 2: "file path di
 def _split(task_dir: Path, split: str, labels: list[int]) -> None:
     texts = [f"{WORDS[y]} example {i}" for i, y in enumerate(labels)]
     (task_dir / split).mkdir(parents=True)
-    pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int32())}),
-                   task_dir / split / "part-0.parquet")
+    pq.write_table(
+        pa.table({"text": texts, "label": pa.array(labels, pa.int32())}),
+        task_dir / split / "part-0.parquet",
+    )
 
 
 def test_baselines_score_the_split_they_are_asked_about(tmp_path: Path) -> None:
@@ -37,4 +39,6 @@ def test_bag_of_words_learns_from_words_and_works_without_validation() -> None:
     labels = [0, 1, 2] * 5
     unseen = ["a thread and a lock", "server socket"]
     assert bow_logistic_regression(texts, labels, None, unseen) == [1, 0]
-    assert bow_logistic_regression(texts, labels, (texts[:3], labels[:3]), ["directory path"]) == [2]
+    assert bow_logistic_regression(texts, labels, (texts[:3], labels[:3]), ["directory path"]) == [
+        2
+    ]

@@ -15,21 +15,59 @@ from cluster.rundir import MARKER, prepare_run_dir
 from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ["data prepare", "pretrain", "finetune", "evaluate", "predict", "translate", "analyze-beam", "attention",
-               "lm-baseline", "export", "cluster up", "cluster down", "cluster status", "submit", "jobs",
-               "render kuberay", "render slurm", "wandb sync", "quickstart"]
+SUBCOMMANDS = [
+    "data prepare",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "predict",
+    "translate",
+    "analyze-beam",
+    "attention",
+    "lm-baseline",
+    "export",
+    "cluster up",
+    "cluster down",
+    "cluster status",
+    "submit",
+    "jobs",
+    "render kuberay",
+    "render slurm",
+    "wandb sync",
+    "quickstart",
+]
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_lists_every_subcommand() -> None:
     text = build_parser().format_help()
-    for name in ["data", "pretrain", "finetune", "evaluate", "predict", "translate", "analyze-beam", "attention",
-                 "lm-baseline",
-                 "export", "cluster", "submit", "jobs", "render", "wandb", "quickstart"]:
+    for name in [
+        "data",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "predict",
+        "translate",
+        "analyze-beam",
+        "attention",
+        "lm-baseline",
+        "export",
+        "cluster",
+        "submit",
+        "jobs",
+        "render",
+        "wandb",
+        "quickstart",
+    ]:
         assert name in text
 
 
@@ -50,7 +88,9 @@ def test_unknown_key_exits_2_with_one_line() -> None:
 
 
 def test_print_config_prints_resolved_yaml() -> None:
-    result = kiln("pretrain", "--config", "configs/tiny-gpt.yaml", "trainer.max_steps=7", "--print-config")
+    result = kiln(
+        "pretrain", "--config", "configs/tiny-gpt.yaml", "trainer.max_steps=7", "--print-config"
+    )
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "arch: gpt" in result.stdout
 
@@ -71,8 +111,13 @@ def test_run_dir_refuses_foreign_non_empty_dirs(tmp_path: Path) -> None:
 def test_submit_entrypoint_runs_the_uploaded_code() -> None:
     from cluster.submit import entrypoint
 
-    line = entrypoint("data-prepare", ROOT / "configs" / "data-sample.yaml", ["data.seed=3"], Path("out dir"))
-    assert line == "python -m cluster data prepare --config configs/data-sample.yaml data.seed=3 --out 'out dir'"
+    line = entrypoint(
+        "data-prepare", ROOT / "configs" / "data-sample.yaml", ["data.seed=3"], Path("out dir")
+    )
+    assert (
+        line
+        == "python -m cluster data prepare --config configs/data-sample.yaml data.seed=3 --out 'out dir'"
+    )
     with pytest.raises(ConfigError, match="must live inside the project"):
         entrypoint("pretrain", Path("/etc/passwd"), [], None)
 
@@ -82,19 +127,31 @@ def test_overrides_after_options_are_collected(monkeypatch: pytest.MonkeyPatch) 
     from cluster import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_handler", lambda args: lambda a: seen.setdefault("overrides", a.overrides) and 0)
+    monkeypatch.setattr(
+        cli, "_handler", lambda args: lambda a: seen.setdefault("overrides", a.overrides) and 0
+    )
     # `submit` switches Ray to token auth in os.environ; a later ray.init in this process must not inherit that.
     monkeypatch.setattr(cluster.submit, "use_token_auth_if_available", lambda: None)
     with pytest.raises(SystemExit):
-        cli.main(["submit", "pretrain", "--config", "configs/tiny-bert.yaml", "trainer.max_steps=3", "optim.lr=0.1"])
+        cli.main(
+            [
+                "submit",
+                "pretrain",
+                "--config",
+                "configs/tiny-bert.yaml",
+                "trainer.max_steps=3",
+                "optim.lr=0.1",
+            ]
+        )
     assert seen["overrides"] == ["trainer.max_steps=3", "optim.lr=0.1"]
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["pretrain", "--config", "configs/tiny-bert.yaml", "--bogus"])
     assert exit_info.value.code == 2
 
 
-def test_a_preempted_run_exits_75_with_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_preempted_run_exits_75_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from cluster import cli
 
     def preempted(args: object) -> int:
@@ -105,14 +162,17 @@ def test_a_preempted_run_exits_75_with_one_line(monkeypatch: pytest.MonkeyPatch,
         cli.main(["pretrain", "--config", "configs/tiny-bert.yaml"])
     assert exit_info.value.code == EXIT_PREEMPTED == 75
     out = capsys.readouterr()
-    assert out.out.splitlines() == ["[bert] preempted: every worker stopped at step 12 and checkpointed to "
-                                    "runs/x/checkpoints/step-0000012; run the same command with trainer.resume=auto "
-                                    "to continue"]
+    assert out.out.splitlines() == [
+        "[bert] preempted: every worker stopped at step 12 and checkpointed to "
+        "runs/x/checkpoints/step-0000012; run the same command with trainer.resume=auto "
+        "to continue"
+    ]
     assert "Traceback" not in out.err
 
 
-def test_a_preempted_quickstart_says_it_starts_over(monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_preempted_quickstart_says_it_starts_over(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import cluster.quickstart
     from cluster import cli
 
@@ -139,7 +199,8 @@ def test_every_subcommand_has_one_handler_in_the_table() -> None:
 
 
 def test_a_directory_that_is_not_prepared_data_is_a_data_dir_error(
-        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from cluster import cli

@@ -10,7 +10,9 @@ import pytest
 from cluster.cli import main
 
 
-def test_ngram_on_the_built_in_sample_writes_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ngram_on_the_built_in_sample_writes_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(["lm-baseline", "model=ngram", "ngram_order=2", "--out", str(tmp_path / "lm")])
     assert info.value.code == 0
@@ -20,7 +22,9 @@ def test_ngram_on_the_built_in_sample_writes_metrics(tmp_path: Path, capsys: pyt
     assert "ppl/word" in out and f"[lm-baseline] metrics: {tmp_path / 'lm' / 'metrics.json'}" in out
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
         paths = [f"{k}_path={tmp_path / 'missing.txt'}" for k in ("train", "valid", "test")]
         main(["lm-baseline", "model=ngram", *paths, "--out", str(tmp_path / "o")])

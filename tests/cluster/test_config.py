@@ -26,7 +26,11 @@ def test_every_recipe_loads(recipe: Path) -> None:
     from cluster.cli import build_parser  # noqa: F401 — the CLI module must import without side effects
     from cluster.jobs import PrepareJob
 
-    cls = {"quickstart": QuickstartJob, "translation": FinetuneJob, "classification": FinetuneJob}.get(recipe.stem)
+    cls = {
+        "quickstart": QuickstartJob,
+        "translation": FinetuneJob,
+        "classification": FinetuneJob,
+    }.get(recipe.stem)
     if recipe.stem.startswith("data-"):
         cls = PrepareJob
     elif recipe.stem.startswith("lm-"):
@@ -37,14 +41,20 @@ def test_every_recipe_loads(recipe: Path) -> None:
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'trainer.max_stepz' \(did you mean 'trainer.max_steps'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'trainer.max_stepz' \(did you mean 'trainer.max_steps'\?\)"
+    ):
         load_config(PretrainJob, CONFIGS / "tiny-bert.yaml", ["trainer.max_stepz=5"])
-    with pytest.raises(ConfigError, match=r"job.yaml: unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"job.yaml: unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"
+    ):
         load_config(PretrainJob, write(tmp_path, "optim: {lrr: 0.1}\n"))
 
 
 def test_wrong_type_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"'trainer.max_steps' must be an integer, got str 'many'"):
+    with pytest.raises(
+        ConfigError, match=r"'trainer.max_steps' must be an integer, got str 'many'"
+    ):
         load_config(PretrainJob, None, ["trainer.max_steps=many"])
     with pytest.raises(ConfigError, match=r"'cluster.use_gpu' must be true or false"):
         load_config(PretrainJob, write(tmp_path, "cluster: {use_gpu: 3}\n"))
@@ -62,9 +72,16 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
 
 def test_overrides_are_typed_yaml_scalars() -> None:
     assert parse_override("trainer.max_steps=50") == ("trainer.max_steps", 50)
-    assert parse_override("optim.lr=1e-4") == ("optim.lr", "1e-4")  # YAML 1.1: needs a dot to be a float ...
-    cfg = load_config(PretrainJob, None, ["optim.lr=1e-4", "wandb.tags=[a, b]", "cluster.address=null"])
-    assert cfg.optim.lr == 1e-4 and cfg.wandb.tags == ["a", "b"] and cfg.cluster.address is None  # ... but a float
+    assert parse_override("optim.lr=1e-4") == (
+        "optim.lr",
+        "1e-4",
+    )  # YAML 1.1: needs a dot to be a float ...
+    cfg = load_config(
+        PretrainJob, None, ["optim.lr=1e-4", "wandb.tags=[a, b]", "cluster.address=null"]
+    )
+    assert (
+        cfg.optim.lr == 1e-4 and cfg.wandb.tags == ["a", "b"] and cfg.cluster.address is None
+    )  # ... but a float
     assert load_config(PretrainJob, None, ["optim.lr=0.0001"]).optim.lr == 1e-4
     with pytest.raises(ConfigError, match=r"'optim.lr' must be a number, got str '1e-4x'"):
         load_config(PretrainJob, None, ["optim.lr=1e-4x"])

@@ -26,7 +26,21 @@ from pretrain.optim import OptimConfig
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-VOCAB_TXT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+VOCAB_TXT = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "a",
+    "dog",
+    "ran",
+]
 SEQ_LEN = 16
 
 
@@ -35,8 +49,14 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A released BERT (BertForPreTraining, heads included) with a vocab.txt, as on the Hub."""
     directory = tmp_path_factory.mktemp("release")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(VOCAB_TXT), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=37, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=len(VOCAB_TXT),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=32,
+    )
     transformers.BertForPreTraining(config).save_pretrained(directory)
     (directory / "vocab.txt").write_text("\n".join(VOCAB_TXT) + "\n", encoding="utf-8")
     return directory
@@ -49,8 +69,14 @@ def mlm_rows(n: int, start: int, vocab: int) -> list[dict]:
         a, b = rng.randint(2, 6), rng.randint(2, 6)
         seg_a, seg_b = ([rng.randrange(5, vocab) for _ in range(n)] for n in (a, b))
         ids = [2, *seg_a, 3, *seg_b, 3]
-        rows.append({"sample_id": start + i, "input_ids": ids, "token_type_ids": [0] * (a + 2) + [1] * (b + 1),
-                     "next_sentence_label": i % 2})
+        rows.append(
+            {
+                "sample_id": start + i,
+                "input_ids": ids,
+                "token_type_ids": [0] * (a + 2) + [1] * (b + 1),
+                "next_sentence_label": i % 2,
+            }
+        )
     return rows
 
 
@@ -63,19 +89,36 @@ def data_dir(root: Path, tokenizer_file: Path) -> Path:
     builder = BUILDERS["mlm_nsp"]
     splits = {"train": mlm_rows(24, 0, 13), "validation": mlm_rows(8, 24, 13)}
     write_task(root / "mlm_nsp", "mlm_nsp", builder.schema, splits, 10, builder.token_columns)
-    specials = {t: tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]")}
-    write_json(root / "manifest.json", {"tasks": {"mlm_nsp": {}}, "special_tokens": specials, "vocab_size": vocab,
-                                        "config": {"seq_len": SEQ_LEN}})
+    specials = {
+        t: tok.token_to_id(t)
+        for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[BOS]", "[EOS]")
+    }
+    write_json(
+        root / "manifest.json",
+        {
+            "tasks": {"mlm_nsp": {}},
+            "special_tokens": specials,
+            "vocab_size": vocab,
+            "config": {"seq_len": SEQ_LEN},
+        },
+    )
     tok.save(str(root / "tokenizer.json"))
     return root
 
 
 def job(data: Path, init_from: str, **trainer: int) -> PretrainJob:
-    return PretrainJob(data_dir=str(data), task="mlm_nsp", init_from=init_from,
-                       trainer=TrainerConfig(batch_size=4, max_steps=5, **trainer), optim=OptimConfig(lr=1e-3))
+    return PretrainJob(
+        data_dir=str(data),
+        task="mlm_nsp",
+        init_from=init_from,
+        trainer=TrainerConfig(batch_size=4, max_steps=5, **trainer),
+        optim=OptimConfig(lr=1e-3),
+    )
 
 
-def test_hf_release_is_imported_once_and_training_starts_from_its_weights(release: Path, tmp_path: Path) -> None:
+def test_hf_release_is_imported_once_and_training_starts_from_its_weights(
+    release: Path, tmp_path: Path
+) -> None:
     # The data must be tokenized with the imported vocabulary: import once to get its tokenizer.json.
     from pretrain.hf_import import import_hf, save_imported_checkpoint
 
@@ -83,7 +126,9 @@ def test_hf_release_is_imported_once_and_training_starts_from_its_weights(releas
     data = data_dir(tmp_path / "data", imported / "tokenizer.json")
     ready = preflight(job(data, f"hf:{release}"), tmp_path / "run")
     assert ready.init_from == str(tmp_path / "run" / "imported" / "init_from")
-    assert ready.model.hidden_size == 32 and ready.model.num_hidden_layers == 2  # the release's, not the preset's
+    assert (
+        ready.model.hidden_size == 32 and ready.model.num_hidden_layers == 2
+    )  # the release's, not the preset's
     assert ready.model.vocab_size == len(VOCAB_TXT) + 2  # Kiln's [BOS]/[EOS] appended
     parts = build_pretrain(ready, 0, 1)
     assert count_parameters(ready) == num_parameters(parts.module.model)
@@ -91,8 +136,10 @@ def test_hf_release_is_imported_once_and_training_starts_from_its_weights(releas
     got = parts.module.model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     hf = transformers.BertForPreTraining.from_pretrained(release)
-    torch.testing.assert_close(got["bert.encoder.layer.1.output.dense.weight"],
-                               hf.state_dict()["bert.encoder.layer.1.output.dense.weight"])
+    torch.testing.assert_close(
+        got["bert.encoder.layer.1.output.dense.weight"],
+        hf.state_dict()["bert.encoder.layer.1.output.dense.weight"],
+    )
     # ... and it trains: a few steps on the released weights lower the loss on a fixed batch.
     batch = next(iter(parts.train_loader))
     opt = torch.optim.AdamW(parts.module.model.parameters(), lr=1e-3)
@@ -106,14 +153,20 @@ def test_hf_release_is_imported_once_and_training_starts_from_its_weights(releas
     assert losses[-1] < losses[0]
 
 
-def test_wrong_family_and_wrong_vocabulary_fail_before_training(release: Path, tmp_path: Path) -> None:
+def test_wrong_family_and_wrong_vocabulary_fail_before_training(
+    release: Path, tmp_path: Path
+) -> None:
     from pretrain.hf_import import import_hf, save_imported_checkpoint
 
     imported = save_imported_checkpoint(import_hf(f"hf:{release}", "bert"), tmp_path / "bert")
     data = data_dir(tmp_path / "data", imported / "tokenizer.json")
     gpt_cfg = from_preset(GPTConfig, "tiny", vocab_size=len(VOCAB_TXT) + 2, n_positions=32)
-    gpt = save_checkpoint(tmp_path / "gpt", GPTLMHeadModel(gpt_cfg), gpt_cfg, imported / "tokenizer.json")
-    with pytest.raises(CheckpointError, match=r"gpt/config.json: arch is 'gpt', but a 'bert' checkpoint is needed"):
+    gpt = save_checkpoint(
+        tmp_path / "gpt", GPTLMHeadModel(gpt_cfg), gpt_cfg, imported / "tokenizer.json"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"gpt/config.json: arch is 'gpt', but a 'bert' checkpoint is needed"
+    ):
         preflight(job(data, str(gpt)), tmp_path / "run1")
     # Data tokenized with another vocabulary: every id would mean another token.
     other = tmp_path / "other_tok.json"

@@ -64,8 +64,15 @@ K1, K2 = 4, 10  # the steps legs 1 and 2 stop at, both mid-epoch
 STRATEGIES = ("ddp", "deepspeed_stage_2")
 # No dropout, so a loss depends on the weights and the batch only. The data (below) is one easy
 # pattern, so batches are alike and the loss measures how far training has come.
-CFG = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=SEQ_LEN, resid_pdrop=0.0,
-                  embd_pdrop=0.0, attn_pdrop=0.0)
+CFG = from_preset(
+    GPTConfig,
+    "tiny",
+    vocab_size=50,
+    n_positions=SEQ_LEN,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=1)
 # The first loss after a resume minus the last before it, against the uninterrupted run's change
 # over the same step. Measured (DDP and ZeRO-2 alike): 0.013 after the 2->1 resume (step 5), 0.020
@@ -87,12 +94,21 @@ def make_clm_data(root: Path) -> Path:
     lays them out."""
     gen = torch.Generator().manual_seed(0)
     starts = torch.randint(0, 43, (ROWS,), generator=gen).tolist()
-    rows = [{"sample_id": i, "input_ids": [7 + (s + j) % 43 for j in range(SEQ_LEN + 1)]}
-            for i, s in enumerate(starts)]
+    rows = [
+        {"sample_id": i, "input_ids": [7 + (s + j) % 43 for j in range(SEQ_LEN + 1)]}
+        for i, s in enumerate(starts)
+    ]
     builder = BUILDERS["clm"]
     write_task(root / "clm", "clm", builder.schema, {"train": rows}, 16, builder.token_columns)
-    write_json(root / "manifest.json", {"tasks": {"clm": {}}, "special_tokens": FIXED_SPECIAL_IDS,
-                                        "vocab_size": 50, "config": {"seq_len": SEQ_LEN}})
+    write_json(
+        root / "manifest.json",
+        {
+            "tasks": {"clm": {}},
+            "special_tokens": FIXED_SPECIAL_IDS,
+            "vocab_size": 50,
+            "config": {"seq_len": SEQ_LEN},
+        },
+    )
     return root
 
 
@@ -126,13 +142,21 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, Any]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                             batch: Any, batch_idx: int) -> None:
-        self.steps.append({"step": trainer.global_step + 1, "ids": batch["sample_id"].tolist(),
-                           "epoch": trainer.current_epoch, "batch_idx": batch_idx})
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.steps.append(
+            {
+                "step": trainer.global_step + 1,
+                "ids": batch["sample_id"].tolist(),
+                "epoch": trainer.current_epoch,
+                "batch_idx": batch_idx,
+            }
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any
+    ) -> None:
         self.steps[-1]["loss"] = float(outputs["loss"])
 
 
@@ -144,8 +168,9 @@ def _strategy(name: str) -> Strategy:
     return build_strategy(ClusterConfig(strategy=name), BATCH)
 
 
-def _fit(strategy: str, rank: int, world: int, data: Path, root: Path, end: int,
-         stop_at: int | None) -> list[dict[str, Any]]:
+def _fit(
+    strategy: str, rank: int, world: int, data: Path, root: Path, end: int, stop_at: int | None
+) -> list[dict[str, Any]]:
     """One leg of a run whose checkpoints live in `root`: resumes the newest one there, if any
     (trainer.resume=auto), and trains to step `end`, or stops (and checkpoints) at `stop_at`."""
     resume_from = resume_checkpoint(root, "auto") if root.is_dir() else None
@@ -159,21 +184,37 @@ def _fit(strategy: str, rank: int, world: int, data: Path, root: Path, end: int,
         stop_file = root.parent / f"STOP-{root.name}-{stop_at}"
         callbacks += [RequestStopAt(stop_file, stop_at), StopOnRequest(stop_file, checkpoint)]
     trainer = L.Trainer(
-        max_steps=end, accelerator="cpu", devices=world, num_nodes=1,
+        max_steps=end,
+        accelerator="cpu",
+        devices=world,
+        num_nodes=1,
         strategy=_strategy(strategy),
         plugins=[TorchElasticEnvironment(), *([KilnCheckpointIO()] if resume_from else [])],
-        precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, use_distributed_sampler=False, callbacks=callbacks,
+        precision="32-true",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, loader, ckpt_path=None if resume_from is None else str(resume_from))
     return recorder.steps
 
 
 def _rank(rank: int, world: int, port: int, out: Path, leg: int, end: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      GROUP_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        GROUP_RANK="0",
+    )
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     data = out / "data"
@@ -212,7 +253,8 @@ def _trained(runs: dict[str, Any], strategy: str) -> list[list[list[int]]]:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_the_legs_train_on_every_sample_of_the_epoch_exactly_once(
-        runs: dict[str, Any], strategy: str) -> None:
+    runs: dict[str, Any], strategy: str
+) -> None:
     promised, trained = runs["promised"], _trained(runs, strategy)
     assert [len(leg) for leg in trained] == [K1, K2 - K1, promised["end"] - K2]
     # each rank's batches, step by step, are the ones the loader serves for these changes
@@ -256,7 +298,8 @@ def test_the_loss_continues_after_each_resume(runs: dict[str, Any], strategy: st
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_the_optimizer_and_schedule_continue_across_worker_counts(
-        runs: dict[str, Any], strategy: str) -> None:
+    runs: dict[str, Any], strategy: str
+) -> None:
     root = runs["out"] / strategy / "checkpoints"
     for step in (K1, K2, runs["promised"]["end"]):
         state = load_trainer_state(root / f"step-{step:07d}")

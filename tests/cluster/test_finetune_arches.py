@@ -40,8 +40,15 @@ def pairs(n: int, start: int) -> list[dict]:
     for i in range(start, start + n):
         src = " ".join(WORDS[(i * 7 + j) % 5] for j in range(1 + i % 4))
         tgt = " ".join(EN_FR[w] for w in src.split())
-        rows.append({"sample_id": i, "src_ids": tok.encode(src).ids + [6], "tgt_ids": [5, *tok.encode(tgt).ids, 6],
-                     "src_text": src, "tgt_text": tgt})
+        rows.append(
+            {
+                "sample_id": i,
+                "src_ids": tok.encode(src).ids + [6],
+                "tgt_ids": [5, *tok.encode(tgt).ids, 6],
+                "src_text": src,
+                "tgt_text": tgt,
+            }
+        )
     return rows
 
 
@@ -49,22 +56,40 @@ def labelled(n: int, start: int) -> list[dict]:
     tok, rows = tokenizer(), []
     for i in range(start, start + n):
         label = i % 2
-        text = " ".join(WORDS[label * 5 + (i + j) % 5] for j in range(2 + i % 3))  # English or French words
-        rows.append({"sample_id": i, "input_ids": [2, *tok.encode(text).ids, 3], "label": label, "text": text})
+        text = " ".join(
+            WORDS[label * 5 + (i + j) % 5] for j in range(2 + i % 3)
+        )  # English or French words
+        rows.append(
+            {
+                "sample_id": i,
+                "input_ids": [2, *tok.encode(text).ids, 3],
+                "label": label,
+                "text": text,
+            }
+        )
     return rows
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    for task, make, extra in (("translation", pairs, None), ("classification", labelled, {"labels": ["en", "fr"]})):
+    for task, make, extra in (
+        ("translation", pairs, None),
+        ("classification", labelled, {"labels": ["en", "fr"]}),
+    ):
         builder = BUILDERS[task]
         splits = {"train": make(40, 0), "validation": make(8, 40), "test": make(8, 48)}
         write_task(root / task, task, builder.schema, splits, 16, builder.token_columns, extra)
     tok = tokenizer()
-    write_json(root / "manifest.json", {
-        "tasks": {"translation": {}, "classification": {}}, "vocab_size": tok.get_vocab_size(),
-        "special_tokens": {t: i for i, t in enumerate(SPECIALS)}, "config": {"max_src_len": 16, "max_tgt_len": 16}})
+    write_json(
+        root / "manifest.json",
+        {
+            "tasks": {"translation": {}, "classification": {}},
+            "vocab_size": tok.get_vocab_size(),
+            "special_tokens": {t: i for i, t in enumerate(SPECIALS)},
+            "config": {"max_src_len": 16, "max_tgt_len": 16},
+        },
+    )
     tok.save(str(root / "tokenizer.json"))
     return root
 
@@ -73,18 +98,36 @@ ARCHES = [
     ("translation", ["model.arch=transformer", "model.preset=tiny", "model.max_positions=32"]),
     ("translation", ["model.arch=lstm", "model.preset=tiny"]),
     ("translation", ["model.arch=lstm_attention", "model.attention=bahdanau", "model.preset=tiny"]),
-    ("translation", ["model.arch=lstm_attention", "model.attention=luong_general", "model.preset=tiny"]),
+    (
+        "translation",
+        ["model.arch=lstm_attention", "model.attention=luong_general", "model.preset=tiny"],
+    ),
     ("translation", ["model.arch=convs2s", "model.preset=tiny", "model.max_positions=32"]),
     ("classification", ["model.arch=lstm_classifier", "model.preset=tiny"]),
 ]
 
 
-@pytest.mark.parametrize(("task", "overrides"), ARCHES, ids=[o[0].split("=")[1] + o[1][-1] for o in
-                                                             [(a[1][0], a[1][1:]) for a in ARCHES]])
-def test_scratch_arch_trains_saves_and_evaluates(data_dir: Path, tmp_path: Path, task: str,
-                                                 overrides: list[str]) -> None:
-    job = load_config(FinetuneJob, None, [f"data_dir={data_dir}", f"task={task}", "trainer.batch_size=8",
-                                          "trainer.max_steps=30", "optim.lr=3e-3", "optim.warmup_steps=0", *overrides])
+@pytest.mark.parametrize(
+    ("task", "overrides"),
+    ARCHES,
+    ids=[o[0].split("=")[1] + o[1][-1] for o in [(a[1][0], a[1][1:]) for a in ARCHES]],
+)
+def test_scratch_arch_trains_saves_and_evaluates(
+    data_dir: Path, tmp_path: Path, task: str, overrides: list[str]
+) -> None:
+    job = load_config(
+        FinetuneJob,
+        None,
+        [
+            f"data_dir={data_dir}",
+            f"task={task}",
+            "trainer.batch_size=8",
+            "trainer.max_steps=30",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=0",
+            *overrides,
+        ],
+    )
     job = preflight(job, tmp_path / "run")
     torch.manual_seed(0)
     parts = TASKS[task](job, 0, 1)
@@ -100,12 +143,20 @@ def test_scratch_arch_trains_saves_and_evaluates(data_dir: Path, tmp_path: Path,
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) < sum(losses[:5]), losses
-    ckpt = save_checkpoint(tmp_path / "ckpt", parts.module.model, parts.model_config, data_dir / "tokenizer.json")
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", parts.module.model, parts.model_config, data_dir / "tokenizer.json"
+    )
     loaded = load_finetuned(ckpt)
-    assert type(loaded.model) is type(parts.module.model) and loaded.model_config == parts.model_config
-    metrics = evaluate_checkpoint(ckpt, data_dir, "test", DecodeConfig(beam_size=2, max_len=8), tmp_path / "eval")
+    assert (
+        type(loaded.model) is type(parts.module.model) and loaded.model_config == parts.model_config
+    )
+    metrics = evaluate_checkpoint(
+        ckpt, data_dir, "test", DecodeConfig(beam_size=2, max_len=8), tmp_path / "eval"
+    )
     assert (tmp_path / "eval" / "predictions.jsonl").is_file()
-    assert ("bleu" in metrics) == (task == "translation") and ("accuracy" in metrics) == (task == "classification")
+    assert ("bleu" in metrics) == (task == "translation") and ("accuracy" in metrics) == (
+        task == "classification"
+    )
 
 
 def iter_forever(loader: object) -> object:
@@ -116,11 +167,25 @@ def iter_forever(loader: object) -> object:
 def test_config_errors_name_the_key(data_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"'model.arch': unknown architecture 'gru'"):
         load_config(FinetuneJob, None, ["model.arch=gru"])
-    with pytest.raises(ConfigError, match=r"'model.arch': 'lstm_classifier' is a classification model"):
+    with pytest.raises(
+        ConfigError, match=r"'model.arch': 'lstm_classifier' is a classification model"
+    ):
         load_config(FinetuneJob, None, ["task=translation", "model.arch=lstm_classifier"])
-    with pytest.raises(ConfigError, match=r"'encoder_checkpoint': model.arch=transformer trains from scratch"):
+    with pytest.raises(
+        ConfigError, match=r"'encoder_checkpoint': model.arch=transformer trains from scratch"
+    ):
         load_config(FinetuneJob, None, ["model.arch=transformer", "encoder_checkpoint=runs/bert"])
-    short = load_config(FinetuneJob, None, [f"data_dir={data_dir}", "model.arch=transformer", "model.preset=tiny",
-                                            "model.max_positions=8"])
-    with pytest.raises(CheckpointError, match=r"'model.max_positions' \(8\) < the data's longest sequence \(16"):
+    short = load_config(
+        FinetuneJob,
+        None,
+        [
+            f"data_dir={data_dir}",
+            "model.arch=transformer",
+            "model.preset=tiny",
+            "model.max_positions=8",
+        ],
+    )
+    with pytest.raises(
+        CheckpointError, match=r"'model.max_positions' \(8\) < the data's longest sequence \(16"
+    ):
         preflight(short)

@@ -84,8 +84,10 @@ def labelled_texts(n: int) -> list[tuple[str, str]]:
     rng, rows = random.Random(0), []
     for i in range(n):
         label = i % 2
-        words = [rng.choice(GOOD if label else BAD) if j % 2 else rng.choice(FILLER)
-                 for j in range(2 + i % 9)]
+        words = [
+            rng.choice(GOOD if label else BAD) if j % 2 else rng.choice(FILLER)
+            for j in range(2 + i % 9)
+        ]
         rows.append((" ".join(words), LABELS[label]))
     return list(dict.fromkeys(rows))
 
@@ -101,13 +103,22 @@ class _Batches:
 
 def prepare_in_process(cfg: DataConfig, out: Path) -> dict:
     """prepare() with its Ray Data stages (read_task, clean_batch, tokenize_batch) run here."""
-    def cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer,
-                target: Tokenizer | None) -> _Batches:
+
+    def cleaned(
+        cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer, target: Tokenizer | None
+    ) -> _Batches:
         opts = ReadOptions.from_config(cfg, kind)
         task = {"path": [cfg.paths[0]], "partner": [""]}
         raw = pa.concat_tables(read_task(task, opts, "files", {}))
-        batch = clean_batch(raw, kind, cfg.min_chars, cfg.max_chars, cfg.seed,
-                            cfg.validation_fraction, cfg.test_fraction)
+        batch = clean_batch(
+            raw,
+            kind,
+            cfg.min_chars,
+            cfg.max_chars,
+            cfg.seed,
+            cfg.validation_fraction,
+            cfg.test_fraction,
+        )
         return _Batches(tokenize_batch(batch, tok.to_str(), kind, False, False))
 
     with pytest.MonkeyPatch.context() as m:
@@ -123,9 +134,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tsv = root / "reviews.tsv"
     rows = "".join(f"{t}\t{y}\n" for t, y in labelled_texts(90))
     tsv.write_text(f"text\tlabel\n{rows}", encoding="utf-8")
-    cfg = DataConfig(source="labelled", paths=[str(tsv)], tasks=["classification"],
-                     tokenizer_path=str(root / "words.json"), seq_len=SEQ_LEN,
-                     validation_fraction=0.1, test_fraction=0.3)
+    cfg = DataConfig(
+        source="labelled",
+        paths=[str(tsv)],
+        tasks=["classification"],
+        tokenizer_path=str(root / "words.json"),
+        seq_len=SEQ_LEN,
+        validation_fraction=0.1,
+        test_fraction=0.3,
+    )
     prepare_in_process(cfg, root / "prepared")
     return root / "prepared"
 
@@ -134,13 +151,19 @@ def classifier(arch: str) -> tuple[torch.nn.Module, object]:
     torch.manual_seed(0)
     head = {"num_labels": 2, "label_names": LABELS}
     if arch == "bert_classifier":
-        bert = from_preset(BertConfig, "tiny", vocab_size=VOCAB, hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0)
+        bert = from_preset(
+            BertConfig,
+            "tiny",
+            vocab_size=VOCAB,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         config = ClassifierConfig(encoder=bert, **head)
         return EncoderClassifier(config), config
     if arch == "gpt_classifier":
-        gpt = from_preset(GPTConfig, "tiny", vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0)
+        gpt = from_preset(
+            GPTConfig, "tiny", vocab_size=VOCAB, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
         config = GPTClassifierConfig(decoder=gpt, **head)
         return DecoderClassifier(config), config
     config = from_preset(LSTMClassifierConfig, "tiny", vocab_size=VOCAB, pad_id=len(WORDS), **head)
@@ -153,24 +176,27 @@ def checkpoints(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     root, out = tmp_path_factory.mktemp("ckpt"), {}
     for arch in ARCHES:
         model, config = classifier(arch)
-        out[arch] = save_checkpoint(root / arch, model, config, data_dir / "tokenizer.json",
-                                    data_manifest=data_dir)
+        out[arch] = save_checkpoint(
+            root / arch, model, config, data_dir / "tokenizer.json", data_manifest=data_dir
+        )
     return out
 
 
 def training_path(checkpoint: Path, data_dir: Path, split: str) -> dict[str, list[float]]:
     """text -> label probabilities, the rows batched as training and validation batch them."""
     model = load_finetuned(checkpoint).model.eval()
-    loader = make_loader(data_dir, "classification", split, batch_size=5, shuffle=False,
-                         drop_last=False)
+    loader = make_loader(
+        data_dir, "classification", split, batch_size=5, shuffle=False, drop_last=False
+    )
     columns = read_split(data_dir / "classification", split, ["sample_id", "text"]).to_pydict()
     texts = dict(zip(columns["sample_id"], columns["text"], strict=True))
     out = {}
     with torch.no_grad():
         for batch in loader:
             probs = model(batch["input_ids"], batch["attention_mask"]).softmax(-1)
-            out.update({texts[int(s)]: p.tolist() for s, p in zip(batch["sample_id"], probs,
-                                                                   strict=True)})
+            out.update(
+                {texts[int(s)]: p.tolist() for s, p in zip(batch["sample_id"], probs, strict=True)}
+            )
     return out
 
 
@@ -183,8 +209,9 @@ def test_the_fixture_has_id_0_as_a_real_token_and_truncated_rows(data_dir: Path)
 
 # ----------------------------------------------------- the defect: pad and mask as training does
 @pytest.mark.parametrize("arch", ARCHES)
-def test_evaluate_pads_and_masks_as_training_does(arch: str, checkpoints: dict[str, Path],
-                                                  data_dir: Path, tmp_path: Path) -> None:
+def test_evaluate_pads_and_masks_as_training_does(
+    arch: str, checkpoints: dict[str, Path], data_dir: Path, tmp_path: Path
+) -> None:
     """Evaluation used to pad with 0 and mask `ids != 0`: with "!" at id 0 the BERT classifier
     read another input than in training, and the GPT and LSTM classifiers refused the mask."""
     metrics = evaluate_checkpoint(checkpoints[arch], data_dir, "test", DecodeConfig(), tmp_path)
@@ -209,16 +236,28 @@ def kiln(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("arch", ARCHES)
-def test_predict_labels_raw_lines_as_training_scores_them(arch: str, checkpoints: dict[str, Path],
-                                                          data_dir: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_predict_labels_raw_lines_as_training_scores_them(
+    arch: str,
+    checkpoints: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     expected = training_path(checkpoints[arch], data_dir, "test")
     texts = list(expected)
     # raw: doubled spaces and a tab, cleaned as `kiln data prepare` cleans them; a blank line
     raw = [t.replace(" ", "  ", 1).replace(" ", "\t", 1) for t in texts]
     (tmp_path / "texts.txt").write_text("\n".join([raw[0], "", *raw[1:]]) + "\n")
-    code, out, err = kiln(capsys, "predict", "--checkpoint", str(checkpoints[arch]), "--input",
-                          str(tmp_path / "texts.txt"), "--out", str(tmp_path / "labels.jsonl"))
+    code, out, err = kiln(
+        capsys,
+        "predict",
+        "--checkpoint",
+        str(checkpoints[arch]),
+        "--input",
+        str(tmp_path / "texts.txt"),
+        "--out",
+        str(tmp_path / "labels.jsonl"),
+    )
     assert (code, err) == (0, "")
     rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, *range(3, len(texts) + 2)]
@@ -230,13 +269,24 @@ def test_predict_labels_raw_lines_as_training_scores_them(arch: str, checkpoints
         assert list(probs.values()) == pytest.approx(expected[row["text"]], abs=1e-5)
 
 
-def test_predict_reads_a_named_column_and_writes_tsv(checkpoints: dict[str, Path], tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture) -> None:
+def test_predict_reads_a_named_column_and_writes_tsv(
+    checkpoints: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     ckpt = str(checkpoints["bert_classifier"])
     csv = tmp_path / "in.csv"
     csv.write_text('id,sentence\n1,"good movie !"\n2,"the plot , very dull"\n')
-    code, _, err = kiln(capsys, "predict", "--checkpoint", ckpt, "--input", str(csv),
-                        "--column", "sentence", "--out", str(tmp_path / "out.tsv"))
+    code, _, err = kiln(
+        capsys,
+        "predict",
+        "--checkpoint",
+        ckpt,
+        "--input",
+        str(csv),
+        "--column",
+        "sentence",
+        "--out",
+        str(tmp_path / "out.tsv"),
+    )
     assert (code, err) == (0, "")
     header, *lines = (tmp_path / "out.tsv").read_text(encoding="utf-8").splitlines()
     assert header.split("\t") == ["line", "text", "label", "prob_neg", "prob_pos"]
@@ -247,13 +297,15 @@ def test_predict_reads_a_named_column_and_writes_tsv(checkpoints: dict[str, Path
     # the same texts by key from JSONL: the same answers, here TSV on stdout
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"sentence": "good movie !"}\n{"sentence": "the plot , very dull"}\n')
-    code, out, _ = kiln(capsys, "predict", "--checkpoint", ckpt, "--input", str(jsonl),
-                        "--column", "sentence")
+    code, out, _ = kiln(
+        capsys, "predict", "--checkpoint", ckpt, "--input", str(jsonl), "--column", "sentence"
+    )
     assert code == 0 and [r.split("\t")[1:] for r in out.splitlines()[1:]] == [r[1:] for r in rows]
 
 
-def test_predict_reads_stdin(checkpoints: dict[str, Path], capsys: pytest.CaptureFixture,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_predict_reads_stdin(
+    checkpoints: dict[str, Path], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO("good movie\n\nbad plot !\n"))
     code, out, err = kiln(capsys, "predict", "--checkpoint", str(checkpoints["gpt_classifier"]))
     assert (code, err) == (0, "")
@@ -264,26 +316,40 @@ def test_predict_reads_stdin(checkpoints: dict[str, Path], capsys: pytest.Captur
 
 # ----------------------------------------------------- kiln evaluate --input
 @pytest.mark.parametrize("arch", ARCHES)
-def test_evaluate_a_raw_labelled_file_equals_the_prepared_split(arch: str,
-                                                                checkpoints: dict[str, Path],
-                                                                data_dir: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture
-                                                                ) -> None:
-    prepared = evaluate_checkpoint(checkpoints[arch], data_dir, "test", DecodeConfig(),
-                                   tmp_path / "prepared")
+def test_evaluate_a_raw_labelled_file_equals_the_prepared_split(
+    arch: str,
+    checkpoints: dict[str, Path],
+    data_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    prepared = evaluate_checkpoint(
+        checkpoints[arch], data_dir, "test", DecodeConfig(), tmp_path / "prepared"
+    )
     split = read_split(data_dir / "classification", "test", ["text", "label"]).to_pydict()
     # an "official dev set": columns of its own, the text not yet cleaned
     rows = zip(split["text"], split["label"], strict=True)
     dev = tmp_path / "dev.tsv"
-    dev.write_text("gold\tsentence\n" + "".join(f"{LABELS[y]}\t {t.replace(' ', '  ')}\n"
-                                                for t, y in rows))
-    code, out, err = kiln(capsys, "evaluate", "--checkpoint", str(checkpoints[arch]), "--input",
-                          str(dev), "--text-column", "sentence", "--label-column", "gold",
-                          "--out", str(tmp_path / "raw"))
+    dev.write_text(
+        "gold\tsentence\n" + "".join(f"{LABELS[y]}\t {t.replace(' ', '  ')}\n" for t, y in rows)
+    )
+    code, out, err = kiln(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(checkpoints[arch]),
+        "--input",
+        str(dev),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "gold",
+        "--out",
+        str(tmp_path / "raw"),
+    )
     assert (code, err) == (0, "")
     metrics = json.loads(out)
-    for key in ("accuracy", "macro_f1", "mcc", "examples", "split_majority_rate",
-                "uniform_chance"):
+    for key in ("accuracy", "macro_f1", "mcc", "examples", "split_majority_rate", "uniform_chance"):
         assert metrics[key] == pytest.approx(prepared[key]), key
     predictions = [(tmp_path / d / "predictions.jsonl").read_text() for d in ("prepared", "raw")]
     assert sorted(predictions[0].splitlines()) == sorted(predictions[1].splitlines())
@@ -291,8 +357,13 @@ def test_evaluate_a_raw_labelled_file_equals_the_prepared_split(arch: str,
 
 
 # ----------------------------------------------------- kiln evaluate --src --ref
-PAIRS = [("good movie", "movie good"), ("bad plot", "plot bad"), ("the movie", "movie the"),
-         ("a very good plot !", "! plot good very a"), ("dull", "dull")]
+PAIRS = [
+    ("good movie", "movie good"),
+    ("bad plot", "plot bad"),
+    ("the movie", "movie the"),
+    ("a very good plot !", "! plot good very a"),
+    ("dull", "dull"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -303,35 +374,70 @@ def translation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tok.save(str(root / "tokenizer.json"))
     special = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     bos, eos = special["[BOS]"], special["[EOS]"]
-    rows = [{"sample_id": i, "src_ids": [*tok.encode(s).ids, eos],
-             "tgt_ids": [bos, *tok.encode(t).ids, eos], "src_text": s, "tgt_text": t}
-            for i, (s, t) in enumerate(PAIRS)]
+    rows = [
+        {
+            "sample_id": i,
+            "src_ids": [*tok.encode(s).ids, eos],
+            "tgt_ids": [bos, *tok.encode(t).ids, eos],
+            "src_text": s,
+            "tgt_text": t,
+        }
+        for i, (s, t) in enumerate(PAIRS)
+    ]
     builder = BUILDERS["translation"]
-    write_task(root / "data" / "translation", "translation", builder.schema, {"test": rows}, 16,
-               builder.token_columns)
-    write_json(root / "data" / "manifest.json", {"tasks": {"translation": {}},
-                                                 "special_tokens": special,
-                                                 "vocab_size": tok.get_vocab_size()})
+    write_task(
+        root / "data" / "translation",
+        "translation",
+        builder.schema,
+        {"test": rows},
+        16,
+        builder.token_columns,
+    )
+    write_json(
+        root / "data" / "manifest.json",
+        {
+            "tasks": {"translation": {}},
+            "special_tokens": special,
+            "vocab_size": tok.get_vocab_size(),
+        },
+    )
     torch.manual_seed(0)
-    config = from_preset(TransformerConfig, "tiny", vocab_size=tok.get_vocab_size(),
-                                           pad_id=special["[PAD]"], max_positions=64)
-    ckpt = save_checkpoint(root / "ckpt", TransformerSeq2Seq(config), config,
-                           root / "tokenizer.json")
+    config = from_preset(
+        TransformerConfig,
+        "tiny",
+        vocab_size=tok.get_vocab_size(),
+        pad_id=special["[PAD]"],
+        max_positions=64,
+    )
+    ckpt = save_checkpoint(
+        root / "ckpt", TransformerSeq2Seq(config), config, root / "tokenizer.json"
+    )
     return root / "data", ckpt
 
 
-def test_evaluate_raw_parallel_files_equals_the_prepared_split(translation: tuple[Path, Path],
-                                                               tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture
-                                                               ) -> None:
+def test_evaluate_raw_parallel_files_equals_the_prepared_split(
+    translation: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data, ckpt = translation
-    prepared = evaluate_checkpoint(ckpt, data, "test", DecodeConfig(beam_size=2),
-                                   tmp_path / "prepared")
+    prepared = evaluate_checkpoint(
+        ckpt, data, "test", DecodeConfig(beam_size=2), tmp_path / "prepared"
+    )
     (tmp_path / "src.txt").write_text("".join(f"{s}\n" for s, _ in PAIRS))
     (tmp_path / "ref.txt").write_text("".join(f"  {t}\n" for _, t in PAIRS))  # cleaned alike
-    code, out, err = kiln(capsys, "evaluate", "--checkpoint", str(ckpt), "--src",
-                          str(tmp_path / "src.txt"), "--ref", str(tmp_path / "ref.txt"),
-                          "--beam", "2", "--out", str(tmp_path / "raw"))
+    code, out, err = kiln(
+        capsys,
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--src",
+        str(tmp_path / "src.txt"),
+        "--ref",
+        str(tmp_path / "ref.txt"),
+        "--beam",
+        "2",
+        "--out",
+        str(tmp_path / "raw"),
+    )
     assert (code, err) == (0, "")
     assert json.loads(out) == prepared and prepared["sentences"] == len(PAIRS)
     predictions = [(tmp_path / d / "predictions.jsonl").read_text() for d in ("prepared", "raw")]
@@ -354,9 +460,12 @@ def write(path: Path, text: str) -> str:
     return str(path)
 
 
-def test_bad_inputs_exit_2_with_one_line(checkpoints: dict[str, Path],
-                                         translation: tuple[Path, Path], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_bad_inputs_exit_2_with_one_line(
+    checkpoints: dict[str, Path],
+    translation: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
     cls, mt = str(checkpoints["bert_classifier"]), str(translation[1])
     empty = write(tmp_path / "empty.tsv", "")
     dev = write(tmp_path / "dev.tsv", "text\tlabel\ngood movie\tpos\nbad plot\tmeh\n")
@@ -365,12 +474,18 @@ def test_bad_inputs_exit_2_with_one_line(checkpoints: dict[str, Path],
     evaluate, predict = ["evaluate", "--checkpoint", cls], ["predict", "--checkpoint", cls]
     cases = [
         ([*evaluate, "--input", empty], f"{empty}: file is empty"),
-        ([*evaluate, "--input", dev],
-         f"{dev}:3: label 'meh' is not one of the checkpoint's labels ['neg', 'pos']"),
-        ([*evaluate, "--input", dev, "--text-column", "sentence"],
-         f"{dev}:1: no column 'sentence' (--text-column)"),
-        (["evaluate", "--checkpoint", mt, "--src", src, "--ref", ref],
-         f"{ref}:3: file ends here but {src} has 3 lines"),
+        (
+            [*evaluate, "--input", dev],
+            f"{dev}:3: label 'meh' is not one of the checkpoint's labels ['neg', 'pos']",
+        ),
+        (
+            [*evaluate, "--input", dev, "--text-column", "sentence"],
+            f"{dev}:1: no column 'sentence' (--text-column)",
+        ),
+        (
+            ["evaluate", "--checkpoint", mt, "--src", src, "--ref", ref],
+            f"{ref}:3: file ends here but {src} has 3 lines",
+        ),
         (["evaluate", "--checkpoint", mt, "--src", src], "--src and --ref go together"),
         (evaluate, "give one of --data DIR"),
         ([*evaluate, "--input", dev, "--data", str(tmp_path)], "give one of --data DIR"),
@@ -378,8 +493,10 @@ def test_bad_inputs_exit_2_with_one_line(checkpoints: dict[str, Path],
         (["evaluate", "--checkpoint", mt, "--input", dev], "score it with --src FILE --ref FILE"),
         ([*evaluate, "--data", str(tmp_path), "--text-column", "x"], "--text-column applies"),
         ([*predict, "--input", empty], f"{empty}: file is empty"),
-        ([*predict, "--input", dev, "--column", "sentence"],
-         f"{dev}:1: no column 'sentence' (--column)"),
+        (
+            [*predict, "--input", dev, "--column", "sentence"],
+            f"{dev}:1: no column 'sentence' (--column)",
+        ),
         ([*predict, "--input", src, "--column", "text"], f"{src}: --column 'text' needs"),
         ([*predict, "--input", src, "--out", str(tmp_path / "x.csv")], ".tsv or .jsonl"),
         (["predict", "--checkpoint", mt, "--input", src], "is not a classifier"),

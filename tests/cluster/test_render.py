@@ -21,7 +21,12 @@ from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 BERT = ROOT / "configs" / "tiny-bert.yaml"
-SIZED = ["cluster.num_workers=3", "cluster.cpus_per_worker=2", "cluster.use_gpu=true", "cluster.max_failures=2"]
+SIZED = [
+    "cluster.num_workers=3",
+    "cluster.cpus_per_worker=2",
+    "cluster.use_gpu=true",
+    "cluster.max_failures=2",
+]
 
 
 def _job(overrides: list[str]) -> PretrainJob:
@@ -29,7 +34,9 @@ def _job(overrides: list[str]) -> PretrainJob:
 
 
 def _manifest(overrides: list[str], **kwargs: object) -> tuple[str, dict]:
-    text = render_kuberay("pretrain", BERT, overrides, _job(overrides), image="registry.example/kiln:1", **kwargs)
+    text = render_kuberay(
+        "pretrain", BERT, overrides, _job(overrides), image="registry.example/kiln:1", **kwargs
+    )
     docs = list(yaml.safe_load_all(text))
     assert len(docs) == 1
     return text, docs[0]
@@ -42,7 +49,9 @@ def test_kuberay_manifest_names_the_configured_resources() -> None:
     assert spec["entrypoint"] == entrypoint("pretrain", BERT, SIZED, Path("/mnt/shared/bert"))
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
-    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}  # the head runs only the driver
+    assert cluster["headGroupSpec"]["rayStartParams"] == {
+        "num-cpus": "0"
+    }  # the head runs only the driver
     (group,) = cluster["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
     (worker,) = group["template"]["spec"]["containers"]
@@ -64,18 +73,30 @@ def test_kuberay_secrets_are_references_and_the_runtime_env_holds_none() -> None
     assert runtime_env["working_dir"] == "/kiln" and "env_vars" not in runtime_env
     assert "runs" in runtime_env["excludes"] and "wandb" in runtime_env["excludes"]
     cluster = doc["spec"]["rayClusterSpec"]
-    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
-                  cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]]
+    containers = [
+        cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+        cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0],
+    ]
     for container in containers:
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
-        assert refs["WANDB_API_KEY"] == {"name": "kiln-secrets", "key": "wandb-api-key", "optional": True}
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e
+        }
+        assert refs["WANDB_API_KEY"] == {
+            "name": "kiln-secrets",
+            "key": "wandb-api-key",
+            "optional": True,
+        }
         assert refs["HF_TOKEN"]["name"] == "kiln-secrets"
-        assert {e["name"] for e in container["env"] if "value" in e} <= {"RAY_JOB_STOP_WAIT_TIME_S"}  # no secret
+        assert {e["name"] for e in container["env"] if "value" in e} <= {
+            "RAY_JOB_STOP_WAIT_TIME_S"
+        }  # no secret
 
 
 def test_kuberay_without_gpu_and_without_image() -> None:
     _, doc = _manifest(["cluster.num_workers=1"])
-    worker = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][
+        0
+    ]
     assert "nvidia.com/gpu" not in worker["resources"]["limits"]
     with pytest.raises(ConfigError, match="--image"):
         render_kuberay("pretrain", BERT, [], _job([]), image=None)
@@ -94,19 +115,34 @@ def test_a_secret_in_the_overrides_is_refused(monkeypatch: pytest.MonkeyPatch) -
 
 def test_slurm_script_passes_bash_n_and_is_sized_from_the_config(tmp_path: Path) -> None:
     overrides = ["cluster.num_workers=4", "cluster.cpus_per_worker=3", "cluster.use_gpu=true"]
-    text = render_slurm("pretrain", BERT, overrides, _job(overrides), nodes=2, out_dir="/shared/runs/bert",
-                        partition="gpu")
+    text = render_slurm(
+        "pretrain",
+        BERT,
+        overrides,
+        _job(overrides),
+        nodes=2,
+        out_dir="/shared/runs/bert",
+        partition="gpu",
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(text)
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for line in ("#SBATCH --nodes=2", "#SBATCH --cpus-per-task=6", "#SBATCH --gpus-per-task=2",
-                 "#SBATCH --partition=gpu", "#SBATCH --ntasks-per-node=1"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --cpus-per-task=6",
+        "#SBATCH --gpus-per-task=2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --ntasks-per-node=1",
+    ):
         assert line in text.splitlines()
     assert "ray start --head --block" in text and "ray start --block --address" in text
     assert "--num-cpus=6 --num-gpus=2" in text
     assert "wait_for_nodes 2" in text and "trap stop_ray EXIT" in text
-    assert f"run_job {entrypoint('pretrain', BERT, overrides, Path('/shared/runs/bert'))}" in text.splitlines()
+    assert (
+        f"run_job {entrypoint('pretrain', BERT, overrides, Path('/shared/runs/bert'))}"
+        in text.splitlines()
+    )
     assert f"#SBATCH --signal=B:USR1@{STOP_GRACE_S}" in text.splitlines()
 
 
@@ -123,9 +159,13 @@ sys.exit(0)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_slurm_run_job_turns_the_time_limit_signal_into_the_drivers_sigterm(tmp_path: Path, sig: int) -> None:
+def test_slurm_run_job_turns_the_time_limit_signal_into_the_drivers_sigterm(
+    tmp_path: Path, sig: int
+) -> None:
     script = tmp_path / "job.sh"
-    script.write_text(f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c '{FAKE_DRIVER}'\n")
+    script.write_text(
+        f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c '{FAKE_DRIVER}'\n"
+    )
     shell = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True)
     assert shell.stdout.readline().strip() == "driver: training"
     shell.send_signal(sig)  # what `--signal=B:USR1@...` (or scancel) sends to the batch shell
@@ -136,8 +176,10 @@ def test_slurm_run_job_turns_the_time_limit_signal_into_the_drivers_sigterm(tmp_
 
 def test_slurm_run_job_passes_a_normal_exit_through(tmp_path: Path) -> None:
     script = tmp_path / "job.sh"
-    script.write_text(f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c 'import sys; sys.exit(3)'\n"
-                      "echo unreachable\n")
+    script.write_text(
+        f"set -euo pipefail\n{SLURM_RUN_JOB}\nrun_job {sys.executable} -c 'import sys; sys.exit(3)'\n"
+        "echo unreachable\n"
+    )
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 3 and "unreachable" not in result.stdout
 
@@ -159,9 +201,24 @@ def test_the_command_follows_the_task() -> None:
 def test_render_cli_writes_a_finetune_manifest(tmp_path: Path) -> None:
     out = tmp_path / "rayjob.yaml"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["render", "kuberay", "--config", str(ROOT / "configs" / "classification.yaml"),
-                  "cluster.num_workers=2", "--image", "img:1", "--out", str(out), "--job-out", "/shared/cls"])
+        cli.main(
+            [
+                "render",
+                "kuberay",
+                "--config",
+                str(ROOT / "configs" / "classification.yaml"),
+                "cluster.num_workers=2",
+                "--image",
+                "img:1",
+                "--out",
+                str(out),
+                "--job-out",
+                "/shared/cls",
+            ]
+        )
     assert exit_info.value.code == 0
     doc = yaml.safe_load(out.read_text())
-    assert doc["spec"]["entrypoint"].startswith("python -m cluster finetune --config configs/classification.yaml")
+    assert doc["spec"]["entrypoint"].startswith(
+        "python -m cluster finetune --config configs/classification.yaml"
+    )
     assert doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2

@@ -12,7 +12,13 @@ import pytest
 
 from cluster.config import load_config
 from cluster.jobs import PretrainJob
-from cluster.resume import check_resume, checkpoint_step, continues_run, has_checkpoint, resume_point
+from cluster.resume import (
+    check_resume,
+    checkpoint_step,
+    continues_run,
+    has_checkpoint,
+    resume_point,
+)
 from cluster.rundir import run_dir
 from data_pipeline.configlib import ConfigError, from_preset, to_dict
 from pretrain.checkpoint import save_checkpoint
@@ -58,8 +64,16 @@ def test_a_run_stopped_by_bad_input_keeps_its_directory_only_with_a_checkpoint(
 
 
 def _job(strategy: str) -> PretrainJob:
-    return load_config(PretrainJob, None, ["data_dir=/nonexistent", "model.preset=tiny",
-                                           "trainer.resume=auto", f"cluster.strategy={strategy}"])
+    return load_config(
+        PretrainJob,
+        None,
+        [
+            "data_dir=/nonexistent",
+            "model.preset=tiny",
+            "trainer.resume=auto",
+            f"cluster.strategy={strategy}",
+        ],
+    )
 
 
 def test_a_zero_checkpoint_resumes_with_any_zero_stage_and_only_with_its_optimizer_state(
@@ -67,15 +81,29 @@ def test_a_zero_checkpoint_resumes_with_any_zero_stage_and_only_with_its_optimiz
 ) -> None:
     path = tmp_path / "checkpoints" / "step-0000003"
     job = to_dict(_job("deepspeed_stage_2"))
-    save_checkpoint(path, BertForPreTraining(CFG), CFG, job_config=job,
-                    trainer_state={"step": 3, "optimizer": {"format": "kiln-zero-consolidated"}})
+    save_checkpoint(
+        path,
+        BertForPreTraining(CFG),
+        CFG,
+        job_config=job,
+        trainer_state={"step": 3, "optimizer": {"format": "kiln-zero-consolidated"}},
+    )
     for stage in (1, 2, 3):  # consolidated: any stage (and any worker count) restores it
         assert check_resume(_job(f"deepspeed_stage_{stage}"), tmp_path) == path
-    with pytest.raises(ConfigError, match="saved with cluster.strategy=deepspeed_stage_2 and cannot "
-                                          "be resumed with cluster.strategy=ddp"):
+    with pytest.raises(
+        ConfigError,
+        match="saved with cluster.strategy=deepspeed_stage_2 and cannot "
+        "be resumed with cluster.strategy=ddp",
+    ):
         check_resume(_job("ddp"), tmp_path)
     # saved by an older Kiln, whose ZeRO checkpoints held no optimizer state: refused in one line
-    save_checkpoint(path, BertForPreTraining(CFG), CFG, job_config=job, trainer_state={"step": 3},
-                    overwrite=True)
+    save_checkpoint(
+        path,
+        BertForPreTraining(CFG),
+        CFG,
+        job_config=job,
+        trainer_state={"step": 3},
+        overwrite=True,
+    )
     with pytest.raises(ConfigError, match="holds no optimizer state"):
         check_resume(_job("deepspeed_stage_2"), tmp_path)

@@ -33,8 +33,14 @@ from pretrain.module import BertPretrainModule
 from pretrain.optim import OptimConfig
 
 V, BATCHES_PER_EPOCH = 48, 4
-CFG = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=16)  # dropout stays at 0.1: the resumed RNG stream must match too
+CFG = BertConfig(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=16,
+)  # dropout stays at 0.1: the resumed RNG stream must match too
 # Constant after warmup: the k-step run's schedule then agrees with the N-step run's on their common steps.
 OPTIM = OptimConfig(warmup_steps=2, schedule="constant")
 
@@ -83,13 +89,19 @@ def make_batch(epoch: int, index: int) -> dict[str, Tensor]:
     labels = torch.full_like(ids, -100)
     labels[:, 2], labels[:, 7] = ids[:, 2], ids[:, 7]
     ids[:, 2], ids[:, 7] = 4, 4
-    return {"input_ids": ids, "token_type_ids": (torch.arange(12) >= 6).long().expand(4, 12).contiguous(),
-            "attention_mask": mask, "mlm_labels": labels,
-            "next_sentence_label": torch.randint(0, 2, (4,), generator=gen), "sample_id": torch.arange(4)}
+    return {
+        "input_ids": ids,
+        "token_type_ids": (torch.arange(12) >= 6).long().expand(4, 12).contiguous(),
+        "attention_mask": mask,
+        "mlm_labels": labels,
+        "next_sentence_label": torch.randint(0, 2, (4,), generator=gen),
+        "sample_id": torch.arange(4),
+    }
 
 
-def train(root: Path, max_steps: int, resume: bool, init_seed: int = 0,
-          stop_at: int | None = None) -> tuple[pl.Trainer, KilnCheckpoint]:
+def train(
+    root: Path, max_steps: int, resume: bool, init_seed: int = 0, stop_at: int | None = None
+) -> tuple[pl.Trainer, KilnCheckpoint]:
     """One run writing checkpoints under root; with resume, continuing from the newest one there; with stop_at,
     a stop is requested (cluster/preemption.py) during that step."""
     torch.manual_seed(init_seed)
@@ -101,14 +113,28 @@ def train(root: Path, max_steps: int, resume: bool, init_seed: int = 0,
         stop_file = root.parent / "STOP"
         callbacks += [StopOnRequest(stop_file, checkpoint), RequestStopAt(stop_file, stop_at)]
     resume_from = resume_checkpoint(root, "auto" if resume else "never")
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         gradient_clip_val=1.0, callbacks=callbacks, limit_val_batches=0,
-                         plugins=[KilnCheckpointIO()] if resume_from else None)
-    torch.manual_seed(123)  # the RNG dropout draws from; a resumed run must replace it with the saved one
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        plugins=[KilnCheckpointIO()] if resume_from else None,
+    )
+    torch.manual_seed(
+        123
+    )  # the RNG dropout draws from; a resumed run must replace it with the saved one
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*")
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+        trainer.fit(
+            module, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None
+        )
     return trainer, checkpoint
 
 
@@ -120,11 +146,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tensor]
 
 # k=3: mid-epoch; k=4: the checkpoint is the epoch's last batch, so the resume starts the loader's next epoch.
 @pytest.mark.parametrize("k", [3, 4])
-def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tmp_path: Path, uninterrupted: dict[str, Tensor],
-                                                         k: int) -> None:
+def test_resumed_run_ends_bitwise_equal_to_uninterrupted(
+    tmp_path: Path, uninterrupted: dict[str, Tensor], k: int
+) -> None:
     first, _ = train(tmp_path, k, resume=False)
     assert first.global_step == k and latest_checkpoint(tmp_path).name == f"step-{k:07d}"
-    second, checkpoint = train(tmp_path, 7, resume=True, init_seed=99)  # other init: the weights must come back
+    second, checkpoint = train(
+        tmp_path, 7, resume=True, init_seed=99
+    )  # other init: the weights must come back
     assert second.global_step == 7 and checkpoint.last_saved.name == "step-0000007"
     # The schedule keeps this run's total (7), not the interrupted run's (k).
     assert second.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 7
@@ -134,8 +163,9 @@ def test_resumed_run_ends_bitwise_equal_to_uninterrupted(tmp_path: Path, uninter
         assert torch.equal(resumed[name], tensor), name
 
 
-def test_resume_without_restoring_rng_diverges(tmp_path: Path, uninterrupted: dict[str, Tensor],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_without_restoring_rng_diverges(
+    tmp_path: Path, uninterrupted: dict[str, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The bitwise test above can fail: drop the saved RNG and dropout draws other masks."""
     train(tmp_path, 3, resume=False)
     monkeypatch.setattr(KilnCheckpoint, "on_load_checkpoint", lambda *args: None)
@@ -159,8 +189,9 @@ def stopper(trainer: pl.Trainer) -> StopOnRequest:
     return next(c for c in trainer.callbacks if isinstance(c, StopOnRequest))
 
 
-def test_a_preempted_run_checkpoints_where_it_stops_and_resumes_bitwise(tmp_path: Path,
-                                                                        uninterrupted: dict[str, Tensor]) -> None:
+def test_a_preempted_run_checkpoints_where_it_stops_and_resumes_bitwise(
+    tmp_path: Path, uninterrupted: dict[str, Tensor]
+) -> None:
     first, checkpoint = train(tmp_path / "ckpt", 7, resume=False, stop_at=3)
     # The request came during step 3 (every=0: no scheduled save before the last step), so the run stopped after
     # step 3 with that step's checkpoint instead of going on to max_steps.
@@ -176,7 +207,9 @@ def test_a_preempted_run_checkpoints_where_it_stops_and_resumes_bitwise(tmp_path
 
 def test_a_stop_request_during_the_last_step_is_a_normal_end(tmp_path: Path) -> None:
     trainer, checkpoint = train(tmp_path / "ckpt", 5, resume=False, stop_at=5)
-    assert trainer.global_step == 5 and stopper(trainer).stopped_at is None  # not reported as preempted
+    assert (
+        trainer.global_step == 5 and stopper(trainer).stopped_at is None
+    )  # not reported as preempted
     assert checkpoint.last_saved == tmp_path / "ckpt" / "step-0000005"
 
 
@@ -197,7 +230,9 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path: Path) -> None:
 def test_checkpoint_without_resume_state_is_refused_by_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = BertPretrainModule(CFG, OPTIM, 5)
-    path = save_checkpoint(tmp_path / "step-0000005", module.model, CFG, trainer_state={"step": 5, "epoch": 0})
+    path = save_checkpoint(
+        tmp_path / "step-0000005", module.model, CFG, trainer_state={"step": 5, "epoch": 0}
+    )
     with pytest.raises(CheckpointError, match=r"step-0000005.*lacks \['optimizer', 'scheduler'"):
         lightning_checkpoint(path)
 
@@ -214,8 +249,11 @@ def test_resume_with_another_worker_count_keeps_the_streams_that_exist() -> None
 
 
 def _job(*overrides: str) -> PretrainJob:
-    return load_config(PretrainJob, None, ["data_dir=/nonexistent", "model.preset=tiny", "trainer.resume=auto",
-                                           *overrides])
+    return load_config(
+        PretrainJob,
+        None,
+        ["data_dir=/nonexistent", "model.preset=tiny", "trainer.resume=auto", *overrides],
+    )
 
 
 def test_driver_refuses_resume_it_cannot_do_exactly(tmp_path: Path) -> None:
@@ -223,20 +261,34 @@ def test_driver_refuses_resume_it_cannot_do_exactly(tmp_path: Path) -> None:
     assert check_resume(job, tmp_path) is None  # nothing to resume: a fresh start
     torch.manual_seed(0)
     model = BertPretrainModule(CFG, OPTIM, 5).model
-    save_checkpoint(tmp_path / "checkpoints" / "step-0000005", model, CFG, job_config=to_dict(job),
-                    trainer_state={"step": 5})
+    save_checkpoint(
+        tmp_path / "checkpoints" / "step-0000005",
+        model,
+        CFG,
+        job_config=to_dict(job),
+        trainer_state={"step": 5},
+    )
     assert check_resume(job, tmp_path) == tmp_path / "checkpoints" / "step-0000005"
     with pytest.raises(ConfigError, match="cluster.strategy=deepspeed_stage_2"):
         check_resume(_job("cluster.strategy=deepspeed_stage_2"), tmp_path)
-    with pytest.raises(ConfigError, match=r"different 'model' \(num_hidden_layers: 2 then, 3 now\)"):
+    with pytest.raises(
+        ConfigError, match=r"different 'model' \(num_hidden_layers: 2 then, 3 now\)"
+    ):
         check_resume(_job("model.num_hidden_layers=3"), tmp_path)
     assert check_resume(_job("trainer.resume=never", "model.num_hidden_layers=3"), tmp_path) is None
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("trainer.resume", "sometimes", r"'trainer.resume' must be one of \['never', 'auto'\], got 'sometimes'"),
-    ("trainer.peak_flops", "0", "'peak_flops' must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "trainer.resume",
+            "sometimes",
+            r"'trainer.resume' must be one of \['never', 'auto'\], got 'sometimes'",
+        ),
+        ("trainer.peak_flops", "0", "'peak_flops' must be > 0"),
+    ],
+)
 def test_trainer_config_validates_resume_and_peak(key: str, value: str, message: str) -> None:
     with pytest.raises((ConfigError, ValueError), match=message):
         load_config(PretrainJob, None, [f"{key}={value}"])
@@ -252,17 +304,26 @@ def _write_csv(file: Path, rows: list[dict[str, Any]]) -> None:
 
 def test_metrics_before_the_checkpoint_survive_a_resume(tmp_path: Path) -> None:
     """Rows logged after the checkpoint are redone by the resumed run; those before it are kept in front."""
-    _write_csv(tmp_path / "metrics.csv", [{"epoch": 0, "step": s, "train/loss": 10 - s} for s in range(8)]
-               + [{"epoch": 0, "step": 3, "val/loss": 5.5}])
+    _write_csv(
+        tmp_path / "metrics.csv",
+        [{"epoch": 0, "step": s, "train/loss": 10 - s} for s in range(8)]
+        + [{"epoch": 0, "step": 3, "val/loss": 5.5}],
+    )
     stash_metrics(tmp_path, 4)
     assert not (tmp_path / "metrics.csv").exists()  # Lightning's CSV logger would delete it anyway
-    _write_csv(tmp_path / "metrics.csv", [{"epoch": 0, "step": s, "train/loss": 1.0, "train/mfu": 0.5}
-                                          for s in range(4, 7)])
+    _write_csv(
+        tmp_path / "metrics.csv",
+        [{"epoch": 0, "step": s, "train/loss": 1.0, "train/mfu": 0.5} for s in range(4, 7)],
+    )
     restore_metrics(tmp_path)
     with open(tmp_path / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6]
-    assert rows[4]["val/loss"] == "5.5" and rows[0]["train/mfu"] == "" and rows[-1]["train/mfu"] == "0.5"
+    assert (
+        rows[4]["val/loss"] == "5.5"
+        and rows[0]["train/mfu"] == ""
+        and rows[-1]["train/mfu"] == "0.5"
+    )
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -30,18 +30,29 @@ def prepare_tiny_data(out: Path) -> None:
     from data_pipeline.prepare import prepare
 
     started_here = not ray.is_initialized()
-    prepare(DataConfig(sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]), out)
+    prepare(
+        DataConfig(
+            sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
+        ),
+        out,
+    )
     if started_here:
         ray.shutdown()
 
 
 def _canary() -> str:
-    return secrets.token_hex(20)  # the shape of a real W&B key (40 hex characters); made now, so in no file
+    return secrets.token_hex(
+        20
+    )  # the shape of a real W&B key (40 hex characters); made now, so in no file
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:
     data = needle.encode()
-    return [p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
+    return [
+        p
+        for p in Path(root).rglob("*")
+        if p.is_file() and not p.is_symlink() and data in p.read_bytes()
+    ]
 
 
 class _FakeJobsClient:
@@ -53,7 +64,9 @@ class _FakeJobsClient:
         return "raysubmit_fake"
 
 
-def test_a_submission_sends_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_a_submission_sends_no_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     key, token = _canary(), _canary()
     monkeypatch.setenv("WANDB_API_KEY", key)
     monkeypatch.setenv("HF_TOKEN", token)
@@ -64,8 +77,14 @@ def test_a_submission_sends_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: p
     from cluster.jobs import PretrainJob
 
     job = load_config(PretrainJob, ROOT / "configs" / "tiny-bert.yaml", ["wandb.mode=online"])
-    job_id = cluster.submit.submit("pretrain", ROOT / "configs" / "tiny-bert.yaml", ["wandb.mode=online"],
-                                   Path("/shared/out"), "http://127.0.0.1:8265", job=job)
+    job_id = cluster.submit.submit(
+        "pretrain",
+        ROOT / "configs" / "tiny-bert.yaml",
+        ["wandb.mode=online"],
+        Path("/shared/out"),
+        "http://127.0.0.1:8265",
+        job=job,
+    )
     assert job_id == "raysubmit_fake"
     sent = json.dumps(fake.submitted)
     assert key not in sent and token not in sent
@@ -78,8 +97,11 @@ def test_a_submission_sends_no_secret(monkeypatch: pytest.MonkeyPatch, capsys: p
 def test_a_secret_typed_into_an_override_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     key = _canary()
     monkeypatch.setenv("WANDB_API_KEY", key)
-    payload = {"entrypoint": cluster.submit.entrypoint("pretrain", None, [f"wandb.name={key}"], None),
-               "runtime_env": {}, "metadata": {}}
+    payload = {
+        "entrypoint": cluster.submit.entrypoint("pretrain", None, [f"wandb.name={key}"], None),
+        "runtime_env": {},
+        "metadata": {},
+    }
     with pytest.raises(ConfigError, match="WANDB_API_KEY") as err:
         cluster.submit.check_no_secrets(payload)
     assert key not in str(err.value)
@@ -91,7 +113,9 @@ def test_scrub_replaces_secret_values_everywhere(monkeypatch: pytest.MonkeyPatch
     config = {"wandb": {"tags": [f"x{token}y"], "name": token}, "steps": 3}
     clean = scrub(config)
     assert clean == {"wandb": {"tags": [f"x{REDACTED}y"], "name": REDACTED}, "steps": 3}
-    assert find_secrets(json.dumps(config)) == ["HF_TOKEN"] and find_secrets(json.dumps(clean)) == []
+    assert (
+        find_secrets(json.dumps(config)) == ["HF_TOKEN"] and find_secrets(json.dumps(clean)) == []
+    )
     monkeypatch.setenv("HF_TOKEN", "short")  # too short to match without flagging ordinary words
     assert scrub({"a": "short"}) == {"a": "short"}
 
@@ -104,15 +128,37 @@ def test_no_file_a_run_writes_holds_a_secret(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "WANDB_API_KEY": key, "HF_TOKEN": token, "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(
-        [sys.executable, "-m", "cluster", "pretrain", "--config", "configs/tiny-bert.yaml", f"data_dir={data}",
-         "trainer.max_steps=3", "trainer.log_every=1", "trainer.batch_size=8", "trainer.val_every=2",
-         "trainer.limit_val_batches=1", "trainer.checkpoint_every=2", "cluster.num_workers=1", "wandb.mode=offline",
-         "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "pretrain",
+            "--config",
+            "configs/tiny-bert.yaml",
+            f"data_dir={data}",
+            "trainer.max_steps=3",
+            "trainer.log_every=1",
+            "trainer.batch_size=8",
+            "trainer.val_every=2",
+            "trainer.limit_val_batches=1",
+            "trainer.checkpoint_every=2",
+            "cluster.num_workers=1",
+            "wandb.mode=offline",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     written = [p for p in out.rglob("*") if p.is_file()]
     # The grep covers what a run writes: checkpoints, metrics, the loss curve and the W&B offline run.
-    assert any(p.suffix == ".wandb" for p in written) and any(p.name == "model.safetensors" for p in written)
+    assert any(p.suffix == ".wandb" for p in written) and any(
+        p.name == "model.safetensors" for p in written
+    )
     assert (out / "metrics.csv").is_file() and (out / "loss_curve.png").is_file()
     for secret in (key, token):
         assert files_containing(out, secret) == []

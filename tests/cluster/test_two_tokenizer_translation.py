@@ -51,19 +51,38 @@ ROOT = Path(__file__).resolve().parents[2]
 N_PAIRS = 60  # ~48 land in train at the 0.1 / 0.1 split fractions
 # "two thousand, three hundred and forty-five" -> "deux mille trois cent quarante-cinq": targets long enough to have
 # the 4-grams BLEU counts
-PAIRS = [(num2words(n), num2words(n, lang="fr")) for n in random.Random(0).sample(range(1000, 10000), N_PAIRS)]
-BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # a released vocab.txt's; Kiln appends [BOS] [EOS]
-MAX_STEPS = 300  # the overfit gets there in far fewer; the bound keeps a regression from hanging the suite
+PAIRS = [
+    (num2words(n), num2words(n, lang="fr"))
+    for n in random.Random(0).sample(range(1000, 10000), N_PAIRS)
+]
+BERT_SPECIALS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+]  # a released vocab.txt's; Kiln appends [BOS] [EOS]
+MAX_STEPS = (
+    300  # the overfit gets there in far fewer; the bound keeps a regression from hanging the suite
+)
 
 
 # ---------------------------------------------------------------- two releases, made here
 def save_bert_release(directory: Path) -> Path:
-    words = sorted({w for en, _ in PAIRS for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(en)})
+    words = sorted(
+        {w for en, _ in PAIRS for w, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(en)}
+    )
     directory.mkdir(parents=True)
     (directory / "vocab.txt").write_text("\n".join(BERT_SPECIALS + words) + "\n", encoding="utf-8")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(BERT_SPECIALS) + len(words), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(BERT_SPECIALS) + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).save_pretrained(directory)
     return directory
 
@@ -73,9 +92,15 @@ def byte_level_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[END_OF_TEXT],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return tok
 
 
@@ -85,8 +110,15 @@ def save_gpt2_release(directory: Path, texts: list[str], vocab_size: int = 320) 
     tok.model.save(str(directory))  # vocab.json + merges.txt, as GPT-2 releases ship them
     eot = tok.token_to_id(END_OF_TEXT)
     torch.manual_seed(1)
-    config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                     bos_token_id=eot, eos_token_id=eot)
+    config = transformers.GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=eot,
+        eos_token_id=eot,
+    )
     transformers.GPT2LMHeadModel(config).save_pretrained(directory)
     return directory
 
@@ -94,7 +126,9 @@ def save_gpt2_release(directory: Path, texts: list[str], vocab_size: int = 320) 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("releases")
-    return save_bert_release(root / "bert"), save_gpt2_release(root / "gpt2", [fr for _, fr in PAIRS])
+    return save_bert_release(root / "bert"), save_gpt2_release(
+        root / "gpt2", [fr for _, fr in PAIRS]
+    )
 
 
 # ---------------------------------------------------------------- `kiln data prepare`, its Ray stages in-process
@@ -108,14 +142,39 @@ class _Batches:
 
 def prepare_in_process(cfg: DataConfig, out: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """prepare() with the two Ray Data map_batches stages (clean_batch, tokenize_batch) run here on one block."""
-    def cleaned(cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer, target: Tokenizer | None) -> _Batches:
+
+    def cleaned(
+        cfg: DataConfig, kind: str, inputs: dict, tok: Tokenizer, target: Tokenizer | None
+    ) -> _Batches:
         src, tgt = zip(*PAIRS, strict=True)
-        raw = pa.table({"src": list(src), "tgt": list(tgt), "origin": [f"pairs.tsv:{i + 1}" for i in range(len(src))],
-                        "replaced": [0] * len(src), "error": [""] * len(src)})
-        batch = clean_batch(raw, kind, cfg.min_chars, cfg.max_chars, cfg.seed, cfg.validation_fraction,
-                            cfg.test_fraction)
-        return _Batches(tokenize_batch(batch, tok.to_str(), kind, False, False,
-                                       target.to_str() if target is not None else None))
+        raw = pa.table(
+            {
+                "src": list(src),
+                "tgt": list(tgt),
+                "origin": [f"pairs.tsv:{i + 1}" for i in range(len(src))],
+                "replaced": [0] * len(src),
+                "error": [""] * len(src),
+            }
+        )
+        batch = clean_batch(
+            raw,
+            kind,
+            cfg.min_chars,
+            cfg.max_chars,
+            cfg.seed,
+            cfg.validation_fraction,
+            cfg.test_fraction,
+        )
+        return _Batches(
+            tokenize_batch(
+                batch,
+                tok.to_str(),
+                kind,
+                False,
+                False,
+                target.to_str() if target is not None else None,
+            )
+        )
 
     with monkeypatch.context() as m:
         m.setattr(prepare_module, "_quiet_ray_data", contextlib.nullcontext)
@@ -124,9 +183,18 @@ def prepare_in_process(cfg: DataConfig, out: Path, monkeypatch: pytest.MonkeyPat
 
 
 def data_config(tsv: Path, bert: Path, gpt2: Path | None, **changes: object) -> DataConfig:
-    return DataConfig(source="parallel", paths=[str(tsv)], tasks=["translation"], tokenizer_path=str(bert),
-                      target_tokenizer_path=str(gpt2) if gpt2 else None, max_src_len=32, max_tgt_len=32,
-                      validation_fraction=0.1, test_fraction=0.1, **changes)
+    return DataConfig(
+        source="parallel",
+        paths=[str(tsv)],
+        tasks=["translation"],
+        tokenizer_path=str(bert),
+        target_tokenizer_path=str(gpt2) if gpt2 else None,
+        max_src_len=32,
+        max_tgt_len=32,
+        validation_fraction=0.1,
+        test_fraction=0.1,
+        **changes,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +207,35 @@ def data_dir(releases: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
     return root / "out"
 
 
-def test_prepare_frames_each_side_with_its_own_tokenizer(data_dir: Path, releases: tuple[Path, Path]) -> None:
+def test_prepare_frames_each_side_with_its_own_tokenizer(
+    data_dir: Path, releases: tuple[Path, Path]
+) -> None:
     top = read_manifest(data_dir / "manifest.json")
     pair = load_translation_tokenizers(data_dir)
     assert not pair.shared
-    assert top["target_tokenizer"] == {"file": "target_tokenizer.json", "kind": "loaded",
-                                       "loaded_from": str(releases[1]),
-                                       "sha256": sha256_file(data_dir / "target_tokenizer.json")}
+    assert top["target_tokenizer"] == {
+        "file": "target_tokenizer.json",
+        "kind": "loaded",
+        "loaded_from": str(releases[1]),
+        "sha256": sha256_file(data_dir / "target_tokenizer.json"),
+    }
     assert top["target_vocab_size"] == pair.target.get_vocab_size() != top["vocab_size"]
-    eot, cls, sep, pad = (pair.target.token_to_id(END_OF_TEXT), *(pair.source.token_to_id(t)
-                                                                   for t in ("[CLS]", "[SEP]", "[PAD]")))
-    assert top["translation_specials"] == {"source": {"bos": cls, "eos": sep, "pad": pad},
-                                           "target": {"bos": eot, "eos": eot, "pad": eot}}
+    eot, cls, sep, pad = (
+        pair.target.token_to_id(END_OF_TEXT),
+        *(pair.source.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")),
+    )
+    assert top["translation_specials"] == {
+        "source": {"bos": cls, "eos": sep, "pad": pad},
+        "target": {"bos": eot, "eos": eot, "pad": eot},
+    }
     rows = read_split(data_dir / "translation", "train").to_pylist()
     assert len(rows) > 40
     for row in rows[:10]:
         src, tgt = row["src_ids"], row["tgt_ids"]
         assert src[0] == cls and src[-1] == sep and tgt[0] == eot and tgt[-1] == eot
-        assert pair.source.decode(src[1:-1]) == pair.source.decode(pair.source.encode(row["src_text"]).ids)
+        assert pair.source.decode(src[1:-1]) == pair.source.decode(
+            pair.source.encode(row["src_text"]).ids
+        )
         assert pair.target.decode(tgt[1:-1]) == row["tgt_text"]  # byte-level BPE: exact round trip
     # Batches: the decoder input is padded with <|endoftext|> (== its EOS), yet no mask is read from ids: the source
     # mask comes from lengths and every padded target position is -100.
@@ -168,24 +247,45 @@ def test_prepare_frames_each_side_with_its_own_tokenizer(data_dir: Path, release
     assert all(batch["tgt_out"][i, n - 1] == eot for i, n in enumerate(tgt_len.tolist()))
 
 
-def test_target_tokenizer_path_is_refused_where_it_means_nothing(releases: tuple[Path, Path], tmp_path: Path) -> None:
+def test_target_tokenizer_path_is_refused_where_it_means_nothing(
+    releases: tuple[Path, Path], tmp_path: Path
+) -> None:
     tsv = tmp_path / "p.tsv"
-    with pytest.raises(DataError, match=r"^target_tokenizer_path: only the translation task has a target side"):
+    with pytest.raises(
+        DataError, match=r"^target_tokenizer_path: only the translation task has a target side"
+    ):
         DataConfig(tasks=["translation", "clm"], tokenizer_path="a", target_tokenizer_path="b")
     with pytest.raises(DataError, match=r"^target_tokenizer_path: needs tokenizer_path too"):
-        DataConfig(source="parallel", paths=[str(tsv)], tasks=["translation"], target_tokenizer_path="b")
+        DataConfig(
+            source="parallel", paths=[str(tsv)], tasks=["translation"], target_tokenizer_path="b"
+        )
     tsv.write_text("one\tun\n", encoding="utf-8")
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nowhere'}: no such file or directory "
-                                                  "(target_tokenizer_path)")):
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{tmp_path / 'nowhere'}: no such file or directory (target_tokenizer_path)"
+        ),
+    ):
         prepare(data_config(tsv, releases[0], tmp_path / "nowhere"), tmp_path / "out")
 
 
 # ---------------------------------------------------------------- fine-tuning through the task registry
 def finetune_job(data_dir: Path, releases: tuple[Path, Path], *overrides: str) -> FinetuneJob:
-    return load_config(FinetuneJob, ROOT / "configs" / "translation.yaml", [
-        f"data_dir={data_dir}", f"encoder_checkpoint=hf:{releases[0]}", f"decoder_checkpoint=hf:{releases[1]}",
-        "trainer.batch_size=16", f"trainer.max_steps={MAX_STEPS}", "optim.lr=3e-3", "optim.warmup_steps=10",
-        "label_smoothing=0.0", *overrides])
+    return load_config(
+        FinetuneJob,
+        ROOT / "configs" / "translation.yaml",
+        [
+            f"data_dir={data_dir}",
+            f"encoder_checkpoint=hf:{releases[0]}",
+            f"decoder_checkpoint=hf:{releases[1]}",
+            "trainer.batch_size=16",
+            f"trainer.max_steps={MAX_STEPS}",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=10",
+            "label_smoothing=0.0",
+            *overrides,
+        ],
+    )
 
 
 def iter_forever(loader: object) -> object:
@@ -194,7 +294,9 @@ def iter_forever(loader: object) -> object:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir: Path, releases: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+def trained(
+    data_dir: Path, releases: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     """The warm model trained on the train split until it translates it (BLEU > 90) or MAX_STEPS; its checkpoint."""
     run = tmp_path_factory.mktemp("run")
     job = preflight(finetune_job(data_dir, releases), run)
@@ -219,12 +321,22 @@ def trained(data_dir: Path, releases: tuple[Path, Path], tmp_path_factory: pytes
             if scores[-1] > 90:
                 break
     ckpt = save_checkpoint(run / "ckpt", model, parts.model_config, data_dir / "tokenizer.json")
-    return {"job": job, "parts": parts, "losses": losses, "scores": scores, "ckpt": ckpt, "srcs": srcs, "refs": refs}
+    return {
+        "job": job,
+        "parts": parts,
+        "losses": losses,
+        "scores": scores,
+        "ckpt": ckpt,
+        "srcs": srcs,
+        "refs": refs,
+    }
 
 
 def test_two_releases_build_train_and_overfit(trained: dict, releases: tuple[Path, Path]) -> None:
     job, parts = trained["job"], trained["parts"]
-    assert job.encoder_checkpoint.endswith("imported/encoder") and job.decoder_checkpoint.endswith("imported/decoder")
+    assert job.encoder_checkpoint.endswith("imported/encoder") and job.decoder_checkpoint.endswith(
+        "imported/decoder"
+    )
     config = parts.model_config
     bert_rows = len((releases[0] / "vocab.txt").read_text().split())
     assert config.encoder.vocab_size == bert_rows + 2  # + the appended [BOS] [EOS]
@@ -235,11 +347,14 @@ def test_two_releases_build_train_and_overfit(trained: dict, releases: tuple[Pat
     assert trained["scores"][-1] > 90, trained["scores"]  # overfits the ~48 train pairs
 
 
-def test_checkpoint_translates_and_evaluates_with_both_tokenizers(trained: dict, data_dir: Path,
-                                                                  tmp_path: Path) -> None:
+def test_checkpoint_translates_and_evaluates_with_both_tokenizers(
+    trained: dict, data_dir: Path, tmp_path: Path
+) -> None:
     ckpt = trained["ckpt"]
     files = verify_checkpoint(ckpt)["files"]
-    assert files["target_tokenizer.json"]["sha256"] == sha256_file(data_dir / "target_tokenizer.json")
+    assert files["target_tokenizer.json"]["sha256"] == sha256_file(
+        data_dir / "target_tokenizer.json"
+    )
     model, pair = translation_model(ckpt)
     assert not pair.shared and pair.source.token_to_id(END_OF_TEXT) is None
     # sources through the source (WordPiece, uncased) tokenizer, framed as BERT was trained
@@ -250,11 +365,18 @@ def test_checkpoint_translates_and_evaluates_with_both_tokenizers(trained: dict,
     assert bleu(out, refs) > 80 and all(END_OF_TEXT not in o for o in out)
     # `kiln analyze-beam` and `kiln attention`: references scored as target ids, columns labelled by source tokens
     analysis = analyze_beam(model, pair, srcs[:4], refs[:4], beam_sizes=(1, 2), max_len=32)
-    assert analysis.rows[0].bleu > 50 and analysis.sentences[0]["ref_ids"] == pair.target.encode(refs[0]).ids
-    assert analysis.max_rescoring_diff < 1e-3  # search and rescoring agree on the target-side framing
+    assert (
+        analysis.rows[0].bleu > 50
+        and analysis.sentences[0]["ref_ids"] == pair.target.encode(refs[0]).ids
+    )
+    assert (
+        analysis.max_rescoring_diff < 1e-3
+    )  # search and rescoring agree on the target-side framing
     [png] = attention_maps(model, pair, srcs[:1], tmp_path / "attention", beam_size=2, max_len=32)
     assert png.is_file()
-    metrics = evaluate_checkpoint(ckpt, data_dir, "test", DecodeConfig(beam_size=2, max_len=32), tmp_path / "eval")
+    metrics = evaluate_checkpoint(
+        ckpt, data_dir, "test", DecodeConfig(beam_size=2, max_len=32), tmp_path / "eval"
+    )
     assert metrics["sentences"] > 0 and 0.0 <= metrics["bleu"] <= 100.0
     first = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])
     assert set(first) == {"source", "reference", "hypothesis"}
@@ -262,21 +384,31 @@ def test_checkpoint_translates_and_evaluates_with_both_tokenizers(trained: dict,
     test = read_split(data_dir / "translation", "test").to_pydict()
     for name, column in (("src.txt", "src_text"), ("ref.txt", "tgt_text")):
         (tmp_path / name).write_text("".join(f"{t}\n" for t in test[column]), encoding="utf-8")
-    raw = evaluation.evaluate_parallel_files(ckpt, tmp_path / "src.txt", tmp_path / "ref.txt",
-                                             DecodeConfig(beam_size=2, max_len=32))
+    raw = evaluation.evaluate_parallel_files(
+        ckpt, tmp_path / "src.txt", tmp_path / "ref.txt", DecodeConfig(beam_size=2, max_len=32)
+    )
     assert raw == metrics
 
 
-def test_export_is_an_encoder_decoder_with_gpt2s_vocabulary(trained: dict, releases: tuple[Path, Path],
-                                                            tmp_path: Path) -> None:
+def test_export_is_an_encoder_decoder_with_gpt2s_vocabulary(
+    trained: dict, releases: tuple[Path, Path], tmp_path: Path
+) -> None:
     ckpt, out = trained["ckpt"], tmp_path / "hf"
     export_hf(ckpt, out)
     model, pair = translation_model(ckpt)
     hf = transformers.EncoderDecoderModel.from_pretrained(out).eval()
     eot = pair.target.token_to_id(END_OF_TEXT)
-    assert hf.config.decoder.vocab_size == model.config.decoder.vocab_size == pair.target.get_vocab_size()
+    assert (
+        hf.config.decoder.vocab_size
+        == model.config.decoder.vocab_size
+        == pair.target.get_vocab_size()
+    )
     assert hf.config.encoder.vocab_size == pair.source.get_vocab_size()
-    assert (hf.config.decoder_start_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (eot, eot, eot)
+    assert (hf.config.decoder_start_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (
+        eot,
+        eot,
+        eot,
+    )
     src_tok = transformers.AutoTokenizer.from_pretrained(out)
     tgt_tok = transformers.AutoTokenizer.from_pretrained(out / "decoder_tokenizer")
     assert tgt_tok.eos_token == tgt_tok.bos_token == tgt_tok.pad_token == END_OF_TEXT
@@ -296,24 +428,38 @@ def test_export_is_an_encoder_decoder_with_gpt2s_vocabulary(trained: dict, relea
 
 
 # ---------------------------------------------------------------- bad input, before any training step
-def test_a_decoder_that_does_not_speak_the_target_tokenizer_is_refused(data_dir: Path, releases: tuple[Path, Path],
-                                                                       tmp_path: Path) -> None:
-    other = save_gpt2_release(tmp_path / "other_gpt2", ["completely different text", "nothing french here"], 300)
+def test_a_decoder_that_does_not_speak_the_target_tokenizer_is_refused(
+    data_dir: Path, releases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    other = save_gpt2_release(
+        tmp_path / "other_gpt2", ["completely different text", "nothing french here"], 300
+    )
     job = finetune_job(data_dir, (releases[0], other))
-    with pytest.raises(CheckpointError, match=r"'decoder_checkpoint': .* differ .* `kiln data prepare` with "
-                                              r"data\.target_tokenizer_path="):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'decoder_checkpoint': .* differ .* `kiln data prepare` with "
+        r"data\.target_tokenizer_path=",
+    ):
         preflight(job, tmp_path / "run")
     # the worker-side build checks too: a Kiln GPT saved without a tokenizer, with fewer rows than the target's
     ready = preflight(finetune_job(data_dir, releases), tmp_path / "run2")
     small = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=32)
     kiln_gpt = save_checkpoint(tmp_path / "small_gpt", GPTLMHeadModel(small), small)
-    with pytest.raises(CheckpointError, match=r"'decoder_checkpoint': .* has 50 embedding rows, but the data's "
-                                              r"target tokenizer has \d+ tokens"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'decoder_checkpoint': .* has 50 embedding rows, but the data's "
+        r"target tokenizer has \d+ tokens",
+    ):
         TASKS["translation"](dataclasses.replace(ready, decoder_checkpoint=str(kiln_gpt)), 0, 1)
 
 
 def test_scratch_models_refuse_two_vocabularies(data_dir: Path, tmp_path: Path) -> None:
-    job = load_config(FinetuneJob, None, [f"data_dir={data_dir}", "task=translation", "model.arch=lstm",
-                                          "model.preset=tiny"])
-    with pytest.raises(CheckpointError, match=r"'model.arch': lstm trains one vocabulary for source and target"):
+    job = load_config(
+        FinetuneJob,
+        None,
+        [f"data_dir={data_dir}", "task=translation", "model.arch=lstm", "model.preset=tiny"],
+    )
+    with pytest.raises(
+        CheckpointError, match=r"'model.arch': lstm trains one vocabulary for source and target"
+    ):
         preflight(job, tmp_path / "run")

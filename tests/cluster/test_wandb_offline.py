@@ -30,7 +30,12 @@ def prepare_tiny_data(out: Path) -> None:
     from data_pipeline.prepare import prepare
 
     started_here = not ray.is_initialized()
-    prepare(DataConfig(sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]), out)
+    prepare(
+        DataConfig(
+            sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
+        ),
+        out,
+    )
     if started_here:
         ray.shutdown()
 
@@ -64,11 +69,15 @@ def _summarise(run_file: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             found["run_id"] = record.run.run_id
-            found["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            found["config"].update(
+                {i.key: json.loads(i.value_json) for i in record.run.config.update}
+            )
         elif kind == "config":
             found["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            found["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+            found["history"].append(
+                {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
+            )
         elif kind == "artifact":
             found["artifacts"].append((record.artifact.type, record.artifact.name))
         elif kind == "exit":
@@ -80,15 +89,22 @@ def test_one_run_id_per_output_directory(tmp_path: Path) -> None:
     first = ensure_run_id(tmp_path / "a")
     assert ensure_run_id(tmp_path / "a") == first  # a retry (or resumed job) on the same directory
     assert ensure_run_id(tmp_path / "b") != first
-    loggers = build_loggers(WandbConfig(mode="offline"), tmp_path / "a", "bert", {"task": "mlm_nsp"})
+    loggers = build_loggers(
+        WandbConfig(mode="offline"), tmp_path / "a", "bert", {"task": "mlm_nsp"}
+    )
     assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "WandbLogger"]
     assert loggers[1].version == first  # every worker and every retry resumes this id
     assert len(build_loggers(WandbConfig(mode="disabled"), tmp_path / "a", "bert", {})) == 1
 
 
 def test_sync_without_offline_runs_is_a_clear_error(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "cluster", "wandb", "sync", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "wandb", "sync", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "no offline W&B runs" in result.stderr and "Traceback" not in result.stderr
 
@@ -101,22 +117,52 @@ def test_offline_run_holds_metrics_config_and_artifacts(tmp_path: Path) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.pop("WANDB_MODE", None)
     result = subprocess.run(
-        [sys.executable, "-m", "cluster", "pretrain", "--config", "configs/tiny-bert.yaml", f"data_dir={data}",
-         "trainer.max_steps=4", "trainer.log_every=1", "trainer.batch_size=8", "trainer.val_every=2",
-         "trainer.limit_val_batches=1", "cluster.num_workers=2", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "cluster",
+            "pretrain",
+            "--config",
+            "configs/tiny-bert.yaml",
+            f"data_dir={data}",
+            "trainer.max_steps=4",
+            "trainer.log_every=1",
+            "trainer.batch_size=8",
+            "trainer.val_every=2",
+            "trainer.limit_val_batches=1",
+            "cluster.num_workers=2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = (out / "wandb" / "run_id").read_text().strip()
     runs = [_summarise(next(d.glob("run-*.wandb"))) for d in offline_runs(out)]
-    assert runs and all(r["run_id"] == run_id and r["exit"] for r in runs)  # one id; every run finished
+    assert runs and all(
+        r["run_id"] == run_id and r["exit"] for r in runs
+    )  # one id; every run finished
 
     training = [r for r in runs if any("train/loss" in h for h in r["history"])]
     assert len(training) == 1, "metrics must come from rank 0 only"
     logged = {key for row in training[0]["history"] for key in row}
     with open(out / "metrics.csv", newline="") as f:
         csv_keys = set(next(csv.reader(f))) - {"epoch", "step"}
-    assert {"train/loss", "train/lr", "train/mlm_acc", "train/nsp_acc", "val/loss"} <= csv_keys <= logged
-    assert sorted({json.loads(row["trainer/global_step"]) for row in training[0]["history"]}) == [0, 1, 2, 3]
+    assert (
+        {"train/loss", "train/lr", "train/mlm_acc", "train/nsp_acc", "val/loss"}
+        <= csv_keys
+        <= logged
+    )
+    assert sorted({json.loads(row["trainer/global_step"]) for row in training[0]["history"]}) == [
+        0,
+        1,
+        2,
+        3,
+    ]
 
     config = training[0]["config"]
     assert config["task"] == "mlm_nsp" and config["data_dir"] == str(data)
@@ -124,11 +170,20 @@ def test_offline_run_holds_metrics_config_and_artifacts(tmp_path: Path) -> None:
     assert config["model"]["arch"] == "bert" and config["wandb"]["mode"] == "offline"
 
     media = {key for r in runs for row in r["history"] for key in row}
-    assert "images/loss_curve/_type" in media  # the loss curve PNG, logged by the driver after training
+    assert (
+        "images/loss_curve/_type" in media
+    )  # the loss curve PNG, logged by the driver after training
     assert ("model", f"bert-{run_id}") in [a for r in runs for a in r["artifacts"]]
 
-    sync = subprocess.run([sys.executable, "-m", "cluster", "wandb", "sync", str(out), "--dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    sync = subprocess.run(
+        [sys.executable, "-m", "cluster", "wandb", "sync", str(out), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sync.returncode == 0, sync.stderr
     assert f"{len(runs)} offline run directories" in sync.stdout
-    assert sync.stderr.count(f"run-{run_id}.wandb") == len(runs)  # wandb lists each file it would upload
+    assert sync.stderr.count(f"run-{run_id}.wandb") == len(
+        runs
+    )  # wandb lists each file it would upload

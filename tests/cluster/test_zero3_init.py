@@ -66,8 +66,13 @@ def _batch(family: str, seed: int) -> dict[str, torch.Tensor]:
         return {"input_ids": ids, "labels": torch.roll(ids, -1, dims=1)}
     labels = torch.full_like(ids, -100)
     labels[:, 3:6] = ids[:, 3:6]
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
-            "mlm_labels": labels, "next_sentence_label": torch.tensor([0, 1])}
+    return {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "mlm_labels": labels,
+        "next_sentence_label": torch.tensor([0, 1]),
+    }
 
 
 def _batches(step: int, family: str) -> list[dict[str, torch.Tensor]]:
@@ -79,11 +84,24 @@ def _module(family: str, deferred: bool) -> KilnModule:
     # No dropout: the reference and the engine run in different orders and would draw different masks.
     optim = OptimConfig(lr=LR, warmup_steps=1)
     if family == "gpt":
-        cfg = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0)
+        cfg = from_preset(
+            GPTConfig,
+            "tiny",
+            vocab_size=50,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         return GPTPretrainModule(cfg, optim, 10, deferred)
-    cfg = from_preset(BertConfig, "tiny", vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                 attention_probs_dropout_prob=0.0)
+    cfg = from_preset(
+        BertConfig,
+        "tiny",
+        vocab_size=50,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertPretrainModule(cfg, optim, 10, deferred)
 
 
@@ -109,9 +127,17 @@ def _engine(model: torch.nn.Module, strategy: Any) -> Any:
     import deepspeed
 
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=LR)
-    config = {**strategy.config, "gradient_clipping": GRAD_CLIP}  # as Lightning's DeepSpeedStrategy fills it in
-    engine, *_ = deepspeed.initialize(args=argparse.Namespace(device_rank=int(os.environ["LOCAL_RANK"])),
-                                      model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    config = {
+        **strategy.config,
+        "gradient_clipping": GRAD_CLIP,
+    }  # as Lightning's DeepSpeedStrategy fills it in
+    engine, *_ = deepspeed.initialize(
+        args=argparse.Namespace(device_rank=int(os.environ["LOCAL_RANK"])),
+        model=model,
+        optimizer=optimizer,
+        config=config,
+        dist_init_required=False,
+    )
     return engine
 
 
@@ -138,12 +164,18 @@ def _zero3_build(family: str, strategy: Any) -> KilnModule:
         assert consolidated is None
     else:
         assert list(consolidated) == list(expected)
-        assert [key for key, value in expected.items() if not torch.equal(consolidated[key], value)] == []
+        assert [
+            key for key, value in expected.items() if not torch.equal(consolidated[key], value)
+        ] == []
     if family == "bert":
         model = module.model
-        assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # still tied
+        assert (
+            model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+        )  # still tied
     sizes = [len(g["params"]) for g in param_groups(module.model, 0.01)]
-    assert sizes == [len(g["params"]) for g in param_groups(reference, 0.01)]  # decay vs no decay, as eager
+    assert sizes == [
+        len(g["params"]) for g in param_groups(reference, 0.01)
+    ]  # decay vs no decay, as eager
     return module
 
 
@@ -154,7 +186,11 @@ def _ddp_losses(family: str) -> list[float]:
     torch.manual_seed(SEED)
     module = _module(family, deferred=False)
     optimizer = torch.optim.AdamW(param_groups(module.model, 0.01), lr=LR)
-    rank, losses, params = int(os.environ["RANK"]), [], [p for p in module.model.parameters() if p.requires_grad]
+    rank, losses, params = (
+        int(os.environ["RANK"]),
+        [],
+        [p for p in module.model.parameters() if p.requires_grad],
+    )
     for step in range(STEPS):
         grads = []
         for r, batch in enumerate(_batches(step, family)):
@@ -163,7 +199,10 @@ def _ddp_losses(family: str) -> list[float]:
             if r == rank:
                 losses.append(loss.item())
         for p, per_rank in zip(params, zip(*grads, strict=True), strict=True):
-            p.grad = torch.stack([torch.zeros_like(p) if g is None else g for g in per_rank]).sum(0) / WORLD
+            p.grad = (
+                torch.stack([torch.zeros_like(p) if g is None else g for g in per_rank]).sum(0)
+                / WORLD
+            )
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad()
@@ -210,8 +249,14 @@ def _warm_start(bert_ckpt: Path) -> None:
 
 
 def _rank(rank: int, port: int, bert_ckpt: Path, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     import deepspeed
 
@@ -236,6 +281,9 @@ def test_zero_matches_ddp_over_20_steps(tmp_path: Path) -> None:
             where = f"{family}, ZeRO-{stage}, rank {rank}"
             assert len(zero) == len(ddp) == STEPS
             assert zero[0] == ddp[0], where  # the same weights, the same forward
-            assert ddp[-1] < ddp[0] - 0.5, (where, ddp)  # it trains: the comparison is not between constants
+            assert ddp[-1] < ddp[0] - 0.5, (
+                where,
+                ddp,
+            )  # it trains: the comparison is not between constants
             worst = max(abs(a - b) for a, b in zip(zero, ddp, strict=True))
             assert worst <= TOLERANCE, f"{where}: losses up to {worst:.2e} apart"

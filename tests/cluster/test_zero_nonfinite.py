@@ -61,8 +61,15 @@ class PoisonedGPT(GPTPretrainModule):
 
     def __init__(self, poisoned: set[tuple[int, int]], rank: int) -> None:
         # No dropout: DDP and ZeRO draw their masks in different orders.
-        cfg = from_preset(GPTConfig, "tiny", vocab_size=50, n_positions=16, resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = from_preset(
+            GPTConfig,
+            "tiny",
+            vocab_size=50,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         super().__init__(cfg, OptimConfig(lr=1e-3, warmup_steps=0), total_steps=100)
         self.poisoned = {call for call, r in poisoned if r == rank}
         self.calls, self.losses = 0, []
@@ -125,19 +132,32 @@ def _strategy(name: str) -> Any:
     return build_strategy(ClusterConfig(strategy=name), BATCH)
 
 
-def _fit(name: str, rank: int, poisoned: set[tuple[int, int]], limit: int = 5,
-         accumulate: int = 1) -> tuple[PoisonedGPT, L.Trainer, Snapshots]:
+def _fit(
+    name: str, rank: int, poisoned: set[tuple[int, int]], limit: int = 5, accumulate: int = 1
+) -> tuple[PoisonedGPT, L.Trainer, Snapshots]:
     torch.manual_seed(1234)
     module = PoisonedGPT(poisoned, rank)
     module.max_nonfinite_steps = limit
     snapshots = Snapshots()
-    trainer = L.Trainer(max_steps=STEPS // accumulate, accumulate_grad_batches=accumulate,
-                        accelerator="cpu", devices=WORLD, num_nodes=1,
-                        strategy=_strategy(name), plugins=[TorchElasticEnvironment()],
-                        precision="32-true", gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        use_distributed_sampler=False, callbacks=[snapshots])
+    trainer = L.Trainer(
+        max_steps=STEPS // accumulate,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=WORLD,
+        num_nodes=1,
+        strategy=_strategy(name),
+        plugins=[TorchElasticEnvironment()],
+        precision="32-true",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[snapshots],
+    )
     trainer.fit(module, torch.utils.data.DataLoader(_batches(rank), batch_size=None))
     return module, trainer, snapshots
 
@@ -160,8 +180,9 @@ def _skip_run(name: str, rank: int) -> dict[str, Any]:
         "engine_skipped": getattr(engine, "skipped_steps", None),  # DeepSpeed's own count
         "adam_steps": sorted({int(torch.as_tensor(s["step"])) for s in inner.state.values()}),
         "unchanged_by_skip": [_same(states[c], states[c + 1]) for c in skipped_calls],
-        "changed_by_finite": [not _same(states[c], states[c + 1])
-                              for c in range(STEPS) if c not in skipped_calls],
+        "changed_by_finite": [
+            not _same(states[c], states[c + 1]) for c in range(STEPS) if c not in skipped_calls
+        ],
         "finite": all(torch.isfinite(v.float()).all() for v in states[-1].values()),
     }
 
@@ -189,12 +210,24 @@ def _stop_run(name: str, rank: int) -> str:
 
 
 def _rank(rank: int, port: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      GROUP_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        GROUP_RANK="0",
+    )
     torch.set_num_threads(1)
-    results = {name: {"skip": _skip_run(name, rank), "stop": _stop_run(name, rank),
-                      "accumulate": _accumulation_run(name, rank)} for name in CONFIGS}
+    results = {
+        name: {
+            "skip": _skip_run(name, rank),
+            "stop": _stop_run(name, rank),
+            "accumulate": _accumulation_run(name, rank),
+        }
+        for name in CONFIGS
+    }
     torch.save(results, out / f"rank-{rank}.pt")
 
 
@@ -207,7 +240,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(
-        results: list[dict[str, Any]], name: str) -> None:
+    results: list[dict[str, Any]], name: str
+) -> None:
     for rank, per_rank in enumerate(results):
         got, where = per_rank[name]["skip"], f"{name}, rank {rank}"
         assert got["skipped_steps"] == SKIPPED and got["logged_skipped_steps"] == SKIPPED, where
@@ -233,8 +267,9 @@ def test_zero_trains_through_skips_like_ddp(results: list[dict[str, Any]], name:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_a_non_finite_micro_batch_skips_its_accumulation_window(results: list[dict[str, Any]],
-                                                                name: str) -> None:
+def test_a_non_finite_micro_batch_skips_its_accumulation_window(
+    results: list[dict[str, Any]], name: str
+) -> None:
     for rank, per_rank in enumerate(results):
         got, where = per_rank[name]["accumulate"], f"{name}, rank {rank}"
         assert got["skipped_steps"] == 1 and got["global_step"] == STEPS // ACCUMULATE, where
@@ -246,8 +281,9 @@ def test_a_non_finite_micro_batch_skips_its_accumulation_window(results: list[di
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_consecutive_non_finite_losses_stop_every_rank(results: list[dict[str, Any]],
-                                                       name: str) -> None:
+def test_consecutive_non_finite_losses_stop_every_rank(
+    results: list[dict[str, Any]], name: str
+) -> None:
     expected = "3 consecutive steps had a non-finite loss (last at step 3)"
     for per_rank in results:
         assert expected in per_rank[name]["stop"], name

@@ -48,8 +48,17 @@ CLIP = 0.05  # every step's gradient norm is above it (asserted): clipping acts 
 # vocab_size=3072: the token embedding (101,376 elements, 3/4 of the model) is above ZeRO-3's
 # default stage3_param_persistence_threshold (1e5), under which a parameter stays whole on every
 # rank by design; the batches use ids 5..49 only. No dropout: DDP and ZeRO run in other orders.
-CFG = from_preset(GPTConfig, "tiny", vocab_size=3072, n_positions=16, n_embd=33, n_head=3,
-                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CFG = from_preset(
+    GPTConfig,
+    "tiny",
+    vocab_size=3072,
+    n_positions=16,
+    n_embd=33,
+    n_head=3,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 STAGES = ("deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 CONFIGS = ("ddp", *STAGES)
 OFFLOADED = ("deepspeed_stage_2", "deepspeed_stage_3")
@@ -123,8 +132,11 @@ def _reading(trainer: L.Trainer) -> dict[str, int]:
     return {
         "total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
         "master": sum(t.numel() for t in _master(optimizer)),
-        "moments": sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel()
-                       for s in inner.state.values() if "exp_avg" in s),
+        "moments": sum(
+            s["exp_avg"].numel() + s["exp_avg_sq"].numel()
+            for s in inner.state.values()
+            if "exp_avg" in s
+        ),
         "param_grads": sum(p.grad.numel() for p in params if p.grad is not None)
         + sum(p.grad_accum.numel() for p in params if getattr(p, "grad_accum", None) is not None),
         "zero_grads": _zero_gradients(optimizer),
@@ -151,16 +163,28 @@ class Recorder(Callback):
         engine = trainer.strategy.model
         if not hasattr(engine, "get_global_grad_norm"):  # DDP: Lightning clips after this hook
             grads = [p.grad for p in _params(trainer) if p.grad is not None]
-            self.norms.append(float(torch.linalg.vector_norm(torch.stack(
-                [torch.linalg.vector_norm(g) for g in grads]))))
+            self.norms.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                    )
+                )
+            )
         # Lightning calls this after every micro-batch's backward under DeepSpeed (the engine
         # accumulates), once per window under DDP.
         if not hasattr(engine, "is_gradient_accumulation_boundary") or (
-                engine.is_gradient_accumulation_boundary()):
+            engine.is_gradient_accumulation_boundary()
+        ):
             self.before_step.append(_reading(trainer))
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self.losses.append(float(outputs["loss"]))
         engine = trainer.strategy.model
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -184,29 +208,49 @@ def _gathered(trainer: L.Trainer) -> Tensor:
     import deepspeed
 
     params = _params(trainer)
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None,
-                                           enabled=hasattr(params[0], "ds_id")):
+    with deepspeed.zero.GatheredParameters(
+        params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")
+    ):
         return torch.cat([p.detach().flatten().clone() for p in params])
 
 
-def _fit(name: str, rank: int, *, accumulate: int, clip: float | None,
-         offload: bool = False) -> dict[str, Any]:
+def _fit(
+    name: str, rank: int, *, accumulate: int, clip: float | None, offload: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(1234)
     module = GPTPretrainModule(CFG, OptimConfig(lr=1e-3, warmup_steps=0), total_steps=100)
     recorder = Recorder()
-    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=accumulate, accelerator="cpu",
-                        devices=WORLD, num_nodes=1, strategy=_strategy(name, offload),
-                        plugins=[TorchElasticEnvironment()], precision="32-true",
-                        gradient_clip_val=clip, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0,
-                        use_distributed_sampler=False, callbacks=[recorder])
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=WORLD,
+        num_nodes=1,
+        strategy=_strategy(name, offload),
+        plugins=[TorchElasticEnvironment()],
+        precision="32-true",
+        gradient_clip_val=clip,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        callbacks=[recorder],
+    )
     loader = torch.utils.data.DataLoader(_batches(rank, accumulate), batch_size=None)
     trainer.fit(module, loader)
-    return {"norms": recorder.norms, "losses": recorder.losses, "between": recorder.between,
-            "before_step": recorder.before_step, "after": recorder.after,
-            "weights": _gathered(trainer), "global_step": trainer.global_step,
-            "engine": _engine_report(trainer)}
+    return {
+        "norms": recorder.norms,
+        "losses": recorder.losses,
+        "between": recorder.between,
+        "before_step": recorder.before_step,
+        "after": recorder.after,
+        "weights": _gathered(trainer),
+        "global_step": trainer.global_step,
+        "engine": _engine_report(trainer),
+    }
 
 
 def _engine_report(trainer: L.Trainer) -> dict[str, Any] | None:
@@ -215,18 +259,28 @@ def _engine_report(trainer: L.Trainer) -> dict[str, Any] | None:
     engine, optimizer = trainer.strategy.model, trainer.optimizers[0]
     if not hasattr(engine, "zero_optimization_stage"):
         return None
-    return {"stage": engine.zero_optimization_stage(),
-            "cpu_offload": engine.zero_cpu_offload(),
-            "offload_param": engine.zero_offload_param() is not None,
-            "optimizer_offload": bool(getattr(optimizer, "cpu_offload", False)  # ZeRO-1/2
-                                      or getattr(optimizer, "offload_optimizer", False)),  # 3
-            "optimizer_param_offload": bool(getattr(optimizer, "offload_param", False))}
+    return {
+        "stage": engine.zero_optimization_stage(),
+        "cpu_offload": engine.zero_cpu_offload(),
+        "offload_param": engine.zero_offload_param() is not None,
+        "optimizer_offload": bool(
+            getattr(optimizer, "cpu_offload", False)  # ZeRO-1/2
+            or getattr(optimizer, "offload_optimizer", False)
+        ),  # 3
+        "optimizer_param_offload": bool(getattr(optimizer, "offload_param", False)),
+    }
 
 
 def _rank(rank: int, port: int, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      GROUP_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(WORLD),
+        GROUP_RANK="0",
+    )
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for name in CONFIGS:
@@ -255,8 +309,9 @@ def _about_a_share(held: int, reading: dict[str, int], per_element: int = 1) -> 
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_each_rank_holds_its_share_of_the_optimizer_state(results: list[dict[str, Any]],
-                                                          name: str) -> None:
+def test_each_rank_holds_its_share_of_the_optimizer_state(
+    results: list[dict[str, Any]], name: str
+) -> None:
     shares = []
     for rank, per_rank in enumerate(results):
         run = per_rank[name]["accumulated"]
@@ -267,13 +322,17 @@ def test_each_rank_holds_its_share_of_the_optimizer_state(results: list[dict[str
         shares.append(run["after"][-1]["master"])
     # The ranks' shares cover the model once: partitions, not copies.
     total = results[0][name]["accumulated"]["after"][-1]["total"]
-    assert total <= sum(shares) <= total + WORLD * results[0][name]["accumulated"]["after"][-1][
-        "padding"]
+    assert (
+        total
+        <= sum(shares)
+        <= total + WORLD * results[0][name]["accumulated"]["after"][-1]["padding"]
+    )
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_from_stage_2_no_rank_holds_a_whole_gradient(results: list[dict[str, Any]],
-                                                     name: str) -> None:
+def test_from_stage_2_no_rank_holds_a_whole_gradient(
+    results: list[dict[str, Any]], name: str
+) -> None:
     for rank, per_rank in enumerate(results):
         run, where = per_rank[name]["accumulated"], (name, rank)
         assert len(run["between"]) == len(run["before_step"]) == STEPS, where
@@ -316,8 +375,9 @@ def test_the_readings_see_ddp_whole(results: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.parametrize("name", OFFLOADED)
-def test_offload_runs_its_own_path_and_trains_as_without_it(results: list[dict[str, Any]],
-                                                             name: str) -> None:
+def test_offload_runs_its_own_path_and_trains_as_without_it(
+    results: list[dict[str, Any]], name: str
+) -> None:
     for rank, per_rank in enumerate(results):
         offloaded, plain = per_rank[name]["offload"], per_rank[name]["accumulated"]
         assert offloaded["engine"]["cpu_offload"] and offloaded["engine"]["optimizer_offload"]
@@ -330,8 +390,9 @@ def test_offload_runs_its_own_path_and_trains_as_without_it(results: list[dict[s
             assert _about_a_share(reading["master"], reading), (name, rank, reading)
         worst = max(abs(a - b) for a, b in zip(offloaded["losses"], plain["losses"], strict=True))
         assert worst <= OFFLOAD_TOLERANCE, f"{name}, rank {rank}: losses {worst:.2e} apart"
-        assert torch.allclose(offloaded["weights"], plain["weights"], rtol=0,
-                              atol=OFFLOAD_TOLERANCE), name
+        assert torch.allclose(
+            offloaded["weights"], plain["weights"], rtol=0, atol=OFFLOAD_TOLERANCE
+        ), name
 
 
 def _worst(a: list[float] | Tensor, b: list[float] | Tensor) -> float:
@@ -339,8 +400,9 @@ def _worst(a: list[float] | Tensor, b: list[float] | Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_two_micro_batches_accumulated_step_as_one_batch_of_both(results: list[dict[str, Any]],
-                                                                  name: str) -> None:
+def test_two_micro_batches_accumulated_step_as_one_batch_of_both(
+    results: list[dict[str, Any]], name: str
+) -> None:
     for rank, per_rank in enumerate(results):
         accumulated, one_batch = per_rank[name]["accumulated"], per_rank[name]["one_batch"]
         ddp = per_rank["ddp"]["one_batch"]
@@ -350,7 +412,11 @@ def test_two_micro_batches_accumulated_step_as_one_batch_of_both(results: list[d
         # both Lightning and the engine halved the norm before cluster/strategies.py's `backward`).
         scale = NORM_TOLERANCE * max(ddp["norms"])
         assert _worst(accumulated["norms"], one_batch["norms"]) <= scale, (
-            name, rank, accumulated["norms"], one_batch["norms"])
+            name,
+            rank,
+            accumulated["norms"],
+            one_batch["norms"],
+        )
         assert _worst(accumulated["norms"], ddp["norms"]) <= scale, (name, rank)
         assert _worst(accumulated["weights"], one_batch["weights"]) <= TOLERANCE, (name, rank)
         assert _worst(accumulated["weights"], ddp["weights"]) <= TOLERANCE, (name, rank)

@@ -23,8 +23,14 @@ def mlm_rows(n: int, seed: int = 0) -> list[dict]:
         a, b = rng.randint(1, 30), rng.randint(1, 30)
         seg_a, seg_b = ([rng.randrange(7, VOCAB) for _ in range(n)] for n in (a, b))
         ids = [CLS, *seg_a, SEP, *seg_b, SEP]
-        rows.append({"sample_id": i, "input_ids": ids, "token_type_ids": [0] * (a + 2) + [1] * (b + 1),
-                     "next_sentence_label": i % 2})
+        rows.append(
+            {
+                "sample_id": i,
+                "input_ids": ids,
+                "token_type_ids": [0] * (a + 2) + [1] * (b + 1),
+                "next_sentence_label": i % 2,
+            }
+        )
     return rows
 
 
@@ -59,8 +65,13 @@ def test_mlm_batch_layout_and_seeded_masks() -> None:
     batch = collator()(rows, torch.Generator().manual_seed(5))
     longest = max(len(r["input_ids"]) for r in rows)
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
-        "input_ids": (8, longest), "token_type_ids": (8, longest), "attention_mask": (8, longest),
-        "mlm_labels": (8, longest), "next_sentence_label": (8,), "sample_id": (8,)}
+        "input_ids": (8, longest),
+        "token_type_ids": (8, longest),
+        "attention_mask": (8, longest),
+        "mlm_labels": (8, longest),
+        "next_sentence_label": (8,),
+        "sample_id": (8,),
+    }
     assert all(v.dtype == torch.long for v in batch.values())
     assert batch["attention_mask"].sum(dim=1).tolist() == [len(r["input_ids"]) for r in rows]
     assert batch["next_sentence_label"].tolist() == [i % 2 for i in range(8)]
@@ -71,7 +82,10 @@ def test_mlm_batch_layout_and_seeded_masks() -> None:
 
 
 def test_clm_labels_are_the_next_token() -> None:
-    rows = [{"sample_id": 3, "input_ids": [BOS, 10, 11, 12, EOS]}, {"sample_id": 4, "input_ids": [13, 14, 15]}]
+    rows = [
+        {"sample_id": 3, "input_ids": [BOS, 10, 11, 12, EOS]},
+        {"sample_id": 4, "input_ids": [13, 14, 15]},
+    ]
     batch = ClmCollator(PAD)(rows, torch.Generator())
     assert batch["input_ids"].tolist() == [[BOS, 10, 11, 12], [13, 14, 15, PAD]]
     assert batch["labels"].tolist() == [[10, 11, 12, EOS], [14, 15, IGNORE_INDEX, IGNORE_INDEX]]
@@ -79,8 +93,10 @@ def test_clm_labels_are_the_next_token() -> None:
 
 
 def test_translation_shifts_the_target() -> None:
-    rows = [{"sample_id": 0, "src_ids": [10, 11, EOS], "tgt_ids": [BOS, 20, 21, EOS]},
-            {"sample_id": 1, "src_ids": [12, EOS], "tgt_ids": [BOS, 22, EOS]}]
+    rows = [
+        {"sample_id": 0, "src_ids": [10, 11, EOS], "tgt_ids": [BOS, 20, 21, EOS]},
+        {"sample_id": 1, "src_ids": [12, EOS], "tgt_ids": [BOS, 22, EOS]},
+    ]
     batch = TranslationCollator(PAD)(rows, torch.Generator())
     assert batch["src_ids"].tolist() == [[10, 11, EOS], [12, EOS, PAD]]
     assert batch["src_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -89,8 +105,10 @@ def test_translation_shifts_the_target() -> None:
 
 
 def test_classification_batch() -> None:
-    rows = [{"sample_id": 7, "input_ids": [CLS, 10, SEP], "label": 2}, {"sample_id": 8, "input_ids": [CLS, SEP],
-                                                                         "label": 0}]
+    rows = [
+        {"sample_id": 7, "input_ids": [CLS, 10, SEP], "label": 2},
+        {"sample_id": 8, "input_ids": [CLS, SEP], "label": 0},
+    ]
     batch = ClassificationCollator(PAD)(rows, torch.Generator())
     assert batch["input_ids"].tolist() == [[CLS, 10, SEP], [CLS, SEP, PAD]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

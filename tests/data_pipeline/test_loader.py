@@ -23,8 +23,19 @@ def ids_of(loader: ShardLoader, limit: int | None = None) -> list[list[int]]:
 
 
 def ranks(data_dir: Path, world: int = 2, **kw: object) -> list[ShardLoader]:
-    return [make_loader(data_dir, "classification", "train", batch_size=4, rank=r, world_size=world, seed=7, **kw)
-            for r in range(world)]
+    return [
+        make_loader(
+            data_dir,
+            "classification",
+            "train",
+            batch_size=4,
+            rank=r,
+            world_size=world,
+            seed=7,
+            **kw,
+        )
+        for r in range(world)
+    ]
 
 
 def test_ranks_get_equal_batch_counts_and_disjoint_rows(data_dir: Path) -> None:
@@ -38,7 +49,9 @@ def test_ranks_get_equal_batch_counts_and_disjoint_rows(data_dir: Path) -> None:
 
 
 def test_drop_last_false_serves_every_row_with_equal_counts(data_dir: Path) -> None:
-    loaders = ranks(data_dir, world=3, drop_last=False)  # 53 rows -> 18 per rank (1 repeated), 5 batches each
+    loaders = ranks(
+        data_dir, world=3, drop_last=False
+    )  # 53 rows -> 18 per rank (1 repeated), 5 batches each
     assert [len(lo) for lo in loaders] == [5, 5, 5]
     flat = [i for lo in loaders for b in ids_of(lo) for i in b]
     counts = Counter(flat)
@@ -88,11 +101,16 @@ def test_resumed_masks_are_identical(tmp_path: Path) -> None:
         columns = ClassificationCollator.columns
 
         def __call__(self, rows: list[dict], generator: torch.Generator) -> dict[str, torch.Tensor]:
-            rows = [{**r, "token_type_ids": [0] * len(r["input_ids"]), "next_sentence_label": 0} for r in rows]
+            rows = [
+                {**r, "token_type_ids": [0] * len(r["input_ids"]), "next_sentence_label": 0}
+                for r in rows
+            ]
             return coll(rows, generator)
 
     def loader() -> ShardLoader:
-        return ShardLoader(root / "classification", "train", 5, AsMlm(), rank=1, world_size=2, seed=3)
+        return ShardLoader(
+            root / "classification", "train", 5, AsMlm(), rank=1, world_size=2, seed=3
+        )
 
     straight = list(loader())
     partial = loader()
@@ -103,13 +121,17 @@ def test_resumed_masks_are_identical(tmp_path: Path) -> None:
     rest = list(resumed)
     assert len(rest) == len(straight) - 2
     for a, b in zip(straight[2:], rest, strict=True):
-        assert torch.equal(a["mlm_labels"], b["mlm_labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["mlm_labels"], b["mlm_labels"]) and torch.equal(
+            a["input_ids"], b["input_ids"]
+        )
 
 
 def test_a_full_epoch_then_islice_style_consumer_moves_to_the_next_epoch(data_dir: Path) -> None:
     loader = make_loader(data_dir, "classification", "train", batch_size=10)
     it = iter(loader)
-    first_epoch = [next(it)["sample_id"].tolist() for _ in range(len(loader))]  # never asks for one more
+    first_epoch = [
+        next(it)["sample_id"].tolist() for _ in range(len(loader))
+    ]  # never asks for one more
     assert loader.state_dict()["batches_served"] == len(loader)
     second_epoch = ids_of(loader)
     assert loader.epoch == 2 and len(second_epoch) == len(loader) and second_epoch != first_epoch
@@ -127,8 +149,14 @@ def test_state_from_another_batch_size_or_seed_is_refused(data_dir: Path) -> Non
 
 
 def test_columns_read_and_batch_keys(data_dir: Path) -> None:
-    loader = make_loader(data_dir, "classification", "validation", batch_size=2, shuffle=False, drop_last=False)
-    assert sorted(loader.columns) == ["input_ids", "label", "sample_id"]  # the text column is never read
+    loader = make_loader(
+        data_dir, "classification", "validation", batch_size=2, shuffle=False, drop_last=False
+    )
+    assert sorted(loader.columns) == [
+        "input_ids",
+        "label",
+        "sample_id",
+    ]  # the text column is never read
     batches = list(loader)
     assert [b["sample_id"].tolist() for b in batches] == [[53, 54], [55, 56], [57]]
     assert set(batches[0]) == {"input_ids", "attention_mask", "labels", "sample_id"}

@@ -19,13 +19,26 @@ ROWS, BATCH = 103, 4
 
 
 def fresh(data_dir: Path, world: int, drop_last: bool = True) -> list[ShardLoader]:
-    return [ShardLoader(data_dir / "classification", "train", BATCH, COLLATE, rank=r,
-                        world_size=world, seed=11, drop_last=drop_last, block_rows=5,
-                        window_blocks=2) for r in range(world)]
+    return [
+        ShardLoader(
+            data_dir / "classification",
+            "train",
+            BATCH,
+            COLLATE,
+            rank=r,
+            world_size=world,
+            seed=11,
+            drop_last=drop_last,
+            block_rows=5,
+            window_blocks=2,
+        )
+        for r in range(world)
+    ]
 
 
-def restart(data_dir: Path, states: list[dict], world: int,
-            drop_last: bool = True) -> list[ShardLoader]:
+def restart(
+    data_dir: Path, states: list[dict], world: int, drop_last: bool = True
+) -> list[ShardLoader]:
     """A new process group of `world` ranks; each rank loads one saved state (any rank's copy)."""
     loaders = fresh(data_dir, world, drop_last)
     saved = json.loads(json.dumps(states))  # as trainer_state keeps it
@@ -51,13 +64,20 @@ def data(tmp_path: Path) -> Path:
 
 
 # world sizes, and the batches served before each change
-CHANGES = [((2, 1, 2), (3, 5)), ((2, 1, 2), (0, 9)), ((2, 1, 2), (6, 1)), ((3, 2), (4,)),
-           ((1, 4), (7,)), ((4, 3, 1), (2, 2))]
+CHANGES = [
+    ((2, 1, 2), (3, 5)),
+    ((2, 1, 2), (0, 9)),
+    ((2, 1, 2), (6, 1)),
+    ((3, 2), (4,)),
+    ((1, 4), (7,)),
+    ((4, 3, 1), (2, 2)),
+]
 
 
 @pytest.mark.parametrize(("worlds", "stops"), CHANGES)
 def test_changing_world_sizes_within_an_epoch_serves_each_sample_once(
-        data: Path, worlds: tuple[int, ...], stops: tuple[int, ...]) -> None:
+    data: Path, worlds: tuple[int, ...], stops: tuple[int, ...]
+) -> None:
     loaders, seen = fresh(data, worlds[0]), []
     for world, steps in zip(worlds[1:], stops, strict=True):
         seen += lockstep(loaders, steps)

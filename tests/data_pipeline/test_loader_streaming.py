@@ -24,9 +24,18 @@ def loaders(data_dir: Path, world: int, batch: int = 4, **kw: object) -> list:
     from data_pipeline.loader import ShardLoader
 
     options = {"seed": 5, "block_rows": 3, "window_blocks": 2, **kw}
-    return [ShardLoader(data_dir / "classification", "train", batch, COLLATE, rank=r,
-                        world_size=world, **options)  # type: ignore[arg-type]
-            for r in range(world)]
+    return [
+        ShardLoader(
+            data_dir / "classification",
+            "train",
+            batch,
+            COLLATE,
+            rank=r,
+            world_size=world,
+            **options,
+        )  # type: ignore[arg-type]
+        for r in range(world)
+    ]
 
 
 def served(loader: object, limit: int | None = None) -> list[list[int]]:
@@ -129,8 +138,11 @@ def test_each_shard_is_hashed_once_per_process(data: Path, monkeypatch: pytest.M
 
     hashed: list[str] = []
     real = loader_module.verify_sha256
-    monkeypatch.setattr(loader_module, "verify_sha256",
-                        lambda fs, path, *a: (hashed.append(path), real(fs, path, *a))[1])
+    monkeypatch.setattr(
+        loader_module,
+        "verify_sha256",
+        lambda fs, path, *a: (hashed.append(path), real(fs, path, *a))[1],
+    )
     lo = loaders(data, 1, batch=1)[0]
     served(lo)
     served(lo)
@@ -164,8 +176,14 @@ def test_memory_holds_two_windows_whatever_the_corpus(tmp_path: Path) -> None:
 def test_writer_bounds_row_groups_and_old_single_group_shards_still_read(tmp_path: Path) -> None:
     builder = BUILDERS["classification"]
     rows = [{"sample_id": i, "input_ids": [2, 7, 3], "label": 0, "text": ""} for i in range(2500)]
-    write_task(tmp_path / "task", "classification", builder.schema, {"train": rows}, 3000,
-               builder.token_columns)
+    write_task(
+        tmp_path / "task",
+        "classification",
+        builder.schema,
+        {"train": rows},
+        3000,
+        builder.token_columns,
+    )
     meta = pq.read_metadata(tmp_path / "task" / "train" / "part-00000.parquet")
     groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     assert groups == [ROW_GROUP_ROWS] * 2 + [452]

@@ -13,7 +13,9 @@ from data_pipeline.raystart import RayStartError, init_ray
 
 def test_failed_start_is_one_line_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(**kwargs: object) -> None:
-        raise Exception("The current node timed out during startup. This could happen because ...\nmore")
+        raise Exception(
+            "The current node timed out during startup. This could happen because ...\nmore"
+        )
 
     monkeypatch.setattr(raystart.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(raystart.ray, "init", boom)
@@ -21,9 +23,13 @@ def test_failed_start_is_one_line_with_a_hint(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(RayStartError) as info:
         init_ray()
     message = str(info.value)
-    assert "\n" not in message and message.startswith("could not start or reach a local Ray instance: The current")
+    assert "\n" not in message and message.startswith(
+        "could not start or reach a local Ray instance: The current"
+    )
     assert "overloaded" in message
-    with pytest.raises(RayStartError, match=r"the Ray cluster at ray://10.0.0.1:10001: .* is the address right"):
+    with pytest.raises(
+        RayStartError, match=r"the Ray cluster at ray://10.0.0.1:10001: .* is the address right"
+    ):
         init_ray("ray://10.0.0.1:10001")
 
 
@@ -40,10 +46,16 @@ def test_local_ray_binds_loopback_and_address_is_explicit(monkeypatch: pytest.Mo
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     init_ray()
     # INFO: Ray's start-up lines reach the run log (raystart's handler); worker output forwarded, and routed.
-    assert calls[-1] == {"address": "http://127.0.0.1:8265", "logging_level": 20, "log_to_driver": True}
+    assert calls[-1] == {
+        "address": "http://127.0.0.1:8265",
+        "logging_level": 20,
+        "log_to_driver": True,
+    }
 
 
-def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from ray._raylet import AuthenticationMode, Config, get_authentication_mode
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -56,10 +68,14 @@ def test_a_local_ray_asks_for_token_auth_itself_so_ray_does_not_warn(monkeypatch
         assert get_authentication_mode() == AuthenticationMode.TOKEN  # Ray's cached config re-read
     finally:
         monkeypatch.undo()  # the environment as it was, and Ray's config cache re-read from it: a cache left
-        Config.initialize("")  # saying "no auth" beside RAY_AUTH_MODE=token fails every later local start
+        Config.initialize(
+            ""
+        )  # saying "no auth" beside RAY_AUTH_MODE=token fails every later local start
 
 
-def test_a_local_start_rereads_rays_config_when_the_environment_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_local_start_rereads_rays_config_when_the_environment_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Ray reads RAY_AUTH_MODE into its config cache once; the GCS it starts reads the environment. A cache
     that disagrees made every later local start fail after 20 s ("Failed to start GCS", seen in CI)."""
     from ray._raylet import AuthenticationMode, Config, get_authentication_mode
@@ -75,16 +91,31 @@ def test_a_local_start_rereads_rays_config_when_the_environment_changed(monkeypa
         Config.initialize("")
 
 
-@pytest.mark.parametrize(("address", "loopback"), [("127.0.0.1:6379", True), ("localhost:6379", True),
-                                                   ("10.0.0.5:6379", False), ("ray://127.0.0.1:10001", False)])
-def test_joining_a_loopback_head_keeps_the_driver_on_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                             address: str, loopback: bool) -> None:
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:6379", True),
+        ("localhost:6379", True),
+        ("10.0.0.5:6379", False),
+        ("ray://127.0.0.1:10001", False),
+    ],
+)
+def test_joining_a_loopback_head_keeps_the_driver_on_loopback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, address: str, loopback: bool
+) -> None:
     """`kiln cluster up` binds every server to 127.0.0.1: a driver that took the routable address as its node
     address would wait forever for a raylet there (seen joining through RAY_ADDRESS)."""
     from data_pipeline import raystart
 
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token: token mode left as the user set it
-    for var in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    monkeypatch.setenv(
+        "HOME", str(tmp_path)
+    )  # no ~/.ray/auth_token: token mode left as the user set it
+    for var in (
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_AUTH_MODE",
+    ):
         monkeypatch.setenv(var, "")  # recorded, so whatever the test sets is undone afterwards
         monkeypatch.delenv(var)
     from ray._private import ray_constants

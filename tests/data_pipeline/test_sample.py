@@ -23,7 +23,9 @@ def test_documents_are_deterministic_prose_with_one_segment_per_line() -> None:
 
 def test_pairs_are_distinct_number_verbalisations_unlike_their_source() -> None:
     pairs = sample.sample_pairs(seed=0, n=500)
-    assert pairs == sample.sample_pairs(seed=0, n=500) and pairs != sample.sample_pairs(seed=1, n=500)
+    assert pairs == sample.sample_pairs(seed=0, n=500) and pairs != sample.sample_pairs(
+        seed=1, n=500
+    )
     assert len(set(pairs)) == 500
     assert sum(src == tgt for src, tgt in pairs) <= 1  # only "six" reads the same in both languages
     ordinals = [(s, t) for s, t in pairs if s.endswith(("th", "first", "second", "third"))]
@@ -60,4 +62,7 @@ def test_labelled_pool_has_no_text_under_two_labels() -> None:
 
 def test_paragraphs_to_document_drops_heading_rules_and_splits_sentences() -> None:
     text = "Title\n*****\n\nFirst sentence.  Second\n   sentence! third stays.\n\n\n(A note.)"
-    assert sample.paragraphs_to_document(text) == "Title\nFirst sentence.\nSecond sentence! third stays.\n(A note.)"
+    assert (
+        sample.paragraphs_to_document(text)
+        == "Title\nFirst sentence.\nSecond sentence! third stays.\n(A note.)"
+    )

@@ -14,8 +14,14 @@ BUILDER = BUILDERS["classification"]
 
 
 def _write(root: Path, n: int = 23) -> dict:
-    splits = {"train": classification_rows(n), "validation": classification_rows(3, start=n), "test": []}
-    return write_task(root, "classification", BUILDER.schema, splits, 10, BUILDER.token_columns, {"labels": ["a"]})
+    splits = {
+        "train": classification_rows(n),
+        "validation": classification_rows(3, start=n),
+        "test": [],
+    }
+    return write_task(
+        root, "classification", BUILDER.schema, splits, 10, BUILDER.token_columns, {"labels": ["a"]}
+    )
 
 
 def test_shards_are_bounded_and_described_by_the_manifest(tmp_path: Path) -> None:
@@ -27,17 +33,25 @@ def test_shards_are_bounded_and_described_by_the_manifest(tmp_path: Path) -> Non
     for shard in train["shards"]:
         assert sha256_file(tmp_path / "task" / shard["file"]) == shard["sha256"]
     assert pq.read_schema(tmp_path / "task" / "train" / "part-00000.parquet").equals(BUILDER.schema)
-    assert manifest["splits"]["test"]["rows"] == 0 and len(manifest["splits"]["test"]["shards"]) == 1
+    assert (
+        manifest["splits"]["test"]["rows"] == 0 and len(manifest["splits"]["test"]["shards"]) == 1
+    )
     assert read_manifest(tmp_path / "task") == manifest and manifest["labels"] == ["a"]
 
 
 def test_same_rows_give_byte_identical_shards(tmp_path: Path) -> None:
     first, second = _write(tmp_path / "one"), _write(tmp_path / "two")
     assert first == second
-    assert (tmp_path / "one/manifest.json").read_bytes() == (tmp_path / "two/manifest.json").read_bytes()
+    assert (tmp_path / "one/manifest.json").read_bytes() == (
+        tmp_path / "two/manifest.json"
+    ).read_bytes()
     third = _write(tmp_path / "three", n=24)["splits"]["train"]["shards"]
-    assert third[0]["sha256"] == first["splits"]["train"]["shards"][0]["sha256"]  # the same first 10 rows
-    assert third[2]["sha256"] != first["splits"]["train"]["shards"][2]["sha256"]  # one more row in the last
+    assert (
+        third[0]["sha256"] == first["splits"]["train"]["shards"][0]["sha256"]
+    )  # the same first 10 rows
+    assert (
+        third[2]["sha256"] != first["splits"]["train"]["shards"][2]["sha256"]
+    )  # one more row in the last
 
 
 def test_non_empty_directory_is_refused_and_untouched(tmp_path: Path) -> None:
@@ -51,7 +65,9 @@ def test_non_empty_directory_is_refused_and_untouched(tmp_path: Path) -> None:
 def test_read_split_reads_columns_in_order_and_verifies(tmp_path: Path) -> None:
     _write(tmp_path / "task")
     table = read_split(tmp_path / "task", "train", columns=["sample_id"], verify=True)
-    assert table.column_names == ["sample_id"] and table.column("sample_id").to_pylist() == list(range(23))
+    assert table.column_names == ["sample_id"] and table.column("sample_id").to_pylist() == list(
+        range(23)
+    )
     with pytest.raises(DataError, match="no split 'dev'"):
         read_split(tmp_path / "task", "dev")
     shard = tmp_path / "task" / "train" / "part-00001.parquet"

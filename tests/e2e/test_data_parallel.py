@@ -30,24 +30,53 @@ ATOL = 1e-5  # fp32 over 6 AdamW steps; measured max |diff| is reported in the a
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
-    prepare(DataConfig(sample_docs=60, sample_pairs=10, sample_labelled=10, vocab_size=512, seq_len=32,
-                       tasks=["clm"]), out)
+    prepare(
+        DataConfig(
+            sample_docs=60,
+            sample_pairs=10,
+            sample_labelled=10,
+            vocab_size=512,
+            seq_len=32,
+            tasks=["clm"],
+        ),
+        out,
+    )
     return out
 
 
 def _job(data_dir: Path, workers: int, batch: int) -> PretrainJob:
-    return load_config(PretrainJob, None, [
-        f"data_dir={data_dir}", "task=clm", "model.arch=gpt", "model.preset=tiny", "model.resid_pdrop=0.0",
-        "model.embd_pdrop=0.0", "model.attn_pdrop=0.0", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
-        f"trainer.batch_size={batch}", "trainer.val_every=3", "trainer.limit_val_batches=1", "wandb.mode=disabled",
-        f"cluster.num_workers={workers}", "optim.warmup_steps=2",
-    ])
+    return load_config(
+        PretrainJob,
+        None,
+        [
+            f"data_dir={data_dir}",
+            "task=clm",
+            "model.arch=gpt",
+            "model.preset=tiny",
+            "model.resid_pdrop=0.0",
+            "model.embd_pdrop=0.0",
+            "model.attn_pdrop=0.0",
+            f"trainer.max_steps={STEPS}",
+            "trainer.log_every=1",
+            f"trainer.batch_size={batch}",
+            "trainer.val_every=3",
+            "trainer.limit_val_batches=1",
+            "wandb.mode=disabled",
+            f"cluster.num_workers={workers}",
+            "optim.warmup_steps=2",
+        ],
+    )
 
 
-def test_two_ddp_workers_equal_one_worker_with_twice_the_batch(data_dir: Path, tmp_path: Path) -> None:
+def test_two_ddp_workers_equal_one_worker_with_twice_the_batch(
+    data_dir: Path, tmp_path: Path
+) -> None:
     one = run_training(_job(data_dir, 1, 2 * BATCH), tmp_path / "one", stage="one")
     two = run_training(_job(data_dir, 2, BATCH), tmp_path / "two", stage="two")
-    want, got = load_checkpoint(one.checkpoint).state_dict, load_checkpoint(two.checkpoint).state_dict
+    want, got = (
+        load_checkpoint(one.checkpoint).state_dict,
+        load_checkpoint(two.checkpoint).state_dict,
+    )
     assert got.keys() == want.keys()
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     assert worst < ATOL, f"max |w_2workers - w_1worker| = {worst:.3g}"

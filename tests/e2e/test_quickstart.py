@@ -16,43 +16,78 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 SMALL = [
-    "data.sample_docs=120", "data.sample_pairs=2500", "data.sample_labelled=600", "data.vocab_size=1024",
-    "bert.trainer.max_steps=500", "bert.trainer.val_every=250", "gpt.trainer.max_steps=40", "gpt.trainer.val_every=20",
-    "translation.trainer.max_steps=250", "translation.trainer.val_every=125", "translation.decode.beam_size=2",
-    "classification.trainer.max_steps=60", "classification.trainer.val_every=30",
-    "bert.trainer.log_every=5", "gpt.trainer.log_every=5", "translation.trainer.log_every=10",
+    "data.sample_docs=120",
+    "data.sample_pairs=2500",
+    "data.sample_labelled=600",
+    "data.vocab_size=1024",
+    "bert.trainer.max_steps=500",
+    "bert.trainer.val_every=250",
+    "gpt.trainer.max_steps=40",
+    "gpt.trainer.val_every=20",
+    "translation.trainer.max_steps=250",
+    "translation.trainer.val_every=125",
+    "translation.decode.beam_size=2",
+    "classification.trainer.max_steps=60",
+    "classification.trainer.val_every=30",
+    "bert.trainer.log_every=5",
+    "gpt.trainer.log_every=5",
+    "translation.trainer.log_every=10",
     "classification.trainer.log_every=5",
 ]
 
 
-CONSOLE_NOISE = ("RayTrainWorker pid=", "PlacementGroupCleaner", "core_worker", "wandb: WARNING",
-                 "token authentication", "Started a local Ray instance")
+CONSOLE_NOISE = (
+    "RayTrainWorker pid=",
+    "PlacementGroupCleaner",
+    "core_worker",
+    "wandb: WARNING",
+    "token authentication",
+    "Started a local Ray instance",
+)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    result = subprocess.run([sys.executable, "-m", "cluster", "quickstart", "--out", str(out), *SMALL], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster", "quickstart", "--out", str(out), *SMALL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("bert", "gpt", "translation", "classification"):
         assert f"[{stage}] step" in result.stdout, f"no progress lines from {stage}"
     # captured without a TTY: nothing of Ray's or W&B's internals, no escape codes (issue 13)
     console = result.stdout + result.stderr
-    for noise in ("\x1b[", "TrainController pid=", "Token authentication", "GPU available", *CONSOLE_NOISE):
+    for noise in (
+        "\x1b[",
+        "TrainController pid=",
+        "Token authentication",
+        "GPU available",
+        *CONSOLE_NOISE,
+    ):
         assert noise not in console, f"{noise!r} on the console:\n{console[-3000:]}"
     return out
 
 
 def test_report_and_artifacts(run: Path) -> None:
     report = (run / "report.md").read_text()
-    for needle in ("BLEU", "copy the source", "commonest label", "loss_curve.png",
-                   "Sample translations"):
+    for needle in (
+        "BLEU",
+        "copy the source",
+        "commonest label",
+        "loss_curve.png",
+        "Sample translations",
+    ):
         assert needle in report
     for stage in ("bert", "gpt", "translation", "classification"):
         assert (run / stage / "loss_curve.png").stat().st_size > 5_000
         assert list((run / stage / "checkpoints").glob("step-*/model.safetensors"))
-        assert list((run / stage / "wandb").glob("offline-run-*")), f"no offline W&B run for {stage}"
+        assert list((run / stage / "wandb").glob("offline-run-*")), (
+            f"no offline W&B run for {stage}"
+        )
     data = json.loads((run / "data" / "manifest.json").read_text())
     assert set(data["tasks"]) == {"mlm_nsp", "clm", "translation", "classification"}
 

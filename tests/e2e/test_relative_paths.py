@@ -18,26 +18,46 @@ import pytest
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 PREPARE = ["data.sample_docs=60", "data.tasks=[mlm_nsp]", "data.vocab_size=512", "data.seq_len=32"]
-SMOKE = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.val_every=2",
-         "trainer.log_every=1", "trainer.limit_val_batches=1", "trainer.checkpoint_every=0",
-         "wandb.mode=disabled"]
+SMOKE = [
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "trainer.val_every=2",
+    "trainer.log_every=1",
+    "trainer.limit_val_batches=1",
+    "trainer.checkpoint_every=0",
+    "wandb.mode=disabled",
+]
 
 
 def kiln(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_relative_paths_on_ray_workers_and_a_worker_side_data_error(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
     for recipe in ("data-sample.yaml", "tiny-bert.yaml"):
         shutil.copy(ROOT / "configs" / recipe, tmp_path / "configs" / recipe)
-    prepared = kiln(tmp_path, "data", "prepare", "--config", "configs/data-sample.yaml",
-                    "--out", "runs/data", *PREPARE)
+    prepared = kiln(
+        tmp_path,
+        "data",
+        "prepare",
+        "--config",
+        "configs/data-sample.yaml",
+        "--out",
+        "runs/data",
+        *PREPARE,
+    )
     assert prepared.returncode == 0, prepared.stderr[-3000:]
 
-    run = kiln(tmp_path, "pretrain", "--config", "configs/tiny-bert.yaml", "--out", "runs/bert",
-               *SMOKE)
+    run = kiln(
+        tmp_path, "pretrain", "--config", "configs/tiny-bert.yaml", "--out", "runs/bert", *SMOKE
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     manifest = tmp_path / "runs" / "bert" / "checkpoints" / "step-0000002" / "manifest.json"
     recorded = json.loads(manifest.read_text())["job_config"]["data_dir"]
@@ -49,8 +69,16 @@ def test_relative_paths_on_ray_workers_and_a_worker_side_data_error(tmp_path: Pa
     shutil.copytree(tmp_path / "runs" / "data", tmp_path / "broken")
     shard = tmp_path / "broken" / "mlm_nsp" / "train" / "part-00000.parquet"
     shard.write_bytes(b"\0" * shard.stat().st_size)
-    failed = kiln(tmp_path, "pretrain", "--config", "configs/tiny-bert.yaml", "data_dir=broken",
-                  "--out", "runs/broken", *SMOKE)
+    failed = kiln(
+        tmp_path,
+        "pretrain",
+        "--config",
+        "configs/tiny-bert.yaml",
+        "data_dir=broken",
+        "--out",
+        "runs/broken",
+        *SMOKE,
+    )
     assert failed.returncode == 2, failed.stderr[-3000:]
     errors = [line for line in failed.stderr.splitlines() if line.startswith("kiln: error:")]
     assert len(errors) == 1 and errors[0].startswith(f"kiln: error: {shard}: sha256 does not match")

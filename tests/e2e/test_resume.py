@@ -32,18 +32,35 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
-    prepare(DataConfig(sample_docs=60, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]), out)
+    prepare(
+        DataConfig(
+            sample_docs=60, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
+        ),
+        out,
+    )
     return out
 
 
 def _job(data_dir: Path, max_steps: int, *extra: str) -> PretrainJob:
-    return load_config(PretrainJob, None, [
-        f"data_dir={data_dir}", "model.preset=tiny", f"trainer.max_steps={max_steps}", "trainer.log_every=1",
-        "trainer.batch_size=8", "trainer.val_every=3", "trainer.limit_val_batches=2", "wandb.mode=disabled",
-        # Warmup then constant: the K-step run's schedule is the N-step run's on their common steps (a decaying
-        # schedule is shaped by max_steps, so a run stopped by max_steps=K would have had other learning rates).
-        "optim.warmup_steps=2", "optim.schedule=constant", *extra,
-    ])
+    return load_config(
+        PretrainJob,
+        None,
+        [
+            f"data_dir={data_dir}",
+            "model.preset=tiny",
+            f"trainer.max_steps={max_steps}",
+            "trainer.log_every=1",
+            "trainer.batch_size=8",
+            "trainer.val_every=3",
+            "trainer.limit_val_batches=2",
+            "wandb.mode=disabled",
+            # Warmup then constant: the K-step run's schedule is the N-step run's on their common steps (a decaying
+            # schedule is shaped by max_steps, so a run stopped by max_steps=K would have had other learning rates).
+            "optim.warmup_steps=2",
+            "optim.schedule=constant",
+            *extra,
+        ],
+    )
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
@@ -57,12 +74,16 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir: Path, tmp_pa
     (checkpoints / ".tmp-step-0000006").mkdir()
     (checkpoints / ".tmp-step-0000006" / "model.safetensors").write_bytes(b"half a file")
     (checkpoints / "step-0000007").mkdir()
-    (checkpoints / "step-0000007" / "model.safetensors").write_bytes((first.checkpoint / "model.safetensors")
-                                                                     .read_bytes())
+    (checkpoints / "step-0000007" / "model.safetensors").write_bytes(
+        (first.checkpoint / "model.safetensors").read_bytes()
+    )
     resumed = run_training(_job(data_dir, N, "trainer.resume=auto"), out, stage="resumed")
 
     assert json.loads((out / "train_summary.json").read_text())["steps"] == N
-    want, got = load_checkpoint(full.checkpoint).state_dict, load_checkpoint(resumed.checkpoint).state_dict
+    want, got = (
+        load_checkpoint(full.checkpoint).state_dict,
+        load_checkpoint(resumed.checkpoint).state_dict,
+    )
     assert got.keys() == want.keys()
     assert [k for k in want if not torch.equal(got[k], want[k])] == []  # bitwise, every tensor
     # metrics.csv holds the first run's rows up to K and the resumed run's after: the very same curves.
@@ -73,15 +94,29 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir: Path, tmp_pa
     assert "train/mfu" in full_series and all(0 < v < 2 for _, v in full_series["train/mfu"])
 
 
-def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_continues(data_dir: Path,
-                                                                                      tmp_path: Path) -> None:
+def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_continues(
+    data_dir: Path, tmp_path: Path
+) -> None:
     out, lines = tmp_path / "preempted", []
     # max_steps far beyond what the test waits for: only the SIGTERM can end this run in time.
-    overrides = [f"data_dir={data_dir}", "model.preset=tiny", "trainer.max_steps=100000", "trainer.log_every=1",
-                 "trainer.batch_size=8", "trainer.val_every=100000", "wandb.mode=disabled", "optim.warmup_steps=2",
-                 "optim.schedule=constant"]
-    proc = subprocess.Popen([sys.executable, "-m", "cluster", "pretrain", *overrides, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    overrides = [
+        f"data_dir={data_dir}",
+        "model.preset=tiny",
+        "trainer.max_steps=100000",
+        "trainer.log_every=1",
+        "trainer.batch_size=8",
+        "trainer.val_every=100000",
+        "wandb.mode=disabled",
+        "optim.warmup_steps=2",
+        "optim.schedule=constant",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster", "pretrain", *overrides, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     reader = threading.Thread(target=sigterm_after_step, args=(proc, 2, lines), daemon=True)
     reader.start()
     try:
@@ -101,5 +136,9 @@ def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_conti
 
     resumed = run_training(_job(data_dir, step + 2, "trainer.resume=auto"), out, stage="resumed")
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["resumed_from"] == str(checkpoint) and summary["steps"] == step + 2 and not summary["preempted"]
+    assert (
+        summary["resumed_from"] == str(checkpoint)
+        and summary["steps"] == step + 2
+        and not summary["preempted"]
+    )
     assert resumed.checkpoint.name == f"step-{step + 2:07d}" and not (out / "STOP").exists()

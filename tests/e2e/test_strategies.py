@@ -24,17 +24,33 @@ STEPS = 20
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("data") / "data"
-    prepare(DataConfig(sample_docs=60, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]), out)
+    prepare(
+        DataConfig(
+            sample_docs=60, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
+        ),
+        out,
+    )
     return out
 
 
 def _run(data_dir: Path, out: Path, strategy: str) -> tuple[list[float], Path]:
-    job = load_config(PretrainJob, None, [
-        f"data_dir={data_dir}", "model.preset=tiny", "model.hidden_dropout_prob=0.0",
-        "model.attention_probs_dropout_prob=0.0", f"trainer.max_steps={STEPS}", "trainer.log_every=1",
-        "trainer.batch_size=8", "trainer.val_every=1000", f"cluster.strategy={strategy}", "wandb.mode=disabled",
-        "optim.warmup_steps=2",
-    ])
+    job = load_config(
+        PretrainJob,
+        None,
+        [
+            f"data_dir={data_dir}",
+            "model.preset=tiny",
+            "model.hidden_dropout_prob=0.0",
+            "model.attention_probs_dropout_prob=0.0",
+            f"trainer.max_steps={STEPS}",
+            "trainer.log_every=1",
+            "trainer.batch_size=8",
+            "trainer.val_every=1000",
+            f"cluster.strategy={strategy}",
+            "wandb.mode=disabled",
+            "optim.warmup_steps=2",
+        ],
+    )
     result = run_training(job, out, stage=strategy)
     losses = [v for _, v in read_series(result.metrics_csv)["train/loss"]]
     return losses, result.checkpoint

@@ -103,8 +103,12 @@ def separable_set(n: int, seed: int) -> dict[str, Tensor]:
         row = [CLS] + [digit_id(int(d)) for d in digits] + [SEP]
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "sample_id": torch.arange(n)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "sample_id": torch.arange(n),
+    }
 
 
 class Fitted(NamedTuple):
@@ -183,8 +187,9 @@ class NoCache:
     def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
         return src_ids
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Tensor | None
-                    ) -> tuple[Tensor, Tensor]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         prefix = tgt_ids if cache is None else torch.cat([cache, tgt_ids], dim=1)
         return self.model(memory, src_mask, prefix)[:, -1], prefix
 
@@ -202,8 +207,12 @@ def reversal_batch(n: int, seed: int) -> tuple[dict[str, Tensor], list[list[int]
     rng = random.Random(seed)
     xs = [[digit_id(rng.randrange(10)) for _ in range(rng.randint(3, 6))] for _ in range(n)]
     shape = (n, 7)
-    b = {"src_ids": torch.full(shape, PAD), "src_mask": torch.zeros(shape, dtype=torch.long),
-         "tgt_in": torch.full(shape, PAD), "tgt_out": torch.full(shape, -100)}
+    b = {
+        "src_ids": torch.full(shape, PAD),
+        "src_mask": torch.zeros(shape, dtype=torch.long),
+        "tgt_in": torch.full(shape, PAD),
+        "tgt_out": torch.full(shape, -100),
+    }
     for i, x in enumerate(xs):
         y = x[::-1]
         b["src_ids"][i, : len(x) + 1] = torch.tensor(x + [EOS])
@@ -248,8 +257,9 @@ def train_reversal(model: nn.Module, recipe: Recipe) -> Trained:
     """Teacher-force `model` on the 50 reversal pairs until greedy decoding gets them all (or
     max_steps)."""
     b, expected = reversal_batch(N_PAIRS, seed=0)
-    optim = OptimConfig(lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup_steps,
-                        schedule="constant")
+    optim = OptimConfig(
+        lr=recipe.lr, weight_decay=0.0, warmup_steps=recipe.warmup_steps, schedule="constant"
+    )
     optimizer, scheduler = build_optimizer(model, optim, recipe.max_steps)
     history = [(0, exact_match(model.eval(), b, expected))]
     for step in range(1, recipe.max_steps + 1):
@@ -276,8 +286,10 @@ REVERSAL_CASES: dict[str, tuple[str, dict[str, Any], Recipe]] = {
     "seq2seq_warm": ("seq2seq_warm", {}, Recipe(3e-3, 0.1, max_steps=200, warmup_steps=20)),
     "transformer": ("transformer", dict(dropout=0.0), _SCRATCH),
     "lstm": ("lstm", dict(dropout=0.0), _LSTM),
-    **{f"lstm_attention-{att}": ("lstm_attention", dict(dropout=0.0, attention=att), _LSTM)
-       for att in ("bahdanau", "luong_dot", "luong_general")},
+    **{
+        f"lstm_attention-{att}": ("lstm_attention", dict(dropout=0.0, attention=att), _LSTM)
+        for att in ("bahdanau", "luong_dot", "luong_general")
+    },
     "convs2s": ("convs2s", dict(dropout=0.0), _SCRATCH),
 }
 
@@ -293,8 +305,9 @@ def reversal_model(pretrained: Pretrained) -> Callable[[str], Trained]:
             arch, overrides, recipe = REVERSAL_CASES[case]
             if arch == "seq2seq_warm":
                 torch.manual_seed(0)
-                model, _ = WarmStartedSeq2Seq.from_pretrained(pretrained.bert_dir,
-                                                              pretrained.gpt_dir)
+                model, _ = WarmStartedSeq2Seq.from_pretrained(
+                    pretrained.bert_dir, pretrained.gpt_dir
+                )
             else:
                 model = tiny_seq2seq(arch, **overrides)
             trained[case] = train_reversal(model, recipe)

@@ -59,13 +59,23 @@ class TableModel(nn.Module):
         return src_ids[:, :1].float().unsqueeze(-1)  # (B,1,1): the table id
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        rows = [[self._row(int(src_ids[b, 0]), tuple(tgt_in[b, 1 : u + 1].tolist())) for u in range(tgt_in.size(1))]
-                for b in range(tgt_in.size(0))]
+        rows = [
+            [
+                self._row(int(src_ids[b, 0]), tuple(tgt_in[b, 1 : u + 1].tolist()))
+                for u in range(tgt_in.size(1))
+            ]
+            for b in range(tgt_in.size(0))
+        ]
         return torch.stack([torch.stack(r) for r in rows])  # (B,U,V)
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None) -> tuple[Tensor, Any]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         if cache is None:
-            cache, tgt_ids = [(int(memory[i, 0, 0]), ()) for i in range(tgt_ids.size(0))], tgt_ids[:, 1:]
+            cache, tgt_ids = (
+                [(int(memory[i, 0, 0]), ()) for i in range(tgt_ids.size(0))],
+                tgt_ids[:, 1:],
+            )
         cache = [(t, prefix + tuple(tgt_ids[i].tolist())) for i, (t, prefix) in enumerate(cache)]
         return torch.stack([self._row(*key) for key in cache]), cache
 
@@ -75,8 +85,12 @@ class TableModel(nn.Module):
 
 def test_score_sequences_sums_the_table_log_probs() -> None:
     src = torch.tensor([[A, EOS], [B, EOS], [C, EOS]])
-    got = score_sequences(TableModel(), src, torch.ones_like(src), [[B, EOS], [A], [B, B, EOS]], BOS, PAD)
-    want = torch.tensor([0.4 * 0.9, 0.7, 0.45 * 0.9 * 0.5]).log()  # [A] alone: cut off, no [EOS] scored
+    got = score_sequences(
+        TableModel(), src, torch.ones_like(src), [[B, EOS], [A], [B, B, EOS]], BOS, PAD
+    )
+    want = torch.tensor(
+        [0.4 * 0.9, 0.7, 0.45 * 0.9 * 0.5]
+    ).log()  # [A] alone: cut off, no [EOS] scored
     torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="2 targets for 3 sources"):
         score_sequences(TableModel(), src, torch.ones_like(src), [[A], [B]], BOS, PAD)
@@ -86,44 +100,79 @@ def test_classify() -> None:
     assert classify(True, True, -5.0, -1.0) == "correct"
     assert classify(False, True, -2.0, -1.0) == "search"
     assert classify(False, True, -1.0, -2.0) == "model"
-    assert classify(False, True, -1.0, -1.0) == "model"  # a tie: the search found what the model likes as much
+    assert (
+        classify(False, True, -1.0, -1.0) == "model"
+    )  # a tie: the search found what the model likes as much
     assert classify(False, False, -1.0, None) == "unreachable"
 
 
 def test_greedy_trap_is_a_search_error_that_a_wider_beam_fixes() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["a", "b"], ["b", "b"],
-                          beam_sizes=(1, 2, 3), length_penalty="none", max_len=6)
+    result = analyze_beam(
+        TableModel(),
+        word_tokenizer(WORDS),
+        ["a", "b"],
+        ["b", "b"],
+        beam_sizes=(1, 2, 3),
+        length_penalty="none",
+        max_len=6,
+    )
     trap, wrong = result.sentences
     assert trap["outputs"]["1"]["hypothesis"] == "a" and trap["outputs"]["1"]["verdict"] == "search"
-    assert trap["outputs"]["1"]["logprob"] == pytest.approx(torch.tensor(0.24).log().item(), abs=1e-5)
+    assert trap["outputs"]["1"]["logprob"] == pytest.approx(
+        torch.tensor(0.24).log().item(), abs=1e-5
+    )
     assert trap["ref_logprob"] == pytest.approx(torch.tensor(0.36).log().item(), abs=1e-5)
     for beam in ("2", "3"):
         assert trap["outputs"][beam] | {"verdict": "correct"} == trap["outputs"][beam]
-        assert wrong["outputs"][beam]["hypothesis"] == "a" and wrong["outputs"][beam]["verdict"] == "model"
+        assert (
+            wrong["outputs"][beam]["hypothesis"] == "a"
+            and wrong["outputs"][beam]["verdict"] == "model"
+        )
     counts = {r.beam_size: r.counts for r in result.rows}
     assert counts[1] == {"correct": 0, "search": 1, "model": 1, "unreachable": 0}
     assert counts[2] == counts[3] == {"correct": 1, "search": 0, "model": 1, "unreachable": 0}
     assert [r.exact for r in result.rows] == [0.0, 0.5, 0.5]
-    assert all(r.counts == r.counts_raw for r in result.rows)  # without a length penalty both comparisons agree
+    assert all(
+        r.counts == r.counts_raw for r in result.rows
+    )  # without a length penalty both comparisons agree
     assert result.max_rescoring_diff < 1e-5
 
 
 def test_normalised_and_raw_comparisons_can_disagree() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["c"], ["b b"], beam_sizes=(1, 2),
-                          length_penalty="avg", alpha=1.0, max_len=6)
+    result = analyze_beam(
+        TableModel(),
+        word_tokenizer(WORDS),
+        ["c"],
+        ["b b"],
+        beam_sizes=(1, 2),
+        length_penalty="avg",
+        alpha=1.0,
+        max_len=6,
+    )
     [sent] = result.sentences
     narrow = sent["outputs"]["1"]
     assert narrow["hypothesis"] == "a"
-    assert narrow["verdict"] == "search"  # per token the reference (-0.532) beats the output (-0.645) ...
-    assert narrow["verdict_raw"] == "model"  # ... in total log-prob the output (-1.29) beats it (-1.60)
+    assert (
+        narrow["verdict"] == "search"
+    )  # per token the reference (-0.532) beats the output (-0.645) ...
+    assert (
+        narrow["verdict_raw"] == "model"
+    )  # ... in total log-prob the output (-1.29) beats it (-1.60)
     assert narrow["score"] == pytest.approx(torch.tensor(0.275).log().item() / 2, abs=1e-5)
     assert sent["ref_score"] == pytest.approx(torch.tensor(0.2025).log().item() / 3, abs=1e-5)
     assert sent["outputs"]["2"]["verdict"] == "correct"
 
 
 def test_references_longer_than_max_len_are_unreachable() -> None:
-    result = analyze_beam(TableModel(), word_tokenizer(WORDS), ["a", "a"], ["b b b b", "b"],
-                          beam_sizes=(2,), length_penalty="none", max_len=4)
+    result = analyze_beam(
+        TableModel(),
+        word_tokenizer(WORDS),
+        ["a", "a"],
+        ["b b b b", "b"],
+        beam_sizes=(2,),
+        length_penalty="none",
+        max_len=4,
+    )
     assert [s["outputs"]["2"]["verdict"] for s in result.sentences] == ["unreachable", "correct"]
     assert result.sentences[0]["ref_logprob"] is None
     assert result.rows[0].counts["unreachable"] == 1
@@ -139,17 +188,32 @@ def test_bad_arguments() -> None:
 
 
 def test_real_model_rescoring_matches_the_search_and_files_are_written(tmp_path: Path) -> None:
-    model = tiny_seq2seq("seq2seq_warm", initializer_range=0.3,
-                         encoder=dict(initializer_range=0.3))
+    model = tiny_seq2seq("seq2seq_warm", initializer_range=0.3, encoder=dict(initializer_range=0.3))
     srcs = ["1 2 3", "4 5", "6 7 8 9", "0"]
     refs = ["3 2 1", "5 4", "9 8 7 6", "0"]
-    result = analyze_beam(model, make_tokenizer(), srcs, refs, beam_sizes=(1, 3), length_penalty="gnmt", alpha=0.6,
-                          max_len=8, batch_size=3)
-    assert result.max_rescoring_diff < 1e-4  # teacher-forced rescoring == the search's own cached log-probs
+    result = analyze_beam(
+        model,
+        make_tokenizer(),
+        srcs,
+        refs,
+        beam_sizes=(1, 3),
+        length_penalty="gnmt",
+        alpha=0.6,
+        max_len=8,
+        batch_size=3,
+    )
+    assert (
+        result.max_rescoring_diff < 1e-4
+    )  # teacher-forced rescoring == the search's own cached log-probs
     assert all(set(sent["outputs"]) == {"1", "3"} for sent in result.sentences)
     assert sum(r.counts[v] for r in result.rows for v in r.counts) == 2 * len(srcs)
     files = write_analysis(result, tmp_path / "out")
-    assert [f.name for f in files] == ["analysis.json", "summary.md", "bleu_vs_beam.png", "errors_vs_beam.png"]
+    assert [f.name for f in files] == [
+        "analysis.json",
+        "summary.md",
+        "bleu_vs_beam.png",
+        "errors_vs_beam.png",
+    ]
     doc = json.loads(files[0].read_text())
     assert doc["settings"]["beam_sizes"] == [1, 3] and len(doc["sentences"]) == 4
     table = files[1].read_text()
@@ -162,10 +226,17 @@ def test_beam_hypotheses_keep_their_ranking_under_rescoring() -> None:
     # n-best lists from beam_search, rescored teacher forced, come back in the same order with the same scores
     src = torch.tensor([[A, EOS], [C, EOS]])
     mask = torch.ones_like(src)
-    for hyps, row in zip(beam_search(TableModel(), src, mask, BOS, EOS, 6, beam_size=3, length_penalty="none",
-                                     n_best=3), range(2), strict=True):
+    for hyps, row in zip(
+        beam_search(
+            TableModel(), src, mask, BOS, EOS, 6, beam_size=3, length_penalty="none", n_best=3
+        ),
+        range(2),
+        strict=True,
+    ):
         targets = [[*h.tokens, EOS] for h in hyps]
-        got = score_sequences(TableModel(), src[[row] * len(hyps)], mask[[row] * len(hyps)], targets, BOS, PAD)
+        got = score_sequences(
+            TableModel(), src[[row] * len(hyps)], mask[[row] * len(hyps)], targets, BOS, PAD
+        )
         torch.testing.assert_close(got, torch.tensor([h.logprob for h in hyps]))
 
 
@@ -175,13 +246,19 @@ def test_beam_search_runs_its_first_step_on_one_row_per_source() -> None:
     model = TableModel()
     step = model.decode_step
 
-    def counting(tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None) -> tuple[Tensor, Any]:
+    def counting(
+        tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         rows_seen.append(tgt_ids.size(0))
         assert memory.size(0) == src_mask.size(0) == tgt_ids.size(0)
         return step(tgt_ids, memory, src_mask, cache)
 
     model.decode_step = counting  # type: ignore[method-assign]
     src = torch.tensor([[A, EOS], [C, EOS]])
-    [[trap], _] = beam_search(model, src, torch.ones_like(src), BOS, EOS, 6, beam_size=3, length_penalty="none")
+    [[trap], _] = beam_search(
+        model, src, torch.ones_like(src), BOS, EOS, 6, beam_size=3, length_penalty="none"
+    )
     assert rows_seen[0] == 2 and set(rows_seen[1:]) <= {3, 6} and rows_seen[1] == 6
-    assert trap.tokens == [B] and trap.logprob == pytest.approx(torch.tensor(0.36).log().item(), abs=1e-5)
+    assert trap.tokens == [B] and trap.logprob == pytest.approx(
+        torch.tensor(0.36).log().item(), abs=1e-5
+    )

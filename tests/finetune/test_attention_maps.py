@@ -19,8 +19,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def make_model(dec_width: int = 64) -> WarmStartedSeq2Seq:
-    return tiny_seq2seq("seq2seq_warm", n_embd=dec_width, initializer_range=0.2,
-                        encoder=dict(initializer_range=0.2))
+    return tiny_seq2seq(
+        "seq2seq_warm", n_embd=dec_width, initializer_range=0.2, encoder=dict(initializer_range=0.2)
+    )
 
 
 def batch() -> tuple[Tensor, Tensor, Tensor]:
@@ -78,7 +79,9 @@ def assert_png(path: Path) -> None:
 
 def test_plot_attention_writes_a_labelled_png(tmp_path: Path) -> None:
     weights = torch.softmax(torch.randn(4, 6), dim=-1)
-    path = plot_attention(weights, list("abcdef"), ["w", "x", "y", "[EOS]"], tmp_path / "sub" / "map.png", "a title")
+    path = plot_attention(
+        weights, list("abcdef"), ["w", "x", "y", "[EOS]"], tmp_path / "sub" / "map.png", "a title"
+    )
     assert_png(path)
     with pytest.raises(ValueError, match="do not match 3 target x 6 source"):
         plot_attention(weights, list("abcdef"), ["w", "x", "y"], tmp_path / "bad.png")
@@ -87,7 +90,9 @@ def test_plot_attention_writes_a_labelled_png(tmp_path: Path) -> None:
 def test_attention_maps_translate_and_plot_each_sentence(tmp_path: Path) -> None:
     model = make_model()
     model.train()
-    paths = attention_maps(model, make_tokenizer(), ["1 2 3", "4 5 6 7 8"], tmp_path, beam_size=2, max_len=6)
+    paths = attention_maps(
+        model, make_tokenizer(), ["1 2 3", "4 5 6 7 8"], tmp_path, beam_size=2, max_len=6
+    )
     assert [p.name for p in paths] == ["attention_000.png", "attention_001.png"]
     for p in paths:
         assert_png(p)
@@ -104,7 +109,9 @@ class NoAttention(nn.Module):
     def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
         return torch.zeros(src_ids.size(0), 1, 1)
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None) -> tuple[Tensor, Any]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         logits = torch.zeros(tgt_ids.size(0), VOCAB)
         logits[:, EOS] = 5.0
         return logits, cache
@@ -128,8 +135,9 @@ def test_models_without_attention_get_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("arch", [a for a in TRANSLATION_ARCHES if a != "lstm"])
 def test_attention_maps_for_every_architecture_with_attention(arch: str, tmp_path: Path) -> None:
-    [path] = attention_maps(tiny_seq2seq(arch), make_tokenizer(), ["1 2 3 4"], tmp_path,
-                            beam_size=2, max_len=5)
+    [path] = attention_maps(
+        tiny_seq2seq(arch), make_tokenizer(), ["1 2 3 4"], tmp_path, beam_size=2, max_len=5
+    )
     assert_png(path)
 
 

@@ -31,7 +31,13 @@ def train(model: CharRNNLM, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> 
 
 def test_presets_and_validation() -> None:
     cfg = from_preset(CharRNNConfig, "tiny", hidden=32, vocab_size=40)
-    assert (cfg.preset, cfg.embed, cfg.hidden, cfg.layers, cfg.vocab_size) == ("tiny", 16, 32, 1, 40)
+    assert (cfg.preset, cfg.embed, cfg.hidden, cfg.layers, cfg.vocab_size) == (
+        "tiny",
+        16,
+        32,
+        1,
+        40,
+    )
     assert from_preset(CharRNNConfig, "small").hidden == 256
     with pytest.raises(ValueError, match="cell"):
         CharRNNConfig(cell="transformer")
@@ -49,7 +55,9 @@ def test_vocab_encodes_decodes_and_round_trips(tmp_path: Path) -> None:
     assert vocab.decode([vocab.unk_id]) == "\ufffd"
     again = CharVocab.load(vocab.save(tmp_path / "vocab.json"))
     assert again.chars == vocab.chars and again.encode("Zebra, \n") == vocab.encode("Zebra, \n")
-    (tmp_path / "bad.json").write_text('{"format": "kiln-char-vocab", "chars": ["ab"]}', encoding="utf-8")
+    (tmp_path / "bad.json").write_text(
+        '{"format": "kiln-char-vocab", "chars": ["ab"]}', encoding="utf-8"
+    )
     with pytest.raises(CheckpointError, match="bad.json"):
         CharVocab.load(tmp_path / "bad.json")
 
@@ -94,11 +102,15 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
     model = CharRNNLM(from_preset(CharRNNConfig, "tiny", vocab_size=len(vocab)))
 
     def draw(seed: int, **kw: object) -> str:
-        return sample_text(model, vocab, "to", 60, generator=torch.Generator().manual_seed(seed), **kw)  # type: ignore[arg-type]
+        return sample_text(
+            model, vocab, "to", 60, generator=torch.Generator().manual_seed(seed), **kw
+        )  # type: ignore[arg-type]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
-    assert draw(1, top_k=1) == draw(2, top_k=1) == sample_text(model, vocab, "to", 60, temperature=0.0)
+    assert (
+        draw(1, top_k=1) == draw(2, top_k=1) == sample_text(model, vocab, "to", 60, temperature=0.0)
+    )
     assert all(c in vocab.chars for c in draw(3, top_k=3, temperature=1.5))  # never <unk>'s U+FFFD
     assert model.training  # sampling restores the mode it found
     with pytest.raises(ValueError, match="prompt"):

@@ -40,7 +40,9 @@ def test_from_pretrained_loads_encoder_bitwise_and_reports_the_head(pretrained: 
     assert new == ["classifier.weight", "classifier.bias"]
     for name, tensor in pretrained.bert.bert.state_dict().items():
         assert torch.equal(model.bert.state_dict()[name], tensor), name
-    logits = model.eval()(torch.tensor([[CLS, digit_id(1), SEP]]), torch.ones(1, 3, dtype=torch.long))
+    logits = model.eval()(
+        torch.tensor([[CLS, digit_id(1), SEP]]), torch.ones(1, 3, dtype=torch.long)
+    )
     assert logits.shape == (1, 3)
 
 
@@ -56,17 +58,24 @@ def test_meta_build_and_checkpoint_round_trip(tmp_path: Path) -> None:
     loaded = load_finetuned(save_checkpoint(tmp_path / "clf", model, cfg))
     b = separable_set(5, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model.eval()(b["input_ids"], b["attention_mask"]),
-                                   model(b["input_ids"], b["attention_mask"]), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.model.eval()(b["input_ids"], b["attention_mask"]),
+            model(b["input_ids"], b["attention_mask"]),
+            atol=0,
+            rtol=0,
+        )
 
 
 def test_learns_a_separable_set(pretrained: Pretrained) -> None:
     torch.manual_seed(0)
     model, _ = EncoderClassifier.from_pretrained(pretrained.bert_dir, num_labels=3)
-    fitted = fit_separable_set(model, OptimConfig(lr=2e-3, warmup_steps=10, schedule="constant"),
-                               max_steps=120)  # ~30 suffice on this data
+    fitted = fit_separable_set(
+        model, OptimConfig(lr=2e-3, warmup_steps=10, schedule="constant"), max_steps=120
+    )  # ~30 suffice on this data
     train, test = fitted.train, fitted.test
     preds, gold = predict_labels(model, [test])  # held out: generalisation, not memorisation
     assert gold == test["labels"].tolist()
     assert accuracy(preds, gold) >= 0.95 > fitted.accuracy_before
-    assert majority_class_accuracy(train["labels"].tolist(), gold) < 0.5  # the baseline cannot get there
+    assert (
+        majority_class_accuracy(train["labels"].tolist(), gold) < 0.5
+    )  # the baseline cannot get there

@@ -51,15 +51,21 @@ def make_lstm(seed: int = 0, **overrides: Any) -> LSTMClassifier:
 def test_gpt_classifier_config_round_trip_and_errors() -> None:
     cfg = GPTClassifierConfig(decoder=gpt_config(), num_labels=3, label_names=["a", "b", "c"])
     assert from_dict(GPTClassifierConfig, dataclasses.asdict(cfg)) == cfg
-    with pytest.raises(ValueError, match=r"GPTClassifierConfig.decoder: unknown key\(s\) \['n_embed'\]"):
+    with pytest.raises(
+        ValueError, match=r"GPTClassifierConfig.decoder: unknown key\(s\) \['n_embed'\]"
+    ):
         from_dict(GPTClassifierConfig, {**dataclasses.asdict(cfg), "decoder": {"n_embed": 3}})
     with pytest.raises(ValueError, match="GPTClassifierConfig.arch must be 'gpt_classifier'"):
         GPTClassifierConfig(arch="bert_classifier", decoder=gpt_config())
     with pytest.raises(ValueError, match="add_cross_attention must be False"):
         GPTClassifierConfig(decoder=gpt_config(add_cross_attention=True))
-    with pytest.raises(ValueError, match="GPTClassifierConfig.label_names has 2 names for num_labels=3"):
+    with pytest.raises(
+        ValueError, match="GPTClassifierConfig.label_names has 2 names for num_labels=3"
+    ):
         GPTClassifierConfig(decoder=gpt_config(), num_labels=3, label_names=["a", "b"])
-    with pytest.raises(ValueError, match=r"GPTClassifierConfig.classifier_dropout must be in \[0, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"GPTClassifierConfig.classifier_dropout must be in \[0, 1\)"
+    ):
         GPTClassifierConfig(decoder=gpt_config(), classifier_dropout=1.0)
 
 
@@ -73,7 +79,9 @@ def test_lstm_classifier_config_round_trip_and_errors() -> None:
         from_preset(LSTMClassifierConfig, "huge")
     with pytest.raises(ValueError, match="LSTMClassifierConfig.num_labels must be >= 2"):
         lstm_config(num_labels=1)
-    with pytest.raises(ValueError, match=r"LSTMClassifierConfig.pad_id must be in \[0, vocab_size=17\)"):
+    with pytest.raises(
+        ValueError, match=r"LSTMClassifierConfig.pad_id must be in \[0, vocab_size=17\)"
+    ):
         lstm_config(pad_id=17)
     with pytest.raises(ValueError, match=r"LSTMClassifierConfig.dropout must be in \[0, 1\)"):
         lstm_config(dropout=-0.1)
@@ -82,7 +90,9 @@ def test_lstm_classifier_config_round_trip_and_errors() -> None:
 def with_junk_padding(b: dict[str, torch.Tensor], extra: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same rows with `extra` more padded columns, and junk token ids at every padded position."""
     ids = torch.cat([b["input_ids"], torch.full((b["input_ids"].size(0), extra), PAD)], dim=1)
-    mask = torch.cat([b["attention_mask"], torch.zeros(ids.size(0), extra, dtype=torch.long)], dim=1)
+    mask = torch.cat(
+        [b["attention_mask"], torch.zeros(ids.size(0), extra, dtype=torch.long)], dim=1
+    )
     return ids.masked_fill(mask == 0, digit_id(4)), mask
 
 
@@ -93,11 +103,17 @@ def test_gpt_classifier_reads_the_hidden_state_of_the_last_real_token() -> None:
         logits = model(b["input_ids"], b["attention_mask"])  # (B,3)
         lengths = b["attention_mask"].sum(dim=1).tolist()
         for i, n in enumerate(lengths):
-            hidden, _ = model.transformer(b["input_ids"][i : i + 1, :n])  # the row alone, unpadded (1,n,C)
+            hidden, _ = model.transformer(
+                b["input_ids"][i : i + 1, :n]
+            )  # the row alone, unpadded (1,n,C)
             torch.testing.assert_close(logits[i], model.score(hidden[0, -1]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(*with_junk_padding(b, 3)), logits, atol=1e-5, rtol=1e-5)
-        full_rows = b["input_ids"][:, :3]  # a mask of all ones reads the last column, as no mask does
-        torch.testing.assert_close(model(full_rows, torch.ones_like(full_rows)), model(full_rows), atol=0, rtol=0)
+        full_rows = b["input_ids"][
+            :, :3
+        ]  # a mask of all ones reads the last column, as no mask does
+        torch.testing.assert_close(
+            model(full_rows, torch.ones_like(full_rows)), model(full_rows), atol=0, rtol=0
+        )
     assert len(set(lengths)) > 1  # the rows really have different last positions
 
 
@@ -122,9 +138,14 @@ def test_lstm_classifier_padding_never_changes_a_result() -> None:
 
 
 def test_gpt_from_pretrained_loads_the_decoder_bitwise(pretrained: Pretrained) -> None:
-    model, new = DecoderClassifier.from_pretrained(pretrained.gpt_dir, num_labels=3, label_names=["a", "b", "c"])
+    model, new = DecoderClassifier.from_pretrained(
+        pretrained.gpt_dir, num_labels=3, label_names=["a", "b", "c"]
+    )
     assert new == ["score.weight"]
-    assert model.config.label_names == ["a", "b", "c"] and model.config.decoder == pretrained.gpt.config
+    assert (
+        model.config.label_names == ["a", "b", "c"]
+        and model.config.decoder == pretrained.gpt.config
+    )
     source = pretrained.gpt.transformer.state_dict()
     assert set(model.transformer.state_dict()) == set(source)
     for name, tensor in model.transformer.state_dict().items():
@@ -138,7 +159,11 @@ def test_gpt_from_pretrained_refuses_a_bert_checkpoint(pretrained: Pretrained) -
 
 @pytest.mark.parametrize("which", ["gpt", "lstm"])
 def test_meta_build_and_checkpoint_round_trip(which: str, tmp_path: Path) -> None:
-    cfg = GPTClassifierConfig(decoder=gpt_config(), num_labels=4) if which == "gpt" else lstm_config(num_labels=4)
+    cfg = (
+        GPTClassifierConfig(decoder=gpt_config(), num_labels=4)
+        if which == "gpt"
+        else lstm_config(num_labels=4)
+    )
     model = materialize(build_on_meta(ARCHITECTURES[cfg.arch].model, cfg), "cpu").eval()
     with torch.no_grad():
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -146,23 +171,36 @@ def test_meta_build_and_checkpoint_round_trip(which: str, tmp_path: Path) -> Non
             assert float(model.score.weight.std()) == pytest.approx(0.02, rel=0.3)
             assert float(model.transformer.wte.weight.std()) == pytest.approx(0.02, rel=0.1)
         else:  # U(-r, r) everywhere
-            assert all(float(p.std()) > 0 and float(p.abs().max()) <= cfg.init_range for p in model.parameters())
+            assert all(
+                float(p.std()) > 0 and float(p.abs().max()) <= cfg.init_range
+                for p in model.parameters()
+            )
     loaded = load_checkpoint(save_checkpoint(tmp_path / which, model, cfg), ARCHITECTURES)
     assert loaded.model_config == cfg
     b = separable_set(5, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model.eval()(b["input_ids"], b["attention_mask"]),
-                                   model(b["input_ids"], b["attention_mask"]), atol=0, rtol=0)
+        torch.testing.assert_close(
+            loaded.model.eval()(b["input_ids"], b["attention_mask"]),
+            model(b["input_ids"], b["attention_mask"]),
+            atol=0,
+            rtol=0,
+        )
 
 
 @pytest.mark.parametrize("which", ["gpt", "lstm"])
 def test_learns_a_separable_set(which: str, pretrained: Pretrained) -> None:
     torch.manual_seed(0)
-    model = DecoderClassifier.from_pretrained(pretrained.gpt_dir, 3)[0] if which == "gpt" else LSTMClassifier(
-        lstm_config())
+    model = (
+        DecoderClassifier.from_pretrained(pretrained.gpt_dir, 3)[0]
+        if which == "gpt"
+        else LSTMClassifier(lstm_config())
+    )
     lr = 3e-3 if which == "gpt" else 1e-2
-    fitted = fit_separable_set(model, OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=0,
-                                                  schedule="constant"), max_steps=200)
+    fitted = fit_separable_set(
+        model,
+        OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=0, schedule="constant"),
+        max_steps=200,
+    )
     assert accuracy(*predict_labels(model, [fitted.train])) == 1.0, fitted.steps
     # held out: generalisation too
     assert accuracy(*predict_labels(model, [fitted.test])) == 1.0 > fitted.accuracy_before + 0.3

@@ -27,8 +27,13 @@ def test_config_errors_name_the_key() -> None:
 
 def test_presets() -> None:
     cfg = from_preset(ConvS2SConfig, "small", vocab_size=VOCAB, kernel_size=5)
-    assert (cfg.embed_dim, cfg.channels, cfg.encoder_layers, cfg.decoder_layers, cfg.preset) == (256, 256, 4, 3,
-                                                                                                 "small")
+    assert (cfg.embed_dim, cfg.channels, cfg.encoder_layers, cfg.decoder_layers, cfg.preset) == (
+        256,
+        256,
+        4,
+        3,
+        "small",
+    )
     assert cfg.kernel_size == 5  # explicit keys win over the preset
 
 
@@ -37,7 +42,9 @@ def test_shapes() -> None:
     src, mask, tgt = seq2seq_batch()
     keys, values = model.encode(src, mask)
     assert keys.shape == values.shape == (3, 9, 32)
-    assert keys[1, 5:].abs().max() == 0 and values[1, 5:].abs().max() == 0  # nothing to attend at padding
+    assert (
+        keys[1, 5:].abs().max() == 0 and values[1, 5:].abs().max() == 0
+    )  # nothing to attend at padding
     assert model(src, mask, tgt).shape == (3, 6, VOCAB)
     assert model.cross_attention(src, mask, tgt).shape == (3, 6, 9)
 
@@ -60,5 +67,7 @@ def test_meta_init_follows_gehring_et_al() -> None:
     cfg = tiny_seq2seq("convs2s").config
     model = materialize(build_on_meta(ConvS2S, cfg), "cpu")
     conv = model.encoder.convs[0]
-    expected = (4 * (1 - cfg.dropout) / (conv.in_channels * conv.kernel_size[0])) ** 0.5  # Gehring et al. §3.5
+    expected = (
+        4 * (1 - cfg.dropout) / (conv.in_channels * conv.kernel_size[0])
+    ) ** 0.5  # Gehring et al. §3.5
     assert float(conv.weight.detach().std()) == pytest.approx(expected, rel=0.1)

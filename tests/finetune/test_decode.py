@@ -23,7 +23,9 @@ class TableModel:
     beam search asks of a real model's KV cache.
     """
 
-    def __init__(self, tables: dict[tuple[int, tuple[int, ...]], dict[int, float]], default: dict[int, float]):
+    def __init__(
+        self, tables: dict[tuple[int, tuple[int, ...]], dict[int, float]], default: dict[int, float]
+    ):
         self.tables = tables
         self.default = default
         self.calls = 0
@@ -37,7 +39,9 @@ class TableModel:
             probs[tok] = p
         return probs.log()
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None) -> tuple[Tensor, Any]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         self.calls += 1
         if cache is None:
             assert bool((tgt_ids[:, 0] == BOS).all()), "first step must feed [BOS]"
@@ -76,7 +80,9 @@ def test_greedy_falls_in_the_trap_and_beam_does_not() -> None:
     model = TableModel(GREEDY_TRAP, DEFAULT)
     ids, mask = src(0)
     assert greedy_decode(model, ids, mask, BOS, EOS, max_len=10) == [[A]]
-    [[best]] = beam_search(model, ids, mask, BOS, EOS, max_len=10, beam_size=2, length_penalty="none")
+    [[best]] = beam_search(
+        model, ids, mask, BOS, EOS, max_len=10, beam_size=2, length_penalty="none"
+    )
     assert best.tokens == [B]
     assert best.logprob == pytest.approx(math.log(0.36), abs=1e-5)
     assert best.score == pytest.approx(math.log(0.36), abs=1e-5)
@@ -93,7 +99,9 @@ def test_stops_once_no_alive_beam_can_win() -> None:
 def test_n_best_returns_ranked_hypotheses() -> None:
     model = TableModel(GREEDY_TRAP, DEFAULT)
     ids, mask = src(0)
-    [hyps] = beam_search(model, ids, mask, BOS, EOS, max_len=10, beam_size=2, length_penalty="none", n_best=2)
+    [hyps] = beam_search(
+        model, ids, mask, BOS, EOS, max_len=10, beam_size=2, length_penalty="none", n_best=2
+    )
     assert [h.tokens for h in hyps] == [[B], [A]]
     assert [h.logprob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.24)], abs=1e-5)
 
@@ -103,14 +111,23 @@ def test_n_best_returns_ranked_hypotheses() -> None:
     [
         ("none", 1.0, [A], math.log(0.2)),
         ("avg", 1.0, [B, B, B], math.log(0.175) / 4),  # -0.43624 beats [A]: -0.80472
-        ("gnmt", 1.0, [B, B, B], math.log(0.175) / 1.5),  # ((5+4)/6)^1 = 1.5; [A]: -1.6094 / (7/6) = -1.3795
+        (
+            "gnmt",
+            1.0,
+            [B, B, B],
+            math.log(0.175) / 1.5,
+        ),  # ((5+4)/6)^1 = 1.5; [A]: -1.6094 / (7/6) = -1.3795
         ("avg", 0.0, [A], math.log(0.2)),  # alpha 0 switches normalisation off
     ],
 )
-def test_length_normalisation_picks_the_known_best(penalty: str, alpha: float, tokens: list[int], score: float) -> None:
+def test_length_normalisation_picks_the_known_best(
+    penalty: str, alpha: float, tokens: list[int], score: float
+) -> None:
     model = TableModel(SHORT_VS_LONG, DEFAULT)
     ids, mask = src(1)
-    [[best]] = beam_search(model, ids, mask, BOS, EOS, max_len=12, beam_size=2, length_penalty=penalty, alpha=alpha)
+    [[best]] = beam_search(
+        model, ids, mask, BOS, EOS, max_len=12, beam_size=2, length_penalty=penalty, alpha=alpha
+    )
     assert best.tokens == tokens
     assert best.score == pytest.approx(score, abs=1e-5)
     assert best.logprob == pytest.approx(math.log(0.2 if tokens == [A] else 0.175), abs=1e-5)
@@ -119,7 +136,9 @@ def test_length_normalisation_picks_the_known_best(penalty: str, alpha: float, t
 def test_normalisation_formulas() -> None:
     assert normalised_score(-3.0, 4, "none", 0.6) == -3.0
     assert normalised_score(-3.0, 4, "avg", 0.5) == pytest.approx(-1.5)  # -3 / 4^0.5
-    assert normalised_score(-3.0, 4, "gnmt", 0.6) == pytest.approx(-2.352158, abs=1e-6)  # -3 / 1.5^0.6 = -3 / 1.275434
+    assert normalised_score(-3.0, 4, "gnmt", 0.6) == pytest.approx(
+        -2.352158, abs=1e-6
+    )  # -3 / 1.5^0.6 = -3 / 1.275434
     assert normalised_score(-3.0, 1, "gnmt", 0.6) == pytest.approx(-3.0)  # (5+1)/6 = 1
     with pytest.raises(ValueError, match="length_penalty"):
         normalised_score(-3.0, 4, "wu", 0.6)
@@ -128,10 +147,21 @@ def test_normalisation_formulas() -> None:
 def test_batched_sources_match_one_at_a_time() -> None:
     model = TableModel({**GREEDY_TRAP, **SHORT_VS_LONG}, DEFAULT)
     ids, mask = src(1, 0, 1)
-    batched = beam_search(model, ids, mask, BOS, EOS, max_len=12, beam_size=3, length_penalty="gnmt", n_best=2)
+    batched = beam_search(
+        model, ids, mask, BOS, EOS, max_len=12, beam_size=3, length_penalty="gnmt", n_best=2
+    )
     for i in range(3):
-        single = beam_search(model, ids[i:i + 1], mask[i:i + 1], BOS, EOS, max_len=12, beam_size=3,
-                             length_penalty="gnmt", n_best=2)[0]
+        single = beam_search(
+            model,
+            ids[i : i + 1],
+            mask[i : i + 1],
+            BOS,
+            EOS,
+            max_len=12,
+            beam_size=3,
+            length_penalty="gnmt",
+            n_best=2,
+        )[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in single]
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in single], abs=1e-6)
     assert batched[1][0].tokens == [B]
@@ -141,7 +171,9 @@ def test_batched_sources_match_one_at_a_time() -> None:
 def test_max_len_cuts_hypotheses_without_eos() -> None:
     model = TableModel({}, {EOS: 0.01, A: 0.9, B: 0.09})
     ids, mask = src(0)
-    [[best]] = beam_search(model, ids, mask, BOS, EOS, max_len=3, beam_size=2, length_penalty="none")
+    [[best]] = beam_search(
+        model, ids, mask, BOS, EOS, max_len=3, beam_size=2, length_penalty="none"
+    )
     assert best.tokens == [A, A, A]
     assert best.logprob == pytest.approx(3 * math.log(0.9), abs=1e-5)
     assert greedy_decode(model, ids, mask, BOS, EOS, max_len=3) == [[A, A, A]]
@@ -180,7 +212,9 @@ def test_rejects_bad_arguments() -> None:
         greedy_decode(model, ids, mask, BOS, EOS, max_len=0)
 
 
-def brute_force_best(model: RandomTableModel, table: int, max_len: int, penalty: str, alpha: float) -> tuple:
+def brute_force_best(
+    model: RandomTableModel, table: int, max_len: int, penalty: str, alpha: float
+) -> tuple:
     """Score every possible output: y [EOS] with |y| + 1 <= max_len, or y cut off at |y| = max_len."""
     best: tuple = (-math.inf, None)
     for n in range(max_len + 1):
@@ -191,16 +225,24 @@ def brute_force_best(model: RandomTableModel, table: int, max_len: int, penalty:
                 length = n + 1
             else:
                 length = n
-            best = max(best, (normalised_score(logprob, length, penalty, alpha), list(y)), key=lambda t: t[0])
+            best = max(
+                best,
+                (normalised_score(logprob, length, penalty, alpha), list(y)),
+                key=lambda t: t[0],
+            )
     return best
 
 
-@pytest.mark.parametrize(("penalty", "alpha"), [("none", 1.0), ("avg", 1.0), ("gnmt", 0.6), ("gnmt", 2.0)])
+@pytest.mark.parametrize(
+    ("penalty", "alpha"), [("none", 1.0), ("avg", 1.0), ("gnmt", 0.6), ("gnmt", 2.0)]
+)
 def test_wide_beam_is_exact_against_brute_force(penalty: str, alpha: float) -> None:
     # with beam_size = 2^(max_len-1) no prefix is ever pruned, so beam search must find the true optimum
     model = RandomTableModel()
     ids, mask = src(*range(8))
-    results = beam_search(model, ids, mask, BOS, EOS, max_len=4, beam_size=8, length_penalty=penalty, alpha=alpha)
+    results = beam_search(
+        model, ids, mask, BOS, EOS, max_len=4, beam_size=8, length_penalty=penalty, alpha=alpha
+    )
     for table, [best] in enumerate(results):
         score, tokens = brute_force_best(model, table, 4, penalty, alpha)
         assert best.tokens == tokens

@@ -24,7 +24,9 @@ REFS = ["trois cent quarante-deux", "mille deux cent trente et un", "quatre-ving
 def test_bleu_identical_is_100_and_disjoint_is_0() -> None:
     assert bleu(REFS, REFS) == pytest.approx(100.0)
     assert bleu(["alpha beta gamma delta"] * 3, REFS) == pytest.approx(0.0)
-    partial = bleu(["trois cent quarante", "mille deux cent trente et un", "quatre-vingt-dix-neuf"], REFS)
+    partial = bleu(
+        ["trois cent quarante", "mille deux cent trente et un", "quatre-vingt-dix-neuf"], REFS
+    )
     assert 0.0 < partial < 100.0
 
 
@@ -35,7 +37,11 @@ def test_chrf_identical_is_100_and_partial_in_between() -> None:
 
 
 def test_copy_source_bleu_of_english_against_french_is_near_zero() -> None:
-    srcs = ["three hundred and forty-two", "one thousand two hundred and thirty-one", "ninety-nine thousand"]
+    srcs = [
+        "three hundred and forty-two",
+        "one thousand two hundred and thirty-one",
+        "ninety-nine thousand",
+    ]
     assert copy_source_bleu(srcs, REFS) < 5.0
     assert copy_source_bleu(REFS, REFS) == pytest.approx(100.0)
 

@@ -59,7 +59,9 @@ def test_ngram_conversions_agree_with_its_own_units() -> None:
     assert m["ppl_word"] == pytest.approx(m["ppl_unit"] ** (units / m["words"]))
     chars = NGramLM(order=3, unit="char").fit(train)
     m = perplexities(*chars.score_lines(held), held)
-    assert m["units"] == m["chars"] == len("the cat ran\na dog sat\n")  # </s> stands for the newline
+    assert (
+        m["units"] == m["chars"] == len("the cat ran\na dog sat\n")
+    )  # </s> stands for the newline
     assert m["ppl_unit"] == pytest.approx(m["ppl_char"])
 
 
@@ -75,7 +77,9 @@ def test_bad_text_files_raise_data_error_naming_the_file(tmp_path: Path) -> None
     (tmp_path / "ok.txt").write_text(" = Heading = \n \n para one \n", encoding="utf-8")
     assert read_text_lines(tmp_path / "ok.txt") == ["= Heading =", "para one"]
     with pytest.raises(DataError, match="nowhere.txt"):
-        run_lm_baseline(LMBaselineJob(split_path=str(tmp_path / "nowhere.txt")), tmp_path / "out", **QUIET)
+        run_lm_baseline(
+            LMBaselineJob(split_path=str(tmp_path / "nowhere.txt")), tmp_path / "out", **QUIET
+        )
 
 
 def test_text_sources_and_job_validation(tmp_path: Path) -> None:
@@ -84,8 +88,9 @@ def test_text_sources_and_job_validation(tmp_path: Path) -> None:
     assert load_texts(LMBaselineJob(sample_docs=40)) == texts  # deterministic
     docs = sample_documents(0, 40)  # 36 train, 2 valid, 2 test documents, in order; every line once
     assert texts["test"] == [s.strip() for d in docs[-2:] for s in d.split("\n") if s.strip()]
-    assert texts["train"] + texts["valid"] + texts["test"] == [s.strip() for d in docs for s in d.split("\n")
-                                                               if s.strip()]
+    assert texts["train"] + texts["valid"] + texts["test"] == [
+        s.strip() for d in docs for s in d.split("\n") if s.strip()
+    ]
     file = tmp_path / "lines.txt"
     file.write_text("".join(f"line {i}\n\n" for i in range(100)), encoding="utf-8")
     cut = load_texts(LMBaselineJob(split_path=str(file), valid_fraction=0.1, test_fraction=0.2))
@@ -100,10 +105,17 @@ def test_text_sources_and_job_validation(tmp_path: Path) -> None:
 
 def test_recipes_load_as_jobs() -> None:
     ngram = load_config(LMBaselineJob, REPO / "configs/lm-ngram-wikitext2.yaml")
-    assert (ngram.model, ngram.ngram_order) == ("ngram", 3) and ngram.test_path.endswith("wikitext2/test.txt")
-    lstm = load_config(LMBaselineJob, REPO / "configs/lm-charlstm-shakespeare.yaml", ["char_model.hidden=128"])
+    assert (ngram.model, ngram.ngram_order) == ("ngram", 3) and ngram.test_path.endswith(
+        "wikitext2/test.txt"
+    )
+    lstm = load_config(
+        LMBaselineJob, REPO / "configs/lm-charlstm-shakespeare.yaml", ["char_model.hidden=128"]
+    )
     assert lstm.model == "char_lstm" and lstm.char_model.preset == "small"
-    assert (lstm.char_model.layers, lstm.char_model.hidden) == (2, 128)  # the preset, then the override
+    assert (lstm.char_model.layers, lstm.char_model.hidden) == (
+        2,
+        128,
+    )  # the preset, then the override
 
 
 def test_ngram_run_on_the_built_in_sample(tmp_path: Path) -> None:
@@ -112,7 +124,9 @@ def test_ngram_run_on_the_built_in_sample(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
     assert on_disk["test"] == pytest.approx(metrics["test"]) and on_disk["job"]["ngram_order"] == 2
     test = metrics["test"]
-    assert test["units"] == test["words"] + test["lines"] and 0 < test["oov_units"] < test["words"] / 2
+    assert (
+        test["units"] == test["words"] + test["lines"] and 0 < test["oov_units"] < test["words"] / 2
+    )
     assert 1 < test["ppl_char"] < test["ppl_unit"] < test["ppl_word"] < metrics["vocab_size"]
     reloaded = NGramLM.load(tmp_path / "ngram.json")
     assert reloaded.score_lines(load_texts(job)["test"])[0] == pytest.approx(test["nll"], rel=1e-12)
@@ -120,8 +134,18 @@ def test_ngram_run_on_the_built_in_sample(tmp_path: Path) -> None:
 
 
 def test_char_lstm_run_on_the_built_in_sample(tmp_path: Path) -> None:
-    job = LMBaselineJob(model="char_lstm", char_model=from_preset(CharRNNConfig, "tiny"), sample_docs=12, steps=8,
-                        batch_size=4, seq_len=32, eval_every=4, eval_chars=2000, log_every=4, sample_chars=40)
+    job = LMBaselineJob(
+        model="char_lstm",
+        char_model=from_preset(CharRNNConfig, "tiny"),
+        sample_docs=12,
+        steps=8,
+        batch_size=4,
+        seq_len=32,
+        eval_every=4,
+        eval_chars=2000,
+        log_every=4,
+        sample_chars=40,
+    )
     lines: list[str] = []
     metrics = run_lm_baseline(job, tmp_path, log=lines.append)
     assert any("step 8/8" in line for line in lines)
@@ -145,9 +169,15 @@ def test_stream_segments_score_like_one_pass() -> None:
     logits, _ = model(ids[None, :-1])
     exact = F.cross_entropy(logits[0].double(), ids[1:], reduction="sum").item()
     one, n = stream_nll(model, ids, streams=1)
-    many, _ = stream_nll(model, ids, streams=4, burn_in=10**6)  # burn-in back to the start: exact again
+    many, _ = stream_nll(
+        model, ids, streams=4, burn_in=10**6
+    )  # burn-in back to the start: exact again
     approx, _ = stream_nll(model, ids, streams=4, burn_in=64)
-    assert n == 4999 and one == pytest.approx(exact, rel=1e-5) and many == pytest.approx(exact, rel=1e-5)
+    assert (
+        n == 4999
+        and one == pytest.approx(exact, rel=1e-5)
+        and many == pytest.approx(exact, rel=1e-5)
+    )
     assert approx == pytest.approx(exact, rel=1e-2)
 
 
@@ -170,7 +200,9 @@ def gpt_reference_nll(p: Pretrained, lines: list[str]) -> tuple[float, int]:
         logits, _ = p.gpt.eval()(x[None, :-1])
     targets = x[1:].clone()
     targets[targets == BOS] = -100
-    return F.cross_entropy(logits[0], targets, reduction="sum", ignore_index=-100).item(), int((targets >= 0).sum())
+    return F.cross_entropy(logits[0], targets, reduction="sum", ignore_index=-100).item(), int(
+        (targets >= 0).sum()
+    )
 
 
 def test_gpt_checkpoint_scores_a_text_file(pretrained: Pretrained, tmp_path: Path) -> None:
@@ -185,9 +217,20 @@ def test_gpt_checkpoint_scores_a_text_file(pretrained: Pretrained, tmp_path: Pat
     assert whole["ppl_word"] == pytest.approx(math.exp(ref_nll / 12), rel=1e-5)
     sliding = gpt_text_perplexity(pretrained.gpt_dir, text, window=6, stride=3, batch_size=2)
     assert sliding["units"] == ref_units and sliding["nll"] != pytest.approx(ref_nll, rel=1e-9)
-    assert sliding["nll"] == pytest.approx(ref_nll, rel=0.2)  # less context, a similar score for a random net
-    run = run_lm_baseline(LMBaselineJob(model="gpt", gpt_checkpoint=str(pretrained.gpt_dir), train_path=str(text),
-                                        valid_path=str(text), test_path=str(text)), tmp_path / "run", **QUIET)
+    assert sliding["nll"] == pytest.approx(
+        ref_nll, rel=0.2
+    )  # less context, a similar score for a random net
+    run = run_lm_baseline(
+        LMBaselineJob(
+            model="gpt",
+            gpt_checkpoint=str(pretrained.gpt_dir),
+            train_path=str(text),
+            valid_path=str(text),
+            test_path=str(text),
+        ),
+        tmp_path / "run",
+        **QUIET,
+    )
     assert run["test"]["nll"] == pytest.approx(ref_nll, rel=1e-5)
     with pytest.raises(CheckpointError, match="GPT"):
         gpt_text_perplexity(pretrained.bert_dir, text)

@@ -20,8 +20,13 @@ TINY = ["a b", "a c", "b a"]
 # Unigram continuation counts N1+(• w): a 2 (after <s>, b), b 2, c 1, </s> 3; total 8; n1=1, n2=2, n3=1,
 # n4=0 → D = Y = 1/5; gamma() = 0.2 * 4 types / 8 = 0.1, spread over 5 predictable units (<unk> </s> a b c).
 D, D1 = 7 / 9, 1 / 5
-P1 = {"a": (2 - D1) / 8 + 0.1 / 5, "b": (2 - D1) / 8 + 0.1 / 5, "c": (1 - D1) / 8 + 0.1 / 5,
-      EOS: (3 - D1) / 8 + 0.1 / 5, UNK: 0.1 / 5}
+P1 = {
+    "a": (2 - D1) / 8 + 0.1 / 5,
+    "b": (2 - D1) / 8 + 0.1 / 5,
+    "c": (1 - D1) / 8 + 0.1 / 5,
+    EOS: (3 - D1) / 8 + 0.1 / 5,
+    UNK: 0.1 / 5,
+}
 
 
 def held_out_split() -> tuple[list[str], list[str]]:
@@ -34,8 +39,12 @@ def held_out_split() -> tuple[list[str], list[str]]:
 def test_discounts_follow_chen_goodman_and_fall_back_on_tiny_counts() -> None:
     counts = [1] * 10 + [2] * 5 + [3] * 3 + [4] * 2 + [9] * 4
     y = 10 / (10 + 2 * 5)
-    assert estimate_discounts(counts) == pytest.approx((1 - 2 * y * 5 / 10, 2 - 3 * y * 3 / 5, 3 - 4 * y * 2 / 3))
-    assert estimate_discounts([1] * 7 + [2]) == pytest.approx((D, D, D))  # n3 = n4 = 0: one KN discount
+    assert estimate_discounts(counts) == pytest.approx(
+        (1 - 2 * y * 5 / 10, 2 - 3 * y * 3 / 5, 3 - 4 * y * 2 / 3)
+    )
+    assert estimate_discounts([1] * 7 + [2]) == pytest.approx(
+        (D, D, D)
+    )  # n3 = n4 = 0: one KN discount
     assert estimate_discounts([5, 6]) == (0.5, 0.5, 0.5)  # no singletons at all
 
 
@@ -49,8 +58,13 @@ def test_unigram_probabilities_by_hand() -> None:
 
 def test_bigram_and_trigram_probabilities_by_hand() -> None:
     bigram = NGramLM(order=2).fit(TINY)
-    assert bigram.discounts[0] == pytest.approx((D1, D1, D1)) and bigram.discounts[1] == pytest.approx((D, D, D))
-    for w, p in P1.items():  # an unseen context (zzz is <unk>, never a context in training) → the unigram
+    assert bigram.discounts[0] == pytest.approx((D1, D1, D1)) and bigram.discounts[
+        1
+    ] == pytest.approx((D, D, D))
+    for (
+        w,
+        p,
+    ) in P1.items():  # an unseen context (zzz is <unk>, never a context in training) → the unigram
         assert bigram.prob(w, ["zzz"]) == pytest.approx(p)
     # after "a": a b, a c, a </s> once each → total 3, n1 = 3, gamma = D
     assert bigram.prob("b", ["a"]) == pytest.approx((1 - D) / 3 + D * P1["b"])
@@ -75,9 +89,18 @@ def test_distribution_sums_to_one_for_seen_and_unseen_contexts(order: int, unit:
     predictable = lm.vocab[1:]  # everything but <s>: the units, <unk> and </s>
     assert SOS not in predictable and {UNK, EOS} <= set(predictable)
     first = train[0].split() if unit == "word" else list(train[0])
-    contexts = [[], first[:1], first[:2], [SOS, first[0]], ["never-seen-unit", "and-another"], [UNK, UNK]]
+    contexts = [
+        [],
+        first[:1],
+        first[:2],
+        [SOS, first[0]],
+        ["never-seen-unit", "and-another"],
+        [UNK, UNK],
+    ]
     for context in contexts:
-        assert sum(lm.prob(w, context) for w in predictable) == pytest.approx(1.0, abs=1e-9), context
+        assert sum(lm.prob(w, context) for w in predictable) == pytest.approx(1.0, abs=1e-9), (
+            context
+        )
 
 
 def test_unseen_and_rare_units_map_to_unk() -> None:
@@ -86,15 +109,19 @@ def test_unseen_and_rare_units_map_to_unk() -> None:
     assert lm.prob("c", ["a"]) == lm.prob(UNK, ["a"]) == lm.prob("zebra", ["a"]) > 0
     assert lm.prob("a", ["c"]) == lm.prob("a", ["zebra"])
     assert lm.score_lines(["a zebra"]) == lm.score_lines(["a c"])
-    assert lm.count_oov(["a zebra c", "<unk> b </s>"]) == 3  # zebra, c, and the literal </s>; not <unk>
+    assert (
+        lm.count_oov(["a zebra c", "<unk> b </s>"]) == 3
+    )  # zebra, c, and the literal </s>; not <unk>
 
 
 def test_score_lines_counts_units_and_end_of_line() -> None:
     lm = NGramLM(order=2).fit(TINY)
     nll, n = lm.score_lines(["a b", "c"])
     assert n == 5  # a b </s> c </s>
-    expected = -sum(lm.logprob(w, ctx) for w, ctx in
-                    [("a", []), ("b", ["a"]), (EOS, ["b"]), ("c", []), (EOS, ["c"])])
+    expected = -sum(
+        lm.logprob(w, ctx)
+        for w, ctx in [("a", []), ("b", ["a"]), (EOS, ["b"]), ("c", []), (EOS, ["c"])]
+    )
     assert nll == pytest.approx(expected)
     chars = NGramLM(order=3, unit="char").fit(["abc", "cab"])
     assert chars.score_lines(["ab c"])[1] == 5  # four characters (the space too) and </s>
@@ -104,9 +131,16 @@ def test_json_round_trip_gives_identical_scores(tmp_path: Path) -> None:
     train, held = held_out_split()
     lm = NGramLM(order=3, unit="word", min_count=2).fit(train[:500])
     file = lm.save(tmp_path / "kn.json")
-    assert json.loads(file.read_text(encoding="utf-8"))["format"] == "kiln-ngram"  # plain JSON, no pickle
+    assert (
+        json.loads(file.read_text(encoding="utf-8"))["format"] == "kiln-ngram"
+    )  # plain JSON, no pickle
     again = NGramLM.load(file)
-    assert (again.order, again.unit, again.min_count, again.vocab) == (lm.order, lm.unit, lm.min_count, lm.vocab)
+    assert (again.order, again.unit, again.min_count, again.vocab) == (
+        lm.order,
+        lm.unit,
+        lm.min_count,
+        lm.vocab,
+    )
     assert again.discounts == lm.discounts
     assert again.score_lines(held[:50]) == lm.score_lines(held[:50])
 
@@ -136,21 +170,26 @@ def test_misuse_is_refused() -> None:
 
 def add_one_nll(train: list[str], held: list[str], order: int, vocab: set[str]) -> float:
     """Laplace-smoothed n-gram NLL over the same units (<unk> for words outside `vocab`, </s> per line)."""
+
     def seq(line: str) -> list[str]:
         return [SOS] * (order - 1) + [w if w in vocab else UNK for w in line.split()] + [EOS]
+
     grams: Counter[tuple[str, ...]] = Counter()
     contexts: Counter[tuple[str, ...]] = Counter()
     for line in train:
         s = seq(line)
         for i in range(order - 1, len(s)):
-            grams[tuple(s[i - order + 1:i + 1])] += 1
-            contexts[tuple(s[i - order + 1:i])] += 1
+            grams[tuple(s[i - order + 1 : i + 1])] += 1
+            contexts[tuple(s[i - order + 1 : i])] += 1
     v = len(vocab | {UNK, EOS})
     nll = 0.0
     for line in held:
         s = seq(line)
         for i in range(order - 1, len(s)):
-            nll -= math.log((grams[tuple(s[i - order + 1:i + 1])] + 1) / (contexts[tuple(s[i - order + 1:i])] + v))
+            nll -= math.log(
+                (grams[tuple(s[i - order + 1 : i + 1])] + 1)
+                / (contexts[tuple(s[i - order + 1 : i])] + v)
+            )
     return nll
 
 

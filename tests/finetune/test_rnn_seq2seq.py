@@ -43,16 +43,28 @@ def test_config_presets_and_defaults() -> None:
     assert from_preset(RNNSeq2SeqConfig, "small", vocab_size=100).hidden_size == 256
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (dict(arch="gru"), r"arch must be one of \['lstm', 'lstm_attention'\], got 'gru'"),
-    (dict(arch="lstm", attention="bahdanau"), r"attention='bahdanau' needs arch 'lstm_attention'"),
-    (dict(arch="lstm_attention", attention="concat"), r"attention must be one of .*got 'concat'"),
-    (dict(embedding_dim=32), r"tie_embeddings needs embedding_dim == hidden_size, got 32 and 64"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (dict(pad_id=VOCAB), r"pad_id must be in \[0, vocab_size=17\)"),
-    (dict(num_layers=0), r"num_layers must be > 0"),
-    (dict(init_range=0.0), r"init_range must be > 0"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(arch="gru"), r"arch must be one of \['lstm', 'lstm_attention'\], got 'gru'"),
+        (
+            dict(arch="lstm", attention="bahdanau"),
+            r"attention='bahdanau' needs arch 'lstm_attention'",
+        ),
+        (
+            dict(arch="lstm_attention", attention="concat"),
+            r"attention must be one of .*got 'concat'",
+        ),
+        (
+            dict(embedding_dim=32),
+            r"tie_embeddings needs embedding_dim == hidden_size, got 32 and 64",
+        ),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(pad_id=VOCAB), r"pad_id must be in \[0, vocab_size=17\)"),
+        (dict(num_layers=0), r"num_layers must be > 0"),
+        (dict(init_range=0.0), r"init_range must be > 0"),
+    ],
+)
 def test_config_errors_name_the_key(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_config("lstm", **overrides)
@@ -148,13 +160,15 @@ def test_meta_init_draws_every_weight_from_the_uniform_range(variant: str) -> No
 
 
 @pytest.mark.parametrize("attention", RNNSeq2SeqConfig.ATTENTIONS)
-def test_attention_learns_the_reversed_alignment(attention: str,
-                                                 reversal_model: Callable[[str], Trained]) -> None:
+def test_attention_learns_the_reversed_alignment(
+    attention: str, reversal_model: Callable[[str], Trained]
+) -> None:
     """Target token t of a reversal is source token n-1-t: the alignment should put most mass
     there."""
     model, b, expected, _ = reversal_model(f"lstm_attention-{attention}")
     with torch.no_grad():
         weights = model.cross_attention(b["src_ids"], b["src_mask"], b["tgt_in"])  # (B,U,S)
-    mass = [float(weights[i, t, len(y) - 1 - t])
-            for i, y in enumerate(expected) for t in range(len(y))]
+    mass = [
+        float(weights[i, t, len(y) - 1 - t]) for i, y in enumerate(expected) for t in range(len(y))
+    ]
     assert sum(mass) / len(mass) > 0.5

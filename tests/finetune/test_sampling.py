@@ -33,8 +33,18 @@ def test_top_k_keeps_exactly_the_k_largest() -> None:
     assert torch.equal(kept_values, logits[0, [1, 2]])  # survivors keep their logits
 
 
-@pytest.mark.parametrize(("top_p", "want"), [(0.3, [0]), (0.5, [0]), (0.51, [0, 1]), (0.8, [0, 1]),
-                                             (0.81, [0, 1, 2]), (0.96, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    ("top_p", "want"),
+    [
+        (0.3, [0]),
+        (0.5, [0]),
+        (0.51, [0, 1]),
+        (0.8, [0, 1]),
+        (0.81, [0, 1, 2]),
+        (0.96, [0, 1, 2, 3]),
+        (1.0, [0, 1, 2, 3]),
+    ],
+)
 def test_nucleus_is_the_smallest_set_reaching_p(top_p: float, want: list[int]) -> None:
     probs = [0.5, 0.3, 0.15, 0.05]
     order = [2, 0, 3, 1]  # the same distribution shuffled: the mask must land on the right ids
@@ -61,7 +71,9 @@ class FixedModel:
     def encode(self, src_ids: Tensor, src_mask: Tensor) -> Tensor:
         return torch.zeros(src_ids.size(0), 1, 1)
 
-    def decode_step(self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None) -> tuple[Tensor, Any]:
+    def decode_step(
+        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+    ) -> tuple[Tensor, Any]:
         n = tgt_ids.size(0)
         if cache is None:
             return self.first.expand(n, -1).clone(), 1
@@ -73,31 +85,60 @@ class FixedModel:
         return cache
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p", "want"), [
-    (1.0, 0, 1.0, [0.0, 0.5, 0.3, 0.15, 0.05]),
-    (1.0, 2, 1.0, [0.0, 0.625, 0.375, 0.0, 0.0]),
-    (1.0, 0, 0.9, [0.0, 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
-    (2.0, 0, 1.0, [0.0, *(torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt() / torch.tensor([0.5, 0.3, 0.15, 0.05])
-                          .sqrt().sum()).tolist()]),
-])
-def test_draws_follow_the_filtered_tempered_distribution(temperature: float, top_k: int, top_p: float,
-                                                         want: list[float]) -> None:
-    model = FixedModel([0.0, 0.5, 0.3, 0.15, 0.05], eos=0)  # id 0 is EOS, never drawn first (probability 0)
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "want"),
+    [
+        (1.0, 0, 1.0, [0.0, 0.5, 0.3, 0.15, 0.05]),
+        (1.0, 2, 1.0, [0.0, 0.625, 0.375, 0.0, 0.0]),
+        (1.0, 0, 0.9, [0.0, 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),
+        (
+            2.0,
+            0,
+            1.0,
+            [
+                0.0,
+                *(
+                    torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+                    / torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt().sum()
+                ).tolist(),
+            ],
+        ),
+    ],
+)
+def test_draws_follow_the_filtered_tempered_distribution(
+    temperature: float, top_k: int, top_p: float, want: list[float]
+) -> None:
+    model = FixedModel(
+        [0.0, 0.5, 0.3, 0.15, 0.05], eos=0
+    )  # id 0 is EOS, never drawn first (probability 0)
     n = 20000
     src = torch.ones(n, 2, dtype=torch.long)
-    out = sample_decode(model, src, torch.ones_like(src), bos_id=9, eos_id=0, max_len=3, temperature=temperature,
-                        top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(0))
+    out = sample_decode(
+        model,
+        src,
+        torch.ones_like(src),
+        bos_id=9,
+        eos_id=0,
+        max_len=3,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert all(len(row) == 1 for row in out)  # one draw, then the forced [EOS]
     freq = torch.bincount(torch.tensor([row[0] for row in out]), minlength=5).float() / n
     assert freq.tolist() == pytest.approx(want, abs=0.015)
-    assert all(freq[i] == 0 for i, w in enumerate(want) if w == 0)  # filtered tokens are never drawn
+    assert all(
+        freq[i] == 0 for i, w in enumerate(want) if w == 0
+    )  # filtered tokens are never drawn
 
 
 def warm_model(seed: int = 0) -> WarmStartedSeq2Seq:
     # a wide init gives peaked, varied next-token distributions (the default one is near uniform), so outputs
     # differ between rows and greedy stops at [EOS] on some
-    return tiny_seq2seq("seq2seq_warm", seed=seed, initializer_range=0.3,
-                        encoder=dict(initializer_range=0.3))
+    return tiny_seq2seq(
+        "seq2seq_warm", seed=seed, initializer_range=0.3, encoder=dict(initializer_range=0.3)
+    )
 
 
 def sources(seed: int = 1) -> tuple[Tensor, Tensor]:
@@ -113,8 +154,16 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
     model, (src, mask) = warm_model(), sources()
 
     def draw(seed: int) -> list[list[int]]:
-        return sample_decode(model, src, mask, BOS, EOS, max_len=12, temperature=1.5,
-                             generator=torch.Generator().manual_seed(seed))
+        return sample_decode(
+            model,
+            src,
+            mask,
+            BOS,
+            EOS,
+            max_len=12,
+            temperature=1.5,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     assert draw(0) == draw(0)
     assert draw(0) != draw(1)
@@ -127,10 +176,15 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ() -> None:
 def test_temperature_to_zero_is_greedy() -> None:
     model, (src, mask) = warm_model(), sources()
     greedy = greedy_decode(model, src, mask, BOS, EOS, max_len=12)
-    assert any(len(row) < 12 for row in greedy)  # some rows stop at [EOS]: the comparison covers stopping too
+    assert any(
+        len(row) < 12 for row in greedy
+    )  # some rows stop at [EOS]: the comparison covers stopping too
     assert sample_decode(model, src, mask, BOS, EOS, max_len=12, temperature=0.0) == greedy
     gen = torch.Generator().manual_seed(0)
-    assert sample_decode(model, src, mask, BOS, EOS, max_len=12, temperature=1e-4, generator=gen) == greedy
+    assert (
+        sample_decode(model, src, mask, BOS, EOS, max_len=12, temperature=1e-4, generator=gen)
+        == greedy
+    )
     assert sample_decode(model, src, mask, BOS, EOS, max_len=12, top_k=1, generator=gen) == greedy
 
 
@@ -144,7 +198,7 @@ def uncached_argmax(model: GPTLMHeadModel, prompt: Tensor, steps: int) -> list[l
     for _ in range(steps):
         logits, _ = model(ids)  # the whole prefix again, no cache
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, prompt.size(1):].tolist()
+    return ids[:, prompt.size(1) :].tolist()
 
 
 def test_cached_generation_equals_an_uncached_argmax_loop() -> None:
@@ -152,7 +206,10 @@ def test_cached_generation_equals_an_uncached_argmax_loop() -> None:
     prompt = torch.randint(7, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
     want = uncached_argmax(model, prompt, 20)
     assert generate_lm(model, prompt, 20, temperature=0.0) == want
-    assert generate_lm(model, prompt, 20, temperature=1e-4, generator=torch.Generator().manual_seed(0)) == want
+    assert (
+        generate_lm(model, prompt, 20, temperature=1e-4, generator=torch.Generator().manual_seed(0))
+        == want
+    )
     # with an eos_id each row stops before its first occurrence of that id
     stop = want[0][3]
     got = generate_lm(model, prompt, 20, eos_id=stop, temperature=0.0)
@@ -164,7 +221,9 @@ def test_gpt_sampling_is_seeded_and_respects_the_filters() -> None:
     prompt = torch.randint(7, VOCAB, (8, 3), generator=torch.Generator().manual_seed(4))
 
     def draw(seed: int, **kw: Any) -> list[list[int]]:
-        return generate_lm(model, prompt, 10, temperature=2.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return generate_lm(
+            model, prompt, 10, temperature=2.0, generator=torch.Generator().manual_seed(seed), **kw
+        )
 
     assert draw(5) == draw(5) and draw(5) != draw(6)
     logits, _ = model(prompt)
@@ -174,8 +233,12 @@ def test_gpt_sampling_is_seeded_and_respects_the_filters() -> None:
 
 def test_bad_arguments_are_rejected() -> None:
     model, (src, mask) = warm_model(), sources()
-    for kwargs, match in [(dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"),
-                          (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+    for kwargs, match in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+    ]:
         with pytest.raises(ValueError, match=match):
             sample_decode(model, src, mask, BOS, EOS, max_len=4, **kwargs)
     with pytest.raises(ValueError, match="n_positions=32"):

@@ -29,7 +29,9 @@ def test_config_errors_and_two_vocabularies() -> None:
     with pytest.raises(ValueError, match="add_cross_attention"):
         Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config())
     # two released checkpoints, two vocabularies: the decoder's need not be the encoder's
-    two = Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config(vocab_size=99, add_cross_attention=True))
+    two = Seq2SeqConfig(
+        encoder=bert_config(), decoder=gpt_config(vocab_size=99, add_cross_attention=True)
+    )
     assert WarmStartedSeq2Seq(two).decoder.lm_head.weight.shape[0] == 99
 
 
@@ -49,14 +51,24 @@ def test_meta_init_ties_the_head_and_draws_the_projection_like_gpt() -> None:
 
 
 def expected_new_tensors(n_layer: int, projection: bool) -> set[str]:
-    names = {f"decoder.transformer.h.{i}.{mod}.{p}" for i in range(n_layer)
-             for mod in ("crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj", "ln_cross_attn")
-             for p in ("weight", "bias")}
+    names = {
+        f"decoder.transformer.h.{i}.{mod}.{p}"
+        for i in range(n_layer)
+        for mod in (
+            "crossattention.q_attn",
+            "crossattention.c_attn",
+            "crossattention.c_proj",
+            "ln_cross_attn",
+        )
+        for p in ("weight", "bias")
+    }
     return names | ({"enc_to_dec_proj.weight", "enc_to_dec_proj.bias"} if projection else set())
 
 
 @pytest.mark.parametrize("fixture", ["pretrained", "pretrained_narrow_decoder"])
-def test_from_pretrained_loads_every_tensor_bitwise(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_from_pretrained_loads_every_tensor_bitwise(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     pre: Pretrained = request.getfixturevalue(fixture)
     model, new = WarmStartedSeq2Seq.from_pretrained(pre.bert_dir, pre.gpt_dir)
     projection = pre.gpt.config.n_embd != pre.bert.config.hidden_size
@@ -73,16 +85,24 @@ def test_from_pretrained_loads_every_tensor_bitwise(fixture: str, request: pytes
 
 
 def test_from_pretrained_refuses_swapped_checkpoints(pretrained: Pretrained) -> None:
-    with pytest.raises(CheckpointError, match=r"gpt/config.json: arch is 'gpt', but a 'bert' checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"gpt/config.json: arch is 'gpt', but a 'bert' checkpoint"
+    ):
         WarmStartedSeq2Seq.from_pretrained(pretrained.gpt_dir, pretrained.gpt_dir)
-    with pytest.raises(CheckpointError, match=r"bert/config.json: arch is 'bert', but a 'gpt' checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"bert/config.json: arch is 'bert', but a 'gpt' checkpoint"
+    ):
         WarmStartedSeq2Seq.from_pretrained(pretrained.bert_dir, pretrained.bert_dir)
 
 
-def test_from_pretrained_refuses_different_tokenizers(pretrained: Pretrained, tmp_path: Path) -> None:
+def test_from_pretrained_refuses_different_tokenizers(
+    pretrained: Pretrained, tmp_path: Path
+) -> None:
     other_tok = tmp_path / "tokenizer.json"
     other_tok.write_text(pretrained.tokenizer_file.read_text().replace('"[UNK]"', '"<unk>"'))
-    gpt_dir = save_checkpoint(tmp_path / "gpt_other_tok", pretrained.gpt, pretrained.gpt.config, other_tok)
+    gpt_dir = save_checkpoint(
+        tmp_path / "gpt_other_tok", pretrained.gpt, pretrained.gpt.config, other_tok
+    )
     with pytest.raises(CheckpointError, match="must share one tokenizer"):
         WarmStartedSeq2Seq.from_pretrained(pretrained.bert_dir, gpt_dir)
 
@@ -90,9 +110,17 @@ def test_from_pretrained_refuses_different_tokenizers(pretrained: Pretrained, tm
 def test_copy_matching_names_missing_unexpected_and_misshapen_tensors() -> None:
     model = make_model()
     good = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    renamed = {("transformer.wte.weights" if k == "transformer.wte.weight" else k): v for k, v in good.items()}
-    with pytest.raises(CheckpointError, match=r"dec: .*missing 1 \(e.g. \['transformer.wte.weight'\]\).*unexpected 1"):
+    renamed = {
+        ("transformer.wte.weights" if k == "transformer.wte.weight" else k): v
+        for k, v in good.items()
+    }
+    with pytest.raises(
+        CheckpointError,
+        match=r"dec: .*missing 1 \(e.g. \['transformer.wte.weight'\]\).*unexpected 1",
+    ):
         copy_matching(model.decoder, renamed, "dec", lambda name: False)
     bad_shape = {**good, "transformer.ln_f.weight": torch.ones(3)}
-    with pytest.raises(CheckpointError, match=r"transformer.ln_f.weight: checkpoint \(3,\) vs model \(64,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"transformer.ln_f.weight: checkpoint \(3,\) vs model \(64,\)"
+    ):
         copy_matching(model.decoder, bad_shape, "dec", lambda name: False)

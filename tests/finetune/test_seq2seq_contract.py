@@ -65,13 +65,20 @@ SPREAD: dict[str, dict[str, Any]] = {
 # Variants that take other code paths through an architecture; one not listed runs its tiny preset.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "seq2seq_warm": {"same_width": {}, "narrow_decoder": dict(n_embd=32)},  # 32 < 64: projection
-    "transformer": {f"{norm}-{pos}": dict(norm_first=norm == "pre_ln", positions=pos)
-                    for norm in ("pre_ln", "post_ln") for pos in ("sinusoidal", "learned")},
-    "lstm": {"bidirectional": dict(bidirectional=True),
-             "unidirectional": dict(bidirectional=False)},
-    "lstm_attention": {f"{att}-{enc}": dict(attention=att, bidirectional=enc == "bidirectional")
-                       for att in ("bahdanau", "luong_dot", "luong_general")
-                       for enc in ("bidirectional", "unidirectional")},
+    "transformer": {
+        f"{norm}-{pos}": dict(norm_first=norm == "pre_ln", positions=pos)
+        for norm in ("pre_ln", "post_ln")
+        for pos in ("sinusoidal", "learned")
+    },
+    "lstm": {
+        "bidirectional": dict(bidirectional=True),
+        "unidirectional": dict(bidirectional=False),
+    },
+    "lstm_attention": {
+        f"{att}-{enc}": dict(attention=att, bidirectional=enc == "bidirectional")
+        for att in ("bahdanau", "luong_dot", "luong_general")
+        for enc in ("bidirectional", "unidirectional")
+    },
     "convs2s": {f"kernel_{k}": dict(kernel_size=k) for k in (1, 3, 5)},
 }
 NO_ATTENTION = {"lstm"}  # cross_attention refuses (test_rnn_seq2seq checks the message)
@@ -90,9 +97,12 @@ class Case(NamedTuple):
 
 def cases(keep: Callable[[str], bool] = lambda arch: True) -> list[Any]:
     """The cases of every translation architecture that `keep` accepts, as pytest params."""
-    return [pytest.param(Case(arch, {**BASE.get(arch, {}), **overrides}), id=f"{arch}-{name}")
-            for arch in TRANSLATION_ARCHES if keep(arch)
-            for name, overrides in VARIANTS.get(arch, {"tiny": {}}).items()]
+    return [
+        pytest.param(Case(arch, {**BASE.get(arch, {}), **overrides}), id=f"{arch}-{name}")
+        for arch in TRANSLATION_ARCHES
+        if keep(arch)
+        for name, overrides in VARIANTS.get(arch, {"tiny": {}}).items()
+    ]
 
 
 def has_max_positions(arch: str) -> bool:
@@ -156,7 +166,8 @@ def test_checkpoint_round_trip(model: nn.Module, tokenizer: Tokenizer, tmp_path:
 
 # ------------------------------------------------------------------ teacher forcing
 def test_changing_a_later_target_token_leaves_earlier_logits_unchanged(
-        spread_model: nn.Module) -> None:
+    spread_model: nn.Module,
+) -> None:
     model, (src, mask, tgt) = spread_model, seq2seq_batch()
     changed = tgt.clone()
     changed[:, 3] = torch.where(tgt[:, 3] == 7, 8, 7)
@@ -303,28 +314,39 @@ def test_beam_search_on_the_trained_model_equals_the_cache_free_loop(trained: Tr
     assert exact_match(NoCache(model), b, expected) == exact_match(model, b, expected)
 
 
-def test_translate_and_evaluate_through_the_tokenizer(trained: Trained,
-                                                      tokenizer: Tokenizer) -> None:
+def test_translate_and_evaluate_through_the_tokenizer(
+    trained: Trained, tokenizer: Tokenizer
+) -> None:
     model, _, expected, _ = trained
     texts = [digit_text(y[::-1]) for y in expected]
     refs = [digit_text(y) for y in expected]
     model.train()  # translate_texts decodes in eval mode and restores the mode it found
     try:
-        hyps = translate_texts(model, tokenizer, texts, beam_size=3, length_penalty="gnmt",
-                               alpha=1.0, max_len=8, batch_size=7)
+        hyps = translate_texts(
+            model,
+            tokenizer,
+            texts,
+            beam_size=3,
+            length_penalty="gnmt",
+            alpha=1.0,
+            max_len=8,
+            batch_size=7,
+        )
         assert model.training
     finally:
         model.eval()
     assert sum(h == r for h, r in zip(hyps, refs, strict=True)) >= 0.98 * len(refs)
-    scores, _ = evaluate_translation(model, tokenizer, texts, refs, beam_size=2, max_len=8,
-                                     batch_size=16)
+    scores, _ = evaluate_translation(
+        model, tokenizer, texts, refs, beam_size=2, max_len=8, batch_size=16
+    )
     assert not model.training  # and eval mode stays eval mode
     assert scores["bleu"] > 90.0
     assert scores["copy_source_bleu"] < 50.0  # copying a reversed string gets unigrams, little else
 
 
-def test_the_trained_model_is_the_same_after_a_checkpoint_round_trip(trained: Trained,
-                                                                     tmp_path: Path) -> None:
+def test_the_trained_model_is_the_same_after_a_checkpoint_round_trip(
+    trained: Trained, tmp_path: Path
+) -> None:
     model, b, _, _ = trained
     loaded = load_finetuned(save_checkpoint(tmp_path / "mt", model, model.config))
     assert loaded.model_config == model.config and loaded.model is not None

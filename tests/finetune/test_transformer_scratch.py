@@ -18,17 +18,22 @@ from pretrain.models.meta import build_on_meta, materialize
 VARIANTS = [(True, "sinusoidal"), (False, "learned"), (True, "learned"), (False, "sinusoidal")]
 
 
-def make_model(norm_first: bool = True, positions: str = "sinusoidal",
-               **overrides: Any) -> TransformerSeq2Seq:
+def make_model(
+    norm_first: bool = True, positions: str = "sinusoidal", **overrides: Any
+) -> TransformerSeq2Seq:
     return tiny_seq2seq("transformer", norm_first=norm_first, positions=positions, **overrides)
 
 
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ValueError, match="TransformerConfig.arch must be 'transformer'"):
         TransformerConfig(arch="convs2s")
-    with pytest.raises(ValueError, match=r"TransformerConfig.d_model \(66\) must be divisible by n_heads \(4\)"):
+    with pytest.raises(
+        ValueError, match=r"TransformerConfig.d_model \(66\) must be divisible by n_heads \(4\)"
+    ):
         TransformerConfig(d_model=66, n_heads=4)
-    with pytest.raises(ValueError, match="TransformerConfig.positions must be one of .* got 'rope'"):
+    with pytest.raises(
+        ValueError, match="TransformerConfig.positions must be one of .* got 'rope'"
+    ):
         TransformerConfig(positions="rope")
     with pytest.raises(ValueError, match="TransformerConfig.preset: unknown preset 'huge'"):
         from_preset(TransformerConfig, "huge")
@@ -40,7 +45,13 @@ def test_config_errors_name_the_key() -> None:
 
 def test_presets() -> None:
     cfg = from_preset(TransformerConfig, "small", vocab_size=VOCAB, dropout=0.3)
-    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.encoder_layers, cfg.preset) == (256, 4, 1024, 3, "small")
+    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.encoder_layers, cfg.preset) == (
+        256,
+        4,
+        1024,
+        3,
+        "small",
+    )
     assert cfg.dropout == 0.3  # explicit keys win over the preset
 
 
@@ -48,7 +59,9 @@ def test_sinusoids_follow_the_paper() -> None:
     pe = sinusoids(torch.arange(50), 16)  # (50, 16)
     pos, i = 37, 3
     assert pe[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 16)), abs=1e-5)
-    assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 16)), abs=1e-5)
+    assert pe[pos, 2 * i + 1].item() == pytest.approx(
+        math.cos(pos / 10000 ** (2 * i / 16)), abs=1e-5
+    )
 
 
 @pytest.mark.parametrize(("norm_first", "positions"), VARIANTS)
@@ -58,7 +71,9 @@ def test_shapes_and_shared_embedding(norm_first: bool, positions: str) -> None:
     assert model.encode(src, mask).shape == (3, 9, 64)
     assert model(src, mask, tgt).shape == (3, 6, VOCAB)
     names = [n for n, _ in model.named_parameters()]
-    assert [n for n in names if "embed_tokens" in n] == ["embed_tokens.weight"]  # source, target, output: one
+    assert [n for n in names if "embed_tokens" in n] == [
+        "embed_tokens.weight"
+    ]  # source, target, output: one
     assert any("positions.table" in n for n in names) == (positions == "learned")
     assert isinstance(model.decoder_norm, torch.nn.LayerNorm) == norm_first
 

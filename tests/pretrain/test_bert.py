@@ -28,16 +28,43 @@ def test_shapes_and_hf_key_names() -> None:
     assert seq.shape == (3, 11, 64) and pooled.shape == (3, 64)
     out = model(ids)
     assert out.mlm_logits.shape == (3, 11, V) and out.nsp_logits.shape == (3, 2)
-    layer = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-             "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"]
-    expected = {"bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
-                "bert.embeddings.token_type_embeddings.weight", "cls.predictions.decoder.weight",
-                "cls.predictions.bias"}
-    expected |= {f"{m}.{p}" for m in ["bert.embeddings.LayerNorm", "bert.pooler.dense", "cls.seq_relationship",
-                                      "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm"]
-                 for p in ("weight", "bias")}
-    expected |= {f"bert.encoder.layer.{i}.{m}.{p}" for i in range(2) for m in layer for p in ("weight", "bias")}
-    assert set(model.state_dict()) == expected  # HF BertForPreTraining's names (less its duplicate decoder.bias)
+    layer = [
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    ]
+    expected = {
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.position_embeddings.weight",
+        "bert.embeddings.token_type_embeddings.weight",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.bias",
+    }
+    expected |= {
+        f"{m}.{p}"
+        for m in [
+            "bert.embeddings.LayerNorm",
+            "bert.pooler.dense",
+            "cls.seq_relationship",
+            "cls.predictions.transform.dense",
+            "cls.predictions.transform.LayerNorm",
+        ]
+        for p in ("weight", "bias")
+    }
+    expected |= {
+        f"bert.encoder.layer.{i}.{m}.{p}"
+        for i in range(2)
+        for m in layer
+        for p in ("weight", "bias")
+    }
+    assert (
+        set(model.state_dict()) == expected
+    )  # HF BertForPreTraining's names (less its duplicate decoder.bias)
 
 
 def test_padding_does_not_change_real_token_outputs() -> None:
@@ -97,13 +124,17 @@ def test_config_validation_and_presets() -> None:
         BertConfig(hidden_size=65, num_attention_heads=2)
 
 
-def synthetic_mlm_nsp_batch(gen: torch.Generator, batch: int = 32, half: int = 7) -> dict[str, torch.Tensor]:
+def synthetic_mlm_nsp_batch(
+    gen: torch.Generator, batch: int = 32, half: int = 7
+) -> dict[str, torch.Tensor]:
     """Eight "topics" of four token ids each (ids 10..41). A is drawn from one topic; B from the same topic
     (label 0) or another (label 1). A masked token is predictable from its neighbours' topic (best loss
     ln 4 against ln 64 at init), the NSP label from whether A and B share a topic."""
     topic_a = torch.randint(0, 8, (batch, 1), generator=gen)
     label = torch.randint(0, 2, (batch,), generator=gen)
-    topic_b = torch.where(label[:, None] == 0, topic_a, (topic_a + torch.randint(1, 8, (batch, 1), generator=gen)) % 8)
+    topic_b = torch.where(
+        label[:, None] == 0, topic_a, (topic_a + torch.randint(1, 8, (batch, 1), generator=gen)) % 8
+    )
     a = 10 + 4 * topic_a + torch.randint(0, 4, (batch, half), generator=gen)
     b = 10 + 4 * topic_b + torch.randint(0, 4, (batch, half), generator=gen)
     col = torch.zeros(batch, 1, dtype=torch.long)
@@ -112,13 +143,20 @@ def synthetic_mlm_nsp_batch(gen: torch.Generator, batch: int = 32, half: int = 7
     special = (ids == CLS) | (ids == SEP)
     chosen = (torch.rand(ids.shape, generator=gen) < 0.15) & ~special
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    return {"input_ids": torch.where(chosen, torch.full_like(ids, MASK), ids), "token_type_ids": types,
-            "attention_mask": torch.ones_like(ids), "mlm_labels": labels, "next_sentence_label": label}
+    return {
+        "input_ids": torch.where(chosen, torch.full_like(ids, MASK), ids),
+        "token_type_ids": types,
+        "attention_mask": torch.ones_like(ids),
+        "mlm_labels": labels,
+        "next_sentence_label": label,
+    }
 
 
 def test_mlm_nsp_loss_falls_within_100_steps() -> None:
     torch.manual_seed(0)
-    model = BertForPreTraining(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = BertForPreTraining(
+        tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    )
     opt, sched = build_optimizer(model, OptimConfig(lr=5e-3, warmup_steps=10), total_steps=100)
     gen = torch.Generator().manual_seed(1)
     losses, nsp_losses = [], []
@@ -135,7 +173,10 @@ def test_mlm_nsp_loss_falls_within_100_steps() -> None:
         nsp_losses.append(metrics["nsp_loss"].item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first > 3.5  # ~ln(64) at init
-    assert last < 0.6 * first, (first, last)  # heading for ln 4 = 1.39 (NSP needs more than 100 steps)
+    assert last < 0.6 * first, (
+        first,
+        last,
+    )  # heading for ln 4 = 1.39 (NSP needs more than 100 steps)
     assert all(torch.isfinite(torch.tensor(nsp_losses)))
 
 

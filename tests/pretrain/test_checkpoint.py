@@ -56,24 +56,37 @@ def trained_state(model: nn.Module) -> dict:
         p.grad = torch.randn_like(p)
     opt.step()
     sched.step()
-    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 1,
-            "loader": {"epoch": 0, "batches_served": 1}, "rng": capture_rng_state()}
+    return {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": 1,
+        "loader": {"epoch": 0, "batches_served": 1},
+        "rng": capture_rng_state(),
+    }
 
 
-@pytest.mark.parametrize("make, head, embedding", [
-    (bert, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-    (gpt, "lm_head.weight", "transformer.wte.weight"),
-])
-def test_round_trip_is_bitwise_and_reties(tmp_path: Path, tokenizer_file: Path, make, head: str,
-                                          embedding: str) -> None:
+@pytest.mark.parametrize(
+    "make, head, embedding",
+    [
+        (bert, "cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+        (gpt, "lm_head.weight", "transformer.wte.weight"),
+    ],
+)
+def test_round_trip_is_bitwise_and_reties(
+    tmp_path: Path, tokenizer_file: Path, make, head: str, embedding: str
+) -> None:
     model, cfg = make()
     state = trained_state(model)
     job = {"trainer": {"max_steps": 10}, "seed": 3}
     data_manifest = tokenizer_file.parent / "manifest.json"
     data_manifest.write_text("{}")
-    out = save_checkpoint(tmp_path / "ckpt" / "step-1", model, cfg, tokenizer_file, job, state, data_manifest)
+    out = save_checkpoint(
+        tmp_path / "ckpt" / "step-1", model, cfg, tokenizer_file, job, state, data_manifest
+    )
     assert out == tmp_path / "ckpt" / "step-1"
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-1"]  # no .tmp-* left behind
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-1"
+    ]  # no .tmp-* left behind
 
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         assert embedding in f.keys() and head not in f.keys()  # the tied matrix is stored once
@@ -83,8 +96,15 @@ def test_round_trip_is_bitwise_and_reties(tmp_path: Path, tokenizer_file: Path, 
     assert (out / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
     assert loaded.tokenizer_file == out / "tokenizer.json"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["data_manifest"]["sha256"] == sha256_file(data_manifest) and manifest["step"] == 1
-    assert set(manifest["files"]) == {"model.safetensors", "config.json", "tokenizer.json", "trainer_state/state.pt"}
+    assert (
+        manifest["data_manifest"]["sha256"] == sha256_file(data_manifest) and manifest["step"] == 1
+    )
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "trainer_state/state.pt",
+    }
 
     original = model.state_dict()
     assert set(loaded.state_dict) == set(original)
@@ -98,13 +118,17 @@ def test_round_trip_is_bitwise_and_reties(tmp_path: Path, tokenizer_file: Path, 
     opt.load_state_dict(restored["optimizer"])
     sched.load_state_dict(restored["scheduler"])
     assert sched.last_epoch == 1 and restored["loader"] == {"epoch": 0, "batches_served": 1}
-    torch.testing.assert_close(opt.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    torch.testing.assert_close(
+        opt.state_dict()["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"]
+    )
 
 
 def test_rng_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     model, cfg = gpt()
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    path = save_checkpoint(tmp_path / "c", model, cfg, None, trainer_state={"rng": capture_rng_state()})
+    path = save_checkpoint(
+        tmp_path / "c", model, cfg, None, trainer_state={"rng": capture_rng_state()}
+    )
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     restore_rng_state(load_checkpoint(path).trainer_state()["rng"])
@@ -124,14 +148,19 @@ def test_tampered_file_is_detected_and_named(tmp_path: Path, tokenizer_file: Pat
     (path / "model.safetensors").write_bytes(original)
     load_checkpoint(path)
     (path / "tokenizer.json").unlink()
-    with pytest.raises(CheckpointError, match=r"tokenizer\.json: listed in manifest\.json but missing"):
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer\.json: listed in manifest\.json but missing"
+    ):
         load_checkpoint(path)
 
 
 def test_listing_ignores_tmp_and_incomplete_dirs_and_prunes(tmp_path: Path) -> None:
     model, cfg = gpt()
     root = tmp_path / "ckpts"
-    saved = [save_checkpoint(root / f"step-{i}", model, cfg, None, trainer_state={"step": i}) for i in range(4)]
+    saved = [
+        save_checkpoint(root / f"step-{i}", model, cfg, None, trainer_state={"step": i})
+        for i in range(4)
+    ]
     assert list_checkpoints(root) == saved and latest_checkpoint(root) == saved[-1]
     # A save in progress (or crashed) and a directory without a manifest are never "latest".
     (root / ".tmp-step-9").mkdir()
@@ -166,7 +195,9 @@ def test_existing_target_needs_overwrite(tmp_path: Path) -> None:
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     model, cfg = gpt()
     with pytest.raises(CheckpointError, match=r"trainer_state\['rng'\]\['numpy'\] is a ndarray"):
-        save_checkpoint(tmp_path / "a", model, cfg, None, trainer_state={"rng": {"numpy": np.zeros(3)}})
+        save_checkpoint(
+            tmp_path / "a", model, cfg, None, trainer_state={"rng": {"numpy": np.zeros(3)}}
+        )
     with pytest.raises(CheckpointError, match="job_config is not JSON"):
         save_checkpoint(tmp_path / "b", model, cfg, None, job_config={"path": Path("x")})
     with pytest.raises(CheckpointError, match="missing.json: tokenizer file not found"):
@@ -179,7 +210,9 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> No
 def test_config_and_arch_errors_name_the_file(tmp_path: Path) -> None:
     model, cfg = bert()
     path = save_checkpoint(tmp_path / "c", model, cfg, None)
-    with pytest.raises(CheckpointError, match=r"config\.json: arch 'bert' is not in the architecture registry"):
+    with pytest.raises(
+        CheckpointError, match=r"config\.json: arch 'bert' is not in the architecture registry"
+    ):
         load_checkpoint(path, registry={"gpt": PRETRAIN_ARCHITECTURES["gpt"]})
     as_gpt = ArchSpec("bert", GPTConfig, GPTLMHeadModel, "clm")  # a BERT dir read as GPT
     with pytest.raises(CheckpointError, match=r"config\.json: unknown key\(s\) \[.*'hidden_size'"):
@@ -187,7 +220,9 @@ def test_config_and_arch_errors_name_the_file(tmp_path: Path) -> None:
     doc = json.loads((path / "config.json").read_text())
     doc["config"]["hidden_size"] = 32
     (path / "config.json").write_text(json.dumps(doc))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: weights do not fit BertForPreTraining"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: weights do not fit BertForPreTraining"
+    ):
         load_checkpoint(path, verify=False)
     doc["config"]["hidden_sise"] = 3
     (path / "config.json").write_text(json.dumps(doc))
@@ -233,11 +268,19 @@ def test_resume_skips_a_corrupted_newest_checkpoint_with_a_warning(tmp_path: Pat
     data[len(data) // 2] ^= 0x01  # one flipped bit
     weights.write_bytes(bytes(data))
     assert newest_valid_checkpoint(root, warnings.append) == older
-    assert len(warnings) == 1 and "skipping step-0000004" in warnings[0] and "sha256 mismatch" in warnings[0]
-    (older / "model.safetensors").write_bytes(bytes(data))  # the newer one's flipped bytes: same size, wrong sha
+    assert (
+        len(warnings) == 1
+        and "skipping step-0000004" in warnings[0]
+        and "sha256 mismatch" in warnings[0]
+    )
+    (older / "model.safetensors").write_bytes(
+        bytes(data)
+    )  # the newer one's flipped bytes: same size, wrong sha
     with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints is intact"):
         newest_valid_checkpoint(root, warnings.append)
-    (older / "model.safetensors").write_bytes(b"truncated")  # a truncated file is not even a complete checkpoint
+    (older / "model.safetensors").write_bytes(
+        b"truncated"
+    )  # a truncated file is not even a complete checkpoint
     assert list_checkpoints(root) == [newer]
     assert newest_valid_checkpoint(tmp_path / "none", warnings.append) is None
 
@@ -253,7 +296,9 @@ def test_interrupted_saves_are_cleaned_and_never_listed(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["step-0000001"]
 
 
-def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
 
     import pretrain.checkpoint as ckpt
@@ -265,21 +310,35 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, m
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)  # the trainer state is written after the weights
-    with pytest.raises(CheckpointError, match=r"step-0000004: the disk is full .* earlier checkpoints are intact"):
+    monkeypatch.setattr(
+        ckpt.torch, "save", full_disk
+    )  # the trainer state is written after the weights
+    with pytest.raises(
+        CheckpointError, match=r"step-0000004: the disk is full .* earlier checkpoints are intact"
+    ):
         save_checkpoint(root / "step-0000004", model, cfg, trainer_state={"step": 4})
-    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]  # no half-written save left behind
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step-0000002"
+    ]  # no half-written save left behind
     assert newest_valid_checkpoint(root) == previous
 
 
-def test_free_space_is_checked_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_free_space_is_checked_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from collections import namedtuple
 
     import pretrain.checkpoint as ckpt
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(10**9, 0, 50 * 2**20))  # 50 MiB free
-    check_free_space(tmp_path / "out" / "checkpoints", num_params=1_000_000, keep_last=2)  # 3 x 11.4 MiB fits
-    with pytest.raises(CheckpointError, match=r"50 MiB free, but 3 checkpoints of ~114 MiB each \(10,000,000 "):
+    monkeypatch.setattr(
+        ckpt.shutil, "disk_usage", lambda p: usage(10**9, 0, 50 * 2**20)
+    )  # 50 MiB free
+    check_free_space(
+        tmp_path / "out" / "checkpoints", num_params=1_000_000, keep_last=2
+    )  # 3 x 11.4 MiB fits
+    with pytest.raises(
+        CheckpointError, match=r"50 MiB free, but 3 checkpoints of ~114 MiB each \(10,000,000 "
+    ):
         check_free_space(tmp_path / "out" / "checkpoints", num_params=10_000_000, keep_last=2)
     assert not (tmp_path / "out").exists()

@@ -19,10 +19,18 @@ V = 48
 
 def _module(family: str, deferred: bool) -> KilnModule:
     if family == "gpt":
-        return GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
-                                 deferred=deferred)
-    return BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=1), 5,
-                              deferred=deferred)
+        return GPTPretrainModule(
+            from_preset(GPTConfig, "tiny", vocab_size=V),
+            OptimConfig(warmup_steps=1),
+            5,
+            deferred=deferred,
+        )
+    return BertPretrainModule(
+        from_preset(BertConfig, "tiny", vocab_size=V),
+        OptimConfig(warmup_steps=1),
+        5,
+        deferred=deferred,
+    )
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt"])
@@ -33,7 +41,9 @@ def test_deferred_build_draws_the_eager_weights_and_keeps_the_rng(family: str) -
     torch.manual_seed(0)
     module = _module(family, deferred=True)
     assert module.model is None
-    torch.rand(3)  # the training stream moves on (Lightning re-seeds, loaders draw) before configure_model runs
+    torch.rand(
+        3
+    )  # the training stream moves on (Lightning re-seeds, loaders draw) before configure_model runs
     rng = torch.get_rng_state()
     module.configure_model()
     assert torch.equal(torch.get_rng_state(), rng)

@@ -22,15 +22,35 @@ def test_shapes_and_hf_key_names() -> None:
     model = tiny(add_cross_attention=True)
     logits, presents = model(torch.randint(0, V, (3, 7)))
     assert logits.shape == (3, 7, V) and presents is None
-    block = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj",
-             "crossattention.q_attn", "crossattention.c_attn", "crossattention.c_proj", "ln_cross_attn"]
-    expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
-                "transformer.ln_f.bias", "lm_head.weight"}
-    expected |= {f"transformer.h.{i}.{m}.{p}" for i in range(2) for m in block for p in ("weight", "bias")}
+    block = [
+        "ln_1",
+        "attn.c_attn",
+        "attn.c_proj",
+        "ln_2",
+        "mlp.c_fc",
+        "mlp.c_proj",
+        "crossattention.q_attn",
+        "crossattention.c_attn",
+        "crossattention.c_proj",
+        "ln_cross_attn",
+    ]
+    expected = {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    }
+    expected |= {
+        f"transformer.h.{i}.{m}.{p}" for i in range(2) for m in block for p in ("weight", "bias")
+    }
     assert set(model.state_dict()) == expected
     plain = tiny()
     assert not any("cross" in k for k in plain.state_dict())
-    assert plain.transformer.h[0].attn.c_attn.weight.shape == (3 * 64, 64)  # nn.Linear (out, in), not Conv1D
+    assert plain.transformer.h[0].attn.c_attn.weight.shape == (
+        3 * 64,
+        64,
+    )  # nn.Linear (out, in), not Conv1D
 
 
 def test_causal_mask_future_tokens_do_not_leak() -> None:
@@ -44,12 +64,15 @@ def test_causal_mask_future_tokens_do_not_leak() -> None:
     assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-4
 
 
-def incremental_logits(model: GPTLMHeadModel, ids: torch.Tensor, chunks: list[int], **cross: torch.Tensor
-                       ) -> torch.Tensor:
+def incremental_logits(
+    model: GPTLMHeadModel, ids: torch.Tensor, chunks: list[int], **cross: torch.Tensor
+) -> torch.Tensor:
     """Feed `ids` in chunks of the given sizes through the KV cache; concatenate the logits."""
     out, cache, start = [], None, 0
     for size in chunks:
-        logits, cache = model(ids[:, start:start + size], past_key_values=cache, use_cache=True, **cross)
+        logits, cache = model(
+            ids[:, start : start + size], past_key_values=cache, use_cache=True, **cross
+        )
         out.append(logits)
         start += size
     assert start == ids.size(1)
@@ -72,12 +95,25 @@ def test_kv_cache_with_cross_attention_matches_full_forward(chunks: list[int]) -
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     full, _ = model(ids, encoder_hidden_states=memory, encoder_attention_mask=mask)
     # Only the first call sees the encoder states; later steps must reuse the cached cross keys/values.
-    first, cache = model(ids[:, :chunks[0]], encoder_hidden_states=memory, encoder_attention_mask=mask, use_cache=True)
-    assert cache is not None and cache[0].cross_k is not None and cache[0].cross_k.shape == (2, 2, 5, 32)
+    first, cache = model(
+        ids[:, : chunks[0]],
+        encoder_hidden_states=memory,
+        encoder_attention_mask=mask,
+        use_cache=True,
+    )
+    assert (
+        cache is not None
+        and cache[0].cross_k is not None
+        and cache[0].cross_k.shape == (2, 2, 5, 32)
+    )
     out, start = [first], chunks[0]
     for size in chunks[1:]:
-        logits, cache = model(ids[:, start:start + size], past_key_values=cache, encoder_attention_mask=mask,
-                              use_cache=True)
+        logits, cache = model(
+            ids[:, start : start + size],
+            past_key_values=cache,
+            encoder_attention_mask=mask,
+            use_cache=True,
+        )
         out.append(logits)
         start += size
     torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -142,13 +178,18 @@ def test_tied_head_and_gpt2_init() -> None:
 def test_clm_loss_falls_within_100_steps() -> None:
     """Sequences count upwards mod 20 from a random start: every next token is predictable after one."""
     torch.manual_seed(0)
-    model = GPTLMHeadModel(from_preset(GPTConfig, "tiny", vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                 attn_pdrop=0.0))
+    model = GPTLMHeadModel(
+        from_preset(
+            GPTConfig, "tiny", vocab_size=V, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+    )
     opt, sched = build_optimizer(model, OptimConfig(lr=3e-3, warmup_steps=10), total_steps=100)
     gen = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(100):
-        block = (torch.randint(0, 20, (16, 1), generator=gen) + torch.arange(17)) % 20 + 7  # (16, T+1)
+        block = (
+            torch.randint(0, 20, (16, 1), generator=gen) + torch.arange(17)
+        ) % 20 + 7  # (16, T+1)
         logits, _ = model(block[:, :-1])
         metrics = clm_loss(logits, block[:, 1:])
         opt.zero_grad()

@@ -40,8 +40,11 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 def make_tokenizer(post_processor: bool = True) -> Tokenizer:
     tok = word_tokenizer(WORDS)
     if post_processor:  # as a BERT tokenizer: encode() wraps the text in [CLS] ... [SEP]
-        tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)])
+        tok.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", CLS), ("[SEP]", SEP)],
+        )
     return tok
 
 
@@ -50,7 +53,9 @@ def bert_config() -> BertConfig:
 
 
 def gpt_config(width: int = 64, cross: bool = False) -> GPTConfig:
-    return from_preset(GPTConfig, "tiny", vocab_size=VOCAB, n_embd=width, n_positions=32, add_cross_attention=cross)
+    return from_preset(
+        GPTConfig, "tiny", vocab_size=VOCAB, n_embd=width, n_positions=32, add_cross_attention=cross
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +86,9 @@ def batch(seed: int = 1, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor, 
 
 def assert_loads_cleanly(cls: type, out: Path) -> nn.Module:
     model, info = cls.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (
+        not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ), info
     return model.eval()
 
 
@@ -89,8 +96,12 @@ def test_bert_matches_hf_bert_for_pretraining(tmp_path: Path, tokenizer_file: Pa
     torch.manual_seed(0)
     kiln = perturbed(BertForPreTraining(bert_config()))
     out = export(tmp_path, kiln, kiln.config, tokenizer_file)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     ids, types, mask = batch()
     with torch.no_grad():
         want = kiln(ids, types, mask)
@@ -105,17 +116,25 @@ def test_bert_matches_hf_bert_for_pretraining(tmp_path: Path, tokenizer_file: Pa
         torch.testing.assert_close(got_base.last_hidden_state, want_seq, **TOL)
         torch.testing.assert_close(got_base.pooler_output, want_pooled, **TOL)
         mlm = transformers.BertForMaskedLM.from_pretrained(out).eval()
-        torch.testing.assert_close(mlm(input_ids=ids, token_type_ids=types, attention_mask=mask).logits,
-                                   want.mlm_logits, **TOL)
+        torch.testing.assert_close(
+            mlm(input_ids=ids, token_type_ids=types, attention_mask=mask).logits,
+            want.mlm_logits,
+            **TOL,
+        )
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["BertForPreTraining"] and config["hidden_act"] == "gelu"
     # Tied as HF saves it: the decoder matrix is the word-embedding matrix, stored once.
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert "cls.predictions.decoder.weight" not in f.keys() and f.metadata() == {"format": "pt"}
-    assert hf.cls.predictions.decoder.weight.data_ptr() == hf.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert (
+        hf.cls.predictions.decoder.weight.data_ptr()
+        == hf.bert.embeddings.word_embeddings.weight.data_ptr()
+    )
 
 
-def test_gpt_matches_hf_gpt2_logits_and_greedy_generation(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_gpt_matches_hf_gpt2_logits_and_greedy_generation(
+    tmp_path: Path, tokenizer_file: Path
+) -> None:
     torch.manual_seed(0)
     kiln = perturbed(GPTLMHeadModel(gpt_config()))
     out = export(tmp_path, kiln, kiln.config, tokenizer_file)
@@ -126,26 +145,36 @@ def test_gpt_matches_hf_gpt2_logits_and_greedy_generation(tmp_path: Path, tokeni
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, kiln(ids)[0], **TOL)
         for row in range(3):
-            prompt = ids[row:row + 1, :4]
-            got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+            prompt = ids[row : row + 1, :4]
+            got = hf.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False
+            )
             assert got[0].tolist() == kiln_greedy(kiln, prompt, 8)
     assert hf.generation_config.eos_token_id == EOS and hf.generation_config.pad_token_id == PAD
 
 
-def test_classifier_matches_hf_sequence_classification(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_classifier_matches_hf_sequence_classification(
+    tmp_path: Path, tokenizer_file: Path
+) -> None:
     torch.manual_seed(0)
-    config = ClassifierConfig(encoder=bert_config(), num_labels=3, label_names=["neg", "neu", "pos"])
+    config = ClassifierConfig(
+        encoder=bert_config(), num_labels=3, label_names=["neg", "neu", "pos"]
+    )
     kiln = perturbed(EncoderClassifier(config))
     out = export(tmp_path, kiln, config, tokenizer_file)
     ids, _, mask = batch()
     hf = assert_loads_cleanly(transformers.BertForSequenceClassification, out)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).logits, kiln(ids, mask), **TOL)
+        torch.testing.assert_close(
+            hf(input_ids=ids, attention_mask=mask).logits, kiln(ids, mask), **TOL
+        )
     assert hf.config.id2label == {0: "neg", 1: "neu", 2: "pos"} and hf.config.num_labels == 3
 
 
 @pytest.mark.parametrize("dec_width", [64, 32], ids=["same-width", "projection"])
-def test_seq2seq_matches_hf_encoder_decoder(tmp_path: Path, tokenizer_file: Path, dec_width: int) -> None:
+def test_seq2seq_matches_hf_encoder_decoder(
+    tmp_path: Path, tokenizer_file: Path, dec_width: int
+) -> None:
     torch.manual_seed(0)
     config = Seq2SeqConfig(encoder=bert_config(), decoder=gpt_config(dec_width, cross=True))
     kiln = perturbed(WarmStartedSeq2Seq(config))
@@ -163,10 +192,12 @@ def test_seq2seq_matches_hf_encoder_decoder(tmp_path: Path, tokenizer_file: Path
     for row, want in zip(hf_ids.tolist(), kiln_ids, strict=True):
         assert row[0] == BOS
         generated = [t for t in row[1:] if t != PAD]  # HF pads rows that stopped early
-        assert generated[:len(want)] == want and generated[len(want):] in ([], [EOS])
+        assert generated[: len(want)] == want and generated[len(want) :] in ([], [EOS])
 
 
-def test_auto_tokenizer_encodes_like_the_kiln_tokenizer(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_auto_tokenizer_encodes_like_the_kiln_tokenizer(
+    tmp_path: Path, tokenizer_file: Path
+) -> None:
     torch.manual_seed(0)
     out = export(tmp_path, BertForPreTraining(bert_config()), bert_config(), tokenizer_file)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -177,9 +208,18 @@ def test_auto_tokenizer_encodes_like_the_kiln_tokenizer(tmp_path: Path, tokenize
         assert hf_tok.decode(want, skip_special_tokens=True) == kiln_tok.decode(want)
     pair = kiln_tok.encode("the cat", "sat on")
     got = hf_tok("the cat", "sat on")
-    assert got["input_ids"] == pair.ids and got["token_type_ids"] == pair.type_ids  # NSP-style segments
-    specials = [hf_tok.pad_token_id, hf_tok.unk_token_id, hf_tok.cls_token_id, hf_tok.sep_token_id,
-                hf_tok.mask_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id]
+    assert (
+        got["input_ids"] == pair.ids and got["token_type_ids"] == pair.type_ids
+    )  # NSP-style segments
+    specials = [
+        hf_tok.pad_token_id,
+        hf_tok.unk_token_id,
+        hf_tok.cls_token_id,
+        hf_tok.sep_token_id,
+        hf_tok.mask_token_id,
+        hf_tok.bos_token_id,
+        hf_tok.eos_token_id,
+    ]
     assert specials == list(range(7)) and hf_tok.model_max_length == 32
     padded = hf_tok(["the cat", "a dog ran far"], padding=True)["input_ids"]
     assert padded[0][-2:] == [PAD, PAD]
@@ -190,7 +230,10 @@ def test_gpt_tokenizer_returns_no_token_types(tmp_path: Path, tokenizer_file: Pa
     out = export(tmp_path, GPTLMHeadModel(gpt_config()), gpt_config(), tokenizer_file)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     encoded = hf_tok("the cat", return_tensors="pt")
-    assert set(encoded) == {"input_ids", "attention_mask"}  # so `model(**encoded)` works on GPT2LMHeadModel
+    assert set(encoded) == {
+        "input_ids",
+        "attention_mask",
+    }  # so `model(**encoded)` works on GPT2LMHeadModel
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model(**encoded).logits.shape == (1, 4, VOCAB)
 
@@ -199,12 +242,16 @@ def test_reverse_key_map_round_trips_through_hf(tmp_path: Path, tokenizer_file: 
     torch.manual_seed(0)
     kiln = perturbed(GPTLMHeadModel(gpt_config()))
     out = export(tmp_path, kiln, kiln.config, tokenizer_file)
-    hf_state = transformers.GPT2LMHeadModel.from_pretrained(out).state_dict()  # includes the tied lm_head
+    hf_state = transformers.GPT2LMHeadModel.from_pretrained(
+        out
+    ).state_dict()  # includes the tied lm_head
     back = GPTLMHeadModel(gpt_config())
     back.load_state_dict(hf_to_kiln_state_dict("gpt", gpt_config(), hf_state), strict=True)
     for name, tensor in kiln.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
-    assert back.lm_head.weight is back.transformer.wte.weight  # the alias is the source tensor: tie preserved
+    assert (
+        back.lm_head.weight is back.transformer.wte.weight
+    )  # the alias is the source tensor: tie preserved
     bert = perturbed(BertForPreTraining(bert_config()))
     hf_bert = kiln_to_hf_state_dict("bert", bert.config, bert.state_dict())
     restored = hf_to_kiln_state_dict("bert", bert.config, hf_bert)
@@ -216,9 +263,13 @@ def test_conv1d_weights_are_transposed(tmp_path: Path, tokenizer_file: Path) -> 
     torch.manual_seed(0)
     kiln = GPTLMHeadModel(gpt_config())
     hf = kiln_to_hf_state_dict("gpt", kiln.config, kiln.state_dict())
-    assert torch.equal(hf["transformer.h.1.attn.c_attn.weight"], kiln.transformer.h[1].attn.c_attn.weight.T)
+    assert torch.equal(
+        hf["transformer.h.1.attn.c_attn.weight"], kiln.transformer.h[1].attn.c_attn.weight.T
+    )
     assert hf["transformer.h.0.mlp.c_fc.weight"].shape == (64, 256)  # Conv1D: (in, out)
-    assert torch.equal(hf["transformer.wte.weight"], kiln.transformer.wte.weight)  # embeddings are not
+    assert torch.equal(
+        hf["transformer.wte.weight"], kiln.transformer.wte.weight
+    )  # embeddings are not
 
 
 def test_bf16_checkpoint_exports_in_bf16(tmp_path: Path, tokenizer_file: Path) -> None:
@@ -228,7 +279,9 @@ def test_bf16_checkpoint_exports_in_bf16(tmp_path: Path, tokenizer_file: Path) -
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     hf = transformers.GPT2LMHeadModel.from_pretrained(out, dtype="auto")
     assert hf.transformer.wte.weight.dtype == torch.bfloat16
-    assert torch.equal(hf.transformer.h[0].mlp.c_proj.weight, kiln.transformer.h[0].mlp.c_proj.weight.T)
+    assert torch.equal(
+        hf.transformer.h[0].mlp.c_proj.weight, kiln.transformer.h[0].mlp.c_proj.weight.T
+    )
 
 
 def test_refuses_non_empty_out_and_accepts_empty_dir(tmp_path: Path, tokenizer_file: Path) -> None:
@@ -249,7 +302,9 @@ def test_refuses_non_empty_out_and_accepts_empty_dir(tmp_path: Path, tokenizer_f
     assert not list(tmp_path.glob(".tmp-*"))  # the temporary directory was renamed, not left behind
 
 
-def test_refuses_checkpoints_it_cannot_export_faithfully(tmp_path: Path, tokenizer_file: Path) -> None:
+def test_refuses_checkpoints_it_cannot_export_faithfully(
+    tmp_path: Path, tokenizer_file: Path
+) -> None:
     torch.manual_seed(0)
     model, config = GPTLMHeadModel(gpt_config()), gpt_config()
     no_tok = save_checkpoint(tmp_path / "no_tok", model, config)
@@ -257,13 +312,18 @@ def test_refuses_checkpoints_it_cannot_export_faithfully(tmp_path: Path, tokeniz
         export_hf(no_tok, tmp_path / "out1")
     bad_tok_file = tmp_path / "bad_tokenizer.json"
     no_eos = [t for t in SPECIALS if t != "[EOS]"]
-    Tokenizer(WordLevel({t: i for i, t in enumerate(["[UNK]", *no_eos[2:], "[PAD]"])}, unk_token="[UNK]")).save(
-        str(bad_tok_file))
+    Tokenizer(
+        WordLevel({t: i for i, t in enumerate(["[UNK]", *no_eos[2:], "[PAD]"])}, unk_token="[UNK]")
+    ).save(str(bad_tok_file))
     bad_tok = save_checkpoint(tmp_path / "bad_tok", model, config, bad_tok_file)
-    with pytest.raises(CheckpointError, match=r"bad_tok/tokenizer.json: lacks the special token\(s\) \[EOS\]"):
+    with pytest.raises(
+        CheckpointError, match=r"bad_tok/tokenizer.json: lacks the special token\(s\) \[EOS\]"
+    ):
         export_hf(bad_tok, tmp_path / "out2")
     partial = {k: v for k, v in model.state_dict().items() if "h.1.mlp.c_fc" not in k}
-    missing = save_checkpoint(tmp_path / "missing", model, config, tokenizer_file, state_dict=partial)
+    missing = save_checkpoint(
+        tmp_path / "missing", model, config, tokenizer_file, state_dict=partial
+    )
     with pytest.raises(CheckpointError, match=r"model.safetensors: Kiln tensor names .* missing 2"):
         export_hf(missing, tmp_path / "out3")
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()

@@ -14,10 +14,13 @@ def shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("cls, cfg", [
-    (BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40)),
-    (GPTLMHeadModel, from_preset(GPTConfig, "tiny", vocab_size=40, add_cross_attention=True)),
-])
+@pytest.mark.parametrize(
+    "cls, cfg",
+    [
+        (BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40)),
+        (GPTLMHeadModel, from_preset(GPTConfig, "tiny", vocab_size=40, add_cross_attention=True)),
+    ],
+)
 def test_meta_build_then_init_matches_a_normal_build(cls: type[nn.Module], cfg: object) -> None:
     model = build_on_meta(cls, cfg)
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -28,24 +31,32 @@ def test_meta_build_then_init_matches_a_normal_build(cls: type[nn.Module], cfg: 
     torch.manual_seed(0)
     materialize(model, "cpu")
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
-    assert num_parameters(model) == num_parameters(reference)  # still tied: the head shares the embedding
+    assert num_parameters(model) == num_parameters(
+        reference
+    )  # still tied: the head shares the embedding
     for name, p in model.named_parameters():
         if name.endswith("bias"):
             assert torch.all(p == 0), name
         elif "LayerNorm" in name or "ln_" in name:
             assert torch.all(p == 1), name
         else:
-            assert 0.002 < p.std().item() < 0.03, name  # N(0, 0.02), residual projections scaled down
+            assert 0.002 < p.std().item() < 0.03, (
+                name
+            )  # N(0, 0.02), residual projections scaled down
 
     # Initialisation is the models' own: the same seed gives the same weights as a normal build.
     torch.manual_seed(0)
     reference.init_weights()
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+    for (name, a), b in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_meta_bert_ties_and_runs() -> None:
-    model = materialize(build_on_meta(BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40)))
+    model = materialize(
+        build_on_meta(BertForPreTraining, from_preset(BertConfig, "tiny", vocab_size=40))
+    )
     emb = model.bert.embeddings.word_embeddings.weight
     assert model.cls.predictions.decoder.weight is emb
     assert torch.all(emb[0] == 0)  # [PAD] row

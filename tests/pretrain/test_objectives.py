@@ -23,14 +23,18 @@ def test_mlm_nsp_loss_against_hand_computation() -> None:
     labels = torch.tensor([[-100, 1, -100], [3, -100, -100]])
     nsp_label = torch.tensor([0, 0])
     out = mlm_nsp_loss(BertPreTrainingOutput(mlm_logits, nsp_logits), labels, nsp_label)
-    expected_mlm = (F.cross_entropy(mlm_logits[0, 1:2], torch.tensor([1]))
-                    + F.cross_entropy(mlm_logits[1, 0:1], torch.tensor([3]))) / 2
+    expected_mlm = (
+        F.cross_entropy(mlm_logits[0, 1:2], torch.tensor([1]))
+        + F.cross_entropy(mlm_logits[1, 0:1], torch.tensor([3]))
+    ) / 2
     expected_nsp = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(1.0))) / 2
     torch.testing.assert_close(out["mlm_loss"], expected_mlm)
     assert out["nsp_loss"].item() == pytest.approx(expected_nsp, rel=1e-6)
     assert out["loss"].item() == pytest.approx(expected_mlm.item() + expected_nsp, rel=1e-6)
     assert out["nsp_acc"].item() == 0.5  # row 1 predicts class 1
-    expected_acc = ((mlm_logits[0, 1].argmax() == 1).float() + (mlm_logits[1, 0].argmax() == 3).float()) / 2
+    expected_acc = (
+        (mlm_logits[0, 1].argmax() == 1).float() + (mlm_logits[1, 0].argmax() == 3).float()
+    ) / 2
     assert out["mlm_acc"].item() == expected_acc.item()
     assert out["mlm_ppl"].item() == pytest.approx(math.exp(expected_mlm.item()), rel=1e-6)
     assert not out["mlm_acc"].requires_grad
@@ -45,8 +49,12 @@ def test_mlm_nsp_loss_against_hand_computation() -> None:
 
 def test_no_masked_token_gives_zero_not_nan() -> None:
     logits = torch.randn(0, 5, requires_grad=True)
-    out = mlm_nsp_loss(BertPreTrainingOutput(logits, torch.zeros(1, 2)), torch.full((1, 4), -100),
-                       torch.tensor([1]), torch.zeros(0, dtype=torch.long))
+    out = mlm_nsp_loss(
+        BertPreTrainingOutput(logits, torch.zeros(1, 2)),
+        torch.full((1, 4), -100),
+        torch.tensor([1]),
+        torch.zeros(0, dtype=torch.long),
+    )
     assert out["mlm_loss"].item() == 0.0 and torch.isfinite(out["loss"])
     out["loss"].backward()  # still differentiable
 
@@ -59,7 +67,9 @@ def test_clm_loss_ignores_minus_100() -> None:
     keep = labels != -100
     expected = F.cross_entropy(logits[keep], labels[keep])
     torch.testing.assert_close(out["loss"], expected)
-    assert out["acc"].item() == pytest.approx((logits[keep].argmax(-1) == labels[keep]).float().mean().item())
+    assert out["acc"].item() == pytest.approx(
+        (logits[keep].argmax(-1) == labels[keep]).float().mean().item()
+    )
     assert out["ppl"].item() == pytest.approx(math.exp(expected.item()), rel=1e-6)
     out["loss"].backward()
     assert logits.grad is not None and torch.all(logits.grad[0, 3] == 0)
@@ -69,5 +79,9 @@ def test_shape_mismatches_are_reported() -> None:
     with pytest.raises(ValueError, match="labels"):
         clm_loss(torch.randn(2, 4, 6), torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="masked positions"):
-        mlm_nsp_loss(BertPreTrainingOutput(torch.randn(3, 5), torch.zeros(1, 2)), torch.tensor([[1, -100]]),
-                     torch.tensor([0]), torch.tensor([0]))
+        mlm_nsp_loss(
+            BertPreTrainingOutput(torch.randn(3, 5), torch.zeros(1, 2)),
+            torch.tensor([[1, -100]]),
+            torch.tensor([0]),
+            torch.tensor([0]),
+        )

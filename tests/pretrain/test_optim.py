@@ -31,7 +31,9 @@ def test_weight_decay_groups_follow_bert_practice() -> None:
     assert "bert.embeddings.word_embeddings.weight" in decayed  # embeddings are matrices: decayed
     assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
     not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert "bert.embeddings.LayerNorm.weight" in not_decayed and "cls.predictions.bias" in not_decayed
+    assert (
+        "bert.embeddings.LayerNorm.weight" in not_decayed and "cls.predictions.bias" in not_decayed
+    )
     assert all(n.endswith("bias") or "LayerNorm" in n for n in not_decayed)
     # every parameter exactly once; the tied decoder is the embedding, not a second entry
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
@@ -39,7 +41,9 @@ def test_weight_decay_groups_follow_bert_practice() -> None:
 
 
 def test_warmup_then_linear_decay_to_min() -> None:
-    got = lrs(OptimConfig(lr=1.0, warmup_steps=4, schedule="linear", min_lr_ratio=0.1), total_steps=14)
+    got = lrs(
+        OptimConfig(lr=1.0, warmup_steps=4, schedule="linear", min_lr_ratio=0.1), total_steps=14
+    )
     assert got[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     # 10 decay steps from 1.0 towards 0.1: 1.0, 0.91, ..., 0.19
     assert got[4:] == pytest.approx([0.1 + 0.9 * (1 - k / 10) for k in range(10)])
@@ -57,8 +61,9 @@ def test_cosine_shape() -> None:
 
 def test_constant_and_no_warmup() -> None:
     assert lrs(OptimConfig(lr=0.5, warmup_steps=0, schedule="constant"), total_steps=5) == [0.5] * 5
-    assert lrs(OptimConfig(lr=1.0, warmup_steps=0, schedule="linear"), total_steps=4) == pytest.approx(
-        [1.0, 0.75, 0.5, 0.25])
+    assert lrs(
+        OptimConfig(lr=1.0, warmup_steps=0, schedule="linear"), total_steps=4
+    ) == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
 def test_config_errors_name_the_key() -> None:
@@ -84,5 +89,9 @@ def test_optimizer_and_scheduler_state_round_trip_with_weights_only(tmp_path: Pa
     opt2, sched2 = build_optimizer(model, OptimConfig(lr=0.1, warmup_steps=2), total_steps=10)
     opt2.load_state_dict(state["optimizer"])
     sched2.load_state_dict(state["scheduler"])
-    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
-    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == pytest.approx(
+        opt.param_groups[0]["lr"]
+    )
+    torch.testing.assert_close(
+        opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )

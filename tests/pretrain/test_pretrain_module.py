@@ -31,9 +31,16 @@ def mlm_nsp_batches(n: int, seed: int) -> list[dict[str, Tensor]]:
         ids[:, 2], ids[:, 7] = 4, 4
         types = torch.zeros_like(ids)
         types[:, 6:] = 1
-        out.append({"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "mlm_labels": labels,
-                    "next_sentence_label": torch.randint(0, 2, (4,), generator=gen),
-                    "sample_id": torch.arange(4 * i, 4 * i + 4)})
+        out.append(
+            {
+                "input_ids": ids,
+                "token_type_ids": types,
+                "attention_mask": mask,
+                "mlm_labels": labels,
+                "next_sentence_label": torch.randint(0, 2, (4,), generator=gen),
+                "sample_id": torch.arange(4 * i, 4 * i + 4),
+            }
+        )
     return out
 
 
@@ -42,14 +49,30 @@ def clm_batches(n: int, seed: int) -> list[dict[str, Tensor]]:
     out = []
     for i in range(n):
         block = torch.randint(0, V, (4, 17), generator=gen)
-        out.append({"input_ids": block[:, :-1], "labels": block[:, 1:], "sample_id": torch.arange(4 * i, 4 * i + 4)})
+        out.append(
+            {
+                "input_ids": block[:, :-1],
+                "labels": block[:, 1:],
+                "sample_id": torch.arange(4 * i, 4 * i + 4),
+            }
+        )
     return out
 
 
-def fit(module: KilnModule, train: list[dict[str, Tensor]], val: list[dict[str, Tensor]]) -> L.Trainer:
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        gradient_clip_val=module.optim_cfg.grad_clip)
+def fit(
+    module: KilnModule, train: list[dict[str, Tensor]], val: list[dict[str, Tensor]]
+) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        gradient_clip_val=module.optim_cfg.grad_clip,
+    )
     loader = torch.utils.data.DataLoader(train, batch_size=None)  # items are already batches
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -59,17 +82,31 @@ def fit(module: KilnModule, train: list[dict[str, Tensor]], val: list[dict[str, 
 
 def test_bert_pretrain_module_fits_and_logs() -> None:
     torch.manual_seed(0)
-    module = BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2),
-                                total_steps=5)
+    module = BertPretrainModule(
+        from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2), total_steps=5
+    )
     before = module.model.bert.embeddings.word_embeddings.weight.detach().clone()
     trainer = fit(module, mlm_nsp_batches(5, 0), mlm_nsp_batches(3, 1))
     m = trainer.callback_metrics
     assert trainer.global_step == 5
-    for key in ["train/loss", "train/mlm_acc", "train/nsp_acc", "train/ppl", "train/lr", "train/tokens_per_s",
-                "val/loss", "val/ppl", "val/mlm_acc", "val/nsp_acc", "val/mlm_loss"]:
+    for key in [
+        "train/loss",
+        "train/mlm_acc",
+        "train/nsp_acc",
+        "train/ppl",
+        "train/lr",
+        "train/tokens_per_s",
+        "val/loss",
+        "val/ppl",
+        "val/mlm_acc",
+        "val/nsp_acc",
+        "val/mlm_loss",
+    ]:
         assert key in m and math.isfinite(m[key].item()), key
     assert m["val/ppl"].item() == pytest.approx(math.exp(m["val/mlm_loss"].item()), rel=1e-5)
-    assert m["val/loss"].item() == pytest.approx(m["val/mlm_loss"].item() + m["val/nsp_loss"].item(), rel=1e-5)
+    assert m["val/loss"].item() == pytest.approx(
+        m["val/mlm_loss"].item() + m["val/nsp_loss"].item(), rel=1e-5
+    )
     assert m["train/tokens_per_s"].item() > 0
     # the per-step schedule ran: after 5 steps of (warmup 2, then linear decay to 0 at step 5)
     assert trainer.lr_scheduler_configs[0].interval == "step"
@@ -80,23 +117,39 @@ def test_bert_pretrain_module_fits_and_logs() -> None:
 
 def test_gpt_pretrain_module_fits_and_logs() -> None:
     torch.manual_seed(0)
-    module = GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2),
-                               total_steps=5)
+    module = GPTPretrainModule(
+        from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2), total_steps=5
+    )
     trainer = fit(module, clm_batches(5, 0), clm_batches(2, 1))
     m = trainer.callback_metrics
-    for key in ["train/loss", "train/acc", "train/ppl", "train/lr", "train/tokens_per_s", "val/loss", "val/acc",
-                "val/ppl"]:
+    for key in [
+        "train/loss",
+        "train/acc",
+        "train/ppl",
+        "train/lr",
+        "train/tokens_per_s",
+        "val/loss",
+        "val/acc",
+        "val/ppl",
+    ]:
         assert key in m and math.isfinite(m[key].item()), key
     assert m["val/ppl"].item() == pytest.approx(math.exp(m["val/loss"].item()), rel=1e-5)
     assert 2.0 < m["val/loss"].item() < 6.0  # ~ln(48) for random tokens
 
 
 def test_validation_means_are_weighted_over_the_epoch() -> None:
-    module = GPTPretrainModule(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5).eval()
+    module = GPTPretrainModule(
+        from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5
+    ).eval()
     val = clm_batches(3, 1)
     val[2] = {k: v[:1] for k, v in val[2].items()}  # a short last batch
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.validate(module, torch.utils.data.DataLoader(val, batch_size=None), verbose=False)
@@ -107,7 +160,9 @@ def test_validation_means_are_weighted_over_the_epoch() -> None:
 
 
 def test_missing_batch_key_is_named() -> None:
-    module = BertPretrainModule(from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5)
+    module = BertPretrainModule(
+        from_preset(BertConfig, "tiny", vocab_size=V), OptimConfig(), total_steps=5
+    )
     batch = mlm_nsp_batches(1, 0)[0]
     del batch["mlm_labels"]
     with pytest.raises(KeyError, match=r"BertPretrainModule: batch is missing \['mlm_labels'\]"):
@@ -129,18 +184,30 @@ def test_kiln_module_is_the_finetune_base() -> None:
         Regression(nn.Linear(2, 1), OptimConfig(), 0)
     torch.manual_seed(0)
     x = torch.randn(32, 2)
-    batches = [{"x": x[i:i + 8], "y": x[i:i + 8].sum(1, keepdim=True)} for i in range(0, 32, 8)]
-    module = Regression(nn.Linear(2, 1), OptimConfig(lr=0.05, warmup_steps=0, weight_decay=0.0), total_steps=5)
+    batches = [{"x": x[i : i + 8], "y": x[i : i + 8].sum(1, keepdim=True)} for i in range(0, 32, 8)]
+    module = Regression(
+        nn.Linear(2, 1), OptimConfig(lr=0.05, warmup_steps=0, weight_decay=0.0), total_steps=5
+    )
     trainer = fit(module, batches + batches[:1], batches)
-    assert set(trainer.callback_metrics) >= {"train/loss", "train/rmse", "train/lr", "val/loss", "val/rmse"}
-    assert trainer.callback_metrics["train/tokens_per_s"].item() == 0.0  # no token ids: count_tokens gives 0
+    assert set(trainer.callback_metrics) >= {
+        "train/loss",
+        "train/rmse",
+        "train/lr",
+        "val/loss",
+        "val/rmse",
+    }
+    assert (
+        trainer.callback_metrics["train/tokens_per_s"].item() == 0.0
+    )  # no token ids: count_tokens gives 0
 
 
 class PoisonedGPT(GPTPretrainModule):
     """Reports a NaN loss on the chosen (0-based) training calls."""
 
     def __init__(self, poisoned: set[int], total_steps: int) -> None:
-        super().__init__(from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=0), total_steps)
+        super().__init__(
+            from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=0), total_steps
+        )
         self.poisoned, self.calls, self.snapshots = poisoned, 0, []
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
@@ -159,8 +226,9 @@ def test_non_finite_loss_skips_the_step_and_counts_it() -> None:
     fit(module, clm_batches(5, 0), clm_batches(1, 1))
     assert module.skipped_steps == 2
     # The weights after a skipped call are the weights before it: no optimizer step on a NaN loss.
-    assert torch.equal(module.snapshots[1], module.snapshots[2]) and torch.equal(module.snapshots[2],
-                                                                                  module.snapshots[3])
+    assert torch.equal(module.snapshots[1], module.snapshots[2]) and torch.equal(
+        module.snapshots[2], module.snapshots[3]
+    )
     assert not torch.equal(module.snapshots[0], module.snapshots[1])  # finite steps do update
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
 
@@ -190,9 +258,18 @@ class SpikyGPT(PoisonedGPT):
 def test_a_loss_spike_is_warned_and_still_trained_on() -> None:
     torch.manual_seed(0)
     module = SpikyGPT({22}, total_steps=24)
-    trainer = L.Trainer(max_steps=24, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        max_steps=24,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
     with pytest.warns(UserWarning, match=r"step 22: loss spike .* > 10x the running median"):
         trainer.fit(module, torch.utils.data.DataLoader(clm_batches(24, 0), batch_size=None))
     assert module.skipped_steps == 0  # a spike is finite: logged, not skipped

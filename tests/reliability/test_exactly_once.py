@@ -20,12 +20,18 @@ WORLD, BATCH = 2, 4
 
 
 def fresh(data_dir: Path) -> list[ShardLoader]:
-    return [make_loader(data_dir, "classification", "train", batch_size=BATCH, rank=r, world_size=WORLD, seed=11)
-            for r in range(WORLD)]
+    return [
+        make_loader(
+            data_dir, "classification", "train", batch_size=BATCH, rank=r, world_size=WORLD, seed=11
+        )
+        for r in range(WORLD)
+    ]
 
 
 @pytest.mark.parametrize("kills", [(1, 5, 9), (3, 4, 11), (0, 6, 7)])
-def test_three_kill_and_resume_cycles_see_every_sample_once(tmp_path: Path, kills: tuple[int, ...]) -> None:
+def test_three_kill_and_resume_cycles_see_every_sample_once(
+    tmp_path: Path, kills: tuple[int, ...]
+) -> None:
     data_dir = make_data_dir(tmp_path / "data", train_rows=101)
     uninterrupted = {i for lo in fresh(data_dir) for b in lo for i in b["sample_id"].tolist()}
     per_rank_batches = len(fresh(data_dir)[0])
@@ -39,7 +45,9 @@ def test_three_kill_and_resume_cycles_see_every_sample_once(tmp_path: Path, kill
                 seen += next(it)["sample_id"].tolist()
         done = stop
         state_file.write_text(json.dumps([lo.state_dict() for lo in loaders]))  # the checkpoint
-        loaders = fresh(data_dir)  # the process died: new loaders, restored from the checkpoint only
+        loaders = fresh(
+            data_dir
+        )  # the process died: new loaders, restored from the checkpoint only
         for lo, state in zip(loaders, json.loads(state_file.read_text()), strict=True):
             lo.load_state_dict(state)
     assert len(seen) == len(set(seen)), "a sample was served twice"

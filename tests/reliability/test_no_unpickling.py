@@ -11,8 +11,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cluster", "data_pipeline", "pretrain", "finetune", "benchmarks", "tests")
-FORBIDDEN = {("pickle", "load"), ("pickle", "loads"), ("cloudpickle", "load"), ("cloudpickle", "loads"),
-             ("joblib", "load"), ("dill", "load"), ("dill", "loads"), ("pickle", "Unpickler")}
+FORBIDDEN = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("cloudpickle", "load"),
+    ("cloudpickle", "loads"),
+    ("joblib", "load"),
+    ("dill", "load"),
+    ("dill", "loads"),
+    ("pickle", "Unpickler"),
+}
 
 
 def sources() -> list[Path]:
@@ -46,7 +54,11 @@ def test_no_unguarded_unpickling(path: Path) -> None:
 
 
 def test_the_checker_catches_each_form() -> None:
-    load = "torch." + "load"  # spelled apart so that text scanners do not take this sample for a real call
-    bad = (f"import pickle, torch, numpy as np\npickle.loads(b'')\n{load}('f')\n"
-           f"{load}('f', weights_only=False)\nnp.load('f', allow_pickle=True)\n{load}('f', weights_only=True)\n")
+    load = (
+        "torch." + "load"
+    )  # spelled apart so that text scanners do not take this sample for a real call
+    bad = (
+        f"import pickle, torch, numpy as np\npickle.loads(b'')\n{load}('f')\n"
+        f"{load}('f', weights_only=False)\nnp.load('f', allow_pickle=True)\n{load}('f', weights_only=True)\n"
+    )
     assert [line for line, _ in unguarded_calls(ast.parse(bad))] == [2, 3, 4, 5]
