@@ -105,8 +105,13 @@ def bert_pair(layers: int, width: int) -> list[Contender]:
 
     def kiln_loss() -> torch.Tensor:
         positions = masked_positions_from_labels(x["labels"])
-        out = kiln(x["ids"], x["types"], x["mask"], positions)
-        return mlm_nsp_loss(out, x["labels"], x["nsp"], positions)["loss"]
+        out = kiln(
+            x["ids"],
+            token_type_ids=x["types"],
+            attention_mask=x["mask"],
+            masked_positions=positions,
+        )
+        return mlm_nsp_loss(out, x["labels"], x["nsp"], masked_positions=positions)["loss"]
 
     def hf_loss() -> torch.Tensor:
         return hf(

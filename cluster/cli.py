@@ -13,8 +13,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 from cluster.config import absolute_path
+from cluster.jobs import LengthPenalty
 from cluster.preemption import EXIT_PREEMPTED, Preempted
 from data_pipeline.configlib import ConfigError
 from data_pipeline.errors import DataError
@@ -22,8 +24,9 @@ from data_pipeline.errors import DataError
 # Errors that mean "the user's input is wrong": one line, exit code 2, no traceback (unless --debug).
 # DataError covers its subclass DataDirError (not a prepared data directory).
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
-# finetune.decode.LENGTH_PENALTIES' names, written out: that module imports torch.
-LENGTH_PENALTIES = ("none", "avg", "gnmt")
+# The names of finetune.decode.LENGTH_PENALTIES, from the job config's choice (that module imports
+# torch; cluster.jobs does not).
+LENGTH_PENALTIES: tuple[str, ...] = get_args(LengthPenalty)
 
 EPILOG = (
     "Overrides: dotted keys after the config, e.g. "
@@ -217,7 +220,7 @@ def _length_penalty_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--length-penalty",
         default="gnmt",
-        metavar="{none,avg,gnmt}",
+        metavar="{" + ",".join(LENGTH_PENALTIES) + "}",
         help="length normalisation of beam scores: none, avg (length^alpha) or gnmt "
         "(Wu et al. 2016) [gnmt]",
     )
@@ -233,13 +236,16 @@ def check_length_penalty(args: argparse.Namespace) -> None:
     value = getattr(args, "length_penalty", None)
     if value is None or value in LENGTH_PENALTIES:
         return
+    *others, last = LENGTH_PENALTIES
     try:
         float(value)
     except ValueError:
-        raise ConfigError(f"--length-penalty {value!r}: choose none, avg or gnmt") from None
+        raise ConfigError(
+            f"--length-penalty {value!r}: choose {', '.join(others)} or {last}"
+        ) from None
     raise ConfigError(
-        "--length-penalty names the penalty (none, avg, gnmt); the GNMT strength is "
-        f"--alpha {value}"
+        f"--length-penalty names the penalty ({', '.join(LENGTH_PENALTIES)}); the GNMT strength "
+        f"is --alpha {value}"
     )
 
 

@@ -47,9 +47,11 @@ class Seq2SeqDecoder(Protocol):
         ...
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Memory, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Memory, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
-        """(N,t) new target ids -> (logits of the last position (N,V), cache including the new ids)."""
+        """(N,t) new target ids -> (logits of the last position (N,V), cache including the new ids).
+
+        The mask and the cache are keyword-only, so a caller cannot pass them in each other's place."""
         ...
 
     def reorder_cache(self, cache: Any, index: Tensor) -> Any:
@@ -109,7 +111,7 @@ def greedy_decode(
     done = [False] * batch
     cache: Any | None = None
     for _ in range(max_len):
-        logits, cache = model.decode_step(inp, memory, src_mask, cache)
+        logits, cache = model.decode_step(inp, memory, src_mask=src_mask, cache=cache)
         nxt = logits.argmax(dim=-1)  # (B,)
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:
@@ -213,10 +215,13 @@ def _advance(
     """
     n, k = beams.logprob.shape
     if first is None:
-        logits, beams.cache = model.decode_step(inp, beams.memory, beams.src_mask, beams.cache)
+        logits, beams.cache = model.decode_step(
+            inp, beams.memory, src_mask=beams.src_mask, cache=beams.cache
+        )
     else:
-        logits, beams.cache = model.decode_step(inp[::k], first[0], first[1], None)  # (N,V)
-        logits = logits.repeat_interleave(k, dim=0)  # (N*K,V)
+        memory, src_mask = first
+        logits, beams.cache = model.decode_step(inp[::k], memory, src_mask=src_mask, cache=None)
+        logits = logits.repeat_interleave(k, dim=0)  # (N,V) -> (N*K,V)
     lp = F.log_softmax(logits.float(), dim=-1).cpu()  # (N*K, V)
     vocab = lp.size(-1)
     cand = (beams.logprob.unsqueeze(-1) + lp.view(n, k, vocab)).view(n, k * vocab)  # (N, K*V)
@@ -412,7 +417,7 @@ def sample_decode(
     done = [False] * batch
     cache: Any | None = None
     for _ in range(max_len):
-        logits, cache = model.decode_step(inp, memory, src_mask, cache)
+        logits, cache = model.decode_step(inp, memory, src_mask=src_mask, cache=cache)
         nxt = _pick(logits, temperature, top_k, top_p, generator)  # (B,)
         for b, tok in enumerate(nxt.tolist()):
             if not done[b]:

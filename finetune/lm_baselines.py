@@ -34,13 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from data_pipeline.configlib import from_preset
+from data_pipeline.configlib import check_fields, from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.readers import iter_lines
 from data_pipeline.sample import sample_documents
@@ -53,10 +53,10 @@ from finetune.models.char_rnn import (
     detach_state,
     sample_text,
 )
-from finetune.models.ngram import UNITS, NGramLM
+from finetune.models.ngram import NGramLM, Unit
 from pretrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-MODELS = ("ngram", "char_lstm", "gpt")
+Baseline = Literal["ngram", "char_lstm", "gpt"]
 SPLITS = ("train", "valid", "test")
 Log = Callable[[str], None]
 
@@ -66,9 +66,7 @@ class LMBaselineJob:
     """One baseline run. Text comes from train/valid/test paths, or from one file cut into contiguous train /
     valid / test line ranges (`split_path`), or by default from the built-in sample's documents (no files)."""
 
-    model: str = (
-        "ngram"  # ngram | char_lstm | gpt (scores valid/test with `gpt_checkpoint`; trains nothing)
-    )
+    model: Baseline = "ngram"  # gpt scores valid/test with `gpt_checkpoint`; it trains nothing
     train_path: str | None = field(default=None, metadata={"path": "path"})
     valid_path: str | None = field(default=None, metadata={"path": "path"})
     test_path: str | None = field(default=None, metadata={"path": "path"})
@@ -79,7 +77,7 @@ class LMBaselineJob:
     sample_seed: int = 0
     # n-gram
     ngram_order: int = 3
-    ngram_unit: str = "word"  # word | char
+    ngram_unit: Unit = "word"
     ngram_min_count: int = 1
     # character RNN
     char_model: CharRNNConfig = field(default_factory=lambda: from_preset(CharRNNConfig, "small"))
@@ -113,14 +111,7 @@ class LMBaselineJob:
     out_dir: str = field(default="runs/lm-baseline", metadata={"path": "path"})
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(
-                f"'model': unknown baseline '{self.model}' (choose from {', '.join(MODELS)})"
-            )
-        if self.ngram_unit not in UNITS:
-            raise ValueError(
-                f"'ngram_unit' must be one of {', '.join(UNITS)}, got '{self.ngram_unit}'"
-            )
+        check_fields(self, where="")  # types and the choices of `model` and `ngram_unit`
         given = [p is not None for p in (self.train_path, self.valid_path, self.test_path)]
         if any(given) and not all(given):
             raise ValueError(

@@ -21,9 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from data_pipeline.configlib import check_fields
 
 IGNORE_INDEX = -100  # tgt_out at padding (docs/design.md)
 
@@ -50,8 +53,11 @@ def _inverse_sigmoid(step: int, ramp: int) -> float:
     return 1.0 - k / (k + math.exp(min(step / k, 700.0)))  # exp overflows a float past ~709
 
 
+# The schedules by name; cluster.jobs.SamplingSchedule spells them again for the job config,
+# which cannot import this module (torch).
+SamplingSchedule = Literal["linear", "inverse_sigmoid"]
 # schedule name -> fraction of the maximum probability reached at (step, ramp steps)
-SAMPLING_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+SAMPLING_SCHEDULES: dict[SamplingSchedule, Callable[[int, int], float]] = {
     "linear": _linear,
     "inverse_sigmoid": _inverse_sigmoid,
 }
@@ -63,17 +69,13 @@ class ScheduledSampling:
     ramp_steps / 2; linear reaches max_prob at ramp_steps."""
 
     max_prob: float
-    schedule: str = "linear"
+    schedule: SamplingSchedule = "linear"
     ramp_steps: int = 1000
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types and the schedule's name (ConfigError, with did-you-mean)
         if not 0.0 <= self.max_prob <= 1.0:
             raise ValueError(f"scheduled_sampling must be in [0, 1], got {self.max_prob}")
-        if self.schedule not in SAMPLING_SCHEDULES:
-            raise ValueError(
-                f"scheduled_sampling_schedule: unknown schedule {self.schedule!r} "
-                f"(choose from {', '.join(SAMPLING_SCHEDULES)})"
-            )
         if self.ramp_steps < 1:
             raise ValueError(f"scheduled_sampling_steps must be >= 1, got {self.ramp_steps}")
 

@@ -325,9 +325,14 @@ class BertPretrainModule(KilnModule):
         require_keys(batch, self.BATCH_KEYS, "BertPretrainModule")
         positions = masked_positions_from_labels(batch["mlm_labels"])
         out = self.model(
-            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions
+            batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+            masked_positions=positions,
         )
-        metrics = mlm_nsp_loss(out, batch["mlm_labels"], batch["next_sentence_label"], positions)
+        metrics = mlm_nsp_loss(
+            out, batch["mlm_labels"], batch["next_sentence_label"], masked_positions=positions
+        )
         metrics["ppl"] = metrics.pop("mlm_ppl")
         return metrics
 

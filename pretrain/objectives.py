@@ -44,6 +44,7 @@ def mlm_nsp_loss(
     model_out: PreTrainingLogits,
     mlm_labels: Tensor,
     next_sentence_label: Tensor,
+    *,
     masked_positions: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """BERT's loss: mean MLM cross-entropy over masked tokens + NSP cross-entropy (unweighted sum, as BERT).

@@ -143,7 +143,13 @@ class AttentionLayer(nn.Module):
         self.out_projection = nn.Linear(embed_dim, channels)
 
     def forward(
-        self, x: Tensor, target_embedding: Tensor, keys: Tensor, values: Tensor, src_mask: Tensor
+        self,
+        x: Tensor,
+        *,  # keys and values are both (N,S,E) (x and target_embedding too if C == E): named
+        target_embedding: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        src_mask: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """x (N,t,C), target_embedding (N,t,E), keys/values (N,S,E) -> (N,t,C) and the weights (N,t,S)."""
         d = (self.in_projection(x) + target_embedding) * SQRT_HALF  # (N,t,E)
@@ -191,7 +197,13 @@ class ConvDecoder(nn.Module):
         )
 
     def forward(
-        self, tgt_ids: Tensor, keys: Tensor, values: Tensor, src_mask: Tensor, cache: ConvCache
+        self,
+        tgt_ids: Tensor,
+        *,
+        keys: Tensor,
+        values: Tensor,
+        src_mask: Tensor,
+        cache: ConvCache,
     ) -> tuple[Tensor, Tensor, ConvCache]:
         """New target ids (N,t) -> logits (N,t,V), the last block's attention (N,t,S), the updated cache."""
         pos = _positions(cache.steps, tgt_ids.size(1), self.max_positions, tgt_ids.device)
@@ -208,7 +220,9 @@ class ConvDecoder(nn.Module):
             x = F.glu(conv(window.transpose(1, 2)), dim=1).transpose(
                 1, 2
             )  # (N,C,k-1+t) -> (N,2C,t) -> (N,t,C)
-            x, weights = attention(x, e, keys, values, src_mask)
+            x, weights = attention(
+                x, target_embedding=e, keys=keys, values=values, src_mask=src_mask
+            )
             x = (x + residual) * SQRT_HALF
         x = self.dropout(self.fc2(x))  # (N,t,E)
         return self.fc3(x), weights, ConvCache(buffers, cache.steps + tgt_ids.size(1))
@@ -254,16 +268,14 @@ class ConvS2S(nn.Module):
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
-        keys, values = self.encode(src_ids, src_mask)
-        logits, _, _ = self.decoder(
-            tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys)
-        )
+        logits, _, _ = self._teacher_forced(src_ids, src_mask, tgt_in)
         return logits
 
     def decode_step(
         self,
         tgt_ids: Tensor,
         memory: tuple[Tensor, Tensor],
+        *,
         src_mask: Tensor,
         cache: ConvCache | None,
     ) -> tuple[Tensor, ConvCache]:
@@ -271,7 +283,9 @@ class ConvS2S(nn.Module):
         keys, values = memory
         if cache is None:
             cache = self.decoder.start_cache(tgt_ids.size(0), keys)
-        logits, _, cache = self.decoder(tgt_ids, keys, values, src_mask, cache)
+        logits, _, cache = self.decoder(
+            tgt_ids, keys=keys, values=values, src_mask=src_mask, cache=cache
+        )
         return logits[:, -1], cache
 
     def reorder_cache(self, cache: ConvCache, index: Tensor) -> ConvCache:
@@ -280,8 +294,13 @@ class ConvS2S(nn.Module):
     def cross_attention(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """The last decoder block's attention weights, teacher forced: (B,U,S); rows sum to 1 over the real
         source positions, 0 at padding. Call in eval mode (dropout would perturb it)."""
-        keys, values = self.encode(src_ids, src_mask)
-        _, weights, _ = self.decoder(
-            tgt_in, keys, values, src_mask, self.decoder.start_cache(tgt_in.size(0), keys)
-        )
+        _, weights, _ = self._teacher_forced(src_ids, src_mask, tgt_in)
         return weights
+
+    def _teacher_forced(
+        self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor
+    ) -> tuple[Tensor, Tensor, ConvCache]:
+        """The decoder over the whole of tgt_in from an empty cache: (logits, last attention, cache)."""
+        keys, values = self.encode(src_ids, src_mask)
+        start = self.decoder.start_cache(tgt_in.size(0), keys)
+        return self.decoder(tgt_in, keys=keys, values=values, src_mask=src_mask, cache=start)

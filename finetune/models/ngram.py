@@ -34,12 +34,14 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 from pretrain.checkpoint import CheckpointError
 
 SOS, EOS, UNK = "<s>", "</s>", "<unk>"
 SOS_ID, EOS_ID, UNK_ID = 0, 1, 2  # the first three ids of every vocabulary
-UNITS = ("word", "char")
+Unit = Literal["word", "char"]  # whitespace-separated words, or every character
+UNITS: tuple[str, ...] = get_args(Unit)
 FORMAT = "kiln-ngram"
 FORMAT_VERSION = 1
 

@@ -211,7 +211,7 @@ class PlainDecoder(nn.Module):
         return _initial_cache(memory)
 
     def forward(
-        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+        self, emb: Tensor, memory: RNNMemory, *, src_mask: Tensor, cache: LSTMCache
     ) -> tuple[Tensor, LSTMCache, Tensor | None]:
         """emb (N,t,E) -> (pre-output states (N,t,H), cache, no attention)."""
         out, (h, c) = self.lstm(emb, (cache.h, cache.c))  # (N,t,H)
@@ -238,7 +238,7 @@ class BahdanauDecoder(nn.Module):
         return cache
 
     def forward(
-        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+        self, emb: Tensor, memory: RNNMemory, *, src_mask: Tensor, cache: LSTMCache
     ) -> tuple[Tensor, LSTMCache, Tensor]:
         """emb (N,t,E) -> (pre-output states (N,t,H), cache, alignment weights (N,t,S))."""
         values, keys = memory[0], cache.keys
@@ -280,7 +280,7 @@ class LuongDecoder(nn.Module):
         return cache
 
     def forward(
-        self, emb: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+        self, emb: Tensor, memory: RNNMemory, *, src_mask: Tensor, cache: LSTMCache
     ) -> tuple[Tensor, LSTMCache, Tensor]:
         """emb (N,t,E) -> (attentional states h~ (N,t,H), cache, alignment weights (N,t,S))."""
         values, keys, feed = memory[0], cache.keys, cache.feed
@@ -351,25 +351,27 @@ class RNNSeq2Seq(nn.Module):
         return self.encoder(self.dropout(self.embedding(src_ids)), src_mask)
 
     def _decode(
-        self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache
+        self, tgt_ids: Tensor, memory: RNNMemory, *, src_mask: Tensor, cache: LSTMCache
     ) -> tuple[Tensor, LSTMCache, Tensor | None]:
         emb = self.dropout(self.embedding(tgt_ids))  # (N,t,E)
-        states, cache, weights = self.decoder(emb, memory, src_mask, cache)  # (N,t,H)
-        return self.out(self.dropout(states)), cache, weights  # (N,t,V)
+        states, cache, weights = self.decoder(emb, memory, src_mask=src_mask, cache=cache)
+        return self.out(self.dropout(states)), cache, weights  # states (N,t,H) -> (N,t,V)
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
         memory = self.encode(src_ids, src_mask)
-        logits, _, _ = self._decode(tgt_in, memory, src_mask, self.decoder.start(memory))
+        logits, _, _ = self._decode(
+            tgt_in, memory, src_mask=src_mask, cache=self.decoder.start(memory)
+        )
         return logits
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: RNNMemory, src_mask: Tensor, cache: LSTMCache | None
+        self, tgt_ids: Tensor, memory: RNNMemory, *, src_mask: Tensor, cache: LSTMCache | None
     ) -> tuple[Tensor, LSTMCache]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache."""
         if cache is None:
             cache = self.decoder.start(memory)
-        logits, cache, _ = self._decode(tgt_ids, memory, src_mask, cache)
+        logits, cache, _ = self._decode(tgt_ids, memory, src_mask=src_mask, cache=cache)
         return logits[:, -1], cache  # (N,t,V) -> (N,V)
 
     def reorder_cache(self, cache: LSTMCache, index: Tensor) -> LSTMCache:
@@ -383,6 +385,7 @@ class RNNSeq2Seq(nn.Module):
                 "(use arch 'lstm_attention')"
             )
         memory = self.encode(src_ids, src_mask)
-        _, _, weights = self._decode(tgt_in, memory, src_mask, self.decoder.start(memory))
+        start = self.decoder.start(memory)
+        _, _, weights = self._decode(tgt_in, memory, src_mask=src_mask, cache=start)
         assert weights is not None  # every attention decoder returns them
         return weights

@@ -102,7 +102,7 @@ class WarmStartedSeq2Seq(nn.Module):
         return logits
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[KVCache] | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: list[KVCache] | None
     ) -> tuple[Tensor, list[KVCache]]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache.
 
@@ -131,11 +131,12 @@ class WarmStartedSeq2Seq(nn.Module):
         """
         seen: list[Tensor] = []
 
-        def keep_probs(module: nn.Module, args: tuple, output: Any) -> None:
-            x, encoder_states, encoder_mask, _cached = args
-            seen.append(module.attention_probs(x, encoder_states, encoder_mask))
+        def keep_probs(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            x, encoder_states = args  # the mask is keyword-only (GPTCrossAttention.forward)
+            seen.append(module.attention_probs(x, encoder_states, kwargs["encoder_mask"]))
 
-        handle = self.decoder.transformer.h[-1].crossattention.register_forward_hook(keep_probs)
+        block = self.decoder.transformer.h[-1].crossattention
+        handle = block.register_forward_hook(keep_probs, with_kwargs=True)
         try:
             self.forward(src_ids, src_mask, tgt_in)
         finally:

@@ -167,7 +167,7 @@ class MultiHeadAttention(nn.Module):
         return _heads(self.k_proj(x), self.n_heads), _heads(self.v_proj(x), self.n_heads)
 
     def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool = False
+        self, x: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, is_causal: bool = False
     ) -> Tensor:
         """Queries from x (B, T, C) over k, v (B, nh, S, hs); mask broadcasts to (B, nh, T, S), True = may attend."""
         q = _heads(self.q_proj(x), self.n_heads)  # (B, nh, T, hs)
@@ -224,7 +224,7 @@ class EncoderLayer(_Residuals):
     def forward(self, x: Tensor, key_mask: Tensor) -> Tensor:
         h = self.sublayer_input(x, self.self_attn_norm)
         k, v = self.self_attn.keys_values(h)
-        x = self.add_residual(x, self.self_attn(h, k, v, key_mask), self.self_attn_norm)
+        x = self.add_residual(x, self.self_attn(h, k, v, mask=key_mask), self.self_attn_norm)
         return self.add_residual(x, self.ffn(self.sublayer_input(x, self.ffn_norm)), self.ffn_norm)
 
 
@@ -274,19 +274,15 @@ class DecoderLayer(_Residuals):
         past = cache.k.size(2)
         k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (N, nh, P+T, hs)
         mask, is_causal = _causal_mask(x.size(1), past, x.device)
-        return (
-            self.add_residual(x, self.self_attn(h, k, v, mask, is_causal), self.self_attn_norm),
-            k,
-            v,
-        )
+        y = self.self_attn(h, k, v, mask=mask, is_causal=is_causal)
+        return self.add_residual(x, y, self.self_attn_norm), k, v
 
     def forward(
         self, x: Tensor, cache: LayerCache, src_key_mask: Tensor
     ) -> tuple[Tensor, LayerCache]:
         x, k, v = self.self_attention(x, cache)
-        c = self.cross_attn(
-            self.sublayer_input(x, self.cross_attn_norm), cache.cross_k, cache.cross_v, src_key_mask
-        )
+        h = self.sublayer_input(x, self.cross_attn_norm)
+        c = self.cross_attn(h, cache.cross_k, cache.cross_v, mask=src_key_mask)
         x = self.add_residual(x, c, self.cross_attn_norm)
         x = self.add_residual(x, self.ffn(self.sublayer_input(x, self.ffn_norm)), self.ffn_norm)
         return x, LayerCache(k, v, cache.cross_k, cache.cross_v)
@@ -375,7 +371,7 @@ class TransformerSeq2Seq(nn.Module):
         ]
 
     def _decode(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[LayerCache] | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: list[LayerCache] | None
     ) -> tuple[Tensor, list[LayerCache]]:
         """Decoder hidden states (N,t,C) of the new target ids, and the cache including them."""
         if cache is None:
@@ -397,14 +393,15 @@ class TransformerSeq2Seq(nn.Module):
 
     def forward(self, src_ids: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B,U,V) for every decoder input position."""
-        hidden, _ = self._decode(tgt_in, self.encode(src_ids, src_mask), src_mask, None)
+        memory = self.encode(src_ids, src_mask)
+        hidden, _ = self._decode(tgt_in, memory, src_mask=src_mask, cache=None)
         return self._logits(hidden)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: list[LayerCache] | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: list[LayerCache] | None
     ) -> tuple[Tensor, list[LayerCache]]:
         """Feed the (N,t) target ids not yet in `cache`; return the last position's logits (N,V) and the cache."""
-        hidden, cache = self._decode(tgt_ids, memory, src_mask, cache)
+        hidden, cache = self._decode(tgt_ids, memory, src_mask=src_mask, cache=cache)
         return self._logits(hidden[:, -1]), cache
 
     def reorder_cache(self, cache: list[LayerCache], index: Tensor) -> list[LayerCache]:

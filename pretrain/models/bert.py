@@ -243,6 +243,7 @@ class BertModel(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        *,  # the two (B, T) masks are named at every call: HF orders them the other way round
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -329,13 +330,16 @@ class BertForPreTraining(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        *,
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         masked_positions: Tensor | None = None,
     ) -> BertPreTrainingOutput:
         """masked_positions: 1-D long indices into the flattened (B*T) positions. When given, the MLM head
         runs only there, since projecting every position onto the vocabulary dominates BERT's cost."""
-        seq, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        seq, pooled = self.bert(
+            input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask
+        )
         if masked_positions is not None:
             seq = seq.reshape(-1, seq.size(-1)).index_select(
                 0, masked_positions

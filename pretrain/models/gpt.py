@@ -113,7 +113,11 @@ class GPTSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
-        self, x: Tensor, past: tuple[Tensor, Tensor] | None, attn_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        past: tuple[Tensor, Tensor] | None,
+        attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """attn_mask (B, T, T) bool, True = may attend (e.g. causal within each packed document); no cache then."""
         T, C = x.size(1), x.size(2)
@@ -159,6 +163,7 @@ class GPTCrossAttention(nn.Module):
         self,
         x: Tensor,
         encoder_states: Tensor | None,
+        *,
         encoder_mask: Tensor | None,
         cached: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -232,19 +237,21 @@ class GPTBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
+        *,
         past: KVCache | None,
         encoder_states: Tensor | None,
         encoder_mask: Tensor | None,
         attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, KVCache]:
-        a, (k, v) = self.attn(self.ln_1(x), None if past is None else (past.k, past.v), attn_mask)
+        own_past = None if past is None else (past.k, past.v)
+        a, (k, v) = self.attn(self.ln_1(x), past=own_past, attn_mask=attn_mask)
         x = x + a
         cross: tuple[Tensor, Tensor] | tuple[None, None] = (None, None)
         cached = None if past is None or past.cross_k is None else (past.cross_k, past.cross_v)
         # As HF: a cross-attention decoder given no encoder states (e.g. plain LM pretraining) skips it.
         if self.crossattention is not None and (encoder_states is not None or cached is not None):
             c, cross = self.crossattention(
-                self.ln_cross_attn(x), encoder_states, encoder_mask, cached
+                self.ln_cross_attn(x), encoder_states, encoder_mask=encoder_mask, cached=cached
             )
             x = x + c
         x = x + self.mlp(self.ln_2(x))
@@ -299,6 +306,7 @@ class GPTModel(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        *,
         past_key_values: list[KVCache] | None = None,
         encoder_hidden_states: Tensor | None = None,
         encoder_attention_mask: Tensor | None = None,
@@ -340,7 +348,13 @@ class GPTModel(nn.Module):
         presents: list[KVCache] | None = [] if use_cache else None
         for i, block in enumerate(self.h):
             past = past_key_values[i] if past_key_values else None
-            x, kv = block(x, past, encoder_hidden_states, encoder_attention_mask, document_mask)
+            x, kv = block(
+                x,
+                past=past,
+                encoder_states=encoder_hidden_states,
+                encoder_mask=encoder_attention_mask,
+                attn_mask=document_mask,
+            )
             if presents is not None:
                 presents.append(kv)
         return self.ln_f(x), presents
@@ -367,6 +381,7 @@ class GPTLMHeadModel(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        *,
         past_key_values: list[KVCache] | None = None,
         encoder_hidden_states: Tensor | None = None,
         encoder_attention_mask: Tensor | None = None,
@@ -376,11 +391,11 @@ class GPTLMHeadModel(nn.Module):
     ) -> tuple[Tensor, list[KVCache] | None]:
         hidden, presents = self.transformer(
             input_ids,
-            past_key_values,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            use_cache,
-            position_ids,
-            document_mask,
+            past_key_values=past_key_values,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache,
+            position_ids=position_ids,
+            document_mask=document_mask,
         )
         return self.lm_head(hidden), presents  # (B, T, V)

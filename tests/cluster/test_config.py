@@ -124,10 +124,12 @@ def test_choice_names_match_the_code_that_uses_them() -> None:
     from cluster.strategies import STRATEGIES
     from finetune.decode import LENGTH_PENALTIES
     from finetune.scheduled_sampling import SAMPLING_SCHEDULES
+    from finetune.scheduled_sampling import SamplingSchedule as ScheduledSamplingField
     from pretrain.optim import SCHEDULES, Schedule
 
     assert list(get_args(StrategyName)) == list(STRATEGIES)
     assert list(get_args(SamplingSchedule)) == list(SAMPLING_SCHEDULES)
+    assert get_args(ScheduledSamplingField) == get_args(SamplingSchedule)
     assert list(get_args(LengthPenalty)) == list(LENGTH_PENALTIES)
     assert list(get_args(Schedule)) == list(SCHEDULES)
 

@@ -188,7 +188,7 @@ class NoCache:
         return src_ids
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Tensor | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         prefix = tgt_ids if cache is None else torch.cat([cache, tgt_ids], dim=1)
         return self.model(memory, src_mask, prefix)[:, -1], prefix

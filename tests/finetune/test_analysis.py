@@ -69,7 +69,7 @@ class TableModel(nn.Module):
         return torch.stack([torch.stack(r) for r in rows])  # (B,U,V)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         if cache is None:
             cache, tgt_ids = (
@@ -247,11 +247,11 @@ def test_beam_search_runs_its_first_step_on_one_row_per_source() -> None:
     step = model.decode_step
 
     def counting(
-        tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         rows_seen.append(tgt_ids.size(0))
         assert memory.size(0) == src_mask.size(0) == tgt_ids.size(0)
-        return step(tgt_ids, memory, src_mask, cache)
+        return step(tgt_ids, memory, src_mask=src_mask, cache=cache)
 
     model.decode_step = counting  # type: ignore[method-assign]
     src = torch.tensor([[A, EOS], [C, EOS]])

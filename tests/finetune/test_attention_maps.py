@@ -52,14 +52,14 @@ def test_the_probabilities_are_the_ones_the_forward_pass_applies() -> None:
     block = model.decoder.transformer.h[-1].crossattention
     seen: dict[str, Any] = {}
 
-    def grab(module: nn.Module, args: tuple, output: tuple) -> None:
-        seen["args"], seen["out"] = args, output[0]
+    def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: tuple) -> None:
+        seen["args"], seen["mask"], seen["out"] = args, kwargs["encoder_mask"], output[0]
 
-    handle = block.register_forward_hook(grab)
+    handle = block.register_forward_hook(grab, with_kwargs=True)
     with torch.no_grad():
         model(src, mask, tgt)
         handle.remove()
-        x, states, enc_mask, _ = seen["args"]
+        (x, states), enc_mask = seen["args"], seen["mask"]
         probs = block.attention_probs(x, states, enc_mask)  # (B, nh, U, S)
         v = _heads(block.c_attn(states).split(x.size(2), dim=2)[1], block.n_head)  # (B, nh, S, hs)
         rebuilt = block.c_proj(_merge_heads(probs @ v))
@@ -110,7 +110,7 @@ class NoAttention(nn.Module):
         return torch.zeros(src_ids.size(0), 1, 1)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         logits = torch.zeros(tgt_ids.size(0), VOCAB)
         logits[:, EOS] = 5.0

@@ -57,7 +57,7 @@ def test_decoding_state_is_a_fixed_size_input_buffer(kernel_size: int) -> None:
         memory = model.encode(src, mask)
         cache = None
         for t in range(tgt.size(1)):
-            _, cache = model.decode_step(tgt[:, t : t + 1], memory, mask, cache)
+            _, cache = model.decode_step(tgt[:, t : t + 1], memory, src_mask=mask, cache=cache)
             # O(1) per step: a fixed-size input buffer per block, whatever the prefix length
             assert [tuple(b.shape) for b in cache.buffers] == [(3, kernel_size - 1, 64)] * 2
     assert cache.steps == tgt.size(1)

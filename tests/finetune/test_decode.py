@@ -40,7 +40,7 @@ class TableModel:
         return probs.log()
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         self.calls += 1
         if cache is None:

@@ -14,7 +14,7 @@ from finetune_testlib import BOS, EOS, Pretrained
 from tokenizers import Tokenizer
 
 from cluster.config import load_config
-from data_pipeline.configlib import from_preset
+from data_pipeline.configlib import ConfigError, from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.sample import sample_documents
 from finetune.lm_baselines import (
@@ -97,8 +97,10 @@ def test_text_sources_and_job_validation(tmp_path: Path) -> None:
     assert cut["train"] == [f"line {i}" for i in range(70)] and cut["test"][0] == "line 80"
     with pytest.raises(ValueError, match="go together"):
         LMBaselineJob(train_path=str(file))
-    with pytest.raises(ValueError, match="unknown baseline"):
+    with pytest.raises(ConfigError, match=r"model: must be one of \['ngram', 'char_lstm', 'gpt'\]"):
         LMBaselineJob(model="transformer")
+    with pytest.raises(ConfigError, match="ngram_unit: .*did you mean 'char'"):
+        LMBaselineJob(ngram_unit="chars")
     with pytest.raises(ValueError, match="gpt_checkpoint"):
         LMBaselineJob(model="gpt")
 

@@ -71,7 +71,7 @@ class ToySeq2Seq(nn.Module):
         return self.out(self.embed(tgt_in) + self.encode(src_ids, src_mask)[:, None])  # (B,U,V)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any
     ) -> tuple[Tensor, Any]:
         return self.out(self.embed(tgt_ids[:, -1]) + memory), None  # (N,V); nothing to cache
 

@@ -116,7 +116,7 @@ def test_reorder_cache_picks_the_lstm_states(variant: str) -> None:
     src, mask, tgt = seq2seq_batch()
     index = torch.tensor([2, 2, 0])
     with torch.no_grad():
-        _, cache = model.decode_step(tgt[:, :2], model.encode(src, mask), mask, None)
+        _, cache = model.decode_step(tgt[:, :2], model.encode(src, mask), src_mask=mask, cache=None)
     picked = model.reorder_cache(cache, index)
     assert isinstance(picked, LSTMCache) and picked.h.shape == (2, 3, 64)  # (L, N, H)
     assert torch.equal(picked.h, cache.h[:, index]) and torch.equal(picked.c, cache.c[:, index])
@@ -145,8 +145,8 @@ def test_only_the_attention_variants_read_the_encoder_states(variant: str) -> No
     with torch.no_grad():
         states, h0, c0 = model.encode(src, mask)
         other = (torch.randn_like(states).masked_fill(mask.unsqueeze(-1) == 0, 0.0), h0, c0)
-        logits, _ = model.decode_step(tgt[:, :4], (states, h0, c0), mask, None)
-        changed, _ = model.decode_step(tgt[:, :4], other, mask, None)
+        logits, _ = model.decode_step(tgt[:, :4], (states, h0, c0), src_mask=mask, cache=None)
+        changed, _ = model.decode_step(tgt[:, :4], other, src_mask=mask, cache=None)
     assert torch.equal(logits, changed) == (variant == "lstm")
 
 

@@ -72,7 +72,7 @@ class FixedModel:
         return torch.zeros(src_ids.size(0), 1, 1)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         n = tgt_ids.size(0)
         if cache is None:

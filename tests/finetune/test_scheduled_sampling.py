@@ -88,8 +88,10 @@ def test_inverse_sigmoid_schedule_values() -> None:
 def test_schedule_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="scheduled_sampling must be in"):
         ScheduledSampling(1.5)
-    with pytest.raises(ValueError, match="scheduled_sampling_schedule: unknown schedule 'cosine'"):
+    with pytest.raises(ConfigError, match=r"ScheduledSampling.schedule must be one of .*'cosine'"):
         ScheduledSampling(0.5, "cosine")
+    with pytest.raises(ConfigError, match="did you mean 'linear'"):
+        ScheduledSampling(0.5, "lineer")
     with pytest.raises(ValueError, match="scheduled_sampling_steps"):
         ScheduledSampling(0.5, "linear", 0)
 

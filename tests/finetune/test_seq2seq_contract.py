@@ -204,11 +204,11 @@ def test_cached_decode_steps_equal_full_forward(model: nn.Module) -> None:
         memory = model.encode(src, mask)
         cache, steps = None, []
         for t in range(tgt.size(1)):
-            logits, cache = model.decode_step(tgt[:, t : t + 1], memory, mask, cache)
+            logits, cache = model.decode_step(tgt[:, t : t + 1], memory, src_mask=mask, cache=cache)
             steps.append(logits)
         # several new tokens at once on top of a cache (for attention: the offset causal mask)
-        cache3 = model.decode_step(tgt[:, :3], memory, mask, None)[1]
-        last2, _ = model.decode_step(tgt[:, 3:5], memory, mask, cache3)
+        cache3 = model.decode_step(tgt[:, :3], memory, src_mask=mask, cache=None)[1]
+        last2, _ = model.decode_step(tgt[:, 3:5], memory, src_mask=mask, cache=cache3)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last2, full[:, 4], atol=1e-5, rtol=1e-5)
 
@@ -218,11 +218,11 @@ def test_reorder_cache_selects_rows(model: nn.Module) -> None:
     index = torch.tensor([2, 2, 0])
     with torch.no_grad():
         memory = model.encode(src, mask)
-        _, cache = model.decode_step(tgt[:, :2], memory, mask, None)
+        _, cache = model.decode_step(tgt[:, :2], memory, src_mask=mask, cache=None)
         picked = model.reorder_cache(cache, index)
         memory, mask = select_rows(memory, index), mask[index]
-        logits, _ = model.decode_step(tgt[index, 2:3], memory, mask, picked)
-        ref, _ = model.decode_step(tgt[index, :3], memory, mask, None)
+        logits, _ = model.decode_step(tgt[index, 2:3], memory, src_mask=mask, cache=picked)
+        ref, _ = model.decode_step(tgt[index, :3], memory, src_mask=mask, cache=None)
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -260,7 +260,7 @@ def test_memory_keys_are_projected_once(case: Case, model: nn.Module) -> None:
         memory = model.encode(src, mask)
         cache = None
         for t in range(5):
-            _, cache = model.decode_step(tgt[:, t : t + 1], memory, mask, cache)
+            _, cache = model.decode_step(tgt[:, t : t + 1], memory, src_mask=mask, cache=cache)
     assert len(calls) == len(projections)  # once per module, at the first step only
 
 

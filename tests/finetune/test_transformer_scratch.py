@@ -85,7 +85,7 @@ def test_self_attention_cache_grows_one_position_per_step() -> None:
         memory = model.encode(src, mask)
         cache = None
         for t in range(tgt.size(1)):
-            _, cache = model.decode_step(tgt[:, t : t + 1], memory, mask, cache)
+            _, cache = model.decode_step(tgt[:, t : t + 1], memory, src_mask=mask, cache=cache)
             assert cache[0].k.shape == (3, 2, t + 1, 32)  # (N, nh, P, hs)
 
 

@@ -32,7 +32,7 @@ class CopyModel(nn.Module):
         return src_ids.float().unsqueeze(-1)  # (B,S,1)
 
     def decode_step(
-        self, tgt_ids: Tensor, memory: Tensor, src_mask: Tensor, cache: Any | None
+        self, tgt_ids: Tensor, memory: Tensor, *, src_mask: Tensor, cache: Any | None
     ) -> tuple[Tensor, Any]:
         step = 0 if cache is None else cache
         src = memory[:, :, 0].long()  # (N,S)

@@ -71,16 +71,18 @@ def test_padding_does_not_change_real_token_outputs() -> None:
     model = eval_model()
     real = torch.randint(7, V, (1, 6))
     types = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    alone, alone_pooled = model.bert(real, types, torch.ones(1, 6, dtype=torch.long))
+    alone, alone_pooled = model.bert(
+        real, token_type_ids=types, attention_mask=torch.ones(1, 6, dtype=torch.long)
+    )
     for pad_value in (0, 17):  # whatever sits in the padded slots must be invisible
         padded = torch.cat([real, torch.full((1, 4), pad_value)], dim=1)
         ptypes = torch.cat([types, torch.zeros(1, 4, dtype=torch.long)], dim=1)
         mask = torch.tensor([[1] * 6 + [0] * 4])
-        seq, pooled = model.bert(padded, ptypes, mask)
+        seq, pooled = model.bert(padded, token_type_ids=ptypes, attention_mask=mask)
         torch.testing.assert_close(seq[:, :6], alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pooled, alone_pooled, atol=1e-5, rtol=1e-5)
     # Without the mask the pads are attended to, so the check above is not vacuous.
-    seq_unmasked, _ = model.bert(padded, ptypes)
+    seq_unmasked, _ = model.bert(padded, token_type_ids=ptypes)
     assert (seq_unmasked[:, :6] - alone).abs().max() > 1e-3
 
 
@@ -163,8 +165,15 @@ def test_mlm_nsp_loss_falls_within_100_steps() -> None:
     for _ in range(100):
         batch = synthetic_mlm_nsp_batch(gen)
         positions = masked_positions_from_labels(batch["mlm_labels"])
-        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions)
-        metrics = mlm_nsp_loss(out, batch["mlm_labels"], batch["next_sentence_label"], positions)
+        out = model(
+            batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+            masked_positions=positions,
+        )
+        metrics = mlm_nsp_loss(
+            out, batch["mlm_labels"], batch["next_sentence_label"], masked_positions=positions
+        )
         opt.zero_grad()
         metrics["loss"].backward()
         opt.step()

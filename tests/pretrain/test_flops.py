@@ -60,10 +60,14 @@ def test_encoder_formula_equals_torch_flop_counter(masked: list[tuple[int, int]]
     batch, model = _mlm_batch(masked), BertForPreTraining(BERT)
     with FlopCounterMode(display=False) as counter:
         positions = masked_positions_from_labels(batch["mlm_labels"])
-        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions)
-        mlm_nsp_loss(out, batch["mlm_labels"], batch["next_sentence_label"], positions)[
-            "loss"
-        ].backward()
+        out = model(
+            batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+            masked_positions=positions,
+        )
+        labels, nsp = batch["mlm_labels"], batch["next_sentence_label"]
+        mlm_nsp_loss(out, labels, nsp, masked_positions=positions)["loss"].backward()
     expected = encoder_flops_per_token(BERT, T, len(masked) / (B * T)) * B * T
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-12)
 

@@ -104,8 +104,8 @@ def test_bert_matches_hf_bert_for_pretraining(tmp_path: Path, tokenizer_file: Pa
     ]
     ids, types, mask = batch()
     with torch.no_grad():
-        want = kiln(ids, types, mask)
-        want_seq, want_pooled = kiln.bert(ids, types, mask)
+        want = kiln(ids, token_type_ids=types, attention_mask=mask)
+        want_seq, want_pooled = kiln.bert(ids, token_type_ids=types, attention_mask=mask)
         hf = assert_loads_cleanly(transformers.BertForPreTraining, out)
         got = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
         torch.testing.assert_close(got.prediction_logits, want.mlm_logits, **TOL)

@@ -154,8 +154,8 @@ def test_bert_layouts_reproduce_transformers(bert_dirs: dict, layout: str) -> No
     base = hf if layout == "BertModel" else hf.bert
     with torch.no_grad():
         want = base(input_ids=ids, token_type_ids=types, attention_mask=mask)
-        got = imported.model(ids, types, mask)
-        seq, pooled = imported.model.bert(ids, types, mask)
+        got = imported.model(ids, token_type_ids=types, attention_mask=mask)
+        seq, pooled = imported.model.bert(ids, token_type_ids=types, attention_mask=mask)
         hf_out = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
     torch.testing.assert_close(seq, want.last_hidden_state, **TOL)
     assert got.mlm_logits.shape[-1] == V + 2  # the vocabulary grew by the appended [BOS], [EOS]
@@ -238,7 +238,9 @@ def test_sentence_transformers_layouts(bert_dirs: dict, tmp_path: Path, prefix: 
     ids, types, mask = bert_batch()
     with torch.no_grad():
         want = hf(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(imported.model.bert(ids, types, mask)[0], want, **TOL)
+        torch.testing.assert_close(
+            imported.model.bert(ids, token_type_ids=types, attention_mask=mask)[0], want, **TOL
+        )
     assert imported.layout == (
         "BertModel"
         if prefix.endswith("/")
@@ -276,7 +278,7 @@ def test_other_weight_files(bert_dirs: dict, tmp_path: Path, fmt: str) -> None:
     ids, types, mask = bert_batch()
     with torch.no_grad():
         want = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
-        got = imported.model(ids, types, mask)
+        got = imported.model(ids, token_type_ids=types, attention_mask=mask)
     torch.testing.assert_close(got.mlm_logits[..., :V], want.prediction_logits, **TOL)
     assert imported.new_tensors == GROWN
 
@@ -419,7 +421,9 @@ def test_saved_import_is_a_kiln_checkpoint_fine_tuning_can_use(
     ids, types, mask = bert_batch()
     with torch.no_grad():
         want = hf(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(classifier.eval().bert(ids, types, mask)[0], want, **TOL)
+    torch.testing.assert_close(
+        classifier.eval().bert(ids, token_type_ids=types, attention_mask=mask)[0], want, **TOL
+    )
 
 
 def test_data_must_be_tokenized_with_the_checkpoints_vocabulary(
@@ -471,7 +475,9 @@ def test_real_minilm_matches_transformers() -> None:
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         torch.testing.assert_close(
-            imported.model.bert(ids, torch.zeros_like(ids), mask)[0], want, **TOL
+            imported.model.bert(ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask)[0],
+            want,
+            **TOL,
         )
 
 
@@ -497,7 +503,9 @@ def test_real_minilm_exports_back_with_its_own_special_ids(tmp_path: Path) -> No
     with torch.no_grad():
         want = hf(**batch).prediction_logits
         got = imported.model(
-            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+            batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
         ).mlm_logits
     torch.testing.assert_close(got, want, **TOL)
 

@@ -56,8 +56,8 @@ def test_bert_matches_transformers() -> None:
     mask[1, 6:] = 0
     with torch.no_grad():
         expected = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
-        got = ours(ids, types, mask)
-        seq, pooled = ours.bert(ids, types, mask)
+        got = ours(ids, token_type_ids=types, attention_mask=mask)
+        seq, pooled = ours.bert(ids, token_type_ids=types, attention_mask=mask)
         hf_base = hf.bert(input_ids=ids, token_type_ids=types, attention_mask=mask)
     torch.testing.assert_close(got.mlm_logits, expected.prediction_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(

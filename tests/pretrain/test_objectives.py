@@ -42,7 +42,7 @@ def test_mlm_nsp_loss_against_hand_computation() -> None:
     # The masked-positions form gives the same numbers.
     positions = masked_positions_from_labels(labels)
     sparse = BertPreTrainingOutput(mlm_logits.reshape(-1, 5)[positions], nsp_logits)
-    out2 = mlm_nsp_loss(sparse, labels, nsp_label, positions)
+    out2 = mlm_nsp_loss(sparse, labels, nsp_label, masked_positions=positions)
     for key in out:
         torch.testing.assert_close(out2[key], out[key])
 
@@ -53,7 +53,7 @@ def test_no_masked_token_gives_zero_not_nan() -> None:
         BertPreTrainingOutput(logits, torch.zeros(1, 2)),
         torch.full((1, 4), -100),
         torch.tensor([1]),
-        torch.zeros(0, dtype=torch.long),
+        masked_positions=torch.zeros(0, dtype=torch.long),
     )
     assert out["mlm_loss"].item() == 0.0 and torch.isfinite(out["loss"])
     out["loss"].backward()  # still differentiable
@@ -83,5 +83,5 @@ def test_shape_mismatches_are_reported() -> None:
             BertPreTrainingOutput(torch.randn(3, 5), torch.zeros(1, 2)),
             torch.tensor([[1, -100]]),
             torch.tensor([0]),
-            torch.tensor([0]),
+            masked_positions=torch.tensor([0]),
         )
