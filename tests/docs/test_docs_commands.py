@@ -383,6 +383,21 @@ REGISTRY: list[Spec] = [
         needs=("wikitext2",),
         writes=run_files("runs/gpt-mini-wikitext2"),
     ),
+    _spec(
+        "mt-transformer",
+        "kiln finetune --config configs/translation-scratch.yaml --out runs/mt-transformer",
+        smoke=f"{TRAIN} {DECODE}",
+        needs=("multi30k",),
+        writes=run_files("runs/mt-transformer"),
+    ),
+    _spec(
+        "evaluate-transformer-flickr",
+        "kiln evaluate --checkpoint runs/mt-transformer --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        needs=("mt-transformer",),
+        prints=('"bleu"',),
+    ),
     # ----------------------------------------------------------- recipes no documented command runs
     # (the commands their own header comments show)
     _spec(
