@@ -9,6 +9,7 @@ and puts back at `on_train_start` what Lightning's own restore leaves out (`resu
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -23,19 +24,35 @@ from torch import Tensor, nn
 
 from cluster import progress
 from cluster.progress import EventWriter
-from cluster.resume import lightning_checkpoint, rank_state, restore_rank_state
-from pretrain.checkpoint import capture_rng_state, prune_checkpoints, save_checkpoint
+from cluster.resume import (
+    lightning_checkpoint,
+    publish_metrics,
+    rank_state,
+    restore_rank_state,
+)
+from cluster.rundir import RunDir
+from data_pipeline.storage import Location
+from pretrain.checkpoint import (
+    capture_rng_state,
+    prune_checkpoints,
+    publish_checkpoint,
+    save_checkpoint,
+)
+
+# How often rank 0 asks an object store for the stop request (one request each); KILN_STOP_POLL_S
+# changes it (0: after every step, as on a local disk).
+REMOTE_STOP_POLL_S = float(os.environ.get("KILN_STOP_POLL_S", "5"))
 
 _EVENTS: EventWriter | None = (
     None  # rank 0 of a training worker: lines travel to the driver's console
 )
 
 
-def send_lines_to(path: Path | None) -> None:
+def send_lines_to(events: EventWriter | Path | None) -> None:
     """From now on `emit` in this process (rank 0 of a training worker) appends its lines to the run's
     progress events, which the driver shows (cluster.progress); None: back to stdout."""
     global _EVENTS
-    _EVENTS = None if path is None else EventWriter(path)
+    _EVENTS = EventWriter(events) if isinstance(events, Path) else events
 
 
 def emit(line: str) -> None:
@@ -71,10 +88,14 @@ class ProgressPrinter(pl.Callback):
     LIVE_INTERVAL_S = 0.5
 
     def __init__(
-        self, stage: str, every: int, keys: tuple[str, ...], events: Path | None = None
+        self,
+        stage: str,
+        every: int,
+        keys: tuple[str, ...],
+        events: EventWriter | Path | None = None,
     ) -> None:
         self.stage, self.every, self.keys = stage, max(1, every), keys
-        self.writer = EventWriter(events) if events is not None else None
+        self.writer = EventWriter(events) if isinstance(events, Path) else events
         self._start, self._start_step, self._sent = 0.0, 0, 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -147,12 +168,17 @@ class KilnCheckpoint(pl.Callback):
         keep_last: int,
         loader: Any,
         val_loader: Any | None = None,
+        run: RunDir | None = None,
+        launch: str | None = None,
     ) -> None:
         self.root, self.model_config, self.tokenizer_file = Path(root), model_config, tokenizer_file
+        # A remote run: each checkpoint is written under `root` (scratch), then uploaded to the run's
+        # `--out`, manifest last. `launch` goes into every manifest (cluster.resume.retry_checkpoint).
+        self.run, self.launch = run, launch
         self.job_config, self.data_manifest = job_config, data_manifest
         self.loader, self.val_loader = loader, val_loader
         self.every, self.keep_last = every, keep_last
-        self.last_saved: Path | None = None
+        self.last_saved: Path | str | None = None
         self._saved_step: int | None = None
         self._resume_rng: dict | None = None  # this rank's RNG at the checkpoint resumed from
         self._resume_val_loader: dict | None = None
@@ -206,11 +232,23 @@ class KilnCheckpoint(pl.Callback):
                     trainer_state=self._trainer_state(trainer, rngs, zero),
                     data_manifest=self.data_manifest,
                     state_dict=weights,
+                    launch=self.launch,
                 )
                 prune_checkpoints(self.root, self.keep_last)
-            self.last_saved = path
+            self.last_saved = self._publish(path)
         self._saved_step = trainer.global_step
         trainer.strategy.barrier("kiln-checkpoint")
+
+    def _publish(self, path: Path) -> Path | str:
+        """A remote run's checkpoint into its `--out` (files, then manifest.json), older ones pruned
+        there too, and the metrics so far beside them; a local run's checkpoint is already in place."""
+        if self.run is None or not self.run.remote:
+            return path
+        dest = self.run.checkpoints / path.name
+        publish_checkpoint(path, dest)
+        prune_checkpoints(self.run.checkpoints, self.keep_last)
+        publish_metrics(self.run)
+        return str(dest)
 
     def _trainer_state(self, trainer: pl.Trainer, rngs: list[dict], zero: dict | None) -> dict:
         """What a resume reads back (cluster/resume.py: `lightning_checkpoint`, `RESUME_KEYS`).
@@ -268,8 +306,16 @@ class StopOnRequest(pl.Callback):
     all-reduce, and when it is there every rank checkpoints this step (a save at a step's end is what an exact
     resume continues from) and leaves the loop. `stopped_at` holds every rank's step, as each rank saw it."""
 
-    def __init__(self, stop_file: Path, checkpoint: KilnCheckpoint) -> None:
-        self.stop_file, self.checkpoint = Path(stop_file), checkpoint
+    def __init__(
+        self, stop_file: Path | Location, checkpoint: KilnCheckpoint, poll_s: float | None = None
+    ) -> None:
+        self.stop_file, self.checkpoint = Location.of(stop_file), checkpoint
+        # A local file is looked at after every step; an object store at most every few seconds
+        # (one request each; rank 0's own monotonic clock).
+        self.poll_s = (
+            (REMOTE_STOP_POLL_S if self.stop_file.is_remote else 0.0) if poll_s is None else poll_s
+        )
+        self._next_poll = 0.0
         self.stopped_at: list[int] | None = None
 
     def on_train_batch_end(
@@ -277,12 +323,19 @@ class StopOnRequest(pl.Callback):
     ) -> None:
         if trainer.global_step >= trainer.max_steps:
             return  # the last step: the run ends here anyway, with its final checkpoint
-        asked = trainer.global_rank == 0 and self.stop_file.exists()
+        asked = trainer.global_rank == 0 and self._asked()
         if not trainer.strategy.reduce_boolean_decision(asked, all=False):
             return
         self.checkpoint.save(trainer, pl_module)
         self.stopped_at = _gather_objects(trainer.global_step)
         trainer.should_stop = True
+
+    def _asked(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.poll_s
+        return self.stop_file.exists()
 
 
 def _gather_objects(mine: Any) -> list[Any]:

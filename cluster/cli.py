@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
-from cluster.config import absolute_path
+from cluster.config import absolute_path, is_uri
 from cluster.jobs import LengthPenalty
 from cluster.preemption import EXIT_PREEMPTED, Preempted
 from data_pipeline.configlib import ConfigError
@@ -27,6 +27,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
 # The names of finetune.decode.LENGTH_PENALTIES, from the job config's choice (that module imports
 # torch; cluster.jobs does not).
 LENGTH_PENALTIES: tuple[str, ...] = get_args(LengthPenalty)
+
+
+def location(text: str) -> Path | str:
+    """A path argument: a URI (`s3://bucket/x`) stays a string (Path would fold its `//`)."""
+    return text if is_uri(text) else Path(text)
+
 
 EPILOG = (
     "Overrides: dotted keys after the config, e.g. "
@@ -40,7 +46,9 @@ TRAINING_EPILOG = (
 
 
 def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (see configs/); defaults when omitted")
+    p.add_argument(
+        "--config", type=location, help="YAML recipe (see configs/); defaults when omitted"
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -50,7 +58,7 @@ def _config_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
-    p.add_argument("--out", type=Path, help=out_help)
+    p.add_argument("--out", type=location, help=out_help)
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -96,13 +104,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "translate", help="translate lines from a file or stdin with a fine-tuned checkpoint"
     )
     p.add_argument(
-        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+        "--checkpoint", type=location, required=True, help="translation checkpoint directory"
     )
-    p.add_argument("--input", type=Path, help="text file, one sentence per line [stdin]")
+    p.add_argument("--input", type=location, help="text file, one sentence per line [stdin]")
     p.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy [4]")
     _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
-    p.add_argument("--out", type=Path, help="write translations to this file [stdout]")
+    p.add_argument("--out", type=location, help="write translations to this file [stdout]")
     p.add_argument(
         "--sample",
         action="store_true",
@@ -151,28 +159,33 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "JSON; --out also writes metrics.json and predictions.jsonl.",
         epilog=EVAL_EPILOG,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", type=location, required=True, metavar="DIR", help=CHECKPOINT_HELP
+    )
     p.add_argument(
         "--data",
-        type=Path,
+        type=location,
         metavar="DIR",
         help="prepared data directory (output of `kiln data prepare`)",
     )
     p.add_argument("--split", metavar="NAME", help="with --data: split to score [test]")
     p.add_argument(
         "--input",
-        type=Path,
+        type=location,
         metavar="FILE",
         help="classifiers: a labelled TSV/CSV/JSONL/Parquet file",
     )
     p.add_argument("--text-column", metavar="NAME", help="with --input: the text column [text]")
     p.add_argument("--label-column", metavar="NAME", help="with --input: the label column [label]")
     p.add_argument(
-        "--src", type=Path, metavar="FILE", help="translation: source file, one sentence per line"
+        "--src",
+        type=location,
+        metavar="FILE",
+        help="translation: source file, one sentence per line",
     )
     p.add_argument(
         "--ref",
-        type=Path,
+        type=location,
         metavar="FILE",
         help="translation: reference file, line-aligned with --src",
     )
@@ -180,7 +193,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "--beam", type=int, default=4, metavar="N", help="beam width for translation [4]"
     )
     p.add_argument(
-        "--out", type=Path, metavar="DIR", help="write metrics.json and predictions.jsonl here"
+        "--out", type=location, metavar="DIR", help="write metrics.json and predictions.jsonl here"
     )
 
 
@@ -196,10 +209,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         "for every label (TSV with a header, or JSONL with a `probabilities` object).",
         epilog=EVAL_EPILOG,
     )
-    p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help=CHECKPOINT_HELP)
+    p.add_argument(
+        "--checkpoint", type=location, required=True, metavar="DIR", help=CHECKPOINT_HELP
+    )
     p.add_argument(
         "--input",
-        type=Path,
+        type=location,
         metavar="FILE",
         help="texts: .txt one per line, or .tsv/.csv/.jsonl/.parquet [stdin]",
     )
@@ -209,7 +224,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         help="the text column of a .tsv/.csv/.jsonl/.parquet input [text]",
     )
     p.add_argument(
-        "--out", type=Path, metavar="FILE", help="output file, .tsv or .jsonl [TSV on stdout]"
+        "--out", type=location, metavar="FILE", help="output file, .tsv or .jsonl [TSV on stdout]"
     )
 
 
@@ -259,21 +274,21 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
         "and errors_vs_beam.png to --out.",
     )
     p.add_argument(
-        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+        "--checkpoint", type=location, required=True, help="translation checkpoint directory"
     )
     p.add_argument(
-        "--data", type=Path, help="prepared data directory (its translation split is read)"
+        "--data", type=location, help="prepared data directory (its translation split is read)"
     )
     p.add_argument("--split", default="test", help="with --data: split to analyse [test]")
     p.add_argument(
-        "--src", type=Path, help="source file, one sentence per line (instead of --data)"
+        "--src", type=location, help="source file, one sentence per line (instead of --data)"
     )
-    p.add_argument("--ref", type=Path, help="reference file, line-aligned with --src")
+    p.add_argument("--ref", type=location, help="reference file, line-aligned with --src")
     p.add_argument("--beams", default="1,3,5,10", help="comma-separated beam widths [1,3,5,10]")
     p.add_argument("--limit", type=int, help="only the first N sentences")
     _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=location, required=True, help="output directory")
     p = sub.add_parser(
         "attention",
         help="cross-attention heatmap PNGs of a translation checkpoint for chosen sentences",
@@ -281,25 +296,25 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
         "(averaged over heads) on its own output: one attention_NNN.png per sentence in --out.",
     )
     p.add_argument(
-        "--checkpoint", type=Path, required=True, help="translation checkpoint directory"
+        "--checkpoint", type=location, required=True, help="translation checkpoint directory"
     )
     p.add_argument("texts", nargs="*", metavar="TEXT", help="sentences to plot (or --src)")
-    p.add_argument("--src", type=Path, help="file with one sentence per line")
+    p.add_argument("--src", type=location, help="file with one sentence per line")
     p.add_argument("--limit", type=int, help="only the first N sentences")
     p.add_argument("--beam", type=int, default=4, help="beam width [4]")
     _length_penalty_args(p)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=location, required=True, help="output directory")
 
 
 def _add_ops(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="export a checkpoint (safetensors) for Hugging Face transformers"
     )
-    p.add_argument("--checkpoint", type=Path, required=True, help="Kiln checkpoint directory")
+    p.add_argument("--checkpoint", type=location, required=True, help="Kiln checkpoint directory")
     p.add_argument("--format", choices=["hf"], default="hf", help="target format [hf]")
     p.add_argument(
-        "--out", type=Path, required=True, help="output directory (must not exist or be empty)"
+        "--out", type=location, required=True, help="output directory (must not exist or be empty)"
     )
     p = sub.add_parser(
         "submit", help="submit a pretrain/finetune/data job to a Ray cluster (Ray Jobs API)"
@@ -355,7 +370,7 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
     )
     p.add_argument("target", choices=["kuberay", "slurm"])
-    p.add_argument("--config", type=Path, help="YAML recipe of a pretrain or finetune job")
+    p.add_argument("--config", type=location, help="YAML recipe of a pretrain or finetune job")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -365,7 +380,7 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
-    p.add_argument("--out", type=Path, required=True, help="file to write (manifest or script)")
+    p.add_argument("--out", type=location, required=True, help="file to write (manifest or script)")
     p.add_argument(
         "--job-out",
         help="the job's output directory on the cluster (shared storage) [runs/<command>]",
@@ -380,6 +395,11 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--worker-memory", default="8Gi", help="kuberay: memory per worker pod [8Gi]")
     p.add_argument(
+        "--s3-secret",
+        default="kiln-s3",
+        help="kuberay: Kubernetes Secret holding the pods' S3 credentials [kiln-s3]",
+    )
+    p.add_argument(
         "--nodes", type=int, help="slurm: nodes to allocate (the first also runs the Ray head)"
     )
     p.add_argument("--time", default="04:00:00", help="slurm: time limit [04:00:00]")
@@ -392,7 +412,9 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     sync = wsub.add_parser(
         "sync", help="upload the offline W&B runs under an output directory (`wandb sync`)"
     )
-    sync.add_argument("out_dir", type=Path, help="a run's (or the quickstart's) output directory")
+    sync.add_argument(
+        "out_dir", type=location, help="a run's (or the quickstart's) output directory"
+    )
     sync.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
 
 
@@ -485,14 +507,32 @@ KEEP_AS_WRITTEN = {"config"}
 REMOTE_PATH_ARGS = {"submit": {"out"}}
 
 
+# Commands whose --out may be a URI (the run or data goes to object storage); the others write
+# local files (a report, predictions, an exported model) and refuse one with a clear line.
+URI_OUT_COMMANDS = {"data", "pretrain", "finetune", "lm-baseline", "submit"}
+# Input files fetched from a URI into the local cache before a command reads them.
+URI_INPUT_FILES = ("config", "src", "ref", "input")
+
+
 def resolve_path_args(args: argparse.Namespace) -> None:
     """Relative path arguments made absolute against the working directory, as config paths are
-    (cluster.config); `--checkpoint` given a run directory means its newest complete checkpoint."""
+    (cluster.config); `--checkpoint` given a run directory means its newest complete checkpoint
+    (a remote one is fetched and verified); input files given as URIs are fetched."""
     remote = KEEP_AS_WRITTEN | REMOTE_PATH_ARGS.get(args.command, set())
     for name, value in vars(args).items():
         if isinstance(value, Path) and name not in remote:
             setattr(args, name, Path(absolute_path(str(value))))
-    if isinstance(getattr(args, "checkpoint", None), Path):
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and args.command not in URI_OUT_COMMANDS:
+        raise ConfigError(
+            f"--out {out}: `kiln {args.command}` writes local files; give a local path"
+        )
+    for name in URI_INPUT_FILES:
+        if isinstance(getattr(args, name, None), str):
+            from data_pipeline.storage import local_copy  # pyarrow: only for a URI
+
+            setattr(args, name, local_copy(getattr(args, name)))
+    if isinstance(getattr(args, "checkpoint", None), (Path, str)):
         from pretrain.checkpoint import (
             resolve_checkpoint,
         )  # imports torch: only when a command reads one

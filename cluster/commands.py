@@ -17,7 +17,7 @@ from cluster.config import load_config
 from cluster.jobs import DecodeConfig, FinetuneJob, PrepareJob, PretrainJob, QuickstartJob
 from cluster.preemption import Preempted
 from cluster.render import infer_command, render_kuberay, render_slurm
-from cluster.rundir import run_dir
+from cluster.rundir import RunDir, run_dir
 from cluster.submit import submit
 from cluster.tracking import log_artifacts
 from data_pipeline.configlib import ConfigError, to_yaml
@@ -28,9 +28,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _config(cls: type[T], args: argparse.Namespace) -> T | None:
-    """Load and validate the config; with --print-config print it and return None (nothing else runs)."""
-    cfg = load_config(cls, args.config, args.overrides)
+def _config(cls: type[T], args: argparse.Namespace, pin: bool = True) -> T | None:
+    """Load and validate the config; with --print-config print it and return None (nothing else runs).
+    pin=False: a job that runs later, elsewhere (submit, render) keeps checkpoint URIs as written."""
+    cfg = load_config(cls, args.config, args.overrides, pin=pin)
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return None
@@ -44,12 +45,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import prepare
     from data_pipeline.raystart import keep_ray_log
 
+    from data_pipeline.storage import Location
+
     out = args.out or Path("runs/data")
     manifest = prepare(cfg.data, out, progress=lambda msg: print(f"[data] {msg}", flush=True))
     print(
         f"[data] wrote {out} (tasks: {', '.join(manifest['tasks'])}, vocab {manifest['vocab_size']})"
     )
-    keep_ray_log(Path(out) / "logs" / "ray.log")  # Ray's own output, held until `out` existed
+    # Ray's own output, held until `out` existed (beside a remote `out`: uploaded once complete)
+    log = RunDir(out).local / "logs" / "ray.log"
+    keep_ray_log(log)
+    if Location.of(out).is_remote and log.is_file():
+        (Location.of(out) / "logs" / "ray.log").write_bytes(log.read_bytes())
     return 0
 
 
@@ -64,8 +71,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _train(
-    cfg: PretrainJob | FinetuneJob, out: Path, stage: str, kind: str
-) -> tuple[TrainResult, Path]:
+    cfg: PretrainJob | FinetuneJob, out: str | Path, stage: str, kind: str
+) -> tuple[TrainResult, RunDir]:
     """(TrainResult, run directory) of a training run, its loss curve drawn."""
     from cluster.launch import run_training
     from cluster.report import plot_curves
@@ -74,6 +81,7 @@ def _train(
     with run_dir(out, cfg.trainer.resume) as run:
         result = run_training(cfg, run, stage=stage)
     plot_curves(result.metrics_csv, run / "loss_curve.png", title=f"{stage} {kind}")
+    run.publish("loss_curve.png", "logs")
     return result, run
 
 
@@ -91,9 +99,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from cluster.evaluation import evaluate_checkpoint
 
     result, out = _train(cfg, args.out or Path("runs/finetune"), cfg.task, "fine-tuning")
-    metrics = evaluate_checkpoint(
-        result.checkpoint, Path(cfg.data_dir), "test", cfg.decode, out / "eval"
-    )
+    metrics = evaluate_checkpoint(result.checkpoint, cfg.data_dir, "test", cfg.decode, out / "eval")
+    out.publish("eval")
     _track(cfg, out, cfg.task, result.checkpoint)
     print(
         f"[{cfg.task}] checkpoint: {result.checkpoint}\n[{cfg.task}] test: {_fmt(metrics)}\n"
@@ -325,8 +332,9 @@ def cmd_lm_baseline(args: argparse.Namespace) -> int:
     job = _config(LMBaselineJob, args)
     if job is None:
         return 0
-    with run_dir(args.out or Path(job.out_dir)) as out:  # removed again on bad input
-        metrics = run_lm_baseline(job, out)
+    with run_dir(args.out or job.out_dir) as out:  # removed again on bad input
+        metrics = run_lm_baseline(job, out.local)
+        out.publish(*(p.name for p in out.local.iterdir()))
     print(format_summary(metrics))
     print(f"[lm-baseline] metrics: {out / 'metrics.json'}")
     return 0
@@ -344,7 +352,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cls = {"pretrain": PretrainJob, "finetune": FinetuneJob, "data-prepare": PrepareJob}[
         args.command_name
     ]
-    cfg = _config(cls, args)
+    cfg = _config(cls, args, pin=False)
     if cfg is None:
         return 0
     submit(
@@ -361,7 +369,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     command = infer_command(args.config, args.overrides)
-    cfg = _config({"pretrain": PretrainJob, "finetune": FinetuneJob}[command], args)
+    cfg = _config({"pretrain": PretrainJob, "finetune": FinetuneJob}[command], args, pin=False)
     if cfg is None:
         return 0
     if args.target == "kuberay":
@@ -376,6 +384,7 @@ def cmd_render(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             code_dir=args.code_dir,
             worker_memory=args.worker_memory,
+            s3_secret=args.s3_secret,
         )
     else:
         text = render_slurm(
@@ -396,9 +405,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _track(cfg: PretrainJob | FinetuneJob, out: Path, stage: str, checkpoint: Path) -> None:
+def _track(cfg: PretrainJob | FinetuneJob, out: RunDir, stage: str, checkpoint: Path | str) -> None:
     """The run's images, sample predictions, test metrics and checkpoint into its W&B run (cluster.tracking)."""
     log_artifacts(cfg.wandb, out, stage, checkpoint=checkpoint)
+    out.publish("wandb")  # a remote run: the driver's offline W&B run beside rank 0's
 
 
 QUICKSTART_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"

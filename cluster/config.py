@@ -26,15 +26,20 @@ T = TypeVar("T")
 # The `metadata={"path": KIND}` kinds of location fields:
 #   "path": a file, directory or glob;
 #   "checkpoint": a Kiln checkpoint directory, a run directory (meaning its newest complete
-#     checkpoint), or `hf:<directory or Hub name>` (a Hub name is kept as written);
+#     checkpoint), either as a URI (pinned to the one checkpoint's URI), or
+#     `hf:<directory or Hub name>` (a Hub name is kept as written);
 #   "local_or_name": a local path where one exists, else a name (a Hub dataset) kept as written.
 PATH_KINDS = ("path", "checkpoint", "local_or_name")
 HF_PREFIX = "hf:"  # pretrain.hf_import's prefix, repeated: loading a config never imports torch
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # s3://, gs://, file://... are never relative
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, build `cls`."""
+def load_config(
+    cls: type[T], path: str | Path | None, overrides: list[str] | None = None, pin: bool = True
+) -> T:
+    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, build `cls`.
+    `pin`: checkpoint URIs naming a run become its newest checkpoint's URI, now (False: kept as
+    written, for a job that runs later elsewhere: `kiln submit`, `kiln render`)."""
     raw = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     override_keys = set()
@@ -42,7 +47,12 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         key, value = parse_override(item)
         set_dotted(raw, key, value)
         override_keys.add(key)
-    return resolve_paths(build(cls, raw, source=source, override_keys=override_keys))
+    return resolve_paths(build(cls, raw, source=source, override_keys=override_keys), pin=pin)
+
+
+def is_uri(value: str) -> bool:
+    """`s3://…`, `gs://…`, `file://…`: a location that is never relative to the working directory."""
+    return bool(_URI.match(value))
 
 
 def absolute_path(value: str, cwd: str | Path | None = None) -> str:
@@ -52,7 +62,7 @@ def absolute_path(value: str, cwd: str | Path | None = None) -> str:
     return os.path.normpath(os.path.join(cwd or os.getcwd(), os.path.expanduser(value)))
 
 
-def resolve_location(value: str, kind: str, cwd: str | Path | None = None) -> str:
+def resolve_location(value: str, kind: str, cwd: str | Path | None = None, pin: bool = True) -> str:
     """One location field's value with relative paths made absolute (see PATH_KINDS)."""
     if kind == "path":
         return absolute_path(value, cwd)
@@ -62,11 +72,14 @@ def resolve_location(value: str, kind: str, cwd: str | Path | None = None) -> st
         name = value.removeprefix(HF_PREFIX)
         return HF_PREFIX + absolute_path(name, cwd) if _is_local(name, cwd) else value
     path = absolute_path(value, cwd)
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "manifest.json")):
-        return path  # a checkpoint itself, or a URI, or nothing yet: its loader says what is wrong
-    from pretrain.checkpoint import resolve_checkpoint  # imports torch: only for a run directory
+    local_dir = os.path.isdir(path) and not os.path.isfile(os.path.join(path, "manifest.json"))
+    if not (_URI.match(value) and pin) and not local_dir:
+        return path  # a checkpoint itself, or nothing yet: its loader says what is wrong
+    # Imports torch: only for a URI or a run directory. A URI naming a run is pinned here, on the
+    # driver, to one checkpoint's URI (verified), which every worker then fetches and loads.
+    from pretrain.checkpoint import select_checkpoint
 
-    return str(resolve_checkpoint(Path(path), warn=lambda msg: print(msg, file=sys.stderr)))
+    return str(select_checkpoint(path, warn=lambda msg: print(msg, file=sys.stderr)))
 
 
 def _is_local(value: str, cwd: str | Path | None) -> bool:
@@ -78,7 +91,7 @@ def _is_local(value: str, cwd: str | Path | None) -> bool:
     return bool(glob.glob(absolute_path(value, cwd)))
 
 
-def resolve_paths(cfg: T, cwd: str | Path | None = None) -> T:
+def resolve_paths(cfg: T, cwd: str | Path | None = None, pin: bool = True) -> T:
     """`cfg` (a dataclass tree, changed in place and returned), every location field resolved."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -86,16 +99,16 @@ def resolve_paths(cfg: T, cwd: str | Path | None = None) -> T:
         if kind is not None:
             if kind not in PATH_KINDS:
                 raise TypeError(f"{type(cfg).__name__}.{f.name}: unknown path kind {kind!r}")
-            value = _resolve_value(value, kind, cwd)
+            value = _resolve_value(value, kind, cwd, pin)
             object.__setattr__(cfg, f.name, value)  # object's: a frozen dataclass is resolved alike
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            resolve_paths(value, cwd)
+            resolve_paths(value, cwd, pin)
     return cfg
 
 
-def _resolve_value(value: Any, kind: str, cwd: str | Path | None) -> Any:
+def _resolve_value(value: Any, kind: str, cwd: str | Path | None, pin: bool) -> Any:
     if isinstance(value, str):
-        return resolve_location(value, kind, cwd)
+        return resolve_location(value, kind, cwd, pin)
     if isinstance(value, (list, tuple)):
-        return type(value)(_resolve_value(v, kind, cwd) for v in value)
+        return type(value)(_resolve_value(v, kind, cwd, pin) for v in value)
     return value  # None: not set

@@ -15,13 +15,14 @@ import torch
 
 from cluster.jobs import DecodeConfig
 from data_pipeline.errors import DataDirError, DataError
+from data_pipeline.shards import fetch_data
 from data_pipeline.shards import read_manifest as read_data_manifest
 from data_pipeline.tokenizer import TranslationTokenizers, load_translation_tokenizers
 from finetune import predict
 from finetune.evaluate import accuracy, macro_f1, majority_class_accuracy, mcc
 from finetune.models import CLASSIFICATION_ARCHES, TRANSLATION_ARCHES, load_finetuned
 from finetune.translate import evaluate_translation, translate_texts
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, fetch_checkpoint
 
 
 def read_split(task_dir: Path, split: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -33,9 +34,15 @@ def read_split(task_dir: Path, split: str, columns: list[str]) -> dict[str, list
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, data_dir: Path, split: str, decode: DecodeConfig, out_dir: Path | None = None
+    checkpoint: Path | str,
+    data_dir: Path | str,
+    split: str,
+    decode: DecodeConfig,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    loaded = load_finetuned(Path(checkpoint))
+    # A checkpoint or data on object storage is read from a verified local copy (the cache).
+    checkpoint, data_dir = fetch_checkpoint(checkpoint), fetch_data(data_dir)
+    loaded = load_finetuned(checkpoint)
     arch = loaded.model_config.arch
     model = loaded.model.eval()
     if arch in TRANSLATION_ARCHES:

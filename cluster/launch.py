@@ -8,9 +8,9 @@ Whether and from which checkpoint a run continues (trainer.resume, worker restar
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,18 @@ from typing import Any
 from cluster.config import resolve_paths
 from cluster.jobs import ClusterConfig, FinetuneJob, PretrainJob
 from cluster.preemption import Preempted, clear_stop_request, stop_file, stop_on_sigterm
-from cluster.progress import follow_progress, progress_file
+from cluster.progress import EventWriter, find_relay, follow_progress, progress_file, start_relay
 from cluster.resume import (
+    METRICS,
     check_resume,
     checkpoint_step,
     checkpoints_dir,
+    publish_metrics,
     restore_metrics,
     resume_point,
     stash_metrics,
 )
+from cluster.rundir import SUMMARY, RunDir
 from cluster.tracking import check_online_credentials, ensure_run_id
 from data_pipeline.configlib import ConfigError, build, to_dict
 
@@ -36,9 +39,9 @@ RAY_LOG = "ray.log"  # under <out>/logs/: Ray's own output and every worker's st
 
 @dataclass
 class TrainResult:
-    out_dir: Path
-    checkpoint: Path
-    metrics_csv: Path
+    out_dir: RunDir
+    checkpoint: Path | str  # a URI when --out is one
+    metrics_csv: Path  # on this machine (a remote run's: fetched into its working directory)
     seconds: float
     new_tensors: list[str]
 
@@ -61,9 +64,9 @@ def init_ray(address: str | None = None, log_dir: Path | None = None) -> None:
     start(address)
 
 
-def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> TrainResult:
+def run_training(job: PretrainJob | FinetuneJob, out_dir: Path | RunDir, stage: str) -> TrainResult:
     """Run `job` with Ray Train; returns where its final checkpoint and metrics are."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.callbacks import emit
@@ -74,37 +77,36 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
         check_free_space,
     )
 
-    out_dir = Path(out_dir).resolve()
+    run = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
     # load_config resolved the paths already; a job built in code gets it too: workers run elsewhere
     job = resolve_paths(copy.deepcopy(job))
     check_gpus(job.cluster)
     # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
     # converted into out_dir/imported/ and the job returned points at the converted copies.
-    job = preflight(job, out_dir)
+    job = _publish_imported(preflight(job, run.local), run)
     # before any file is written
     ddp = job.cluster.strategy == "ddp"
     per_param = CHECKPOINT_BYTES_PER_PARAM if ddp else ZERO_CHECKPOINT_BYTES_PER_PARAM
-    check_free_space(
-        checkpoints_dir(out_dir), count_parameters(job), job.trainer.keep_last, per_param
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clear_stop_request(out_dir)
+    check_free_space(checkpoints_dir(run), count_parameters(job), job.trainer.keep_last, per_param)
+    run.local.mkdir(parents=True, exist_ok=True)
+    clear_stop_request(run)
     # chosen (and sha256-verified) once, here, for every worker (cluster/resume.py)
-    latest = check_resume(job, out_dir, say=emit)
+    latest = check_resume(job, run, say=emit)
     if job.wandb.mode != "disabled":
         check_online_credentials(job.wandb.mode)
-        ensure_run_id(out_dir)
-    init_ray(job.cluster.address, out_dir / "logs")
+        ensure_run_id(run)
+    init_ray(job.cluster.address, run / "logs")
     check_gpus(job.cluster, connected=True)
-    job_type = "pretrain" if isinstance(job, PretrainJob) else "finetune"
-    # started_ns: checkpoints written after it belong to this run, so a worker group Ray Train restarts
-    # after a failure (cluster.max_failures) continues from them instead of starting over (resume_point).
+    # launch: this invocation's id, written into every checkpoint it saves, so a worker group that Ray Train
+    # restarts after a failure (cluster.max_failures) continues from this launch's newest one (resume_point).
+    launch = uuid.uuid4().hex[:12]
+    relay = start_relay(f"kiln-progress-{launch}") if run.remote else None
     config = {
-        "job_type": job_type,
+        "job_type": "pretrain" if isinstance(job, PretrainJob) else "finetune",
         "job": to_dict(job),
-        "out_dir": str(out_dir),
+        "out_dir": str(run.out),
         "stage": stage,
-        "started_ns": time.time_ns(),
+        "launch": launch,
         "resume_from": None if latest is None else str(latest),
     }
     trainer = TorchTrainer(
@@ -116,27 +118,58 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path, stage: str) -> T
             use_gpu=job.cluster.use_gpu,
             resources_per_worker={"CPU": job.cluster.cpus_per_worker},
         ),
-        run_config=RunConfig(
-            name=stage,
-            storage_path=str(out_dir / "ray"),
-            failure_config=FailureConfig(max_failures=job.cluster.max_failures),
-        ),
+        run_config=_run_config(run, stage, FailureConfig(max_failures=job.cluster.max_failures)),
     )
     start = time.perf_counter()
     # SIGTERM: every rank checkpoints at one step and stops (preemption); rank 0's progress on the console
-    with stop_on_sigterm(out_dir, stage), follow_progress(out_dir, job.trainer.log_every):
+    with (
+        stop_on_sigterm(run, stage),
+        follow_progress(run.local, job.trainer.log_every, relay=relay),
+    ):
         fit_reporting_user_errors(trainer)
     seconds = time.perf_counter() - start
-    summary = json.loads((out_dir / "train_summary.json").read_text())
+    summary = run.read_json(SUMMARY)
+    run.fetch(METRICS)
     if summary.get("preempted"):
-        raise Preempted(stage, summary["steps"], Path(summary["checkpoint"]))
+        raise Preempted(stage, summary["steps"], summary["checkpoint"])
     return TrainResult(
-        out_dir,
-        Path(summary["checkpoint"]),
-        out_dir / "metrics.csv",
-        seconds,
-        summary["new_tensors"],
+        run, _checkpoint_path(summary["checkpoint"]), run / METRICS, seconds, summary["new_tensors"]
     )
+
+
+def _publish_imported(job: PretrainJob | FinetuneJob, run: RunDir) -> PretrainJob | FinetuneJob:
+    """`hf:` checkpoints that preflight converted into this machine's working directory go to a
+    remote run's `--out` (imported/...), where every worker's node can fetch them."""
+    import dataclasses
+
+    from pretrain.checkpoint import publish_checkpoint
+
+    if not run.remote:
+        return job
+    changes = {}
+    for key in ("init_from", "encoder_checkpoint", "decoder_checkpoint"):
+        value = getattr(job, key, None)
+        if value and Path(value).is_relative_to(run.local):
+            rel = Path(value).relative_to(run.local).as_posix()
+            publish_checkpoint(Path(value), run.location(rel))
+            changes[key] = run.location(rel).text
+    return dataclasses.replace(job, **changes) if changes else job
+
+
+def _checkpoint_path(text: str) -> Path | str:
+    return text if "://" in text else Path(text)
+
+
+def _run_config(run: RunDir, stage: str, failure: Any) -> Any:
+    """Ray Train's own state (its controller's) goes under `<out>/ray`, on the run's storage."""
+    from ray.train import RunConfig
+
+    if not run.remote:
+        return RunConfig(name=stage, storage_path=str(run / "ray"), failure_config=failure)
+    from data_pipeline.storage import resolve
+
+    fs, path = resolve(run.location("ray").text)
+    return RunConfig(name=stage, storage_path=path, storage_filesystem=fs, failure_config=failure)
 
 
 def check_gpus(cluster: ClusterConfig, connected: bool = False) -> None:
@@ -224,15 +257,18 @@ def train_worker(config: dict[str, Any]) -> None:
     from pretrain.flops import peak_flops
 
     job = build(JOB_TYPES[config["job_type"]], config["job"], source="job")
-    out_dir, stage = Path(config["out_dir"]), config["stage"]
+    stage, launch = config["stage"], config.get("launch", "")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # this process's view of the run: --out itself, or (a URI) a scratch directory of its own
+    run = RunDir(config["out_dir"], role=f"rank-{rank}")
+    if run.remote:
+        run.fresh_scratch()
     set_threads(job.cluster.cpus_per_worker)
     quiet_worker_logs()
-    if (
-        rank == 0
-    ):  # rank 0's lines (emit) reach the user's console through the driver (cluster.progress)
-        send_lines_to(progress_file(out_dir))
+    events = _progress_events(run, launch) if rank == 0 else None
+    # rank 0's lines (emit) reach the user's console through the driver (cluster.progress)
+    send_lines_to(events)
     peak, peak_source = peak_flops(
         job.trainer.peak_flops, _worker_device(job.cluster.use_gpu), job.trainer.precision
     )
@@ -242,30 +278,34 @@ def train_worker(config: dict[str, Any]) -> None:
     parts.module.max_nonfinite_steps = job.trainer.max_nonfinite_steps
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
     checkpoint = KilnCheckpoint(
-        checkpoints_dir(out_dir),
+        checkpoints_dir(run),
         parts.model_config,
         tokenizer_file,
         to_dict(job),
-        Path(job.data_dir) / "manifest.json",
+        _data_manifest(job.data_dir),
         job.trainer.checkpoint_every,
         job.trainer.keep_last,
         parts.train_loader,
         parts.val_loader,
+        run=run,
+        launch=launch,
     )
-    # A restarted worker group continues from this run's own newest checkpoint; else the driver's choice.
-    resume_from = resume_point(
-        out_dir, config.get("resume_from"), config.get("started_ns", 0), say=emit
-    )
-    checkpoint.last_saved = resume_from  # stays the answer if it is already at max_steps
-    stopper = StopOnRequest(stop_file(out_dir), checkpoint)
+    # A restarted worker group continues from this launch's own newest checkpoint; else the driver's choice.
+    found = resume_point(run, config.get("resume_from"), launch, say=emit)
+    resume_from = None if found is None else found[1]  # a local directory
+    checkpoint.last_saved = (
+        None if found is None else found[0]
+    )  # the answer if already at max_steps
+    stopper = StopOnRequest(stop_file(run), checkpoint)
     # LogLastStep: metrics.csv always ends with the last step's row, even in a run shorter than log_every
     trainer = _build_trainer(
         job,
-        out_dir,
+        run,
         stage,
         parts,
         [checkpoint, stopper, LogLastStep()],
         resume=resume_from is not None,
+        events=events,
     )
     if rank == 0:
         emit(f"[{stage}] MFU against {peak / 1e9:.4g} GFLOP/s per worker, {peak_source}")
@@ -275,8 +315,9 @@ def train_worker(config: dict[str, Any]) -> None:
                 f"(e.g. {', '.join(parts.new_tensors[:3])})"
             )
         if resume_from is not None:
-            emit(f"[{stage}] resuming from {resume_from}")
-            stash_metrics(out_dir, checkpoint_step(resume_from))
+            emit(f"[{stage}] resuming from {found[0]}")
+            run.fetch(METRICS)  # a remote run's rows so far (cluster.resume.publish_metrics)
+            stash_metrics(run, checkpoint_step(resume_from))
     trainer.fit(
         parts.module,
         train_dataloaders=parts.train_loader,
@@ -285,26 +326,61 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     finish_run()  # rank 0's W&B run, complete before Ray ends this process (cluster.tracking)
     if rank == 0:
-        restore_metrics(out_dir)
-        summary = {
-            "checkpoint": str(checkpoint.last_saved),
-            "new_tensors": parts.new_tensors,
-            "steps": trainer.global_step,
-            "task": job.task,
-            "resumed_from": None if resume_from is None else str(resume_from),
-            "preempted": stopper.stopped_at is not None,
-            "stopped_at_per_rank": stopper.stopped_at,
-        }
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        resumed = None if found is None else found[0]
+        _finish(run, job, trainer, checkpoint, stopper, parts.new_tensors, resumed, events)
+
+
+def _progress_events(run: RunDir, launch: str) -> EventWriter:
+    """Rank 0's progress events: appended to <out>/logs/progress.jsonl and, when the driver shares
+    no directory with this worker (a remote --out), sent to its relay actor as well."""
+    relay = find_relay(f"kiln-progress-{launch}") if run.remote else None
+    return EventWriter(progress_file(run.local), relay=relay)
+
+
+def _data_manifest(data_dir: str) -> Path:
+    """The data manifest a checkpoint records (its sha256): a local file (a remote one's cached copy)."""
+    from data_pipeline.shards import data_view
+
+    return data_view(data_dir) / "manifest.json"
+
+
+def _finish(
+    run: RunDir,
+    job: PretrainJob | FinetuneJob,
+    trainer: Any,
+    checkpoint: Any,
+    stopper: Any,
+    new_tensors: list[str],
+    resume_from: Path | str | None,
+    events: EventWriter | None,
+) -> None:
+    """Rank 0, after fit: the whole metrics history, the run's files to its --out, then the summary
+    (last: the driver reads it once fit() has returned on every rank)."""
+    restore_metrics(run)
+    publish_metrics(run)
+    run.publish("wandb", "logs/progress.jsonl")
+    summary = {
+        "checkpoint": str(checkpoint.last_saved),
+        "new_tensors": new_tensors,
+        "steps": trainer.global_step,
+        "task": job.task,
+        "resumed_from": None if resume_from is None else str(resume_from),
+        "preempted": stopper.stopped_at is not None,
+        "stopped_at_per_rank": stopper.stopped_at,
+    }
+    run.write_json(SUMMARY, summary)
+    if events is not None:
+        events.flush()
 
 
 def _build_trainer(
     job: PretrainJob | FinetuneJob,
-    out_dir: Path,
+    out_dir: Path | RunDir,
     stage: str,
     parts: Any,
     callbacks: list[Any],
     resume: bool,
+    events: EventWriter | None = None,
 ) -> Any:
     import lightning.pytorch as pl
     from ray.train.lightning import RayLightningEnvironment, prepare_trainer
@@ -331,14 +407,16 @@ def _build_trainer(
         log_every_n_steps=job.trainer.log_every,
         logger=build_loggers(job.wandb, out_dir, stage, to_dict(job)),
         callbacks=[
-            ProgressPrinter(stage, job.trainer.log_every, progress_keys, progress_file(out_dir)),
+            ProgressPrinter(
+                stage, job.trainer.log_every, progress_keys, events or progress_file(Path(out_dir))
+            ),
             *callbacks,
         ],
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=str(out_dir),
+        default_root_dir=os.fspath(out_dir),
     )
     return prepare_trainer(trainer)
 

@@ -5,7 +5,8 @@ driver follows that file while `trainer.fit()` runs and renders them: on a termi
 (carriage return), otherwise a plain line every `trainer.log_every` steps and no escape codes (a Ray job's
 log, CI, `| tee`). Worker stdout does not reach the console (data_pipeline.raystart sends it, with Ray's own
 output, to `<out>/logs/ray.log`), and the file, read to its end once fit() returns, loses no last line, which
-Ray's log forwarding can at exit. `<out>` is already shared by the driver and rank 0 (train_summary.json).
+Ray's log forwarding can at exit. When `<out>` is a URI, the driver and rank 0 share no directory: the events
+then also travel through a `ProgressRelay` Ray actor that the driver starts and drains.
 """
 
 from __future__ import annotations
@@ -164,23 +165,71 @@ def say(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- worker and driver
-class EventWriter:
-    """Rank 0's side: one JSON object a line, appended and flushed at once."""
+RELAY_NAMESPACE = "kiln"
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+
+class ProgressRelay:
+    """Carries rank 0's events to the driver when they share no directory (a run whose `--out` is a
+    URI): a Ray actor (`start_relay`) that rank 0 appends to and the driver drains. Calls from one
+    caller run in order, so lines arrive in the order they were written."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self._lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self._lines = self._lines, []
+        return lines
+
+    def ping(self) -> None:
+        """Returns once every `put` sent before it has been applied (rank 0 waits on it at the end)."""
+
+
+def start_relay(name: str) -> Any:
+    """The relay actor, on the driver's own node: it must outlive the loss of any worker's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(num_cpus=0)(ProgressRelay)
+    return actor.options(name=name, namespace=RELAY_NAMESPACE, scheduling_strategy=here).remote()
+
+
+def find_relay(name: str) -> Any:
+    import ray
+
+    return ray.get_actor(name, namespace=RELAY_NAMESPACE)
+
+
+class EventWriter:
+    """Rank 0's side: one JSON object a line, appended and flushed at once (and sent to the relay)."""
+
+    def __init__(self, path: Path, relay: Any = None) -> None:
+        self.path, self.relay = Path(path), relay
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **event: Any) -> None:
+        line = json.dumps(event)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(line + "\n")
+        if self.relay is not None:
+            self.relay.put.remote(line)
+
+    def flush(self) -> None:
+        if self.relay is not None:
+            import ray
+
+            ray.get(self.relay.ping.remote())
 
 
 class Follower:
-    """The driver's side: reads complete lines appended to `path` after `start` and shows them."""
+    """The driver's side: reads complete lines appended to `path` after `start` (or drained from
+    `relay`) and shows them."""
 
-    def __init__(self, path: Path, console: Console, start: int = 0) -> None:
-        self.path, self.console, self.offset = Path(path), console, start
+    def __init__(self, path: Path, console: Console, start: int = 0, relay: Any = None) -> None:
+        self.path, self.console, self.offset, self.relay = Path(path), console, start, relay
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-progress", daemon=True)
 
@@ -201,14 +250,7 @@ class Follower:
             self.poll()
 
     def poll(self) -> None:
-        if not self.path.is_file():
-            return
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # a line still being written waits for its newline
-        self.offset += end
-        for raw in data[:end].splitlines():
+        for raw in self._relayed() if self.relay is not None else self._appended():
             try:
                 event = json.loads(raw)
             except ValueError:
@@ -216,16 +258,40 @@ class Follower:
             if isinstance(event, dict):
                 self.console.show(event)
 
+    def _appended(self) -> list[bytes]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for its newline
+        self.offset += end
+        return data[:end].splitlines()
+
+    def _relayed(self) -> list[str]:
+        import ray
+
+        try:
+            return ray.get(self.relay.take.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 (Ray gone at shutdown: the console just stops)
+            return []
+
 
 @contextmanager
 def follow_progress(
-    out_dir: Path, every: int, stream: TextIO | None = None, tty: bool | None = None
+    out_dir: Path,
+    every: int,
+    stream: TextIO | None = None,
+    tty: bool | None = None,
+    relay: Any = None,
 ) -> Iterator[Console]:
-    """While inside, rank 0's events under `out_dir` (those appended from now on) show on the console."""
+    """While inside, rank 0's events under `out_dir` (those appended from now on), or those it sends
+    to `relay` (a ProgressRelay actor), show on the console."""
     global _ACTIVE
     path = progress_file(out_dir)
     console = Console(every, stream, tty)
-    follower = Follower(path, console, path.stat().st_size if path.is_file() else 0)
+    start = path.stat().st_size if path.is_file() else 0
+    follower = Follower(path, console, start, relay=relay)
     previous, _ACTIVE = _ACTIVE, console
     follower.start()
     try:

@@ -4,25 +4,48 @@ Both run the command `kiln submit` would (`python -m cluster pretrain|finetune -
 cluster sized from the config's `cluster` section: `num_workers` Ray Train workers of `cpus_per_worker` CPUs and,
 with `use_gpu`, one GPU each. Secrets are never written into either file: KubeRay pods read them from a
 Kubernetes Secret (secretKeyRef), SLURM jobs from the environment `sbatch` was called in.
+
+Storage: the job's locations (`data_dir`, `init_from`, `encoder_checkpoint`, `decoder_checkpoint`, `--out`)
+travel as written, URIs unchanged, and never through the runtime-env upload (that carries the code only). A
+render that spreads the job over several nodes refuses a location only one node would see: a relative path
+(it resolves in the driver's working directory), and on KubeRay, whose pods share no filesystem, a local
+`data_dir` or `--out` at all (docs/scaling.md, "Storage for multi-node runs").
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shlex
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import urlparse
 
 import yaml
 
 from cluster.jobs import FinetuneTask
 from cluster.preemption import STOP_GRACE_S
-from cluster.submit import EXCLUDES, PROJECT_ROOT, entrypoint
+from cluster.submit import EXCLUDES, LOOPBACK_HOSTS, PROJECT_ROOT, entrypoint
 from cluster.tracking import find_secrets
-from data_pipeline.configlib import ConfigError, parse_override, read_yaml
+from data_pipeline.configlib import ConfigError, parse_override, read_yaml, set_dotted
+from data_pipeline.storage import endpoint, is_remote
 
 SECRET_NAME = "kiln-secrets"  # the Kubernetes Secret the pods read WANDB_API_KEY / HF_TOKEN from
 SECRET_KEYS = {"WANDB_API_KEY": "wandb-api-key", "HF_TOKEN": "hf-token"}
+S3_SECRET_NAME = "kiln-s3"  # the Kubernetes Secret the pods read S3 credentials from (--s3-secret)
+S3_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "aws-access-key-id",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-access-key",
+    "AWS_SESSION_TOKEN": "aws-session-token",
+}
+# Where the S3 endpoint is and its region: settings, not secrets, so a manifest carries their values.
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+LOCATION_KEYS = ("data_dir", "init_from", "encoder_checkpoint", "decoder_checkpoint")
+OUT_OPTION = "--job-out"
+# Without --job-out the job writes to its command's default --out, runs/<command>.
+OUT_DEFAULT = "--job-out (not given)"
+HF_PREFIX = "hf:"  # a checkpoint imported from Hugging Face: a Hub name is no path
 
 
 def infer_command(config: Path | None, overrides: list[str]) -> str:
@@ -60,6 +83,100 @@ def _describe(job: Any) -> str:
     )
 
 
+# ----------------------------------------------------------------------------------------------------- storage
+def written_locations(
+    command: str, config: Path | None, overrides: list[str], job: Any, out_dir: str | None
+) -> dict[str, str]:
+    """{config key or --job-out: location} as the user wrote it. `job` has them absolute already, made so
+    against this machine's working directory, but the cluster resolves the written ones against its own."""
+    raw = read_yaml(config) if config is not None else {}
+    for item in overrides:
+        set_dotted(raw, *parse_override(item))
+    defaults = {f.name: f.default for f in fields(job)}
+    found = {}
+    for key in LOCATION_KEYS:
+        value = raw.get(key, defaults.get(key)) if key in defaults else None
+        if value is not None:
+            found[key] = str(value)
+    if out_dir:
+        found[OUT_OPTION] = out_dir
+    else:
+        found[OUT_DEFAULT] = f"runs/{command}"
+    return found
+
+
+def location_kind(value: str) -> str:
+    """remote (a URI), hub (a Hugging Face Hub name), absolute (a local path) or relative."""
+    if value.startswith(HF_PREFIX):
+        rest = value.removeprefix(HF_PREFIX)
+        if not (rest.startswith(("/", "./", "../", "~", "file:")) or os.path.exists(rest)):
+            return "hub"  # downloaded by each process that needs it
+        value = rest
+    if is_remote(value):
+        return "remote"
+    return "absolute" if value.startswith(("/", "~", "file:")) else "relative"
+
+
+def uses_s3(locations: dict[str, str]) -> bool:
+    return any(value.startswith("s3://") for value in locations.values())
+
+
+def check_locations(locations: dict[str, str], target: str, spread: str | None) -> None:
+    """Refuse a location that only one node would see; `spread` ("3 worker pods", "2 nodes") is None for a
+    single-node render, which keeps any location."""
+    if spread is None:
+        return
+    for name, value in locations.items():
+        kind = location_kind(value)
+        # Pods share only their image: a local checkpoint may be baked into it, data and outputs are not.
+        unshared = target == "kuberay" and name in ("data_dir", OUT_OPTION, OUT_DEFAULT)
+        if kind == "relative" or (kind == "absolute" and unshared):
+            raise ConfigError(_refusal(name, value, kind, target, spread))
+
+
+def _refusal(name: str, value: str, kind: str, target: str, spread: str) -> str:
+    label = {
+        OUT_OPTION: f"{OUT_OPTION} {value}",
+        OUT_DEFAULT: f"{OUT_OPTION} not given (the job would write to {value})",
+    }.get(name, f"{name}={value}")
+    out = name in (OUT_OPTION, OUT_DEFAULT)
+    example = f"{OUT_OPTION} s3://BUCKET/runs/NAME" if out else f"{name}=s3://BUCKET/..."
+    if target == "kuberay":
+        why = (
+            "a relative path resolves in the driver's working directory on the head pod"
+            if kind == "relative"
+            else "the pods of a RayJob share no filesystem (the manifest mounts no volume)"
+        )
+        return f"{label}: {why}, which the {spread} do not see; use an s3:// URI ({example})"
+    return (
+        f"{label}: a relative path resolves in the driver's working directory, on the first of the "
+        f"{spread} only; use an s3:// URI ({example}) or an absolute path on a filesystem mounted "
+        "at the same path on every node"
+    )
+
+
+def storage_comment(locations: dict[str, str], shared: str) -> str:
+    """Comment lines saying how each location is reached; `shared` describes a local absolute path."""
+    said = {
+        "remote": "object storage, reached by every node itself",
+        "hub": "downloaded from the Hugging Face Hub",
+        "absolute": shared,
+        "relative": "relative to the job's working directory (single node only)",
+    }
+    width = max(len(name) for name in locations)
+    lines = [
+        f"#   {name:<{width}} {' '.join(value.split())}: {said[location_kind(value)]}"
+        for name, value in locations.items()
+    ]
+    return "# Storage (docs/scaling.md):\n" + "\n".join(lines) + "\n"
+
+
+def _run_line(command: str, config: Path | None, overrides: list[str], out_dir: str | None) -> str:
+    """The entrypoint with --out as written: `Path` would turn `s3://b/x` into `s3:/b/x`."""
+    line = entrypoint(command, config, overrides, None)
+    return f"{line} --out {shlex.quote(out_dir)}" if out_dir else line
+
+
 # ----------------------------------------------------------------------------------------------------- KubeRay
 def render_kuberay(
     command: str,
@@ -75,6 +192,7 @@ def render_kuberay(
     head_cpu: str = "1",
     head_memory: str = "4Gi",
     secret_name: str = SECRET_NAME,
+    s3_secret: str = S3_SECRET_NAME,
 ) -> str:
     """A RayJob (ray.io/v1, KubeRay ≥ 1.5.1 for `authOptions`) whose cluster has one worker pod per Ray Train
     worker; the head runs only the driver (num-cpus 0)."""
@@ -85,19 +203,17 @@ def render_kuberay(
         )
     c = job.cluster
     name = name or f"kiln-{command}"
-    env = [
-        {
-            "name": var,
-            "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key, "optional": True}},
-        }
-        for var, key in SECRET_KEYS.items()
-    ]
+    locations = written_locations(command, config, overrides, job, out_dir)
+    spread = f"{c.num_workers} worker pods" if c.num_workers > 1 else None
+    check_locations(locations, "kuberay", spread)
+    s3 = uses_s3(locations)
+    env = _secret_refs(SECRET_KEYS, secret_name) + (_s3_env(s3_secret) if s3 else [])
     worker_resources: dict[str, Any] = {"cpu": str(c.cpus_per_worker), "memory": worker_memory}
     if c.use_gpu:
         worker_resources["nvidia.com/gpu"] = "1"
     # The submitter pod (same image as the head) uploads code_dir as the job's working_dir, exactly as
     # `kiln submit` uploads the project; runtimeEnvYAML holds no secret (Ray stores it in the job's info).
-    runtime_env = {"working_dir": code_dir, "excludes": EXCLUDES}
+    runtime_env = {"working_dir": code_dir, "excludes": upload_excludes(locations)}
     # Deleting the RayJob stops the job with SIGTERM; the driver then has every worker checkpoint at one step
     # and stop (preemption), which needs longer than Ray's default 3 s before its SIGKILL.
     head_env = [*env, {"name": "RAY_JOB_STOP_WAIT_TIME_S", "value": str(STOP_GRACE_S)}]
@@ -118,9 +234,7 @@ def render_kuberay(
             "labels": {"app.kubernetes.io/name": "kiln", "kiln/command": command},
         },
         "spec": {
-            "entrypoint": entrypoint(
-                command, config, overrides, Path(out_dir) if out_dir else None
-            ),
+            "entrypoint": _run_line(command, config, overrides, out_dir),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
             "submissionMode": "K8sJobMode",
             "shutdownAfterJobFinishes": True,
@@ -151,17 +265,84 @@ def render_kuberay(
             },
         },
     }
+    header = _kuberay_header(command, config, job, name, secret_name, locations)
+    if s3:
+        header += _s3_header(s3_secret)
+    text = yaml.dump(manifest, Dumper=_ManifestDumper, sort_keys=False, width=1000)
+    return _check_clean(header + text, "manifest")
+
+
+def _kuberay_header(
+    command: str, config: Path | None, job: Any, name: str, secret: str, locations: dict[str, str]
+) -> str:
     header = (
         f"# Rendered by `kiln render kuberay` from {config or 'defaults'}: {_describe(job)}.\n"
-        f"# Secrets come from the Kubernetes Secret '{secret_name}' (keys {', '.join(SECRET_KEYS.values())}):\n"
-        f'#   kubectl create secret generic {secret_name} --from-literal=wandb-api-key="$WANDB_API_KEY"\n'
+        f"# Secrets come from the Kubernetes Secret '{secret}' (keys {', '.join(SECRET_KEYS.values())}):\n"
+        f'#   kubectl create secret generic {secret} --from-literal=wandb-api-key="$WANDB_API_KEY"\n'
         "# Apply with: kubectl apply -f <this file>; follow with: kubectl get rayjob; kubectl logs -l "
         f"job-name={name}\n"
     )
-    if not out_dir:
-        header += "# No --job-out: outputs stay in the head pod and vanish with it; mount shared storage.\n"
-    text = yaml.dump(manifest, Dumper=_ManifestDumper, sort_keys=False, width=1000)
-    return _check_clean(header + text, "manifest")
+    shared = "local: on one pod only, or baked into the image"
+    header += storage_comment(locations, shared)
+    if OUT_DEFAULT in locations or location_kind(locations.get(OUT_OPTION, "")) != "remote":
+        header += (
+            "# --out is not a URI: outputs stay in the pods and vanish with them unless you mount a "
+            "volume there; use s3://.\n"
+        )
+    return header
+
+
+def _secret_refs(keys: dict[str, str], secret: str) -> list[dict[str, Any]]:
+    """Environment entries that read each variable from a key of a Kubernetes Secret (unset if absent)."""
+    return [
+        {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+        for var, key in keys.items()
+    ]
+
+
+def _s3_env(s3_secret: str) -> list[dict[str, Any]]:
+    """S3 credentials by reference (optional: without the Secret, a pod's IAM role is used); the endpoint
+    and region by value, taken from the environment this render runs in."""
+    settings = [
+        {"name": var, "value": os.environ[var]} for var in S3_SETTINGS if os.environ.get(var)
+    ]
+    return _secret_refs(S3_SECRET_KEYS, s3_secret) + settings
+
+
+def _s3_header(s3_secret: str) -> str:
+    given = [var for var in S3_SETTINGS if os.environ.get(var)]
+    settings = (
+        f"{', '.join(given)} as set when this was rendered"
+        if given
+        else "no AWS_ENDPOINT_URL / AWS_REGION was set when this was rendered: AWS S3's defaults"
+    )
+    keys = " ".join(
+        f'--from-literal={key}="${var}"' for var, key in list(S3_SECRET_KEYS.items())[:2]
+    )
+    text = (
+        f"# S3: every pod reads credentials from the Secret '{s3_secret}' (keys "
+        f"{', '.join(S3_SECRET_KEYS.values())}; none: the pod's IAM role) and needs network access "
+        f"to the endpoint; {settings}.\n"
+        f"#   kubectl create secret generic {s3_secret} {keys}\n"
+    )
+    host = urlparse(endpoint() or "").hostname
+    if host in LOOPBACK_HOSTS:  # right for this machine, unreachable from a pod
+        text += f"# WARNING: the endpoint is on loopback ({host}): give the pods an address they reach.\n"
+    return text
+
+
+def upload_excludes(locations: dict[str, str]) -> list[str]:
+    """What the code upload leaves out: Kiln's defaults (runs, data, checkpoints...) and every relative
+    location of this job, so that data and outputs never travel with the code."""
+    extra = []
+    for value in locations.values():
+        if location_kind(value) == "relative":
+            path = os.path.normpath(value.removeprefix(HF_PREFIX))
+            top = path.split(os.sep)[0]
+            # outside the project (never uploaded anyway), or under a directory already left out
+            if top != ".." and top not in EXCLUDES and f"/{top}" not in EXCLUDES:
+                extra.append(f"/{path}")  # anchored at the working directory's root
+    return EXCLUDES + [e for e in extra if e not in EXCLUDES]
 
 
 class _ManifestDumper(yaml.SafeDumper):
@@ -215,6 +396,8 @@ def render_slurm(
             f"--nodes {nodes} for cluster.num_workers={c.num_workers}: some nodes would hold no "
             "worker; use at most as many nodes as workers"
         )
+    locations = written_locations(command, config, overrides, job, out_dir)
+    check_locations(locations, "slurm", f"{nodes} nodes" if nodes > 1 else None)
     per_node = math.ceil(c.num_workers / nodes)
     cpus, gpus = per_node * c.cpus_per_worker, per_node if c.use_gpu else 0
     venv = venv or str(project_dir / ".venv")
@@ -224,6 +407,7 @@ def render_slurm(
     sbatch = [
         f"--job-name={name}",
         f"--nodes={nodes}",
+        "--export=ALL",
         "--ntasks-per-node=1",
         f"--cpus-per-task={cpus}",
         f"--time={time_limit}",
@@ -234,10 +418,16 @@ def render_slurm(
         sbatch.append(f"--gpus-per-task={gpus}")
     if partition:
         sbatch.append(f"--partition={partition}")
-    run = entrypoint(command, config, overrides, Path(out_dir) if out_dir else None)
+    run = _run_line(command, config, overrides, out_dir)
+    shared = (
+        "local, on a shared filesystem mounted at this path on every node"
+        if nodes > 1
+        else "a local path on the node"
+    )
     text = _SLURM_TEMPLATE.format(
         source=config or "defaults",
         describe=_describe(job),
+        storage=storage_comment(locations, shared),
         nodes=nodes,
         per_node=per_node,
         sbatch="\n".join(f"#SBATCH {line}" for line in sbatch),
@@ -254,6 +444,9 @@ def render_slurm(
 _SLURM_TEMPLATE = """#!/bin/bash
 # Rendered by `kiln render slurm` from {source}: {describe};
 # {nodes} node(s), up to {per_node} worker(s) per node. Submit with: sbatch <this file>
+{storage}# s3:// locations: export AWS_ENDPOINT_URL, AWS_REGION and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+# (AWS_SESSION_TOKEN) before sbatch; --export=ALL passes them on and srun hands them to every node. Every
+# node needs network access to the endpoint; never write their values into this file.
 {sbatch}
 set -euo pipefail
 
@@ -262,8 +455,8 @@ cd {project}
 source {activate}
 
 # Token authentication with a token made for this job alone: srun hands it to every node through the
-# environment and it is never written to disk. WANDB_API_KEY / HF_TOKEN reach the job the same way: export them
-# before calling sbatch (SLURM passes the submitting environment on); never write them into this file.
+# environment and it is never written to disk. WANDB_API_KEY / HF_TOKEN (and AWS_*) reach the job the same way:
+# export them before calling sbatch (--export=ALL passes them on); never write them into this file.
 export RAY_AUTH_MODE=token
 RAY_AUTH_TOKEN="$(python -c 'import secrets; print(secrets.token_hex(32))')"
 export RAY_AUTH_TOKEN

@@ -1,10 +1,12 @@
 """Resume: how a Kiln run continues from its own checkpoints, top to bottom.
 
-A run directory (`--out`) keeps its checkpoints in `checkpoints/step-NNNNNNN/`, in the format that
-`pretrain/checkpoint.py` owns: saving, the manifest, sha256 verification, loading, listing and
-pruning, and the RNG capture it stores (what readers such as `kiln evaluate` and `kiln export` use
-too). This module decides whether, and from which of them, a run continues, and hands that
-checkpoint to Lightning. In the order a resumed run (`trainer.resume=auto`) meets them:
+A run directory (`--out`, a local path or a URI: cluster.rundir.RunDir) keeps its checkpoints in
+`checkpoints/step-NNNNNNN/`, in the format that `pretrain/checkpoint.py` owns: saving, the manifest,
+sha256 verification, loading, listing and pruning (on a local disk or an object store, where a
+checkpoint's manifest.json is uploaded after its files, so no manifest means no checkpoint), and
+the RNG capture it stores (what readers such as `kiln evaluate` and `kiln export` use too). This
+module decides whether, and from which of them, a run continues, and hands that checkpoint to
+Lightning. In the order a resumed run (`trainer.resume=auto`) meets them:
 
 1. The run directory (driver, `cluster.rundir.run_dir`). A directory an earlier Kiln run made is
    continued instead of refused (`continues_run`). A run that then stops on bad input keeps a
@@ -19,12 +21,16 @@ checkpoint to Lightning. In the order a resumed run (`trainer.resume=auto`) meet
    that changed are named) and other data (the data manifest's sha256). It reaches every worker in
    the train loop config, so all ranks resume from one checkpoint.
 3. Worker loss (every worker, `resume_point`). When Ray Train restarts a failed worker group
-   (`cluster.max_failures`), the newest intact checkpoint written since this run started
-   (`retry_checkpoint`) wins over the driver's choice: the new group continues where the lost one
-   stopped, under every strategy.
+   (`cluster.max_failures`), the newest intact checkpoint written by this launch (`retry_checkpoint`:
+   its manifest names this invocation's `launch` id; no clocks of different machines are compared)
+   wins over the driver's choice: the new group continues where the lost one stopped, under every
+   strategy, on whichever nodes it now runs. A remote checkpoint is fetched into each worker's cache
+   and verified there (`fetch_checkpoint`).
 4. The metrics history (rank 0, `stash_metrics` before `fit`, `restore_metrics` after every run).
    Lightning's CSV logger replaces metrics.csv when it starts, so the rows logged before the
-   checkpoint's step are kept aside and put back in front; the rows after it are logged again.
+   checkpoint's step are kept aside and put back in front; the rows after it are logged again. A
+   remote run's metrics.csv is uploaded with every checkpoint (`publish_metrics`) and fetched by the
+   rank 0 that resumes, wherever it runs.
 5. Trainer state (every rank, inside `trainer.fit(ckpt_path=<checkpoint directory>)`).
    `KilnCheckpointIO`, a Lightning plugin in `cluster/callbacks.py`, returns
    `lightning_checkpoint(path)`: the checkpoint, verified again, with its `trainer_state` recast as
@@ -61,18 +67,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.rundir import MARKER
+from cluster.rundir import CHECKPOINTS, MARKER, RunDir
 from data_pipeline.configlib import ConfigError, to_dict
+from data_pipeline.storage import Location
 from pretrain.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     clean_partial_saves,
+    fetch_checkpoint,
     load_trainer_state,
     load_weights,
     newest_valid_checkpoint,
     read_manifest,
     restore_rng_state,
-    sha256_file,
     verify_checkpoint,
 )
 
@@ -81,43 +88,53 @@ if TYPE_CHECKING:
 
 # Where a line for the user goes: print, or in a training worker cluster.callbacks.emit.
 Say = Callable[[str], None]
-CHECKPOINTS = "checkpoints"  # a run directory's checkpoints, one directory each
 METRICS = "metrics.csv"
 STASHED_METRICS = ".metrics-before-resume.csv"
 RESUME_KEYS = ("optimizer", "scheduler", "lightning", "rng_per_rank")  # needed in trainer_state
 
 
-def checkpoints_dir(run: Path) -> Path:
+def checkpoints_dir(run: Path | RunDir) -> Path:
+    """The checkpoints directory this process writes in (a remote run's: its scratch copy)."""
     return Path(run) / CHECKPOINTS
 
 
+def _out(run: Path | RunDir) -> Location:
+    return run.out if isinstance(run, RunDir) else Location.of(run)
+
+
+def _checkpoint_root(run: Path | RunDir) -> Path | Location:
+    """Where the run's checkpoints live: a local directory, or a prefix of a remote `--out`."""
+    return run.checkpoints if isinstance(run, RunDir) and run.remote else checkpoints_dir(run)
+
+
 # ---------------------------------------------------------------- 1. the run directory
-def continues_run(run: Path, mode: str) -> bool:
+def continues_run(run: Path | RunDir, mode: str) -> bool:
     """With trainer.resume=auto, a directory an earlier Kiln run made is continued, not refused."""
-    return mode == "auto" and (Path(run) / MARKER).is_file()
+    return mode == "auto" and (_out(run) / MARKER).is_file()
 
 
-def has_checkpoint(run: Path) -> bool:
+def has_checkpoint(run: Path | RunDir) -> bool:
     """Whether `run` holds a checkpoint a later run could continue from, so it must be kept."""
-    root = checkpoints_dir(run)
-    return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    return any(not name.startswith(".") for name in (_out(run) / CHECKPOINTS).list())
 
 
 # ---------------------------------------------------------------- 2. which checkpoint (driver)
-def resume_checkpoint(root: Path, mode: str, say: Say = print) -> Path | None:
+def resume_checkpoint(root: Path | Location, mode: str, say: Say = print) -> Path | str | None:
     """The checkpoint a run resumes from: with mode "auto" the newest complete one under `root` (a
-    checkpoints directory) whose sha256s check out, else None. Interrupted saves (`.tmp-*`, or
-    without a valid manifest) are never picked; a corrupted one is skipped, with a warning, for the
-    one before it."""
+    checkpoints directory, local or remote) whose sha256s check out, else None. Interrupted saves
+    (`.tmp-*`, or without a valid manifest: an upload cut short) are never picked; a corrupted one
+    is skipped, with a warning, for the one before it."""
     return newest_valid_checkpoint(root, warn=say) if mode == "auto" else None
 
 
-def check_resume(job: PretrainJob | FinetuneJob, run: Path, say: Say = print) -> Path | None:
+def check_resume(
+    job: PretrainJob | FinetuneJob, run: Path | RunDir, say: Say = print
+) -> Path | str | None:
     """Driver side, before any worker starts: the checkpoint of the run directory `run` that `job`
-    continues from (None: a fresh start), refused with the reason when it cannot be continued
-    exactly."""
-    root = checkpoints_dir(run)
-    if job.trainer.resume == "auto":
+    continues from (None: a fresh start; a URI on a remote run), refused with the reason when it
+    cannot be continued exactly."""
+    root = _checkpoint_root(run)
+    if job.trainer.resume == "auto" and isinstance(root, Path):
         for leftover in clean_partial_saves(root):
             say(
                 f"[resume] removed {leftover.name}, a save that was interrupted before it completed"
@@ -128,7 +145,7 @@ def check_resume(job: PretrainJob | FinetuneJob, run: Path, say: Say = print) ->
     return latest
 
 
-def _check_exact(job: PretrainJob | FinetuneJob, latest: Path) -> None:
+def _check_exact(job: PretrainJob | FinetuneJob, latest: Path | str) -> None:
     """ConfigError unless `job` can continue `latest` exactly: its optimizer state, same task, model
     and data."""
     manifest, now = read_manifest(latest), to_dict(job)
@@ -143,7 +160,7 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path) -> None:
                 "new --out"
             )
     data_sha = (manifest.get("data_manifest") or {}).get("sha256")
-    if data_sha and data_sha != sha256_file(Path(job.data_dir) / "manifest.json"):
+    if data_sha and data_sha != (Location.of(job.data_dir) / "manifest.json").sha256():
         raise ConfigError(
             f"trainer.resume=auto: {latest} was trained on other data than "
             f"{job.data_dir} (its manifest.json differs); resume on the same "
@@ -151,7 +168,9 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path) -> None:
         )
 
 
-def _check_optimizer_state(job: PretrainJob | FinetuneJob, latest: Path, manifest: dict) -> None:
+def _check_optimizer_state(
+    job: PretrainJob | FinetuneJob, latest: Path | str, manifest: dict
+) -> None:
     """DDP saves torch's optimizer state_dict, ZeRO the consolidated state (any stage, any worker
     count restores it); one family's cannot be restored into the other's optimizer."""
     saved = ((manifest.get("job_config") or {}).get("cluster") or {}).get("strategy")
@@ -182,26 +201,26 @@ def _diff(saved: Any, now: Any) -> str:
 
 
 # ---------------------------------------------------------------- 3. worker loss (every worker)
-def retry_checkpoint(root: Path, since_ns: int, say: Say = print) -> Path | None:
-    """The newest intact checkpoint under `root` written by this run (created at or after
-    `since_ns`): present only when Ray Train restarted the worker group after a failure, which must
-    continue where the lost group stopped."""
-    path = newest_valid_checkpoint(root, warn=say, since_ns=since_ns)
+def retry_checkpoint(root: Path | Location, launch: str, say: Say = print) -> Path | str | None:
+    """The newest intact checkpoint under `root` written by this launch (its manifest's `launch` is
+    this `kiln pretrain/finetune` invocation's id; no clocks are compared, the workers may run on
+    other machines than the driver): present only when Ray Train restarted the worker group after a
+    failure, which must continue where the lost group stopped."""
+    path = newest_valid_checkpoint(root, warn=say, launch=launch)
     if path is not None:
         say(f"[retry] the worker group was restarted; continuing from {path}")
     return path
 
 
 def resume_point(
-    run: Path, chosen: str | Path | None, started_ns: int, say: Say = print
-) -> Path | None:
-    """The checkpoint a worker group continues from: after a restart this run's own newest one
-    (`retry_checkpoint`, any strategy), else the driver's choice `chosen` (`check_resume`; None: a
-    fresh start)."""
-    retried = retry_checkpoint(checkpoints_dir(run), started_ns, say)
-    if retried is not None:
-        return retried
-    return Path(chosen) if chosen else None
+    run: Path | RunDir, chosen: str | Path | None, launch: str, say: Say = print
+) -> tuple[Path | str, Path] | None:
+    """The checkpoint a worker group continues from, as (where it is, a local directory of it):
+    after a restart this launch's own newest one (`retry_checkpoint`, any strategy), else the
+    driver's choice `chosen` (`check_resume`; None: a fresh start). A remote checkpoint is fetched
+    into the local cache and verified (pretrain.checkpoint.fetch_checkpoint)."""
+    found = retry_checkpoint(_checkpoint_root(run), launch, say) or chosen
+    return (found, fetch_checkpoint(found)) if found else None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -237,6 +256,18 @@ def restore_metrics(run: Path) -> None:
     if stash.is_file() or not metrics.is_file():
         _write_rows(metrics, _read_rows(stash) + _read_rows(metrics))
     stash.unlink(missing_ok=True)
+
+
+def publish_metrics(run: RunDir) -> None:
+    """A remote run's metrics.csv so far (the stashed rows, then this run's) to its `--out`, where a
+    resume on another machine finds it. Lightning's CSV logger flushes its rows every
+    `flush_logs_every_n_steps`; the rows it holds back are logged again after a resume."""
+    if not run.remote:
+        return
+    rows = _read_rows(Path(run) / STASHED_METRICS) + _read_rows(Path(run) / METRICS)
+    merged = Path(run) / ".metrics-published.csv"
+    _write_rows(merged, rows)
+    run.location(METRICS).write_bytes(merged.read_bytes())
 
 
 def _read_rows(file: Path) -> list[dict[str, str]]:

@@ -112,7 +112,9 @@ def _warn_if_cleartext(address: str) -> None:
         )
 
 
-def entrypoint(command: str, config: Path | None, overrides: list[str], out: Path | None) -> str:
+def entrypoint(
+    command: str, config: Path | None, overrides: list[str], out: Path | str | None
+) -> str:
     """The kiln command line the cluster runs, with the config path relative to the uploaded working dir."""
     # `python -m cluster` rather than the `kiln` script: the uploaded working dir is importable on the cluster,
     # the console script is only on PATH where Kiln was pip-installed.

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from cluster.jobs import FinetuneJob, PretrainJob, pretrain_family
 from data_pipeline.errors import DataDirError, DataError
 from data_pipeline.loader import make_loader, read_manifest
+from data_pipeline.shards import data_view
+from data_pipeline.storage import Location, is_remote
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, fetch_checkpoint
 from pretrain.hf_import import (
     HF_PREFIX,
     check_tokenizer_matches_data,
@@ -46,20 +48,22 @@ class TaskParts:
     new_tensors: list[str] = dataclasses.field(default_factory=list)
 
 
-def data_paths(data_dir: str | Path, task: str) -> tuple[Path, Path, dict]:
-    """(task directory, tokenizer file, top-level manifest) of a prepared data directory; clear errors if absent."""
-    root = Path(data_dir)
-    manifest_file = root / "manifest.json"
-    if not manifest_file.is_file():
+def data_paths(data_dir: str | Path, task: str) -> tuple[Path | str, Path, dict]:
+    """(task directory, tokenizer file, top-level manifest) of a prepared data directory; clear errors
+    if absent. A remote data directory's task directory stays its URI (the loader streams its shards);
+    the tokenizer is a local copy (shards.data_view)."""
+    if not is_remote(data_dir) and not (Path(data_dir) / "manifest.json").is_file():
         raise DataDirError(
-            f"{root}: not a prepared data directory (no manifest.json); run `kiln data prepare`"
+            f"{data_dir}: not a prepared data directory (no manifest.json); run `kiln data prepare`"
         )
-    manifest = read_manifest(manifest_file)
+    view = data_view(data_dir)
+    manifest = read_manifest(view / "manifest.json")
     if task not in manifest.get("tasks", []):
         raise DataDirError(
-            f"{root}: has no '{task}' examples (prepared tasks: {', '.join(manifest['tasks'])})"
+            f"{data_dir}: has no '{task}' examples (prepared tasks: {', '.join(manifest['tasks'])})"
         )
-    return root / task, root / "tokenizer.json", manifest
+    task_dir = (Location.of(data_dir) / task).text if is_remote(data_dir) else view / task
+    return task_dir, view / "tokenizer.json", manifest
 
 
 def fit_model_to_data(job: PretrainJob, manifest: dict) -> PretrainJob:
@@ -142,7 +146,7 @@ def _load_initial_weights(model: Any, job: PretrainJob) -> None:
     """Continued pretraining: every tensor from the checkpoint (preflight made the model config its config)."""
     from finetune.models.warm_start import load_pretrained
 
-    ckpt = load_pretrained(Path(job.init_from), job.model.arch)
+    ckpt = load_pretrained(fetch_checkpoint(job.init_from), job.model.arch)
     model.load_state_dict(ckpt.state_dict, strict=True)
 
 
@@ -157,7 +161,9 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
         )
     else:
         model, new = WarmStartedSeq2Seq.from_pretrained(
-            Path(job.encoder_checkpoint), Path(job.decoder_checkpoint), Path(job.data_dir)
+            fetch_checkpoint(job.encoder_checkpoint),
+            fetch_checkpoint(job.decoder_checkpoint),
+            data_view(job.data_dir),
         )
     from finetune.module import TranslationModule
 
@@ -179,17 +185,17 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
 
 
 def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
-    task_dir, _, manifest = data_paths(job.data_dir, job.task)
-    labels = read_manifest(task_dir / "manifest.json")["labels"]
+    _, _, manifest = data_paths(job.data_dir, job.task)
+    labels = read_manifest(data_view(job.data_dir) / job.task / "manifest.json")["labels"]
     if job.model is not None:
         model, new = scratch_model(job, manifest, labels=labels), []
     elif job.encoder_checkpoint:
         model, new = EncoderClassifier.from_pretrained(
-            Path(job.encoder_checkpoint), len(labels), labels
+            fetch_checkpoint(job.encoder_checkpoint), len(labels), labels
         )
     elif job.decoder_checkpoint:
         model, new = DecoderClassifier.from_pretrained(
-            Path(job.decoder_checkpoint), len(labels), labels
+            fetch_checkpoint(job.decoder_checkpoint), len(labels), labels
         )
     else:
         raise CheckpointError(
@@ -263,7 +269,7 @@ def _check_model(job: Job, manifest: dict, out_dir: Path | None) -> Job:
         return job
 
     if job.model is not None:
-        labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
+        labels = read_manifest(data_view(job.data_dir) / job.task / "manifest.json").get("labels")
         scratch_config(job, manifest, labels)
         return job
     needed = {"encoder_checkpoint": "bert"}
@@ -278,11 +284,11 @@ def _check_model(job: Job, manifest: dict, out_dir: Path | None) -> Job:
             raise CheckpointError(
                 f"'{key}': {job.task} needs a Kiln {arch.upper()} checkpoint directory"
             )
-        load_pretrained(Path(path), arch)
+        load_pretrained(fetch_checkpoint(path), arch)
         # a translation decoder speaks the target side: the data's target_tokenizer.json where it has one
         check_tokenizer_matches_data(
-            Path(path),
-            Path(job.data_dir),
+            fetch_checkpoint(path),
+            data_view(job.data_dir),
             key,
             target=job.task == "translation" and key == "decoder_checkpoint",
         )
@@ -293,20 +299,24 @@ def check_prepared_data(job: PretrainJob | FinetuneJob, manifest: dict) -> None:
     """On the driver, what every worker will open: the tokenizer(s), the task's manifest, the
     shards of its train and validation splits, and a batch per rank. (Shard sha256s stay the
     workers' check: hashing every shard twice would cost a large corpus minutes.)"""
-    root, task_dir = Path(job.data_dir), Path(job.data_dir) / job.task
-    files = [root / "tokenizer.json"]
+    root, task_dir = Location.of(job.data_dir), Location.of(job.data_dir) / job.task
+    files = ["tokenizer.json"]
     if "target_tokenizer" in manifest:
-        files.append(root / TARGET_TOKENIZER_FILE)
-    for file in files:
-        if not file.is_file():
-            raise DataDirError(f"{file}: missing from the prepared data; run `kiln data prepare`")
+        files.append(TARGET_TOKENIZER_FILE)
+    present = set(root.list())
+    for name in files:
+        if name not in present:
+            raise DataDirError(
+                f"{root / name}: missing from the prepared data; run `kiln data prepare`"
+            )
     task_manifest = task_dir / "manifest.json"
-    splits = read_manifest(task_manifest).get("splits", {})
+    splits = read_manifest(task_manifest.text).get("splits", {})
+    shards = set(task_dir.walk())  # one listing, also of a bucket
     for split in ("train", "validation"):
         if split not in splits:
             raise DataDirError(f"{task_manifest}: no split {split!r}; it has {sorted(splits)}")
         for shard in splits[split]["shards"]:
-            if not (task_dir / shard["file"]).is_file():
+            if shard["file"] not in shards:
                 raise DataDirError(
                     f"{task_dir / shard['file']}: missing (listed in {task_manifest})"
                 )
@@ -332,11 +342,13 @@ def count_parameters(job: PretrainJob | FinetuneJob) -> int:
     if job.model is not None:
         from finetune.models import ARCHITECTURES
 
-        labels = read_manifest(Path(job.data_dir) / job.task / "manifest.json").get("labels")
+        labels = read_manifest(data_view(job.data_dir) / job.task / "manifest.json").get("labels")
         config = scratch_config(job, manifest, labels)
         return num_parameters(build_on_meta(ARCHITECTURES[config.arch].model, config))
     files = [
-        Path(p) / "model.safetensors" for p in (job.encoder_checkpoint, job.decoder_checkpoint) if p
+        fetch_checkpoint(p) / "model.safetensors"
+        for p in (job.encoder_checkpoint, job.decoder_checkpoint)
+        if p
     ]
     return sum(f.stat().st_size // 4 for f in files if f.is_file())  # fp32 tensors, 4 bytes each
 
@@ -347,8 +359,10 @@ def _continued_pretraining(job: PretrainJob, out_dir: Path | None) -> PretrainJo
 
     family = pretrain_family(job.task)
     job = import_hf_checkpoints(job, {"init_from": family}, out_dir)
-    ckpt = load_pretrained(Path(job.init_from), family)
-    check_tokenizer_matches_data(Path(job.init_from), Path(job.data_dir), "init_from")
+    ckpt = load_pretrained(fetch_checkpoint(job.init_from), family)
+    check_tokenizer_matches_data(
+        fetch_checkpoint(job.init_from), data_view(job.data_dir), "init_from"
+    )
     print(
         f"[init] model weights and config from {job.init_from} ({family}); the config's 'model' section is not used",
         flush=True,

@@ -1,6 +1,7 @@
 """Weights & Biases: offline by default (the run lives under the output directory), online when asked.
 
-One run per output directory: its id is written to `<out>/wandb/run_id` on the driver before workers start, so
+One run per output directory: its id is written to `<out>/wandb/run_id` (a file, or an object when `--out` is a
+URI) on the driver before workers start, so
 every rank, every Ray Train retry, a resumed job and the driver's post-training uploads all name the same run.
 Offline, each of those processes writes its own `offline-run-*` directory of that id; `wandb sync` uploads them in
 start order into the one run. Secrets never enter configs: an online run takes `WANDB_API_KEY` from the
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cluster.rundir import RUN_ID, out_location
 from data_pipeline.configlib import ConfigError
 
 if (
@@ -27,7 +29,15 @@ if (
 ):  # cluster.jobs imports torch; `kiln wandb sync` and `kiln jobs` must start without it
     from cluster.jobs import WandbConfig
 
-SECRET_ENV_VARS = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_AUTH_TOKEN")
+SECRET_ENV_VARS = (
+    "WANDB_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 REDACTED = "<redacted>"
 REFERENCE_OVER_MIB = (
     100.0  # checkpoints larger than this are logged by reference (file:// URI), not copied
@@ -89,20 +99,21 @@ def check_online_credentials(mode: str) -> None:
 
 # ------------------------------------------------------------------------------------------ loggers (workers)
 def build_loggers(
-    cfg: WandbConfig, out_dir: Path, stage: str, job_config: dict[str, Any]
+    cfg: WandbConfig, out_dir: str | os.PathLike[str], stage: str, job_config: dict[str, Any]
 ) -> list[Any]:
     """CSV metrics (always, `out_dir/metrics.csv`) and a W&B run unless disabled. Lightning loggers write from
     rank 0 only (the W&B run is created lazily, on rank 0), so every rank may build them."""
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name="", version="")]
+    local = os.fspath(out_dir)  # a RunDir: the working directory on this machine
+    loggers: list[Any] = [CSVLogger(save_dir=local, name="", version="")]
     if cfg.mode == "disabled":
         return loggers
     quiet_wandb()
     os.environ["WANDB_MODE"] = cfg.mode
     wandb_logger = WandbLogger(
-        name=cfg.name or f"{stage}-{Path(out_dir).name}",
-        save_dir=str(out_dir),
+        name=cfg.name or f"{stage}-{out_location(out_dir).name}",
+        save_dir=local,
         offline=cfg.mode == "offline",
         project=cfg.project,
         entity=cfg.entity,
@@ -135,19 +146,19 @@ def finish_run() -> None:
         wandb.finish()
 
 
-def ensure_run_id(out_dir: Path) -> str:
-    """Called once on the driver before workers start, so every rank and every retry agree on the run id."""
-    id_file = Path(out_dir) / "wandb" / "run_id"
+def ensure_run_id(out_dir: str | os.PathLike[str]) -> str:
+    """Called once on the driver before workers start, so every rank and every retry agree on the run id
+    (kept in the run's `--out`, which every node reaches)."""
+    id_file = out_location(out_dir) / RUN_ID
     if id_file.is_file():
         return id_file.read_text().strip()
-    id_file.parent.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(4)  # W&B run ids: short, lowercase, unique per project
     id_file.write_text(run_id)
     return run_id
 
 
-def read_run_id(out_dir: Path) -> str:
-    id_file = Path(out_dir) / "wandb" / "run_id"
+def read_run_id(out_dir: str | os.PathLike[str]) -> str:
+    id_file = out_location(out_dir) / RUN_ID
     if not id_file.is_file():
         raise ConfigError(f"{id_file}: no W&B run id (the driver writes it before training starts)")
     return id_file.read_text().strip()
@@ -169,8 +180,8 @@ def log_artifacts(
 
     `images` / `tables` default to what Kiln's commands write: `*.png` in `out_dir` and its direct
     subdirectories, and `eval/predictions.jsonl`."""
-    out_dir = Path(out_dir)
-    if cfg.mode == "disabled" or not (out_dir / "wandb" / "run_id").is_file():
+    run_out, out_dir = out_location(out_dir), Path(out_dir)
+    if cfg.mode == "disabled" or not (run_out / RUN_ID).is_file():
         return None
     import wandb
 
@@ -178,13 +189,13 @@ def log_artifacts(
     tables = _default_tables(out_dir) if tables is None else tables
     quiet_wandb()
     run = wandb.init(
-        id=read_run_id(out_dir),
+        id=read_run_id(run_out),
         resume="allow",
         dir=str(out_dir),
         mode=cfg.mode,
         project=cfg.project,
         entity=cfg.entity,
-        name=cfg.name or f"{stage}-{out_dir.name}",
+        name=cfg.name or f"{stage}-{run_out.name}",
         tags=[stage, *cfg.tags],
         settings=wandb.Settings(console="off"),
     )
@@ -198,7 +209,7 @@ def log_artifacts(
             run.summary.update({f"test/{k}": v for k, v in json.loads(metrics.read_text()).items()})
         if checkpoint is not None:
             run.log_artifact(
-                checkpoint_artifact(Path(checkpoint), f"{stage}-{run.id}", reference_over_mib),
+                checkpoint_artifact(checkpoint, f"{stage}-{run.id}", reference_over_mib),
                 aliases=["latest", Path(checkpoint).name],
             )
     finally:
@@ -207,12 +218,16 @@ def log_artifacts(
 
 
 def checkpoint_artifact(
-    checkpoint: Path, name: str, reference_over_mib: float = REFERENCE_OVER_MIB
+    checkpoint: Path | str, name: str, reference_over_mib: float = REFERENCE_OVER_MIB
 ) -> Any:
     """A W&B model artifact of a checkpoint directory: its files (small) or a file:// reference (large; W&B
-    records paths and checksums, the bytes stay where they are)."""
+    records paths and checksums, the bytes stay where they are). A checkpoint on object storage is
+    always a reference to its URI (W&B reads the S3 credentials from the same environment)."""
     import wandb
 
+    if "://" in str(checkpoint):
+        return _remote_checkpoint_artifact(str(checkpoint), name, reference_over_mib)
+    checkpoint = Path(checkpoint)
     size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
     artifact = wandb.Artifact(name, type="model", metadata={"path": str(checkpoint), "bytes": size})
     if size > reference_over_mib * 2**20:
@@ -220,6 +235,25 @@ def checkpoint_artifact(
     else:
         # immutable: no staging copy; the checkpoint is never rewritten once complete.
         artifact.add_dir(str(checkpoint), policy="immutable")
+    return artifact
+
+
+def _remote_checkpoint_artifact(uri: str, name: str, reference_over_mib: float) -> Any:
+    """A checkpoint on object storage: its files from the verified local copy when small; when large
+    its URI (metadata) with its manifest.json and config.json only (W&B's own s3:// references would
+    need boto3 and its own credentials handling; the manifest's sha256s identify the weights)."""
+    import wandb
+
+    from pretrain.checkpoint import fetch_checkpoint
+
+    local = fetch_checkpoint(uri)
+    size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    artifact = wandb.Artifact(name, type="model", metadata={"path": uri, "bytes": size})
+    if size > reference_over_mib * 2**20:
+        for small in ("manifest.json", "config.json"):
+            artifact.add_file(str(local / small), policy="immutable")
+    else:
+        artifact.add_dir(str(local), policy="immutable")
     return artifact
 
 

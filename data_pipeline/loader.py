@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
-from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
@@ -51,6 +50,7 @@ from data_pipeline.shards import (
     read_rows,
     verify_sha256,
 )
+from data_pipeline.storage import Location
 
 __all__ = [
     "COLLATORS",
@@ -273,9 +273,14 @@ class ShardLoader:
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.columns = list(collate.columns)
         self._fs, self._root = filesystem(task_dir)
+        # errors name files as the user wrote the location (a URI keeps its scheme)
+        self._shown = (
+            os.fspath(task_dir).rstrip("/") if "://" in os.fspath(task_dir) else self._root
+        )
         self._manifest_path = f"{self._root}/{MANIFEST}"
+        shown_manifest = f"{self._shown}/{MANIFEST}"
         self._shards = _split_shards(
-            read_json_at(self._fs, self._manifest_path), split, self._manifest_path
+            read_json_at(self._fs, self._manifest_path, shown_manifest), split, shown_manifest
         )
         self.num_rows = sum(int(s["rows"]) for s in self._shards)
         self.data = hashlib.sha256("".join(s["sha256"] for s in self._shards).encode()).hexdigest()
@@ -285,7 +290,7 @@ class ShardLoader:
         self._layout = self._full_layout(world_size)
         if self._layout.batches == 0:
             raise DataError(
-                f"{self._root}/{split}: {self.num_rows} rows make no batch of "
+                f"{self._shown}/{split}: {self.num_rows} rows make no batch of "
                 f"{batch_size} on each of {world_size} ranks; lower the batch size "
                 "or add data"
             )
@@ -438,11 +443,11 @@ class ShardLoader:
 
     def _read_shard(self, index: int, start: int, stop: int) -> pa.Table:
         shard = self._shards[index]
-        path = f"{self._root}/{shard['file']}"
+        path, shown = f"{self._root}/{shard['file']}", f"{self._shown}/{shard['file']}"
         if index not in self._verified:  # once per process: a full extra read of the shard
-            verify_sha256(self._fs, path, shard["sha256"], self._manifest_path)
+            verify_sha256(self._fs, path, shard["sha256"], f"{self._shown}/{MANIFEST}", shown)
             self._verified.add(index)
-        return read_rows(self._fs, path, start, stop, self.columns)
+        return read_rows(self._fs, path, start, stop, self.columns, shown)
 
     def _note_held(self, order: EpochOrder, rows: int, ahead: tuple[int, Any] | None) -> None:
         if ahead is not None:
@@ -519,10 +524,10 @@ def make_loader(
 ) -> ShardLoader:
     """A loader for `task`/`split` of a prepared data directory, with the task's collator. document_attention
     (clm only): packed documents do not attend to each other (ClmCollator)."""
-    top = read_manifest(data_dir)
+    top, root = read_manifest(data_dir), Location.of(data_dir)  # a local path or a URI
     if task not in top.get("tasks", {}):
         raise DataError(
-            f"{Path(data_dir) / 'manifest.json'}: no task {task!r}; it has {sorted(top.get('tasks', {}))}"
+            f"{root / 'manifest.json'}: no task {task!r}; it has {sorted(top.get('tasks', {}))}"
         )
     collate = COLLATORS[task](top)
     if document_attention:
@@ -530,7 +535,7 @@ def make_loader(
             raise DataError(f"document_attention applies to the clm task, not {task!r}")
         collate = ClmCollator(top["special_tokens"]["[PAD]"], bos_id=top["special_tokens"]["[BOS]"])
     return ShardLoader(
-        Path(data_dir) / task,
+        (root / task).text,
         split,
         batch_size,
         collate,

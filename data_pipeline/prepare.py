@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from data_pipeline.examples import BUILDERS, BuildParams
 from data_pipeline.raystart import init_ray
 from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
 from data_pipeline.sources import BLOCK_CHARS, SOURCES, preflight
+from data_pipeline.storage import Location, cache_root, check_writable, is_remote
 from data_pipeline.tokenizer import (
     TARGET_TOKENIZER_FILE,
     load_tokenizer,
@@ -61,7 +63,11 @@ _HELPER_COLUMNS = [
 def prepare(
     cfg: DataConfig, out_dir: str | os.PathLike[str], progress: Callable[[str], None] | None = None
 ) -> dict:
-    """Prepare every task of `cfg` into `out_dir` (which must not exist or be empty); returns the top manifest."""
+    """Prepare every task of `cfg` into `out_dir` (which must not exist or be empty; a local path or a
+    URI); returns the top manifest. A remote `out_dir` is prepared in a local staging directory and
+    uploaded, every manifest after the shards it lists (no manifest, no prepared data)."""
+    if is_remote(out_dir):
+        return _prepare_remote(cfg, Location.of(out_dir), progress)
     out_dir = Path(out_dir)
     refuse_non_empty(out_dir)
     start = time.perf_counter()
@@ -101,6 +107,33 @@ def prepare(
         raise
     say(f"prepared {', '.join(cfg.tasks)} in {out_dir}")
     return manifest
+
+
+def _prepare_remote(cfg: DataConfig, out: Location, progress: Callable[[str], None] | None) -> dict:
+    check_writable(out)  # bucket, credentials, endpoint: one line before any work
+    if out.list():
+        raise DataError(
+            f"{out}: output prefix exists and is not empty; choose a new one or remove it"
+        )
+    staging = Path(tempfile.mkdtemp(prefix="prepare-", dir=_staging_root()))
+    try:
+        manifest = prepare(cfg, staging / "data", progress)
+        files = sorted(
+            p.relative_to(staging / "data").as_posix() for p in (staging / "data").rglob("*")
+        )
+        manifests = sorted(f for f in files if f.endswith("/manifest.json"))
+        out.upload(staging / "data", last=(*manifests, "manifest.json"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress is not None:
+        progress(f"uploaded to {out}")
+    return manifest
+
+
+def _staging_root() -> Path:
+    root = cache_root() / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def _prepare_into(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataDirError, DataError
+from data_pipeline.storage import Location, cache_root, explain, is_remote, is_uri, resolve
 
 MANIFEST = "manifest.json"
 _PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_statistics": False}
@@ -119,7 +121,12 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict:
-    """A manifest.json, given the file or the directory holding it."""
+    """A manifest.json, given the file or the directory holding it (a local path or a URI)."""
+    if is_uri(path):
+        loc = Location.of(path)
+        loc = loc if loc.name.endswith(".json") else loc / MANIFEST
+        fs, where = resolve(loc.text)
+        return read_json_at(fs, where, loc.text)
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
@@ -132,6 +139,45 @@ def read_manifest(path: str | os.PathLike[str]) -> dict:
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def data_view(data_dir: str | os.PathLike[str]) -> Path:
+    """A local directory holding what readers of a prepared data directory open whole: its
+    manifests and tokenizers. A local directory is its own view; a remote one's small files are
+    fetched into the cache once per version of its manifest (its shards stay where they are: the
+    training loader streams them)."""
+    if not is_remote(data_dir):
+        return Path(data_dir)
+    root = Location.of(data_dir)
+    top = read_manifest(root)
+    small = [MANIFEST, *(n for n in root.list() if n.endswith(".json"))]
+    small += [f"{task}/{MANIFEST}" for task in top.get("tasks", [])]
+    return _cached_tree(root, sorted(set(small)), key=hashlib.sha256(json.dumps(top).encode()))
+
+
+def fetch_data(data_dir: str | os.PathLike[str]) -> Path:
+    """A local copy of a whole prepared data directory (`kiln evaluate --data s3://...`, which reads
+    whole splits): itself when local; every file of a remote one, fetched once per manifest version."""
+    if not is_remote(data_dir):
+        return Path(data_dir)
+    root = Location.of(data_dir)
+    top = read_manifest(root)
+    return _cached_tree(root, root.walk(), key=hashlib.sha256(b"all" + json.dumps(top).encode()))
+
+
+def _cached_tree(root: Location, names: list[str], key: Any) -> Path:
+    target = cache_root() / "data" / key.hexdigest()[:20] / root.name
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in names:
+        (root / name).fetch(tmp / name)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def read_split(
@@ -165,47 +211,54 @@ def read_split(
 # ---------------------------------------------------------------- streaming reads (pyarrow.fs)
 def filesystem(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path of a location: a URI (`s3://...`) or a local path."""
-    text = os.fspath(location)
-    if "://" in text:
-        try:
-            return pafs.FileSystem.from_uri(text)
-        except (pa.ArrowException, ValueError) as e:
-            raise DataError(f"{text}: cannot open this location ({e})") from None
-    return pafs.LocalFileSystem(), os.path.abspath(text)
+    return resolve(location)
 
 
-def read_json_at(fs: pafs.FileSystem, path: str) -> dict:
-    """A manifest.json through `fs`; errors name the file, as read_manifest's do."""
+def read_json_at(fs: pafs.FileSystem, path: str, shown: str | None = None) -> dict:
+    """A manifest.json through `fs`; errors name the file (`shown`: as the user wrote it)."""
+    shown = shown or path
     try:
         with fs.open_input_stream(path) as f:
             return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
-        raise DataError(
-            f"{path}: no manifest (was the data prepared with `kiln data prepare`?)"
+        raise DataDirError(
+            f"{shown}: no manifest (was the data prepared with `kiln data prepare`?)"
         ) from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise DataError(f"{shown}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, pa.ArrowException) as e:
+        raise explain(shown, e) from None
 
 
-def verify_sha256(fs: pafs.FileSystem, path: str, expected: str, manifest: str) -> None:
-    """Stream the file through sha256 (1 MiB at a time) and refuse it if it differs."""
+def verify_sha256(
+    fs: pafs.FileSystem, path: str, expected: str, manifest: str, shown: str | None = None
+) -> None:
+    """Stream the file through sha256 (1 MiB at a time) and refuse it if it differs. `shown`: the
+    file as errors name it (a URI keeps its scheme)."""
+    shown = shown or path
     digest = hashlib.sha256()
     try:
         with fs.open_input_stream(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: cannot read this shard ({_first_line(e)})") from None
+        raise DataError(f"{shown}: cannot read this shard ({_first_line(e)})") from None
     if digest.hexdigest() != expected:
         raise DataError(
-            f"{path}: sha256 does not match {manifest}; the shard changed or is corrupt"
+            f"{shown}: sha256 does not match {manifest}; the shard changed or is corrupt"
         )
 
 
 def read_rows(
-    fs: pafs.FileSystem, path: str, start: int, stop: int, columns: list[str]
+    fs: pafs.FileSystem,
+    path: str,
+    start: int,
+    stop: int,
+    columns: list[str],
+    shown: str | None = None,
 ) -> pa.Table:
     """Rows [start, stop) of one shard: only the row groups that hold them are read and decoded."""
+    shown = shown or path
     try:
         with fs.open_input_file(path) as f:
             parquet = pq.ParquetFile(f)
@@ -219,11 +272,11 @@ def read_rows(
             table = parquet.read_row_groups(groups, columns=columns)
     except (OSError, pa.ArrowException) as e:  # truncated, overwritten, not Parquet at all
         raise DataError(
-            f"{path}: cannot read this shard ({_first_line(e)}); prepare it again"
+            f"{shown}: cannot read this shard ({_first_line(e)}); prepare it again"
         ) from None
     if offset < stop:
         raise DataError(
-            f"{path}: has {offset} rows, its manifest says at least {stop}; prepare it again"
+            f"{shown}: has {offset} rows, its manifest says at least {stop}; prepare it again"
         )
     return table.slice(start - (first or 0), stop - start)
 

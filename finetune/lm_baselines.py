@@ -292,7 +292,7 @@ def _run_gpt(job: LMBaselineJob, texts: dict[str, list[str]], out: Path, log: Lo
     result: dict[str, Any] = {"unit": "token (+ [EOS] per line)", "checkpoint": job.gpt_checkpoint}
     for split in ("valid", "test"):
         result[split] = gpt_lines_perplexity(
-            Path(job.gpt_checkpoint),
+            job.gpt_checkpoint,
             texts[split],
             window=job.gpt_window,  # type: ignore[arg-type]
             stride=job.gpt_stride,
@@ -488,7 +488,7 @@ def gpt_text_perplexity(
     return {
         "text_path": str(text_path),
         **gpt_lines_perplexity(
-            Path(checkpoint_dir),
+            checkpoint_dir,
             lines,
             window=window,
             stride=stride,
@@ -500,7 +500,7 @@ def gpt_text_perplexity(
 
 
 def gpt_lines_perplexity(
-    checkpoint_dir: Path,
+    checkpoint_dir: str | Path,
     lines: list[str],
     *,
     window: int | None = None,

@@ -12,6 +12,18 @@ A checkpoint is written into `.tmp-<name>` beside the target and renamed when co
 without the leading dot either is complete or has no valid manifest (and is then ignored by
 `list_checkpoints`). Nothing is ever unpickled except with `torch.load(weights_only=True)`.
 
+On an object store (`s3://…`, data_pipeline.storage) there is no atomic rename: `publish_checkpoint`
+uploads a complete local checkpoint file by file and its manifest.json last, so a prefix without a
+readable manifest listing every file at its size is an upload in progress (or cut short) and is never
+listed, selected or pruned. A remote checkpoint is read through its local copy in the cache
+(`fetch_checkpoint`: fetched once per manifest, its sha256s checked before it is used). Listing,
+selection, pruning, verification and loading take a local path or a URI alike; a local directory
+comes back as a `Path`, a remote checkpoint as its URI (`str`).
+
+Checkpoints are ordered by the manifest's `step` (then `created_ns`, then name): wall clocks of
+different machines are never compared. `launch` in the manifest names the `kiln pretrain/finetune`
+invocation that wrote it (`newest_valid_checkpoint(..., launch=...)`).
+
 This module is the format (what readers such as `kiln evaluate` and `kiln export` need too); how a
 training run resumes from these directories is cluster/resume.py.
 """
@@ -33,12 +45,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from data_pipeline.configlib import ConfigError, from_dict
+from data_pipeline.storage import Location, StorageError, explain, local_copy, resolve
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from pretrain.registry import PRETRAIN_ARCHITECTURES, ArchSpec
 
@@ -51,6 +66,9 @@ FORMAT = "kiln-checkpoint"
 FORMAT_VERSION = 1
 _TIED_METADATA_KEY = "kiln.tied"  # safetensors metadata: {alias name: stored name}
 
+# A checkpoint, or a directory of them: a local path or a URI (a `str` or a `Location`).
+Where = Path | str | Location
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or trusted; the message names the file."""
@@ -58,7 +76,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path
+    path: Path  # local: a remote checkpoint's verified copy in the cache
     arch: str
     model_config: Any
     state_dict: dict[str, Tensor]  # every name the model expects, tied aliases sharing one tensor
@@ -93,12 +111,14 @@ def save_checkpoint(
     *,
     overwrite: bool = False,
     state_dict: dict[str, Tensor] | None = None,
+    launch: str | None = None,
 ) -> Path:
     """Write a complete checkpoint directory at `path` (atomically, via `.tmp-<name>`); returns `path`.
 
     model_config: a dataclass with an `arch` field. state_dict: use this instead of `model.state_dict()`
     (e.g. weights consolidated from ZeRO-3). data_manifest: the data directory or its manifest.json.
-    overwrite: replace an existing checkpoint at `path` (otherwise that is an error)."""
+    overwrite: replace an existing checkpoint at `path` (otherwise that is an error). launch: the id of
+    the `kiln pretrain/finetune` invocation writing it, recorded in the manifest."""
     path = Path(path)
     arch = _arch_of(model_config)
     if path.exists() and not overwrite:
@@ -127,7 +147,7 @@ def save_checkpoint(
             (tmp / TRAINER_STATE_FILE).parent.mkdir(parents=True)
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
         step = trainer_state.get("step") if trainer_state is not None else None
-        _write_json(tmp / MANIFEST_FILE, _manifest(tmp, arch, step, job_json, data_info))
+        _write_json(tmp / MANIFEST_FILE, _manifest(tmp, arch, step, job_json, data_info, launch))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -261,7 +281,9 @@ def _write_json(file: Path, obj: Any) -> None:
     file.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _manifest(root: Path, arch: str, step: Any, job_config: Any, data_info: dict | None) -> dict:
+def _manifest(
+    root: Path, arch: str, step: Any, job_config: Any, data_info: dict | None, launch: str | None
+) -> dict:
     files = {}
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
@@ -271,7 +293,8 @@ def _manifest(root: Path, arch: str, step: Any, job_config: Any, data_info: dict
         "format_version": FORMAT_VERSION,
         "arch": arch,
         "step": step if isinstance(step, int) else None,
-        "created_ns": time.time_ns(),
+        "created_ns": time.time_ns(),  # for information only: never compared (module docstring)
+        "launch": launch,
         "kiln_version": _kiln_version(),
         "git_commit": _git_commit(),
         "files": files,
@@ -315,14 +338,56 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     shutil.rmtree(old)
 
 
+# ---------------------------------------------------------------- where a checkpoint lives
+def _remote(where: Where) -> Location | None:
+    """`where` as a Location when it is not on this machine (an object store), else None."""
+    if isinstance(where, Path):  # a Path is local (and Path("s3://b/x") would read "s3:/b/x")
+        return None
+    loc = Location.of(where)
+    return loc if loc.is_remote else None
+
+
+def _local(where: Where) -> Path:
+    return where if isinstance(where, Path) else Location.of(where).local_path
+
+
+def _name(where: Where) -> str:
+    return where.name if isinstance(where, Path) else Location.of(where).name
+
+
+def _with_uri(e: CheckpointError, copy: Path, loc: Location) -> CheckpointError:
+    """`e` with the cached copy's path replaced by the URI it is a copy of, so the line names what
+    the user gave."""
+    return CheckpointError(str(e).replace(str(copy), str(loc)))
+
+
 # ---------------------------------------------------------------- loading
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Where) -> dict:
     """The checkpoint's manifest.json, parsed and shape-checked (no hashing)."""
-    file = Path(path) / MANIFEST_FILE
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (an incomplete save, or not a Kiln checkpoint)")
+    loc = _remote(path)
+    if loc is None:
+        file = _local(path) / MANIFEST_FILE
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (an incomplete save, or not a Kiln checkpoint)")
+        return _parse_manifest(file.read_bytes(), str(file))
+    return _parse_manifest(_remote_manifest_bytes(loc), str(loc / MANIFEST_FILE))
+
+
+def _remote_manifest_bytes(loc: Location) -> bytes:
+    file = loc / MANIFEST_FILE
     try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
+        return file.read_bytes()
+    except StorageError:
+        if file.exists():
+            raise  # the store failed, not the checkpoint
+    raise CheckpointError(
+        f"{file}: missing (an upload not finished or cut short, or not a Kiln checkpoint)"
+    )
+
+
+def _parse_manifest(data: bytes, file: str) -> dict:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from e
     except UnicodeDecodeError as e:
@@ -338,9 +403,14 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Check every file listed in the manifest exists and has the recorded sha256; returns the manifest."""
-    path = Path(path)
+def verify_checkpoint(path: Where) -> dict:
+    """Check every file listed in the manifest exists and has the recorded sha256; returns the
+    manifest. A remote checkpoint is fetched into the local cache and its copy is checked."""
+    loc = _remote(path)
+    return _verify_local(_local(path)) if loc is None else _fetch_verified(loc)[1]
+
+
+def _verify_local(path: Path) -> dict:
     manifest = read_manifest(path)
     for rel, info in manifest["files"].items():
         f = path / rel
@@ -355,8 +425,51 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
+def fetch_checkpoint(location: Where) -> Path:
+    """The local directory of one specific checkpoint: a local one itself (unchecked; its loader
+    verifies it), a remote one its copy in the cache, whose sha256s were checked."""
+    loc = _remote(location)
+    return _local(location) if loc is None else _fetch_verified(loc)[0]
+
+
+# Cached copies this process has hashed, with (path, size, mtime) of their files: a copy is hashed
+# again only when a file of it changed, so select → fetch → load hashes a large checkpoint once.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _fetch_verified(loc: Location) -> tuple[Path, dict]:
+    """(cached copy, manifest) of the remote checkpoint `loc`. The copy is keyed by the manifest's
+    sha256 (a checkpoint published again under the same name is fetched again) and checked on every
+    use: a copy that fails is deleted, so the next use fetches it afresh, and the checkpoint is
+    reported as corrupt."""
+    data = _remote_manifest_bytes(loc)
+    manifest = _parse_manifest(data, str(loc / MANIFEST_FILE))  # before downloading anything
+    key = hashlib.sha256(data).hexdigest()
+    copy = local_copy(loc, key=key)
+    try:
+        copied = copy / MANIFEST_FILE
+        if not copied.is_file() or sha256_file(copied) != key:
+            raise CheckpointError(
+                f"{copy}: changed while it was fetched (its manifest.json is not the one read "
+                "first); fetch it again once its upload is complete"
+            )
+        if _VERIFIED.get(copy) != _stamp(copy):
+            _verify_local(copy)
+            _VERIFIED[copy] = _stamp(copy)
+    except CheckpointError as e:
+        _VERIFIED.pop(copy, None)
+        shutil.rmtree(copy, ignore_errors=True)
+        raise _with_uri(e, copy, loc) from None
+    return copy, manifest
+
+
+def _stamp(copy: Path) -> tuple:
+    files = sorted(p for p in copy.rglob("*") if p.is_file())
+    return tuple((p.as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
 def load_checkpoint(
-    path: Path,
+    path: Where,
     registry: Mapping[str, ArchSpec] | None = None,
     *,
     build_model: bool = True,
@@ -364,9 +477,26 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
 ) -> LoadedCheckpoint:
     """Verify sha256s, rebuild the config dataclass via the arch registry, load the weights, and (by
-    default) build the model and load it strictly, with tied matrices re-tied."""
-    path = Path(path)
-    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    default) build the model and load it strictly, with tied matrices re-tied. A remote checkpoint
+    (a URI) is loaded from its verified local copy (`fetch_checkpoint`), whatever `verify` says."""
+    loc = _remote(path)
+    if loc is None:
+        return _load_local(_local(path), registry, build_model, verify, map_location)
+    copy = fetch_checkpoint(loc)
+    try:
+        return _load_local(copy, registry, build_model, False, map_location)
+    except CheckpointError as e:
+        raise _with_uri(e, copy, loc) from None
+
+
+def _load_local(
+    path: Path,
+    registry: Mapping[str, ArchSpec] | None,
+    build_model: bool,
+    verify: bool,
+    map_location: str | torch.device,
+) -> LoadedCheckpoint:
+    manifest = _verify_local(path) if verify else read_manifest(path)
     # pretrain's families by default; finetune.models.ARCHITECTURES holds every architecture
     registry = PRETRAIN_ARCHITECTURES if registry is None else registry
     config_file = path / CONFIG_FILE
@@ -440,10 +570,11 @@ def load_weights(file: Path, map_location: str | torch.device = "cpu") -> dict[s
     return state_dict
 
 
-def load_trainer_state(path: Path, *, mmap: bool = False) -> dict | None:
+def load_trainer_state(path: Where, *, mmap: bool = False) -> dict | None:
     """trainer_state/state.pt of a checkpoint (weights_only=True), or None when it was saved without one.
-    mmap: map the tensors instead of reading them (cheap, to look at which keys a checkpoint holds)."""
-    file = Path(path) / TRAINER_STATE_FILE
+    mmap: map the tensors instead of reading them (cheap, to look at which keys a checkpoint holds).
+    A remote checkpoint's is read from its verified local copy (`fetch_checkpoint`)."""
+    file = fetch_checkpoint(path) / TRAINER_STATE_FILE
     if not file.is_file():
         return None
     try:
@@ -489,51 +620,119 @@ def _as_tuples(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------- a directory of checkpoints
-def _is_complete(path: Path) -> bool:
-    """A cheap completeness check for listing (sizes, not hashes; load_checkpoint hashes)."""
+def _complete_manifest(path: Path) -> dict | None:
+    """The manifest of a complete local checkpoint (every listed file present at its size; sizes,
+    not hashes: loading hashes), else None."""
     try:
         manifest = read_manifest(path)
     except CheckpointError:
-        return False
+        return None
     for rel, info in manifest["files"].items():
         f = path / rel
         if not f.is_file() or f.stat().st_size != info.get("bytes"):
-            return False
-    return True
+            return None
+    return manifest
 
 
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints directly under `root`, oldest first (by the manifest's creation time). Names
-    starting with '.' (`.tmp-*` saves in progress, `.old-*` being replaced) are never listed."""
-    root = Path(root)
+def _order(item: tuple[Path | str, dict]) -> tuple:
+    """By the manifest's step, then created_ns (the same machine's clock within one launch), then
+    name; a checkpoint saved without a step sorts before every one with a step."""
+    where, manifest = item
+    step = manifest.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+    return (step, manifest.get("created_ns") or 0, _name(where))
+
+
+def _complete_checkpoints(root: Where) -> list[tuple[Path | str, dict]]:
+    """(checkpoint, manifest) of the complete checkpoints directly under `root`, oldest first."""
+    loc = _remote(root)
+    found = _local_complete(_local(root)) if loc is None else _remote_complete(loc)
+    return sorted(found, key=_order)
+
+
+def _local_complete(root: Path) -> list[tuple[Path | str, dict]]:
     if not root.is_dir():
         return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_complete(p)
-    ]
-    return sorted(found, key=lambda p: (read_manifest(p).get("created_ns", 0), p.name))
+    found: list[tuple[Path | str, dict]] = []
+    for p in root.iterdir():
+        manifest = None
+        if p.is_dir() and not p.name.startswith("."):
+            manifest = _complete_manifest(p)
+        if manifest is not None:
+            found.append((p, manifest))
+    return found
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def _remote_complete(root: Location) -> list[tuple[Path | str, dict]]:
+    """From one recursive listing: the prefixes whose manifest.json is readable and lists only files
+    present at their listed size (one request per manifest, none per file)."""
+    by_child: dict[str, dict[str, int]] = {}
+    for rel, size in _remote_sizes(root).items():
+        child, _, rest = rel.partition("/")
+        if rest and not child.startswith("."):
+            by_child.setdefault(child, {})[rest] = size
+    found: list[tuple[Path | str, dict]] = []
+    for name, sizes in by_child.items():
+        if MANIFEST_FILE not in sizes:
+            continue  # files first, manifest last: an upload in progress or cut short
+        try:
+            manifest = read_manifest(root / name)
+        except CheckpointError:
+            continue
+        if all(sizes.get(rel) == info.get("bytes") for rel, info in manifest["files"].items()):
+            found.append((str(root / name), manifest))
+    return found
+
+
+def _remote_sizes(loc: Location) -> dict[str, int]:
+    """{path relative to `loc`: size} of every file below the remote directory `loc`, from one
+    recursive listing (Location.walk gives the names only)."""
+    fs, path = resolve(loc.text)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except (OSError, pa.ArrowException) as e:
+        raise explain(loc.text, e) from None
+    prefix = path.rstrip("/") + "/"
+    return {
+        info.path[len(prefix) :]: int(info.size or 0)
+        for info in infos
+        if info.type == pafs.FileType.File
+    }
+
+
+def list_checkpoints(root: Where) -> list[Path | str]:
+    """Complete checkpoints directly under `root` (a local directory: Paths; a URI: URIs), oldest
+    first by the manifest's step. Names starting with '.' (`.tmp-*` saves in progress, `.old-*`
+    being replaced) are never listed, nor a remote prefix without a complete manifest.json."""
+    return [where for where, _ in _complete_checkpoints(root)]
+
+
+def latest_checkpoint(root: Where) -> Path | str | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
 
 
 def newest_valid_checkpoint(
-    root: Path, warn: Callable[[str], None] = print, since_ns: int = 0
-) -> Path | None:
-    """The newest complete checkpoint under `root` (created at or after `since_ns`) whose files match their sha256s;
-    a newer one that fails the check (a flipped byte, a truncated file) is skipped with a warning. None when there
-    is no such checkpoint at all; an error when there are some and none is intact (silently starting over would
-    discard the run)."""
-    found = [p for p in list_checkpoints(root) if read_manifest(p).get("created_ns", 0) >= since_ns]
-    for path in reversed(found):
+    root: Where, warn: Callable[[str], None] = print, launch: str | None = None
+) -> Path | str | None:
+    """The newest complete checkpoint under `root` whose files match their sha256s (a remote one:
+    its local copy, fetched into the cache); with `launch`, only those whose manifest names that
+    launch. A newer one that fails the check (a flipped byte, a truncated file) is skipped with a
+    warning. None when there is no such checkpoint at all; an error when there are some and none is
+    intact (silently starting over would discard the run)."""
+    found = [
+        where
+        for where, manifest in _complete_checkpoints(root)
+        if launch is None or manifest.get("launch") == launch
+    ]
+    for where in reversed(found):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(where)
         except CheckpointError as e:
-            warn(f"[resume] warning: skipping {path.name}: {e}")
+            warn(f"[resume] warning: skipping {_name(where)}: {e}")
             continue
-        return path
+        return where
     if found:
         raise CheckpointError(
             f"{root}: none of the {len(found)} checkpoints is intact (see the warnings above); "
@@ -542,11 +741,31 @@ def newest_valid_checkpoint(
     return None
 
 
-def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
-    """The checkpoint `path` means: itself when it is one (it has a manifest.json); for a run
-    directory (one with `checkpoints/`) or a directory of checkpoints, its newest complete one whose
-    sha256s match. Anything else is returned as is, for its loader to explain."""
-    path = Path(path)
+def select_checkpoint(location: Where, warn: Callable[[str], None] = print) -> Path | str:
+    """The checkpoint a `--checkpoint`, `init_from` or `*_checkpoint` value means: itself when it is
+    one (it has a manifest.json); for a run directory (one with `checkpoints/`) or a directory of
+    checkpoints, its newest complete one whose sha256s match. A local one comes back as a Path
+    (anything else local as is, for its loader to explain); a remote one as the URI of that one
+    checkpoint, fetched into the cache and verified, so every reader loads the same one."""
+    loc = _remote(location)
+    if loc is None:
+        return _select_local(_local(location), warn)
+    if (loc / MANIFEST_FILE).is_file():
+        verify_checkpoint(loc)
+        return str(loc)
+    names = loc.list()
+    if MODEL_FILE in names or CONFIG_FILE in names:
+        why = f"no {MANIFEST_FILE}: an upload not finished or cut short"
+        raise CheckpointError(f"{loc}: holds no complete checkpoint ({why})")
+    root = loc / "checkpoints" if "checkpoints" in names else loc
+    newest = newest_valid_checkpoint(root, warn=warn)
+    if newest is None:
+        why = f"none under {root} has a complete {MANIFEST_FILE}" if names else "nothing is there"
+        raise CheckpointError(f"{loc}: holds no complete checkpoint ({why})")
+    return newest
+
+
+def _select_local(path: Path, warn: Callable[[str], None]) -> Path:
     if (path / MANIFEST_FILE).is_file() or not path.is_dir():
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
@@ -557,7 +776,13 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
         raise CheckpointError(
             f"{path}: holds no complete checkpoint (none under {root} has a valid manifest.json)"
         )
-    return newest
+    return Path(newest)
+
+
+def resolve_checkpoint(path: Where, warn: Callable[[str], None] = print) -> Path:
+    """The local directory of the checkpoint `path` means (`select_checkpoint`, then
+    `fetch_checkpoint`: a remote one's verified copy in the cache)."""
+    return fetch_checkpoint(select_checkpoint(path, warn=warn))
 
 
 def clean_partial_saves(root: Path) -> list[Path]:
@@ -571,11 +796,68 @@ def clean_partial_saves(root: Path) -> list[Path]:
     return leftovers
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints; returns the deleted paths."""
+def prune_checkpoints(root: Where, keep_last: int) -> list[Path | str]:
+    """Delete all but the newest `keep_last` complete checkpoints; returns the deleted ones.
+
+    Only complete checkpoints are ever deleted. On an object store a prefix with files but no
+    manifest may be another writer's upload in progress (its manifest comes last), e.g. a worker
+    group Ray Train restarted, or a second launch writing into the same `--out` at a lower step:
+    even when it is not the newest thing there, deleting it would break that upload, so it is left
+    (locally, `.tmp-*` saves are clean_partial_saves' business)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     doomed = list_checkpoints(root)[:-keep_last]
-    for p in doomed:
-        shutil.rmtree(p)
+    for where in doomed:
+        loc = _remote(where)
+        if loc is None:
+            shutil.rmtree(where)
+            continue
+        # The manifest first, the mirror of publishing it last: a prune cut short leaves files no
+        # one lists, never a checkpoint that looks complete but is not.
+        (loc / MANIFEST_FILE).delete()
+        loc.delete()
     return doomed
+
+
+# ---------------------------------------------------------------- publishing to a URI
+def publish_checkpoint(local: Path, dest: str | Location) -> None:
+    """Upload the complete local checkpoint `local` to `dest` (a URI, or a local directory): every
+    file, then manifest.json last, so `dest` never looks complete before it is. Nothing is done when
+    `dest` already holds a complete checkpoint with the same manifest (a retried publish)."""
+    local = Path(local)
+    manifest = _complete_manifest(local)
+    if manifest is None:
+        raise CheckpointError(
+            f"{local}: not a complete checkpoint (no valid {MANIFEST_FILE}, or a file it lists is "
+            "missing or of another size); nothing was published"
+        )
+    target = Location.of(dest)
+    if _holds(target, manifest):
+        return
+    if not target.is_remote:
+        _copy_into_place(local, target.local_path)
+        return
+    # Another checkpoint's manifest there must not describe the new files while they arrive.
+    (target / MANIFEST_FILE).delete()
+    target.upload(local, last=(MANIFEST_FILE,))
+
+
+def _holds(target: Location, manifest: dict) -> bool:
+    """Whether `target` is a complete checkpoint whose manifest is `manifest`."""
+    if not target.is_remote:
+        return _complete_manifest(target.local_path) == manifest
+    try:
+        if read_manifest(target) != manifest:
+            return False
+    except CheckpointError:
+        return False
+    sizes = _remote_sizes(target)
+    return all(sizes.get(rel) == info.get("bytes") for rel, info in manifest["files"].items())
+
+
+def _copy_into_place(local: Path, path: Path) -> None:
+    """A local destination gets what save_checkpoint gives: a copy renamed into place whole."""
+    tmp = path.parent / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(local, tmp)
+    _move_into_place(tmp, path)

@@ -41,6 +41,7 @@ from pretrain.checkpoint import (
     MODEL_FILE,
     TOKENIZER_FILE,
     CheckpointError,
+    fetch_checkpoint,
     load_weights,
     verify_checkpoint,
 )
@@ -547,14 +548,19 @@ def hf_config(
 
 
 # ---------------------------------------------------------------- export
-def export_hf(checkpoint: Path, out: Path) -> Path:
-    """Write the Kiln checkpoint at `checkpoint` as a `transformers` model directory `out`; returns `out`.
+def export_hf(checkpoint: Path | str, out: Path) -> Path:
+    """Write the Kiln checkpoint at `checkpoint` (a local directory or a URI) as a `transformers`
+    model directory `out`; returns `out`.
 
-    The checkpoint's sha256s are verified first. `out` must not exist or be an empty directory; the files are
-    written to a temporary directory beside it and renamed into place when complete."""
-    checkpoint, out = Path(checkpoint), Path(out)
+    The checkpoint's sha256s are verified first (a remote one's on its copy fetched into the cache).
+    `out` must not exist or be an empty directory; the files are written to a temporary directory
+    beside it and renamed into place when complete."""
+    out = Path(out)
     _check_out(out)
+    # A URI stays a str (Path() would turn `s3://` into `s3:/`); then the local directory: the
+    # checkpoint itself, or the cached copy just verified (not hashed again).
     verify_checkpoint(checkpoint)
+    checkpoint = fetch_checkpoint(checkpoint)
     config_file, weights_file = checkpoint / CONFIG_FILE, checkpoint / MODEL_FILE
     arch, values = _read_config(config_file)
     family = _family(arch, str(config_file))

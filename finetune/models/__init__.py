@@ -58,10 +58,10 @@ CLASSIFICATION_ARCHES = tuple(
 )
 
 
-def load_finetuned(path: Path) -> LoadedCheckpoint:
+def load_finetuned(path: Path | str) -> LoadedCheckpoint:
     """load_checkpoint with the fine-tuning architectures known (a fine-tuned or a pretrained
-    checkpoint)."""
-    return load_checkpoint(Path(path), ARCHITECTURES)
+    checkpoint; a local directory or a URI, kept a `str`: Path() would turn `s3://` into `s3:/`)."""
+    return load_checkpoint(path, ARCHITECTURES)
 
 
 __all__ = [

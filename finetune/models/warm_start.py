@@ -12,21 +12,23 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from data_pipeline.storage import Location
 from data_pipeline.tokenizer import load_translation_tokenizers
-from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
+from pretrain.checkpoint import CONFIG_FILE, CheckpointError, LoadedCheckpoint, load_checkpoint
 from pretrain.hf_import import check_tokenizer_matches_data
 
 _SHOW = 5  # how many offending names an error message lists
 
 
-def load_pretrained(path: Path, expected_arch: str) -> LoadedCheckpoint:
-    """Load (and sha256-verify) a pretraining checkpoint and insist on its model family."""
-    ckpt = load_checkpoint(Path(path))
+def load_pretrained(path: Path | str, expected_arch: str) -> LoadedCheckpoint:
+    """Load (and sha256-verify) a pretraining checkpoint, a local directory or a URI, and insist on
+    its model family."""
+    ckpt = load_checkpoint(path)  # a URI stays a str: Path() would turn `s3://` into `s3:/`
     arch = getattr(ckpt.model_config, "arch", None)
     if arch != expected_arch:
         raise CheckpointError(
-            f"{Path(path) / 'config.json'}: arch is {arch!r}, but a {expected_arch!r} checkpoint "
-            f"is needed here (were the encoder and decoder checkpoints swapped?)"
+            f"{Location.of(path) / CONFIG_FILE}: arch is {arch!r}, but a {expected_arch!r} "
+            "checkpoint is needed here (were the encoder and decoder checkpoints swapped?)"
         )
     return ckpt
 

@@ -5,7 +5,6 @@ tests/e2e/test_worker_loss.py."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -27,25 +26,27 @@ from pretrain.models.bert import BertConfig, BertForPreTraining
 CFG = from_preset(BertConfig, "tiny", vocab_size=40)
 
 
-def save(run: Path, step: int) -> Path:
-    path = run / "checkpoints" / f"step-{step:07d}"
-    return save_checkpoint(path, BertForPreTraining(CFG), CFG, None, trainer_state={"step": step})
+def save(run: Path, step: int, launch: str | None = None) -> Path:
+    path = Path(run) / "checkpoints" / f"step-{step:07d}"
+    return save_checkpoint(
+        path, BertForPreTraining(CFG), CFG, None, trainer_state={"step": step}, launch=launch
+    )
 
 
-def test_a_restarted_worker_group_continues_from_this_runs_newest_checkpoint(
+def test_a_restarted_worker_group_continues_from_this_launchs_newest_checkpoint(
     tmp_path: Path,
 ) -> None:
-    chosen = save(tmp_path, 2)  # what the driver chose: an earlier run's checkpoint
-    started_ns = time.time_ns()
-    # nothing of this run yet: the driver's choice
-    assert resume_point(tmp_path, str(chosen), started_ns) == chosen
-    assert resume_point(tmp_path, None, started_ns) is None  # a fresh start stays one
-    ours = save(tmp_path, 4)  # written by this run before its first worker group was lost
+    chosen = save(tmp_path, 2, launch="earlier")  # what the driver chose: an earlier run's
+    # nothing of this launch yet: the driver's choice
+    assert resume_point(tmp_path, str(chosen), "this") == (str(chosen), chosen)
+    assert resume_point(tmp_path, None, "this") is None  # a fresh start stays one
+    save(tmp_path, 6, launch="another")  # newer, but another launch's (no clocks are compared)
+    ours = save(tmp_path, 4, launch="this")  # written before this launch's worker group was lost
     said: list[str] = []
-    assert resume_point(tmp_path, str(chosen), started_ns, say=said.append) == ours
+    assert resume_point(tmp_path, str(chosen), "this", say=said.append) == (ours, ours)
     assert said == [f"[retry] the worker group was restarted; continuing from {ours}"]
     # whatever the strategy: a ZeRO checkpoint holds its optimizer state too (consolidated)
-    assert resume_point(tmp_path, None, started_ns) == ours
+    assert resume_point(tmp_path, None, "this") == (ours, ours)
     assert checkpoint_step(ours) == 4
 
 

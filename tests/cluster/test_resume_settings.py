@@ -331,7 +331,7 @@ def test_pretrain_may_continue_a_kiln_run_directory_only_with_resume_auto(tmp_pa
     run = prepare_run_dir(tmp_path / "run")
     (run / "checkpoints").mkdir()
     with run_dir(run, "auto") as out:
-        assert out == run and (run / "checkpoints").is_dir()  # continued, nothing deleted
+        assert out.local == run and (run / "checkpoints").is_dir()  # continued, nothing deleted
     with pytest.raises(ConfigError, match="not empty"), run_dir(run, "never"):
         pass
     other = tmp_path / "other"
@@ -340,4 +340,4 @@ def test_pretrain_may_continue_a_kiln_run_directory_only_with_resume_auto(tmp_pa
     with pytest.raises(ConfigError, match="not empty"), run_dir(other, "auto"):
         pass
     with run_dir(tmp_path / "new", "auto") as out:
-        assert out.is_dir()  # a fresh directory is fine either way
+        assert out.local.is_dir()  # a fresh directory is fine either way

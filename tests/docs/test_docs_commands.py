@@ -34,6 +34,7 @@ from docs_testlib import (
     doc_commands,
     shared_paths,
 )
+from s3_testlib import S3Server
 
 SHARED = ROOT.parent / "shared" / "data"
 # Small cuts of ../shared/data: the first lines of each file a command or recipe names.
@@ -231,12 +232,14 @@ REGISTRY: list[Spec] = [
     ),
     _spec(
         "render-kuberay",
-        "kiln render kuberay --config configs/tiny-bert.yaml --image kiln:latest --out rayjob.yaml",
+        "kiln render kuberay --config configs/tiny-bert.yaml data_dir=s3://kiln/data --image "
+        "kiln:latest --job-out s3://kiln/runs/bert --out rayjob.yaml",
         writes=("rayjob.yaml",),
     ),
     _spec(
         "render-slurm",
-        "kiln render slurm --config configs/tiny-bert.yaml --nodes 2 --out job.sbatch",
+        "kiln render slurm --config configs/tiny-bert.yaml data_dir=/shared/data --nodes 2 "
+        "--job-out /shared/runs/bert --out job.sbatch",
         writes=("job.sbatch",),
     ),
     # Uploading needs the network and an API key: offline, the command must say so (exit 2).
@@ -397,6 +400,48 @@ REGISTRY: list[Spec] = [
         "../shared/data/multi30k/raw/test_2016_flickr.en",
         needs=("mt-transformer",),
         prints=('"bleu"',),
+    ),
+    # --------------------------------------- README: object storage (the loopback S3 server's bucket)
+    _spec(
+        "s3-data",
+        "kiln data prepare --config configs/data-sample.yaml --out s3://kiln/data",
+        smoke=f"{SAMPLE} {SMALL_VOCAB}",
+        prints=("wrote s3://kiln/data",),
+    ),
+    _spec(
+        "s3-gpt",
+        "kiln pretrain --config configs/tiny-gpt.yaml data_dir=s3://kiln/data --out s3://kiln/runs/gpt",
+        smoke=TRAIN,
+        needs=("s3-data",),
+        prints=("checkpoint: s3://kiln/runs/gpt/checkpoints/step-0000002",),
+    ),
+    _spec(
+        "s3-gpt-resume",
+        "kiln pretrain --config configs/tiny-gpt.yaml data_dir=s3://kiln/data trainer.max_steps=400 "
+        "trainer.resume=auto --out s3://kiln/runs/gpt",
+        smoke=f"{TRAIN} trainer.max_steps=4",
+        needs=("s3-gpt",),
+        prints=("resuming from s3://kiln/runs/gpt/checkpoints/step-0000002",),
+    ),
+    _spec(
+        "s3-cls",
+        "kiln finetune --config configs/classification.yaml data_dir=s3://kiln/data "
+        "encoder_checkpoint=null decoder_checkpoint=s3://kiln/runs/gpt --out s3://kiln/runs/cls",
+        smoke=TRAIN,
+        needs=("s3-gpt-resume",),
+        prints=("checkpoint: s3://kiln/runs/cls/checkpoints/",),
+    ),
+    _spec(
+        "s3-evaluate",
+        "kiln evaluate --checkpoint s3://kiln/runs/cls --data s3://kiln/data --split test",
+        needs=("s3-cls",),
+        prints=('"accuracy"',),
+    ),
+    _spec(
+        "s3-export",
+        "kiln export --checkpoint s3://kiln/runs/gpt --format hf --out runs/gpt-hf",
+        needs=("s3-gpt-resume",),
+        writes=("runs/gpt-hf/model.safetensors",),
     ),
     # ----------------------------------------------------------- recipes no documented command runs
     # (the commands their own header comments show)
@@ -604,7 +649,7 @@ def problems(spec: Spec, result: Result, cwd: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def docs_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocsRun]:
+def docs_run(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[DocsRun]:
     base = tmp_path_factory.mktemp("docs")
     scratch = copy_repo(base / "kiln")
     (scratch / ".venv").symlink_to(ROOT / ".venv")  # what `make install` leaves in a clone
@@ -617,6 +662,8 @@ def docs_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocsRun]:
     env.update(
         RAY_ADDRESS="127.0.0.1:6379", RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
     )
+    # The README's object-storage walk-through: the session's S3 server holds its bucket `kiln`.
+    env.update(s3_server.env(), KILN_CACHE=str(base / "kiln-cache"))
     run = DocsRun(Shell(scratch, env), have_shared)
     try:
         yield run
