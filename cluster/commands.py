@@ -44,7 +44,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         return 0
     from data_pipeline.prepare import prepare
     from data_pipeline.raystart import keep_ray_log
-
     from data_pipeline.storage import Location
 
     out = args.out or Path("runs/data")
@@ -252,9 +251,9 @@ def _parallel_text(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if (args.data is None) == (args.src is None and args.ref is None):
         raise ConfigError("kiln analyze-beam: give either --data DIR or --src FILE --ref FILE")
     if args.data is not None:
-        from cluster.evaluation import read_split
+        from cluster.evaluation import read_split, task_dir
 
-        split = read_split(Path(args.data) / "translation", args.split, ["src_text", "tgt_text"])
+        split = read_split(task_dir(args.data, "translation"), args.split, ["src_text", "tgt_text"])
         srcs, refs = split["src_text"], split["tgt_text"]
     elif args.src is None or args.ref is None:
         raise ConfigError("kiln analyze-beam: --src and --ref go together")

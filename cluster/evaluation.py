@@ -15,8 +15,9 @@ import torch
 
 from cluster.jobs import DecodeConfig
 from data_pipeline.errors import DataDirError, DataError
-from data_pipeline.shards import fetch_data
 from data_pipeline.shards import read_manifest as read_data_manifest
+from data_pipeline.shards import read_split as read_shards
+from data_pipeline.storage import Location, is_remote
 from data_pipeline.tokenizer import TranslationTokenizers, load_translation_tokenizers
 from finetune import predict
 from finetune.evaluate import accuracy, macro_f1, majority_class_accuracy, mcc
@@ -25,12 +26,32 @@ from finetune.translate import evaluate_translation, translate_texts
 from pretrain.checkpoint import CheckpointError, fetch_checkpoint
 
 
-def read_split(task_dir: Path, split: str, columns: list[str]) -> dict[str, list[Any]]:
+def read_split(task_dir: Path | str, split: str, columns: list[str]) -> dict[str, list[Any]]:
+    """Columns of one split of a prepared task directory: a local one's shards as they lie, a
+    remote one's (a URI) as its manifest lists them, each checked against its sha256."""
+    if is_remote(task_dir):
+        return _read_remote_split(task_dir, split, columns)
+    task_dir = Path(task_dir)
     files = sorted((task_dir / split).glob("*.parquet"))
     if not files:
         raise DataDirError(f"{task_dir / split}: no shards (is this a prepared data directory?)")
     tables = [pq.read_table(f, columns=columns) for f in files]
     return {c: [v for t in tables for v in t.column(c).to_pylist()] for c in columns}
+
+
+def _read_remote_split(task_dir: str, split: str, columns: list[str]) -> dict[str, list[Any]]:
+    task = Location.of(task_dir)
+    if split not in read_data_manifest(task.text).get("splits", {}):
+        raise DataDirError(f"{task / split}: no shards (is this a prepared data directory?)")
+    table = read_shards(task.text, split, columns)
+    return {c: table.column(c).to_pylist() for c in columns}
+
+
+def task_dir(data_dir: Path | str, task: str) -> Path | str:
+    """A task directory of a prepared data directory: a local path, or a URI read in place."""
+    if is_remote(data_dir):
+        return (Location.of(data_dir) / task).text
+    return Path(data_dir) / task
 
 
 def evaluate_checkpoint(
@@ -40,17 +61,18 @@ def evaluate_checkpoint(
     decode: DecodeConfig,
     out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    # A checkpoint or data on object storage is read from a verified local copy (the cache).
-    checkpoint, data_dir = fetch_checkpoint(checkpoint), fetch_data(data_dir)
+    # A checkpoint on object storage is read from a verified local copy (the cache); data there
+    # is read in place, only the splits scored, each shard checked against its sha256.
+    checkpoint = fetch_checkpoint(checkpoint)
     loaded = load_finetuned(checkpoint)
     arch = loaded.model_config.arch
     model = loaded.model.eval()
     if arch in TRANSLATION_ARCHES:
-        data = read_split(Path(data_dir) / "translation", split, ["src_text", "tgt_text"])
+        data = read_split(task_dir(data_dir, "translation"), split, ["src_text", "tgt_text"])
         srcs, refs = data["src_text"], data["tgt_text"]
         metrics, rows = _translation(model, Path(checkpoint), srcs, refs, decode)
     elif arch in CLASSIFICATION_ARCHES:
-        metrics, rows = _classification(model, Path(data_dir), split)
+        metrics, rows = _classification(model, data_dir, split)
     else:
         raise CheckpointError(
             f"{checkpoint}: a '{arch}' checkpoint is not a fine-tuned model; nothing to evaluate"
@@ -154,10 +176,10 @@ def _translation(
 
 
 def _classification(
-    model: torch.nn.Module, data_dir: Path, split: str
+    model: torch.nn.Module, data_dir: Path | str, split: str
 ) -> tuple[dict[str, Any], list[dict]]:
-    task_dir = data_dir / "classification"
-    data = read_split(task_dir, split, ["input_ids", "label", "text"])
+    where = task_dir(data_dir, "classification")
+    data = read_split(where, split, ["input_ids", "label", "text"])
     # padded and masked as the training collator does: the data's [PAD] id and the row lengths
     # (a real token may have id 0, as "!" in GPT-2's vocabulary)
     pad_id = int(read_data_manifest(data_dir)["special_tokens"]["[PAD]"])
@@ -165,11 +187,11 @@ def _classification(
     labels = data["label"]
     names = model.config.label_names or [str(i) for i in range(model.config.num_labels)]
     metrics = _classification_metrics(probs, labels)
-    metrics.update(classification_baselines(task_dir, split, model.config.num_labels))
+    metrics.update(classification_baselines(where, split, model.config.num_labels))
     return metrics, _classification_rows(data["text"], labels, probs, names)
 
 
-def classification_baselines(task_dir: Path, split: str, num_labels: int) -> dict[str, float]:
+def classification_baselines(task_dir: Path | str, split: str, num_labels: int) -> dict[str, float]:
     """What a classifier's accuracy on `split` of a prepared classification task is set against:
 
     majority_class_accuracy  the training split's most frequent label, always answered
@@ -193,7 +215,7 @@ def classification_baselines(task_dir: Path, split: str, num_labels: int) -> dic
     }
 
 
-def _validation_rows(task_dir: Path) -> tuple[list[str], list[int]] | None:
+def _validation_rows(task_dir: Path | str) -> tuple[list[str], list[int]] | None:
     try:
         rows = read_split(task_dir, "validation", ["text", "label"])
     except DataDirError:  # validation_fraction 0: no shards

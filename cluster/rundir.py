@@ -124,13 +124,14 @@ def run_dir(
     from cluster.resume import continues_run, has_checkpoint
 
     run = RunDir(out)
-    if run.remote:
-        check_writable(run.out)  # bucket, credentials, endpoint: one line before any work
+    # read-only first (a missing bucket, refused keys, a dead endpoint already fail here, in one line)
     created, was_empty = not run.out.exists(), _is_empty(run.out)
     if continues_run(run, resume):
         created = was_empty = False  # a run being continued: none of its files are this command's
     else:
         prepare_run_dir(run.out, overwrite)
+    if run.remote:
+        check_writable(run.out)  # and writable, before any work
     run.fresh_scratch()
     try:
         yield run

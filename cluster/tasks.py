@@ -51,7 +51,9 @@ class TaskParts:
 def data_paths(data_dir: str | Path, task: str) -> tuple[Path | str, Path, dict]:
     """(task directory, tokenizer file, top-level manifest) of a prepared data directory; clear errors
     if absent. A remote data directory's task directory stays its URI (the loader streams its shards);
-    the tokenizer is a local copy (shards.data_view)."""
+    the tokenizer is a local copy in `shards.data_view` (fetched once per version of the manifest,
+    checked against the sha256 it records, beside target_tokenizer.json where there is one: a
+    checkpoint copies the pair)."""
     if not is_remote(data_dir) and not (Path(data_dir) / "manifest.json").is_file():
         raise DataDirError(
             f"{data_dir}: not a prepared data directory (no manifest.json); run `kiln data prepare`"

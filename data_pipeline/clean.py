@@ -3,6 +3,11 @@
 `clean_batch` runs as a Ray Data `map_batches` UDF. It never drops a row itself: it records why a row
 would be dropped (`drop`), so the driver can count every dropped row by reason, and it computes the
 exact-duplicate key and the split, both from content (so they do not depend on block boundaries).
+
+`DataConfig.split = "contiguous"` replaces that split on the driver, once every kept row is known:
+`split_contiguously` cuts the kept rows, in input order, into train | validation | test ranges with
+`contiguous_bounds`, the same arithmetic as `kiln lm-baseline`'s `split_path`, so that both hold out
+the same lines of a file.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import hashlib
 import re
 import unicodedata
 
+import numpy as np
 import pyarrow as pa
+
+from data_pipeline.errors import DataError
 
 # C0 and C1 control characters (Unicode category Cc) except "\n", which separates segments; "\t" and
 # "\r" are turned into whitespace first.
@@ -66,6 +74,32 @@ def assign_split(key: str, seed: int, validation_fraction: float, test_fraction:
     if u < test_fraction + validation_fraction:
         return "validation"
     return "train"
+
+
+def contiguous_bounds(n: int, validation_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(end of train, end of validation) when n rows in input order are cut into train | validation |
+    test. A non-zero fraction gets at least one row; Python's round (half to even). The caller refuses
+    a cut whose train part is empty (end of train < 1). `kiln lm-baseline` cuts `split_path` with it."""
+    n_valid = max(1, round(n * validation_fraction)) if validation_fraction > 0 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    return n - n_valid - n_test, n - n_test
+
+
+def split_contiguously(
+    table: pa.Table, validation_fraction: float, test_fraction: float, where: str
+) -> pa.Table:
+    """The kept rows of one kind (in input order, after drops and de-duplication) with their `split`
+    column replaced by contiguous ranges: the first rows train, then validation, the last test."""
+    n = table.num_rows
+    train_end, valid_end = contiguous_bounds(n, validation_fraction, test_fraction)
+    if train_end < 1:
+        raise DataError(
+            f"validation_fraction: {where}: {n} kept rows are too few for a contiguous "
+            f"train/validation/test split ({validation_fraction} + {test_fraction} of them held out)"
+        )
+    counts = [train_end, valid_end - train_end, n - valid_end]
+    splits = pa.array(np.repeat(np.array(SPLITS, dtype=object), counts), pa.string())
+    return table.set_column(table.column_names.index("split"), "split", splits)
 
 
 def clean_batch(

@@ -21,6 +21,9 @@ Task = Literal["mlm_nsp", "clm", "translation", "classification"]
 TokenizerKind = Literal["bpe", "plain_bpe", "wordpiece", "char"]  # tokenizer.TOKENIZER_KINDS
 TextUnit = Literal["file", "line", "block"]  # a document per file, non-blank line, blank-line block
 EncodingErrors = Literal["strict", "replace"]
+# hash: each row's split from its content and the seed (order-free); contiguous: the kept rows in input
+# order cut into train | validation | test ranges (clean.split_contiguously, as kiln lm-baseline's split_path)
+SplitMode = Literal["hash", "contiguous"]
 # The row kinds each source can supply ("documents" {text}, "pairs" {src, tgt}, "labelled" {text,
 # label}), and the one each task's example builder consumes.
 SOURCE_KINDS: dict[str, tuple[str, ...]] = {
@@ -85,10 +88,14 @@ class DataConfig:
     seq_len: int = 64  # mlm_nsp rows hold at most seq_len tokens; clm blocks seq_len + 1; classification seq_len
     max_src_len: int = 64  # translation pairs longer than this (in tokens, with [EOS]) are dropped
     max_tgt_len: int = 64  # ... and with [BOS] and [EOS]
+    # Exact duplicates (same cleaned text fields) are dropped, the first occurrence kept. Off for text whose
+    # repeats are content, e.g. tiny-shakespeare's speaker lines ("First Citizen:") with text_unit: line.
+    dedupe: bool = True
+    split: SplitMode = "hash"
     validation_fraction: float = 0.05
-    test_fraction: float = (
-        0.05  # translation and classification only; documents get train/validation
-    )
+    # hash split: translation and classification only, documents get train/validation. contiguous split:
+    # every kind; documents' test range is held out (no task writes it), as lm-baseline's test lines.
+    test_fraction: float = 0.05
     shard_rows: int = 4096
     min_chars: int = (
         1  # rows with a text field shorter than this are dropped (counted as too_short)

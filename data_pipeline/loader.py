@@ -44,13 +44,12 @@ from data_pipeline.errors import DataError
 from data_pipeline.shards import (
     MANIFEST,
     ROW_GROUP_ROWS,
-    filesystem,
     read_json_at,
     read_manifest,
     read_rows,
     verify_sha256,
 )
-from data_pipeline.storage import Location
+from data_pipeline.storage import Location, is_uri, resolve
 
 __all__ = [
     "COLLATORS",
@@ -272,11 +271,9 @@ class ShardLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.columns = list(collate.columns)
-        self._fs, self._root = filesystem(task_dir)
+        self._fs, self._root = resolve(task_dir)
         # errors name files as the user wrote the location (a URI keeps its scheme)
-        self._shown = (
-            os.fspath(task_dir).rstrip("/") if "://" in os.fspath(task_dir) else self._root
-        )
+        self._shown = os.fspath(task_dir).rstrip("/") if is_uri(task_dir) else self._root
         self._manifest_path = f"{self._root}/{MANIFEST}"
         shown_manifest = f"{self._shown}/{MANIFEST}"
         self._shards = _split_shards(

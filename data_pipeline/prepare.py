@@ -33,12 +33,12 @@ import ray
 import ray.data
 from tokenizers import Tokenizer
 
-from data_pipeline.clean import DROP_REASONS, SPLITS, TEXT_FIELDS, clean_batch
+from data_pipeline.clean import DROP_REASONS, SPLITS, TEXT_FIELDS, clean_batch, split_contiguously
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.examples import BUILDERS, BuildParams
 from data_pipeline.raystart import init_ray
-from data_pipeline.shards import refuse_non_empty, sha256_file, write_json, write_task
+from data_pipeline.shards import MANIFEST, refuse_non_empty, sha256_file, write_json, write_task
 from data_pipeline.sources import BLOCK_CHARS, SOURCES, preflight
 from data_pipeline.storage import Location, cache_root, check_writable, is_remote
 from data_pipeline.tokenizer import (
@@ -66,16 +66,23 @@ def prepare(
     """Prepare every task of `cfg` into `out_dir` (which must not exist or be empty; a local path or a
     URI); returns the top manifest. A remote `out_dir` is prepared in a local staging directory and
     uploaded, every manifest after the shards it lists (no manifest, no prepared data)."""
-    if is_remote(out_dir):
-        return _prepare_remote(cfg, Location.of(out_dir), progress)
-    out_dir = Path(out_dir)
-    refuse_non_empty(out_dir)
     start = time.perf_counter()
 
     def say(message: str) -> None:  # each line says when its stage ended, so a slow stage shows
         if progress is not None:
             progress(f"{message} [{time.perf_counter() - start:.1f} s]")
 
+    where: Location | Path = Location.of(out_dir) if is_remote(out_dir) else Path(out_dir)
+    if isinstance(where, Location):
+        manifest = _prepare_remote(cfg, where, say)
+    else:
+        manifest = _prepare_local(cfg, where, say)
+    say(f"prepared {', '.join(cfg.tasks)} in {where}")
+    return manifest
+
+
+def _prepare_local(cfg: DataConfig, out_dir: Path, say: Callable[[str], None]) -> dict:
+    refuse_non_empty(out_dir)
     # Before Ray starts and before anything is written: missing files, bad columns, an unreachable Hub, a
     # bad line anywhere in the input (the pre-flight parse) and a bad tokenizer fail at once.
     inputs = SOURCES[cfg.source].resolve(cfg)
@@ -105,28 +112,28 @@ def prepare(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"prepared {', '.join(cfg.tasks)} in {out_dir}")
     return manifest
 
 
-def _prepare_remote(cfg: DataConfig, out: Location, progress: Callable[[str], None] | None) -> dict:
-    check_writable(out)  # bucket, credentials, endpoint: one line before any work
-    if out.list():
+def _prepare_remote(cfg: DataConfig, out: Location, say: Callable[[str], None]) -> dict:
+    """Prepare into a staging directory under the Kiln cache, then upload it: the shards and
+    tokenizers first, each task's manifest after them, the top manifest last. An object store has
+    no rename, so this order is what keeps a reader from seeing a manifest before its files."""
+    # Read-only first: check_writable's probe object must not land in someone's data (on a
+    # filer-backed store such as SeaweedFS it would even turn an object at `out` into a directory).
+    if out.is_file() or out.list():
         raise DataError(
             f"{out}: output prefix exists and is not empty; choose a new one or remove it"
         )
+    check_writable(out)  # bucket, credentials, endpoint: one line before any work
     staging = Path(tempfile.mkdtemp(prefix="prepare-", dir=_staging_root()))
     try:
-        manifest = prepare(cfg, staging / "data", progress)
-        files = sorted(
-            p.relative_to(staging / "data").as_posix() for p in (staging / "data").rglob("*")
-        )
-        manifests = sorted(f for f in files if f.endswith("/manifest.json"))
-        out.upload(staging / "data", last=(*manifests, "manifest.json"))
+        manifest = _prepare_local(cfg, staging / "data", say)
+        last = [f"{task}/{MANIFEST}" for task in manifest["tasks"]] + [MANIFEST]
+        out.upload(staging / "data", last=last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if progress is not None:
-        progress(f"uploaded to {out}")
+    say(f"uploaded to {out}")
     return manifest
 
 
@@ -326,7 +333,9 @@ def _tokenized(
 def _collect(
     ds: ray.data.Dataset, cfg: DataConfig, kind: str
 ) -> tuple[pa.Table, dict, dict[str, int]]:
-    """On the driver: raise parse errors, count drops by reason, keep first occurrences."""
+    """On the driver: raise parse errors, count drops by reason, keep first occurrences (unless
+    `dedupe` is off); with `split: contiguous` the kept rows, in input order, are cut into train |
+    validation | test ranges here (Ray Data preserves the order: `_quiet_ray_data`)."""
     dropped: Counter[str] = Counter({reason: 0 for reason in DROP_REASONS})
     seen: set[str] = set()
     tables, read, replaced = [], 0, 0
@@ -338,7 +347,7 @@ def _collect(
         for reason, key in zip(
             batch.column("drop").to_pylist(), batch.column("key").to_pylist(), strict=True
         ):
-            reason = reason or ("duplicate" if key in seen else "")
+            reason = reason or ("duplicate" if cfg.dedupe and key in seen else "")
             seen.add(key)
             if reason:
                 dropped[reason] += 1
@@ -356,6 +365,8 @@ def _collect(
             f"min_chars: all {read} {kind} rows were dropped ({dict(dropped)}); check the input, "
             "min_chars and max_chars"
         )
+    if cfg.split == "contiguous":
+        table = split_contiguously(table, cfg.validation_fraction, cfg.test_fraction, kind)
     splits = Counter(table.column("split").to_pylist())
     info = {
         "rows_read": read,

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
+from data_pipeline.storage import is_remote, open_input, resolve
 
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "documents": ("text",),
@@ -113,23 +114,38 @@ def file_format(path: str) -> str:
 
 
 def _open_binary(path: str) -> IO[bytes]:
-    """The file's bytes, decompressed when the name ends in .gz; gzip data under another name is refused."""
+    """The file's bytes (a local path or a URI), decompressed when the name ends in .gz; gzip data
+    under another name is refused."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path) as f:
             magic = f.read(2)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     if path.endswith(".gz"):
         if magic != GZIP_MAGIC:
             raise DataError(f"{path}:1: the name ends in .gz but the file is not gzip data")
-        return gzip.open(path, "rb")
+        return _Gunzip(open_input(path))
     if magic == GZIP_MAGIC:
         # Read as text this would be a stream of undecodable bytes; say what it is instead.
         raise DataError(
             f"{path}:1: gzip-compressed data but the name does not end in .gz; "
             f"rename it to {path}.gz or decompress it"
         )
-    return open(path, "rb")
+    return open_input(path)
+
+
+class _Gunzip(gzip.GzipFile):
+    """gzip over a stream it owns: closing it closes the stream (GzipFile leaves a fileobj open)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 def iter_lines(path: str, encoding_errors: str = "strict") -> Iterator[tuple[int, str, int]]:
@@ -420,7 +436,8 @@ def _indexed_width(path: str, number: int, width: int, columns: Columns) -> int:
 
 def _parquet_records(path: str, columns: Columns | None, errors: str) -> Iterator[Record]:
     try:
-        parquet = pq.ParquetFile(path)
+        fs, where = resolve(path) if is_remote(path) else (None, path)
+        parquet = pq.ParquetFile(where, filesystem=fs)  # a URI: read by ranges, not fetched whole
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
     names = arrow_columns(path, parquet.schema_arrow, columns or {})

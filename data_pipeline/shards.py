@@ -143,41 +143,78 @@ def read_manifest(path: str | os.PathLike[str]) -> dict:
 
 def data_view(data_dir: str | os.PathLike[str]) -> Path:
     """A local directory holding what readers of a prepared data directory open whole: its
-    manifests and tokenizers. A local directory is its own view; a remote one's small files are
-    fetched into the cache once per version of its manifest (its shards stay where they are: the
-    training loader streams them)."""
+    manifests and tokenizers. A local directory is its own view. A remote one's are fetched into
+    the cache once per version of its top manifest (the key is that file's sha256), each checked
+    against the sha256 the manifest records; its shards stay where they are (the loader streams
+    them)."""
     if not is_remote(data_dir):
         return Path(data_dir)
     root = Location.of(data_dir)
-    top = read_manifest(root)
-    small = [MANIFEST, *(n for n in root.list() if n.endswith(".json"))]
-    small += [f"{task}/{MANIFEST}" for task in top.get("tasks", [])]
-    return _cached_tree(root, sorted(set(small)), key=hashlib.sha256(json.dumps(top).encode()))
-
-
-def fetch_data(data_dir: str | os.PathLike[str]) -> Path:
-    """A local copy of a whole prepared data directory (`kiln evaluate --data s3://...`, which reads
-    whole splits): itself when local; every file of a remote one, fetched once per manifest version."""
-    if not is_remote(data_dir):
-        return Path(data_dir)
-    root = Location.of(data_dir)
-    top = read_manifest(root)
-    return _cached_tree(root, root.walk(), key=hashlib.sha256(b"all" + json.dumps(top).encode()))
-
-
-def _cached_tree(root: Location, names: list[str], key: Any) -> Path:
-    target = cache_root() / "data" / key.hexdigest()[:20] / root.name
+    raw = _read_bytes(root / MANIFEST)
+    top = _parse_json(raw, f"{root / MANIFEST}")
+    target = cache_root() / "data" / hashlib.sha256(raw).hexdigest()[:20] / root.name
     if target.is_dir():
         return target
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in names:
-        (root / name).fetch(tmp / name)
     try:
-        tmp.rename(target)
-    except OSError:  # another process fetched it first
+        _write_view(root, raw, top, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process fetched it first
+            if not target.is_dir():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_view(root: Location, raw: bytes, top: dict, tmp: Path) -> None:
+    """The top manifest as read (checkpoints record its sha256), then each file it lists with a
+    sha256: tokenizer(s) and per-task manifests, refused when they differ from what it records."""
+    tmp.mkdir(parents=True)
+    (tmp / MANIFEST).write_bytes(raw)
+    files = {
+        info["file"]: info.get("sha256")
+        for info in (top.get("tokenizer"), top.get("target_tokenizer"))
+        if isinstance(info, dict) and info.get("file")
+    }
+    files.update(
+        {f"{task}/{MANIFEST}": entry.get("sha256") for task, entry in top.get("tasks", {}).items()}
+    )
+    for name, expected in sorted(files.items()):
+        data = _read_bytes(root / name)
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise DataError(
+                f"{root / name}: sha256 does not match {root / MANIFEST}; the file changed or is "
+                "corrupt (prepare the data again)"
+            )
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+
+
+def _read_bytes(loc: Location) -> bytes:
+    """A whole file of a prepared data directory; a missing one is a DataDirError naming it."""
+    fs, path = resolve(loc.text)
+    try:
+        with fs.open_input_stream(path, compression=None) as f:
+            return f.read()
+    except FileNotFoundError:
+        what = "no manifest" if loc.name == MANIFEST else "missing"
+        raise DataDirError(
+            f"{loc}: {what} (was the data prepared with `kiln data prepare`?)"
+        ) from None
+    except (OSError, pa.ArrowException) as e:
+        raise explain(loc.text, e) from None
+
+
+def _parse_json(raw: bytes, shown: str) -> dict:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{shown}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{shown}: not UTF-8 text (not a manifest)") from None
 
 
 def read_split(
@@ -186,15 +223,15 @@ def read_split(
     columns: list[str] | None = None,
     verify: bool = False,
 ) -> pa.Table:
-    """All rows of one split (only `columns`, if given), in shard order; `verify` checks the sha256s."""
+    """All rows of one split (only `columns`, if given), in shard order; `verify` checks the
+    sha256s. A remote task directory (a URI) is always verified: each shard is read once, hashed,
+    then parsed."""
+    if is_remote(task_dir):
+        return _read_remote_split(Location.of(task_dir), split, columns)
     task_dir = Path(task_dir)
     manifest = read_manifest(task_dir)
-    if split not in manifest["splits"]:
-        raise DataError(
-            f"{task_dir / MANIFEST}: no split {split!r}; it has {sorted(manifest['splits'])}"
-        )
     tables = []
-    for shard in manifest["splits"][split]["shards"]:
+    for shard in _listed_shards(manifest, split, task_dir / MANIFEST):
         path = task_dir / shard["file"]
         if verify and sha256_file(path) != shard["sha256"]:
             raise DataError(
@@ -208,17 +245,38 @@ def read_split(
     return pa.concat_tables(tables)
 
 
+def _read_remote_split(task_dir: Location, split: str, columns: list[str] | None) -> pa.Table:
+    manifest = read_manifest(task_dir.text)
+    tables = []
+    for shard in _listed_shards(manifest, split, task_dir / MANIFEST):
+        loc = task_dir / shard["file"]
+        data = _read_bytes(loc)
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise DataError(
+                f"{loc}: sha256 does not match {task_dir / MANIFEST}; "
+                "the shard changed or is corrupt"
+            )
+        try:
+            tables.append(pq.read_table(pa.BufferReader(data), columns=columns))
+        except (OSError, pa.ArrowException) as e:  # not Parquet at all
+            raise DataError(
+                f"{loc}: cannot read this shard ({_first_line(e)}); prepare it again"
+            ) from None
+    return pa.concat_tables(tables)
+
+
+def _listed_shards(manifest: dict, split: str, shown: Path | Location) -> list[dict]:
+    if split not in manifest["splits"]:
+        raise DataError(f"{shown}: no split {split!r}; it has {sorted(manifest['splits'])}")
+    return list(manifest["splits"][split]["shards"])
+
+
 # ---------------------------------------------------------------- streaming reads (pyarrow.fs)
-def filesystem(location: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path of a location: a URI (`s3://...`) or a local path."""
-    return resolve(location)
-
-
 def read_json_at(fs: pafs.FileSystem, path: str, shown: str | None = None) -> dict:
     """A manifest.json through `fs`; errors name the file (`shown`: as the user wrote it)."""
     shown = shown or path
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise DataDirError(
@@ -238,7 +296,7 @@ def verify_sha256(
     shown = shown or path
     digest = hashlib.sha256()
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except (OSError, pa.ArrowException) as e:

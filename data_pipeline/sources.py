@@ -37,6 +37,7 @@ from data_pipeline.config import SOURCE_KINDS, DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.readers import KIND_FIELDS, ReadOptions, check_file, file_format, file_rows
 from data_pipeline.shards import sha256_file
+from data_pipeline.storage import GLOB_CHARS, Location, check_bucket, expand_uri, is_remote
 
 __all__ = [
     "BLOCK_CHARS",
@@ -57,7 +58,6 @@ BLOCK_ROWS = 4096
 # and, as the resources differ, keeps it a Ray Data operator of its own: the blocks of one large file
 # are then cleaned and tokenized by parallel tasks, not all inside the one task that reads the file.
 READ_CPUS = 0.5
-_GLOB_CHARS = frozenset("*?[")
 # The pre-flight parses inputs up to this size whole (tab-separated pairs ~20 MB/s, plain text ~300 MB/s
 # on one core); a larger input gets its first PREFLIGHT_HEAD_ROWS rows per file checked, the rest by Ray.
 PREFLIGHT_FULL_BYTES = 256 << 20
@@ -96,7 +96,9 @@ def expand_paths(patterns: list[str]) -> list[str]:
     """Files named by paths, directories (recursively, sorted) and globs; a pattern matching nothing is an error."""
     files: list[str] = []
     for pattern in patterns:
-        if _GLOB_CHARS & set(pattern):
+        if is_remote(pattern):
+            files.extend(_expand_remote(pattern))
+        elif GLOB_CHARS & set(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise DataError(f"{pattern}: no file matches this pattern (paths)")
@@ -118,14 +120,26 @@ def expand_paths(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(files))  # de-duplicate, keep order
 
 
+def _expand_remote(pattern: str) -> list[str]:
+    found = expand_uri(pattern)
+    if not found:
+        check_bucket(pattern)
+        what = "no file matches this pattern" if GLOB_CHARS & set(pattern) else "no such object"
+        raise DataError(f"{pattern}: {what} (paths)")
+    return found
+
+
 def _resolve_files(cfg: DataConfig) -> dict[str, Any]:
-    files = expand_paths(cfg.paths)
-    return {
-        "source": cfg.source,
-        "files": [
-            {"path": p, "bytes": os.path.getsize(p), "sha256": sha256_file(p)} for p in files
-        ],
-    }
+    return {"source": cfg.source, "files": [_file_record(p) for p in expand_paths(cfg.paths)]}
+
+
+def _file_record(path: str) -> dict[str, Any]:
+    """Provenance for the manifest; a remote file is read once here for its sha256 (the read
+    tasks read it again, streamed)."""
+    if is_remote(path):
+        loc = Location.of(path)
+        return {"path": path, "bytes": loc.size(), "sha256": loc.sha256()}
+    return {"path": path, "bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def _file_tasks(cfg: DataConfig, kind: str, files: list[str]) -> list[dict[str, str]]:

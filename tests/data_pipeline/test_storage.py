@@ -12,6 +12,7 @@ from data_pipeline.storage import (
     StorageError,
     check_readable,
     check_writable,
+    expand_uri,
     local_copy,
 )
 
@@ -109,3 +110,61 @@ def test_paths_and_names() -> None:
     assert Location.of("file:///tmp/x").local_path == Path("/tmp/x")
     with pytest.raises(StorageError, match="a remote location"):
         loc.local_path  # noqa: B018
+
+
+# ------------------------------------------------------------------- data inputs given as URIs
+def test_expand_uri_names_a_file_a_prefix_and_globs_as_glob_does(s3: S3Server) -> None:
+    root = Location.of(s3.prefix("inputs"))
+    for name in ("a.txt", "b.txt.gz", ".hidden.txt", "sub/c.txt", "sub/deep/d.txt", "sub/e.tsv"):
+        (root / name).write_bytes(b"x\n")
+    base = root.text
+    assert expand_uri(f"{base}/a.txt") == [f"{base}/a.txt"]
+    assert expand_uri(f"{base}/sub") == [
+        f"{base}/sub/c.txt",
+        f"{base}/sub/deep/d.txt",
+        f"{base}/sub/e.tsv",
+    ]
+    assert expand_uri(f"{base}/*.txt") == [f"{base}/a.txt"]  # no hidden name, no sub-directory
+    assert expand_uri(f"{base}/.*.txt") == [f"{base}/.hidden.txt"]
+    assert expand_uri(f"{base}/*/*.txt") == [f"{base}/sub/c.txt"]
+    assert expand_uri(f"{base}/**/*.txt") == [
+        f"{base}/a.txt",
+        f"{base}/sub/c.txt",
+        f"{base}/sub/deep/d.txt",
+    ]
+    assert expand_uri(f"{base}/[ab].txt*") == [f"{base}/a.txt", f"{base}/b.txt.gz"]
+    assert expand_uri(f"{base}/none*") == [] and expand_uri(f"{base}/missing") == []
+
+
+def test_readers_stream_remote_text_gzip_and_parquet_as_local_files(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.errors import DataError
+    from data_pipeline.readers import iter_lines, records
+
+    root = Location.of(s3.prefix("readers"))
+    text = "\ufeffÉté\r\n\r\nhiver\n" + "".join(f"line {i}\n" for i in range(20_000))
+    (root / "a.txt").write_text(text)
+    packed = gzip.compress(text.encode())
+    (root / "a.txt.gz").write_bytes(packed)  # stored and read back as is: pyarrow's own
+    assert (root / "a.txt.gz").read_bytes() == packed  # .gz detection would (de)compress it
+    assert (root / "a.txt.gz").size() == len(packed)
+    (root / "packed.txt").write_bytes(gzip.compress(b"x\n"))
+    pq.write_table(pa.table({"s": ["un", "deux"], "t": ["one", "two"]}), tmp_path / "p.parquet")
+    (root / "p.parquet").write_bytes((tmp_path / "p.parquet").read_bytes())
+    (tmp_path / "a.txt").write_text(text)
+    local = list(iter_lines(str(tmp_path / "a.txt")))
+    assert list(iter_lines(f"{root}/a.txt")) == local == list(iter_lines(f"{root}/a.txt.gz"))
+    assert list(records(f"{root}/p.parquet", "parquet", {"src": "s", "tgt": "t"})) == [
+        (1, ["un", "one"], 0),
+        (2, ["deux", "two"], 0),
+    ]
+    with pytest.raises(DataError, match=rf"^{root}/packed.txt:1: gzip-compressed data but"):
+        list(iter_lines(f"{root}/packed.txt"))
+    with pytest.raises(DataError, match=rf"^{root}/gone.txt: cannot read"):
+        list(iter_lines(f"{root}/gone.txt"))

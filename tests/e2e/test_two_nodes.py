@@ -48,7 +48,11 @@ def cluster(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> It
     """A head and a second node, both with the S3 server's AWS_* variables (what each node of a real
     cluster needs: network access to the endpoint and credentials, no shared directory)."""
     root = tmp_path_factory.mktemp("nodes")
-    env = {**os.environ, **s3_server.env()}
+    # Without token authentication, whatever an earlier test left in this process's environment:
+    # Kiln's init_ray sets RAY_AUTH_MODE=token for its own local starts, and these nodes, each with
+    # a HOME of its own, would then find no token and exit.
+    auth = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    env = {k: v for k, v in os.environ.items() if k not in auth} | s3_server.env()
     port = free_port()
     head = RayNode("node_head", root / "head", env, port, head=True).start()
     second = RayNode("node_b", root / "b", env, port).start()
