@@ -7,17 +7,19 @@ has a lower per-unit perplexity for the same quality. What every model does comp
 log-likelihood (NLL) of the same text, and that converts into a per-word or per-character figure:
 
     ppl_word = exp(total NLL in nats / number of words)     ppl_char = exp(total NLL in nats / number of chars)
-    bits per char = total NLL in nats / number of chars / ln 2
+    nats per char = total NLL in nats / number of chars     bits per char = nats per char / ln 2
 
 Worked example: a model that pays 6.0 nats for the two-line text "a b\\nc\\n" (3 words, 6 characters counting
 both newlines) has ppl_word = exp(6/3) = 7.39 and ppl_char = exp(6/6) = 2.72, whatever its units.
 
-The text, for every model: a file's non-blank lines, each stripped of surrounding whitespace (WikiText's lines
-begin and end with a space; its blank lines only separate paragraphs). Words are the whitespace-separated
-tokens of the lines; characters are the lines' characters plus one newline per line. Every model pays for the
-line breaks: the n-gram predicts `</s>`, the character models "\\n", the GPT `[EOS]` (each line is a document
-`[BOS] line [EOS]`, packed end to end as `kiln data prepare` packs documents; `[BOS]` is formatting and is
-not scored).
+The text, for every model: a file's non-blank lines, each cleaned as `kiln data prepare` cleans text (NFC,
+no control characters, runs of whitespace as one space, so stripped: WikiText's lines begin and end with a
+space; its blank lines only separate paragraphs), so that a GPT is scored on the very text it was prepared
+from. Words are the whitespace-separated tokens of the lines; characters are the lines' characters plus one
+newline per line. Every model pays for the line breaks: the n-gram predicts `</s>`, the character models
+"\\n", the GPT `[EOS]` (each line is a document `[BOS] line [EOS]`, packed end to end as `kiln data prepare`
+packs documents with text_unit: line; `[BOS]` is formatting and is not scored). With a char tokenizer a GPT's
+units are then exactly the characters: nats per token = nats per char.
 
 One caveat: a word-level n-gram has a closed vocabulary, so for a word it never saw it pays P(<unk>) and not
 the word's spelling; on text with such words its per-character figure is flattered (metrics record them as
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from data_pipeline.clean import clean_text, contiguous_bounds
 from data_pipeline.configlib import check_fields, from_preset
 from data_pipeline.errors import DataError
 from data_pipeline.readers import iter_lines
@@ -151,8 +154,10 @@ class LMBaselineJob:
 
 # ---------------------------------------------------------------------------------------- text and metrics
 def read_text_lines(path: str | Path) -> list[str]:
-    """A file's non-blank lines, stripped. DataError naming the file when it is missing, empty or not UTF-8."""
-    lines = [line.strip() for _, line, _ in iter_lines(str(path))]
+    """A file's non-blank lines, cleaned as `kiln data prepare` cleans a line-document (text_unit: line), so
+    that a prepared dataset of the file holds these very lines. DataError naming the file when it is missing,
+    empty or not UTF-8."""
+    lines = [clean_text(line, keep_newlines=False) for _, line, _ in iter_lines(str(path))]
     return [line for line in lines if line]
 
 
@@ -178,6 +183,7 @@ def perplexities(nll: float, units: int, lines: list[str]) -> dict[str, float | 
         "ppl_unit": math.exp(nll / units),
         "ppl_word": math.exp(nll / stats["words"]),
         "ppl_char": math.exp(nll / stats["chars"]),
+        "nats_per_char": nll / stats["chars"],
         "bits_per_char": nll / stats["chars"] / math.log(2),
     }
 
@@ -185,16 +191,17 @@ def perplexities(nll: float, units: int, lines: list[str]) -> dict[str, float | 
 def _contiguous_split(
     items: list, valid_fraction: float, test_fraction: float, where: str
 ) -> dict[str, list]:
+    # The arithmetic of `kiln data prepare`'s split: contiguous, so both hold out the same lines.
     n = len(items)
-    n_valid, n_test = max(1, round(n * valid_fraction)), max(1, round(n * test_fraction))
-    if n - n_valid - n_test < 1:
+    train_end, valid_end = contiguous_bounds(n, valid_fraction, test_fraction)
+    if train_end < 1:
         raise DataError(
             f"{where}: {n} non-blank lines/documents are too few for a train/valid/test split"
         )
     return {
-        "train": items[: n - n_valid - n_test],
-        "valid": items[n - n_valid - n_test : n - n_test],
-        "test": items[n - n_test :],
+        "train": items[:train_end],
+        "valid": items[train_end:valid_end],
+        "test": items[valid_end:],
     }
 
 
@@ -217,6 +224,17 @@ def load_texts(job: LMBaselineJob) -> dict[str, list[str]]:
     }
 
 
+def write_splits(texts: dict[str, list[str]], where: Path) -> None:
+    """The text each split scored, one line per line (splits/train.txt ...): what another model
+    trains on to be compared on the same held-out lines, e.g. `kiln data prepare` with
+    `paths: [<out>/splits/train.txt]` for a GPT (configs/data-shakespeare-char.yaml)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for split, lines in texts.items():
+        (where / f"{split}.txt").write_text(
+            "".join(f"{line}\n" for line in lines), encoding="utf-8"
+        )
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """What `kiln lm-baseline` prints: one line per scored split."""
     out = []
@@ -225,7 +243,8 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if m:
             out.append(
                 f"[{metrics['model']}] {split}: {m['ppl_word']:.2f} ppl/word, {m['ppl_char']:.4f} ppl/char "
-                f"({m['bits_per_char']:.4f} bits/char), {m['ppl_unit']:.3f} ppl per {metrics['unit']} "
+                f"({m['nats_per_char']:.4f} nats/char, {m['bits_per_char']:.4f} bits/char), "
+                f"{m['ppl_unit']:.3f} ppl per {metrics['unit']} "
                 f"over {m['words']:,} words"
             )
     return "\n".join(out)
@@ -245,6 +264,7 @@ def run_lm_baseline(
         f"{job.model}: "
         + ", ".join(f"{k} {text_stats(v)['words']:,} words" for k, v in texts.items())
     )
+    write_splits(texts, out / "splits")
     runner = {"ngram": _run_ngram, "char_lstm": _run_char_rnn, "gpt": _run_gpt}[job.model]
     threads = torch.get_num_threads()
     if job.threads > 0:

@@ -401,6 +401,57 @@ REGISTRY: list[Spec] = [
         needs=("mt-transformer",),
         prints=('"bleu"',),
     ),
+    # tiny-shakespeare: the Kneser-Ney 7-gram and two character GPTs scored on the same held-out lines
+    _spec(
+        "kn-shakespeare",
+        "kiln lm-baseline --config configs/lm-ngram-shakespeare.yaml --out runs/lm-kn-shakespeare",
+        writes=("runs/lm-kn-shakespeare/metrics.json",),
+        prints=("nats/char",),
+    ),
+    _spec(
+        "shakespeare-char",
+        "kiln data prepare --config configs/data-shakespeare-char.yaml --out runs/shakespeare-char",
+        needs=("kn-shakespeare",),  # its train lines: runs/lm-kn-shakespeare/splits/train.txt
+        writes=("runs/shakespeare-char/manifest.json",),
+    ),
+    _spec(
+        "gpt-char",
+        "kiln pretrain --config configs/gpt-char-shakespeare.yaml --out runs/gpt-char-shakespeare",
+        smoke=TRAIN,
+        needs=("shakespeare-char",),
+        writes=run_files("runs/gpt-char-shakespeare")[:3],  # W&B is off in these recipes
+    ),
+    _spec(
+        "gpt-char-score",
+        "kiln lm-baseline --config configs/lm-ngram-shakespeare.yaml model=gpt "
+        "gpt_checkpoint=runs/gpt-char-shakespeare --out runs/gpt-char-shakespeare-score",
+        needs=("gpt-char",),
+        writes=("runs/gpt-char-shakespeare-score/metrics.json",),
+        prints=("nats/char",),
+    ),
+    _spec(
+        "shakespeare-char-128",
+        "kiln data prepare --config configs/data-shakespeare-char.yaml data.seq_len=128 --out "
+        "runs/shakespeare-char-128",
+        needs=("kn-shakespeare",),
+        writes=("runs/shakespeare-char-128/manifest.json",),
+    ),
+    _spec(
+        "gpt-char-30min",
+        "kiln pretrain --config configs/gpt-char-shakespeare-30min.yaml --out "
+        "runs/gpt-char-shakespeare-30min",
+        smoke=TRAIN,
+        needs=("shakespeare-char-128",),
+        writes=run_files("runs/gpt-char-shakespeare-30min")[:3],
+    ),
+    _spec(
+        "gpt-char-30min-score",
+        "kiln lm-baseline --config configs/lm-ngram-shakespeare.yaml model=gpt "
+        "gpt_checkpoint=runs/gpt-char-shakespeare-30min --out runs/gpt-char-shakespeare-30min-score",
+        needs=("gpt-char-30min",),
+        writes=("runs/gpt-char-shakespeare-30min-score/metrics.json",),
+        prints=("nats/char",),
+    ),
     # --------------------------------------- README: object storage (the loopback S3 server's bucket)
     _spec(
         "s3-data",
