@@ -490,9 +490,9 @@ REGISTRY: list[Spec] = [
     ),
     _spec(
         "s3-export",
-        "kiln export --checkpoint s3://kiln/runs/gpt --format hf --out runs/gpt-hf",
+        "kiln export --checkpoint s3://kiln/runs/gpt --format hf --out runs/gpt-s3-hf",
         needs=("s3-gpt-resume",),
-        writes=("runs/gpt-hf/model.safetensors",),
+        writes=("runs/gpt-s3-hf/model.safetensors",),
     ),
     # ----------------------------------------------------------- recipes no documented command runs
     # (the commands their own header comments show)

@@ -48,11 +48,18 @@ def cluster(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> It
     """A head and a second node, both with the S3 server's AWS_* variables (what each node of a real
     cluster needs: network access to the endpoint and credentials, no shared directory)."""
     root = tmp_path_factory.mktemp("nodes")
-    # Without token authentication, whatever an earlier test left in this process's environment:
-    # Kiln's init_ray sets RAY_AUTH_MODE=token for its own local starts, and these nodes, each with
-    # a HOME of its own, would then find no token and exit.
-    auth = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-    env = {k: v for k, v in os.environ.items() if k not in auth} | s3_server.env()
+    # Whatever an earlier test's init_ray left in this process's environment: RAY_AUTH_MODE=token
+    # (these nodes, each with a HOME of its own, would find no token and exit) and
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-machine mode for one loopback node: a second
+    # node then refuses to join). No token authentication; a cluster of several raylets on loopback.
+    left = (
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in left} | s3_server.env()
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     port = free_port()
     head = RayNode("node_head", root / "head", env, port, head=True).start()
     second = RayNode("node_b", root / "b", env, port).start()
@@ -66,9 +73,6 @@ def cluster(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> It
             "RAY_ADDRESS": head.address,
             "KILN_CACHE": str(root / "driver-cache"),
             "HOME": str(root / "driver-home"),
-            # a cluster of several raylets on loopback: not Ray's single-machine mode, which Kiln
-            # turns on for a loopback head of one node (data_pipeline/raystart.py)
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
         }
         yield {"env": driver, "root": root, "second": second, "address": head.address}
     finally:
