@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from cluster import progress
-from cluster.progress import EventWriter
+from cluster.progress import EventWriter, emit
 from cluster.resume import (
     lightning_checkpoint,
     publish_metrics,
@@ -42,31 +41,6 @@ from pretrain.checkpoint import (
 # How often rank 0 asks an object store for the stop request (one request each); KILN_STOP_POLL_S
 # changes it (0: after every step, as on a local disk).
 REMOTE_STOP_POLL_S = float(os.environ.get("KILN_STOP_POLL_S", "5"))
-
-_EVENTS: EventWriter | None = (
-    None  # rank 0 of a training worker: lines travel to the driver's console
-)
-
-
-def send_lines_to(events: EventWriter | Path | None) -> None:
-    """From now on `emit` in this process (rank 0 of a training worker) appends its lines to the run's
-    progress events, which the driver shows (cluster.progress); None: back to stdout."""
-    global _EVENTS
-    _EVENTS = EventWriter(events) if isinstance(events, Path) else events
-
-
-def emit(line: str) -> None:
-    """A line for the user. On rank 0 of a training worker it becomes a note event for the driver's console
-    (worker stdout goes only to the run's logs/ray.log); on the driver it is printed without tearing a live
-    progress line; elsewhere it goes to the process's own stdout (Ray Train patches `print` into its logger
-    and W&B wraps sys.stdout, so a `print` would be written twice)."""
-    if _EVENTS is not None:
-        _EVENTS.write(kind="note", text=line)
-    elif progress.active():
-        progress.say(line)
-    else:
-        sys.__stdout__.write(line + "\n")
-        sys.__stdout__.flush()
 
 
 def quiet_worker_logs() -> None:

@@ -69,7 +69,7 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path | RunDir, stage: 
     from ray.train import FailureConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.callbacks import emit
+    from cluster.progress import emit
     from cluster.tasks import count_parameters, preflight
     from pretrain.checkpoint import (
         CHECKPOINT_BYTES_PER_PARAM,
@@ -247,11 +247,10 @@ def train_worker(config: dict[str, Any]) -> None:
         KilnCheckpoint,
         LogLastStep,
         StopOnRequest,
-        emit,
         quiet_worker_logs,
-        send_lines_to,
         set_threads,
     )
+    from cluster.progress import emit, send_lines_to
     from cluster.tasks import TASKS, data_paths
     from cluster.tracking import finish_run
     from pretrain.flops import peak_flops

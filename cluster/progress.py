@@ -224,6 +224,32 @@ class EventWriter:
             ray.get(self.relay.ping.remote())
 
 
+_EVENTS: EventWriter | None = (
+    None  # rank 0 of a training worker: lines travel to the driver's console
+)
+
+
+def send_lines_to(events: EventWriter | Path | None) -> None:
+    """From now on `emit` in this process (rank 0 of a training worker) appends its lines to the run's
+    progress events, which the driver shows (cluster.progress); None: back to stdout."""
+    global _EVENTS
+    _EVENTS = EventWriter(events) if isinstance(events, Path) else events
+
+
+def emit(line: str) -> None:
+    """A line for the user. On rank 0 of a training worker it becomes a note event for the driver's console
+    (worker stdout goes only to the run's logs/ray.log); on the driver it is printed without tearing a live
+    progress line; elsewhere it goes to the process's own stdout (Ray Train patches `print` into its logger
+    and W&B wraps sys.stdout, so a `print` would be written twice)."""
+    if _EVENTS is not None:
+        _EVENTS.write(kind="note", text=line)
+    elif active():
+        say(line)
+    else:
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
+
+
 class Follower:
     """The driver's side: reads complete lines appended to `path` after `start` (or drained from
     `relay`) and shows them."""

@@ -86,7 +86,7 @@ from pretrain.checkpoint import (
 if TYPE_CHECKING:
     from cluster.jobs import FinetuneJob, PretrainJob
 
-# Where a line for the user goes: print, or in a training worker cluster.callbacks.emit.
+# Where a line for the user goes: print, or in a training worker cluster.progress.emit.
 Say = Callable[[str], None]
 METRICS = "metrics.csv"
 STASHED_METRICS = ".metrics-before-resume.csv"

@@ -196,3 +196,44 @@ def test_a_config_error_imports_neither_torch_nor_ray(tmp_path: Path) -> None:
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("kiln: error: ") and "trainer.max_stepz" in lines[0], lines
     assert not heavy, f"a config error paid for: {heavy}"
+
+
+# What the driver of `kiln pretrain`/`finetune` loads before it hands the job to Ray: the modules and
+# run_training's own imports (made inside the function, so listed here from its syntax tree), and the
+# meta-device parameter count of its preflight. Lightning, DeepSpeed and torch._dynamo cost 5, 3 and
+# 2 s of every command's start-up on a 2 GHz core, and only the workers need them.
+DRIVER = (
+    "import ast, sys\n"
+    "from torch import nn\n"
+    "import cluster.commands, cluster.launch, cluster.tasks, cluster.report\n"
+    "tree = ast.parse(open('cluster/launch.py').read())\n"
+    "run = next(f for f in tree.body if getattr(f, 'name', '') == 'run_training')\n"
+    "lazy = [n for n in ast.walk(run) if isinstance(n, (ast.Import, ast.ImportFrom))]\n"
+    "assert lazy\n"
+    "exec(compile(ast.Module(body=lazy, type_ignores=[]), 'run_training', 'exec'))\n"
+    "from data_pipeline.configlib import from_preset\n"
+    "from pretrain.models.bert import BertConfig, BertForPreTraining\n"
+    "from pretrain.models.meta import build_on_meta, num_parameters\n"
+    "init = nn.init.normal_\n"
+    "model = build_on_meta(BertForPreTraining, from_preset(BertConfig, 'tiny', vocab_size=40))\n"
+    "assert num_parameters(model) > 0 and nn.init.normal_ is init\n"
+    "heavy = ('lightning', 'deepspeed', 'torch._dynamo')\n"
+    "print([m for m in heavy if m in sys.modules])\n"
+)
+
+
+def test_the_driver_loads_no_lightning_deepspeed_or_dynamo() -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", DRIVER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    chains = [
+        " <- ".join(importers(result.stderr, m) or [m])
+        for m in ("lightning", "deepspeed", "torch._dynamo")
+        if repr(m) in result.stdout
+    ]
+    assert result.stdout.strip() == "[]", f"the driver paid for: {'; '.join(chains)}"
