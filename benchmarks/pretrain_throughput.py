@@ -1,6 +1,7 @@
 """Pretraining throughput, fp32 on CPU: Kiln against Hugging Face transformers, side by side in one process.
 
     .venv/bin/python benchmarks/pretrain_throughput.py [--threads 1,2] [--sizes 4x256,6x512] [--steps 3] [--rounds 3]
+        [--compile]
 
 Each contender runs the whole training step on the same batch of 16 x 128 tokens: forward, loss, backward and an
 AdamW step (Kiln's optimizer for both sides). BERT: Kiln `BertForPreTraining` (MLM head at the ~15% masked
@@ -8,7 +9,9 @@ positions only) + `mlm_nsp_loss` against `transformers.BertForPreTraining` (head
 loss; vocabulary 30522. GPT: Kiln `GPTLMHeadModel` + `clm_loss` against `transformers.GPT2LMHeadModel`; vocabulary
 50257. Sizes are layers x width, with 64-wide heads and a 4x MLP. The two sides of a pair alternate within every
 round, so a neighbour's load on a shared machine hits both alike; tokens/s is reported as the median over rounds
-with the range (min-max) beside it.
+with the range (min-max) beside it. With --compile a third contender joins every round: Kiln's model compiled in
+place (`nn.Module.compile`, TorchInductor, what `trainer.compile=true` does), from the same initial weights; its
+first step, which compiles, is timed and reported apart.
 
 MFU is model FLOPs (pretrain.flops: PaLM's 6N + 12·L·H·Q·T, counting what each side computes, so HF's BERT is
 credited for its MLM head at every position) over the best fp32 1024² matmul rate measured in this process at
@@ -19,6 +22,7 @@ The markdown table is printed and written to benchmarks/results/pretrain_through
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import os
 import platform
@@ -49,10 +53,11 @@ MFU_GOAL = 0.5
 
 @dataclass
 class Contender:
-    name: str  # "Kiln" | "HF"
+    name: str  # "Kiln" | "HF" | "Kiln compiled"
     step: Callable[[], None]
     flops_per_step: float
     tokens_per_s: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0  # the warm-up step (for a compiled model: compiling included)
 
 
 def _batch(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,7 +90,14 @@ def _trainer_step(
     return step
 
 
-def bert_pair(layers: int, width: int) -> list[Contender]:
+def _compiled_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same weights in a second module, compiled in place as trainer.compile does."""
+    twin = copy.deepcopy(model)
+    twin.compile()
+    return twin
+
+
+def bert_pair(layers: int, width: int, compile_kiln: bool = False) -> list[Contender]:
     import transformers
 
     sizes = dict(
@@ -103,9 +115,9 @@ def bert_pair(layers: int, width: int) -> list[Contender]:
         transformers.BertForPreTraining(transformers.BertConfig(**sizes)),
     )
 
-    def kiln_loss() -> torch.Tensor:
+    def kiln_loss(model: torch.nn.Module = kiln) -> torch.Tensor:
         positions = masked_positions_from_labels(x["labels"])
-        out = kiln(
+        out = model(
             x["ids"],
             token_type_ids=x["types"],
             attention_mask=x["mask"],
@@ -123,19 +135,20 @@ def bert_pair(layers: int, width: int) -> list[Contender]:
         ).loss
 
     masked = float((x["labels"] != -100).float().mean())
-    return [
-        Contender(
-            "Kiln",
-            _trainer_step(kiln, kiln_loss),
-            encoder_flops_per_token(kiln_cfg, T, masked) * B * T,
-        ),
+    flops = encoder_flops_per_token(kiln_cfg, T, masked) * B * T
+    pair = [
+        Contender("Kiln", _trainer_step(kiln, kiln_loss), flops),
         Contender(
             "HF", _trainer_step(hf, hf_loss), encoder_flops_per_token(kiln_cfg, T, 1.0) * B * T
         ),
     ]
+    if compile_kiln:
+        twin = _compiled_copy(kiln)
+        pair.append(Contender("Kiln compiled", _trainer_step(twin, lambda: kiln_loss(twin)), flops))
+    return pair
 
 
-def gpt_pair(layers: int, width: int) -> list[Contender]:
+def gpt_pair(layers: int, width: int, compile_kiln: bool = False) -> list[Contender]:
     import transformers
 
     x = _batch("gpt")
@@ -145,27 +158,33 @@ def gpt_pair(layers: int, width: int) -> list[Contender]:
     )
     kiln, hf = GPTLMHeadModel(kiln_cfg), transformers.GPT2LMHeadModel(hf_cfg)
 
-    def kiln_loss() -> torch.Tensor:
-        logits, _ = kiln(x["ids"])
+    def kiln_loss(model: torch.nn.Module = kiln) -> torch.Tensor:
+        logits, _ = model(x["ids"])
         return clm_loss(logits, x["next"])["loss"]
 
     def hf_loss() -> torch.Tensor:
         return hf(input_ids=x["ids"], labels=x["ids"]).loss  # HF shifts the labels itself
 
     flops = decoder_flops_per_token(kiln_cfg, T) * B * T
-    return [
+    pair = [
         Contender("Kiln", _trainer_step(kiln, kiln_loss), flops),
         Contender("HF", _trainer_step(hf, hf_loss), flops),
     ]
+    if compile_kiln:
+        twin = _compiled_copy(kiln)
+        pair.append(Contender("Kiln compiled", _trainer_step(twin, lambda: kiln_loss(twin)), flops))
+    return pair
 
 
-PAIRS: dict[str, Callable[[int, int], list[Contender]]] = {"bert": bert_pair, "gpt": gpt_pair}
+PAIRS: dict[str, Callable[[int, int, bool], list[Contender]]] = {"bert": bert_pair, "gpt": gpt_pair}
 
 
 def measure(pair: list[Contender], steps: int, rounds: int) -> None:
     """One warm-up step each, then `rounds` rounds in which the contenders take turns timing `steps` steps."""
     for c in pair:
+        start = time.perf_counter()
         c.step()
+        c.first_step_s = time.perf_counter() - start
     for _ in range(rounds):
         for c in pair:
             start = time.perf_counter()
@@ -182,16 +201,24 @@ class Row:
     kiln: Contender
     hf: Contender
     peak: float = 0.0
+    compiled: Contender | None = None
 
-    def ratio(self) -> float:
-        return statistics.median(self.kiln.tokens_per_s) / statistics.median(self.hf.tokens_per_s)
+    def ratio(self, c: Contender | None = None) -> float:
+        """`c` (Kiln by default) over HF, tokens/s medians."""
+        c = c or self.kiln
+        return statistics.median(c.tokens_per_s) / statistics.median(self.hf.tokens_per_s)
 
     def mfu(self, c: Contender) -> float:
         return statistics.median(c.tokens_per_s) / (B * T) * c.flops_per_step / self.peak
 
 
 def run(
-    families: list[str], sizes: list[str], threads: list[int], steps: int, rounds: int
+    families: list[str],
+    sizes: list[str],
+    threads: list[int],
+    steps: int,
+    rounds: int,
+    compile_kiln: bool = False,
 ) -> list[Row]:
     rows: list[Row] = []
     for n in threads:
@@ -201,15 +228,20 @@ def run(
             for family in families:
                 torch.manual_seed(0)
                 peak = measure_matmul_flops()
-                kiln, hf = PAIRS[family](layers, width)
-                measure([kiln, hf], steps, rounds)
-                rows.append(Row(family, size, n, kiln, hf, peak))
+                kiln, hf, *compiled = PAIRS[family](layers, width, compile_kiln)
+                measure([kiln, hf, *compiled], steps, rounds)
+                rows.append(Row(family, size, n, kiln, hf, peak, compiled[0] if compiled else None))
+                extra = (
+                    f", Kiln compiled {_tps(compiled[0])} (first step {compiled[0].first_step_s:.0f} s)"
+                    if compiled
+                    else ""
+                )
                 print(
-                    f"[bench] {family} {size} threads={n}: Kiln {_tps(kiln)}, HF {_tps(hf)} tokens/s, "
-                    f"ratio {rows[-1].ratio():.2f}",
+                    f"[bench] {family} {size} threads={n}: Kiln {_tps(kiln)}, HF {_tps(hf)} tokens/s"
+                    f"{extra}, ratio {rows[-1].ratio():.2f}",
                     flush=True,
                 )
-                del kiln, hf
+                del kiln, hf, compiled
     best_peak = {n: max(r.peak for r in rows if r.threads == n) for n in threads}
     for r in rows:
         r.peak = best_peak[r.threads]
@@ -220,17 +252,35 @@ def _tps(c: Contender) -> str:
     return f"{statistics.median(c.tokens_per_s):.0f} ({min(c.tokens_per_s):.0f}-{max(c.tokens_per_s):.0f})"
 
 
+def _goal(r: Row, c: Contender) -> str:
+    return f">= {GOALS[r.family]}x: {'met' if r.ratio(c) >= GOALS[r.family] else 'not met'}"
+
+
 def table(rows: list[Row]) -> str:
     lines = [
         "| model | size (L x d) | threads | Kiln tokens/s | HF tokens/s | Kiln / HF | goal | Kiln MFU | HF MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        met = "met" if r.ratio() >= GOALS[r.family] else "not met"
         lines.append(
             f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(r.kiln)} | {_tps(r.hf)} | "
-            f"{r.ratio():.2f}x | >= {GOALS[r.family]}x: {met} | {r.mfu(r.kiln):.0%} | {r.mfu(r.hf):.0%} |"
+            f"{r.ratio():.2f}x | {_goal(r, r.kiln)} | {r.mfu(r.kiln):.0%} | {r.mfu(r.hf):.0%} |"
         )
+    compiled = [r for r in rows if r.compiled is not None]
+    if compiled:
+        lines += [
+            "",
+            "| model | size (L x d) | threads | Kiln compiled tokens/s | compiled / eager Kiln | compiled / HF | goal "
+            "| compiled MFU | first step (compiling) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            c = r.compiled
+            assert c is not None
+            lines.append(
+                f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(c)} | {r.ratio(c) / r.ratio():.2f}x | "
+                f"{r.ratio(c):.2f}x | {_goal(r, c)} | {r.mfu(c):.0%} | {c.first_step_s:.0f} s |"
+            )
     return "\n".join(lines)
 
 
@@ -271,7 +321,7 @@ def report(
             f"- command: `{command}`",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
             f"- batch {B} x {T} tokens; forward + loss + backward + AdamW step; {rounds} rounds of {steps} steps per "
-            "contender, the two sides of a pair alternating; tokens/s = median (min-max) over rounds",
+            "contender, the contenders alternating; tokens/s = median (min-max) over rounds",
             f"- matmul peak (best fp32 1024² matmul measured in the run): {peaks}",
             f"- load average (1, 5, 15 min) at start {_load(load[0])}, at end {_load(load[1])}: the machine is shared, "
             "so absolute "
@@ -298,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time Kiln's model compiled in place (trainer.compile=true)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "pretrain_throughput.md"
     )
     args = parser.parse_args(argv)
@@ -314,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         [int(n) for n in args.threads.split(",")],
         args.steps,
         args.rounds,
+        args.compile,
     )
     command = " ".join(["python", *sys.argv]) if argv is None else " ".join(argv)
     text = report(rows, command, (start_load, os.getloadavg()), args.steps, args.rounds)

@@ -127,6 +127,9 @@ class TrainerConfig:
     # Steps whose loss is NaN/inf (on any rank) are skipped and counted (train/skipped_steps); this many in a row
     # stop the run with a clear error.
     max_nonfinite_steps: int = 5
+    # torch.compile the model (`nn.Module.compile`: TorchInductor, which on CPU needs a C++ compiler; the first
+    # steps pay for compiling). DDP only. docs/benchmarks.md measures the gain.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -217,6 +220,15 @@ class PrepareJob:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+def check_compile(trainer: TrainerConfig, cluster: ClusterConfig) -> None:
+    # DeepSpeed wraps the model in its engine (ZeRO-3 hooks every submodule's parameters): compiling under it is
+    # not something Kiln has tested, so it is refused rather than left to fail inside a worker.
+    if trainer.compile and cluster.strategy != "ddp":
+        raise ValueError(
+            f"'trainer.compile': with cluster.strategy=ddp only, not {cluster.strategy}"
+        )
+
+
 @dataclass
 class PretrainJob:
     # output of `kiln data prepare`
@@ -237,6 +249,7 @@ class PretrainJob:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_compile(self.trainer, self.cluster)
         family = pretrain_family(self.task)
         if self.document_attention and self.task != "clm":
             raise ValueError("'document_attention' applies to task clm (packed GPT blocks) only")
@@ -279,6 +292,7 @@ class FinetuneJob:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_compile(self.trainer, self.cluster)
         self._check_scheduled_sampling()
         if self.model is None:
             return

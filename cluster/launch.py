@@ -275,6 +275,7 @@ def train_worker(config: dict[str, Any]) -> None:
     parts = TASKS[job.task](job, rank, world)
     parts.module.peak_flops = peak
     parts.module.max_nonfinite_steps = job.trainer.max_nonfinite_steps
+    parts.module.compile_model = job.trainer.compile
     task_dir, tokenizer_file, _ = data_paths(job.data_dir, job.task)
     checkpoint = KilnCheckpoint(
         checkpoints_dir(run),

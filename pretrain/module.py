@@ -91,6 +91,7 @@ class KilnModule(L.LightningModule, ABC):
         self.max_nonfinite_steps = (
             5  # consecutive non-finite losses before the run stops (trainer.max_nonfinite_steps)
         )
+        self.compile_model = False  # trainer.compile, set by the launcher
         self.skipped_steps = 0
         self._nonfinite_run = 0
         self._drop_gradients = False  # a skip in this accumulation window: no optimizer step
@@ -111,17 +112,24 @@ class KilnModule(L.LightningModule, ABC):
         return None
 
     def configure_model(self) -> None:
-        """Builds a deferred model. Lightning calls this inside the strategy's `model_sharded_context`, which under
-        ZeRO-3 is DeepSpeed's `zero.Init`: each module's parameters are partitioned across the ranks as soon as that
-        module is built, so no rank ever holds the whole model (the models initialise through `Module.apply`, which
-        zero.Init makes gather one module at a time). The build draws from the RNG state saved in `__init__` and
-        leaves the training RNG as it was, so ZeRO-3 starts from the weights (and dropout stream) of a DDP run."""
-        if self.model is not None:
-            return
-        with torch.random.fork_rng():  # the CPU generator and any CUDA one come back as they were
-            torch.set_rng_state(self._build_rng)
-            self.model = self._build_model()
-        self._build_rng = None
+        """Builds a deferred model; with trainer.compile, compiles the model. Lightning calls this inside the
+        strategy's `model_sharded_context`, which under ZeRO-3 is DeepSpeed's `zero.Init`: each module's parameters
+        are partitioned across the ranks as soon as that module is built, so no rank ever holds the whole model (the
+        models initialise through `Module.apply`, which zero.Init makes gather one module at a time). The build draws
+        from the RNG state saved in `__init__` and leaves the training RNG as it was, so ZeRO-3 starts from the
+        weights (and dropout stream) of a DDP run."""
+        if self.model is None:
+            with (
+                torch.random.fork_rng()
+            ):  # the CPU generator and any CUDA one come back as they were
+                torch.set_rng_state(self._build_rng)
+                self.model = self._build_model()
+            self._build_rng = None
+        if self.compile_model:
+            # In place: the module's own forward is compiled on its first call, its state_dict keys stay as they
+            # are (torch.compile(model) would add "_orig_mod."), so checkpoints do not depend on this setting.
+            self.model.compile()
+            self.compile_model = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)

@@ -142,3 +142,12 @@ def test_resolved_config_round_trips() -> None:
 
     assert build(QuickstartJob, to_dict(cfg)) == cfg
     assert again != cfg  # the recipe is what the quickstart runs, not the bare defaults
+
+
+def test_compile_is_ddp_only() -> None:
+    assert load_config(PretrainJob, None, ["trainer.compile=true"]).trainer.compile
+    for cls in (PretrainJob, FinetuneJob):
+        with pytest.raises(
+            ConfigError, match=r"'trainer.compile': with cluster.strategy=ddp only, not deepspeed"
+        ):
+            load_config(cls, None, ["trainer.compile=true", "cluster.strategy=deepspeed_stage_2"])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import warnings
 
 import lightning as L
@@ -273,3 +274,38 @@ def test_a_loss_spike_is_warned_and_still_trained_on() -> None:
     with pytest.warns(UserWarning, match=r"step 22: loss spike .* > 10x the running median"):
         trainer.fit(module, torch.utils.data.DataLoader(clm_batches(24, 0), batch_size=None))
     assert module.skipped_steps == 0  # a spike is finite: logged, not skipped
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="TorchInductor on CPU needs a C++ compiler",
+)
+def test_compile_trains_like_eager_and_keeps_the_checkpoint_keys() -> None:
+    import torch._dynamo
+
+    def trained(compile_model: bool) -> tuple[GPTPretrainModule, float]:
+        torch.manual_seed(0)
+        module = GPTPretrainModule(
+            from_preset(GPTConfig, "tiny", vocab_size=V), OptimConfig(warmup_steps=2), total_steps=5
+        )
+        module.compile_model = compile_model
+        trainer = fit(module, clm_batches(5, 0), clm_batches(2, 1))
+        return module, trainer.callback_metrics["val/loss"].item()
+
+    eager, eager_loss = trained(False)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    import torch._inductor.config
+
+    # Inductor draws dropout masks from its own generator unless told to use eager's: the same masks as eager
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled, compiled_loss = trained(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    assert list(compiled.state_dict()) == list(
+        eager.state_dict()
+    )  # no "_orig_mod." in a checkpoint
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    for (name, a), b in zip(
+        eager.model.named_parameters(), compiled.model.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
