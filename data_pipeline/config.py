@@ -18,7 +18,9 @@ from data_pipeline.sample import MAX_SAMPLE_PAIRS
 
 Source = Literal["sample", "text", "parallel", "labelled", "hf"]  # docs/data.md
 Task = Literal["mlm_nsp", "clm", "translation", "classification"]
-TokenizerKind = Literal["bpe", "plain_bpe", "wordpiece", "char"]  # tokenizer.TOKENIZER_KINDS
+TokenizerKind = Literal[
+    "bpe", "plain_bpe", "wordpiece", "wordpiece_uncased", "char"
+]  # tokenizer.TOKENIZER_KINDS
 TextUnit = Literal["file", "line", "block"]  # a document per file, non-blank line, blank-line block
 EncodingErrors = Literal["strict", "replace"]
 # hash: each row's split from its content and the seed (order-free); contiguous: the kept rows in input

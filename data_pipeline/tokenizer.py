@@ -16,6 +16,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
 from tokenizers import (
@@ -72,10 +73,12 @@ def _train_plain_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _train_wordpiece(texts: Iterator[str], vocab_size: int) -> Tokenizer:
-    """Cased BERT-style WordPiece (whitespace and punctuation are split off, so decoding is not exact)."""
+def _train_wordpiece(texts: Iterator[str], vocab_size: int, lowercase: bool = False) -> Tokenizer:
+    """BERT-style WordPiece (whitespace and punctuation are split off, so decoding is not exact): cased, or
+    uncased as bert-base-uncased (lower-cased, accents stripped). The normalizer is saved in tokenizer.json,
+    so data prepared later with this tokenizer as `tokenizer_path` is lower-cased the same way."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
@@ -108,6 +111,7 @@ TOKENIZER_KINDS: dict[str, Callable[[Iterator[str], int], Tokenizer]] = {
     "bpe": _train_bpe,
     "plain_bpe": _train_plain_bpe,
     "wordpiece": _train_wordpiece,
+    "wordpiece_uncased": partial(_train_wordpiece, lowercase=True),
     "char": _train_char,
 }
 

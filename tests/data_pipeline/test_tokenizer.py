@@ -174,3 +174,20 @@ def test_tokenize_batch_adds_id_columns(corpus: list[str]) -> None:
         "one",
         "two",
     ]
+
+
+def test_uncased_wordpiece_lowercases_and_strips_accents_and_keeps_it_when_loaded(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    """An uncased vocabulary (as bert-base-uncased) carries its normalizer in tokenizer.json, so lower-case
+    task data (SST-2) prepared with it as tokenizer_path gets the pretraining text's ids."""
+    cased = train_tokenizer("wordpiece", corpus, vocab_size=600)
+    uncased = train_tokenizer("wordpiece_uncased", corpus, vocab_size=600)
+    words = [t for t in uncased.get_vocab() if not t.startswith("[")]  # not [PAD], [CLS], ...
+    assert words and not any(t != t.lower() for t in words)
+    assert any(t != t.lower() for t in cased.get_vocab() if not t.startswith("["))
+    uncased.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path)
+    text = "The IF Statement: café"
+    assert loaded.encode(text).ids == loaded.encode("the if statement: cafe").ids
+    assert cased.encode(text).ids != cased.encode("the if statement: cafe").ids
