@@ -452,6 +452,21 @@ REGISTRY: list[Spec] = [
         writes=("runs/gpt-char-shakespeare-30min-score/metrics.json",),
         prints=("nats/char",),
     ),
+    # pretraining that pays: BERT on WikiText-2 (uncased WordPiece), fine-tuned on SST-2 by a benchmark
+    _spec(
+        "wikitext2-bert",
+        "kiln data prepare --config configs/data-wikitext2-bert.yaml --out runs/wikitext2-bert",
+        smoke=SMALL_VOCAB,
+        writes=("runs/wikitext2-bert/manifest.json",),
+    ),
+    _spec(
+        "bert-mini-60min",
+        "kiln pretrain --config configs/bert-mini-wikitext2-60min.yaml --out "
+        "runs/bert-mini-wikitext2-60min",
+        smoke=TRAIN,
+        needs=("wikitext2-bert",),
+        writes=run_files("runs/bert-mini-wikitext2-60min"),
+    ),
     # --------------------------------------- README: object storage (the loopback S3 server's bucket)
     _spec(
         "s3-data",

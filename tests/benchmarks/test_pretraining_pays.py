@@ -1,0 +1,117 @@
+"""benchmarks/pretraining_pays.py at toy size: a 1-layer BERT "pretrained" for 0 steps on a cut of SST-2, every
+cell of the grid fine-tuned for 3 steps in 2 worker processes, and the report, its verdicts and PNG written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks import pretraining_pays as bench
+
+ROOT = Path(__file__).resolve().parents[2]
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+
+
+@pytest.fixture
+def sst2_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    if not SST2.is_file():
+        pytest.skip(f"{SST2} is absent")
+    cut = tmp_path / "sst2.tsv"
+    with SST2.open(encoding="utf-8") as f:
+        cut.write_text("".join(next(f) for _ in range(500)), encoding="utf-8")
+    monkeypatch.setattr(bench, "SST2", cut)
+    return cut
+
+
+def tiny_encoder(sst2: Path, out: Path) -> Path:
+    from data_pipeline.tokenizer import train_tokenizer
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.models.bert import BertConfig, BertForPreTraining
+
+    texts = [line.split("\t")[0] for line in sst2.read_text(encoding="utf-8").splitlines()[1:]]
+    tok = train_tokenizer("wordpiece_uncased", texts, vocab_size=400)
+    out.parent.mkdir(parents=True)
+    tok.save(str(out.parent / "tokenizer.json"))
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return save_checkpoint(out, BertForPreTraining(config), config, out.parent / "tokenizer.json")
+
+
+def test_the_grid_runs_and_reports_every_cell(sst2_cut: Path, tmp_path: Path) -> None:
+    encoder = tiny_encoder(sst2_cut, tmp_path / "enc" / "step-0000000")
+    out = tmp_path / "result.md"
+    argv = ["--encoder", str(encoder), "--few", "60", "--steps-few", "3", "--steps-all", "3"]
+    argv += [
+        "--seeds",
+        "0",
+        "--lrs",
+        "1e-3,3e-4",
+        "--batch-size",
+        "8",
+        "--jobs",
+        "2",
+        "--work",
+        str(tmp_path / "work"),
+    ]
+    argv += ["--out", str(out)]
+    assert bench.main(argv) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(("| 60 |", "| all |"))]
+    # 60 labels: 2 initialisations x 2 learning rates; all labels: each initialisation at its chosen one
+    assert len(rows) == 6 and sum("(chosen)" in row for row in rows) == 4
+    assert all(0.0 <= float(row.split("|")[7]) <= 100.0 for row in rows)  # the seed's test accuracy
+    assert "- 60 labels: " in text and "- all labels: " in text
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    # the cut holds exactly --few training phrases and the full split's validation rows (checked by main)
+    assert len(bench.split_rows(tmp_path / "work" / "sst2-60", "train")) == 60
+    cached = (tmp_path / "work" / "cells.jsonl").read_text().splitlines()
+    assert len(cached) == 6
+    assert bench.main(argv) == 0  # a second run fine-tunes nothing: every cell is cached
+    assert len((tmp_path / "work" / "cells.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_missing_encoder_is_one_line_and_exit_2(
+    sst2_cut: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--encoder", str(tmp_path / "nope"), "--work", str(tmp_path / "work")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "nope") in err
+
+
+def test_verdict_needs_every_seed_above_every_other() -> None:
+    def chosen(pre: list[float], scratch: list[float]) -> dict[str, list[dict]]:
+        return {
+            "pretrained": [{"test_accuracy": a} for a in pre],
+            "random init": [{"test_accuracy": a} for a in scratch],
+        }
+
+    assert bench.verdict(chosen([0.80, 0.82], [0.70, 0.79])).startswith("pretrained, by 6.5")
+    assert bench.verdict(chosen([0.60, 0.65], [0.70, 0.71])).startswith("random init")
+    assert bench.verdict(chosen([0.80, 0.70], [0.75, 0.76])).startswith("neither")
+
+
+def test_the_learning_rate_is_chosen_on_validation_not_test() -> None:
+    rows = [
+        {
+            "labels": "9",
+            "init": "pretrained",
+            "lr": lr,
+            "validation_accuracy": v,
+            "test_accuracy": t,
+        }
+        for lr, v, t in (
+            (1e-3, 0.70, 0.90),
+            (1e-3, 0.72, 0.90),
+            (3e-4, 0.75, 0.10),
+            (3e-4, 0.71, 0.1),
+        )
+    ]
+    assert bench.best_lr(rows, "9", "pretrained") == 3e-4
