@@ -66,25 +66,35 @@ def encoder_tokenizer(checkpoint: Path) -> Path:
 
 
 def prepare_sst2(source: Path, out: Path, tokenizer: Path) -> Path:
+    """SST-2 prepared with `tokenizer` into `out`, once: a later run reuses it only if it holds the same vocabulary
+    (another --encoder's tokenizer would give other ids)."""
     from cluster.config import load_config
     from cluster.jobs import PrepareJob
+    from data_pipeline.errors import DataError
     from data_pipeline.prepare import prepare
 
-    if not (out / "manifest.json").is_file():
-        job = load_config(
-            PrepareJob,
-            CONFIGS / "data-sst2.yaml",
-            [f"data.paths=[{source}]", f"data.tokenizer_path={tokenizer}"],
-        )
-        prepare(job.data, out, progress=lambda line: print(f"  {line}", flush=True))
+    if (out / "manifest.json").is_file():
+        if (out / "tokenizer.json").read_bytes() != tokenizer.read_bytes():
+            raise DataError(
+                f"{out}: prepared with another tokenizer than {tokenizer}; use another --work or delete it"
+            )
+        return out
+    job = load_config(
+        PrepareJob,
+        CONFIGS / "data-sst2.yaml",
+        [f"data.paths=[{source}]", f"data.tokenizer_path={tokenizer}"],
+    )
+    prepare(job.data, out, progress=lambda line: print(f"  {line}", flush=True))
     return out
 
 
 def write_cut(full: Path, n: int, seed: int, out: Path) -> Path:
     """A TSV of `n` seeded training phrases plus every held-out one (which the hash split puts back in place)."""
+    from data_pipeline.errors import DataError
+
     train = split_rows(full, "train")
     if n > len(train):
-        raise SystemExit(f"--few {n}: the training split has only {len(train)} phrases")
+        raise DataError(f"--few {n}: the training split has only {len(train)} phrases")
     rows = random.Random(seed).sample(train, n)
     rows += split_rows(full, "validation") + split_rows(full, "test")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,10 +106,12 @@ def write_cut(full: Path, n: int, seed: int, out: Path) -> Path:
 
 
 def check_cut(full: Path, cut: Path, n: int) -> None:
+    from data_pipeline.errors import DataError
+
     if sorted(split_rows(full, "validation")) != sorted(split_rows(cut, "validation")):
-        raise SystemExit(f"{full} and {cut}: validation splits differ; delete {cut} and rerun")
+        raise DataError(f"{full} and {cut}: validation splits differ; delete {cut} and rerun")
     if len(split_rows(cut, "train")) != n:
-        raise SystemExit(f"{cut}: expected {n} training phrases; delete it and rerun")
+        raise DataError(f"{cut}: expected {n} training phrases; delete it and rerun")
 
 
 def scores(model: object, data_dir: Path, split: str) -> dict[str, float]:
@@ -431,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     facts["probe"] = probe(checkpoint, cut, args.seed_list)
     facts["minutes"] = (time.monotonic() - begin) / 60
     text = report(args, rows, facts, chosen)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     plot(rows, chosen, args.out.with_suffix(".png"))
     print(text)

@@ -24,13 +24,13 @@ def sst2_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cut
 
 
-def tiny_encoder(sst2: Path, out: Path) -> Path:
+def tiny_encoder(sst2: Path, out: Path, vocab_size: int = 400) -> Path:
     from data_pipeline.tokenizer import train_tokenizer
     from pretrain.checkpoint import save_checkpoint
     from pretrain.models.bert import BertConfig, BertForPreTraining
 
     texts = [line.split("\t")[0] for line in sst2.read_text(encoding="utf-8").splitlines()[1:]]
-    tok = train_tokenizer("wordpiece_uncased", texts, vocab_size=400)
+    tok = train_tokenizer("wordpiece_uncased", texts, vocab_size=vocab_size)
     out.parent.mkdir(parents=True)
     tok.save(str(out.parent / "tokenizer.json"))
     config = BertConfig(
@@ -75,6 +75,9 @@ def test_the_grid_runs_and_reports_every_cell(sst2_cut: Path, tmp_path: Path) ->
     assert len(cached) == 6
     assert bench.main(argv) == 0  # a second run fine-tunes nothing: every cell is cached
     assert len((tmp_path / "work" / "cells.jsonl").read_text().splitlines()) == 6
+    # another encoder's vocabulary into the same --work: one line naming the stale directory, exit 2
+    other = tiny_encoder(sst2_cut, tmp_path / "enc2" / "step-0000000", vocab_size=300)
+    assert bench.main(["--encoder", str(other), *argv[2:]]) == 2
 
 
 def test_a_missing_encoder_is_one_line_and_exit_2(
