@@ -421,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError) as err:
         print(err, file=sys.stderr)
         return 2
+    finally:
+        import ray
+
+        if (
+            ray.is_initialized()
+        ):  # prepare() started a local Ray: nothing later needs it (cells run in
+            ray.shutdown()  # their own processes), and its daemons would share the 2 cores with them
     facts["load_start"] = load_start
     cache, few = args.work / "cells.jsonl", str(args.few)
 
