@@ -22,21 +22,19 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import json
-import math
 import os
 import random
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cells import plot_grid, run_cells, train_cell  # noqa: E402
+from benchmarks.cells import verdict as cells_verdict  # noqa: E402
 from benchmarks.classification_quality import finetune_job, split_rows  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
@@ -132,8 +130,6 @@ def run_cell(cell: Cell, batch_size: int) -> dict:
     """Fine-tune one cell in this (worker) process; score it on the validation and test splits."""
     import torch
 
-    from benchmarks.translation_quality import train_for
-
     torch.set_num_threads(1)
     job = finetune_job(
         Path(cell.data_dir),
@@ -142,25 +138,15 @@ def run_cell(cell: Cell, batch_size: int) -> dict:
         cell.lr,
         [f"encoder_checkpoint={cell.encoder}", f"trainer.seed={cell.seed}"],
     )
-    load, losses, start = os.getloadavg()[0], [], time.monotonic()
-    model, steps, _ = train_for(
-        job,
-        math.inf,
-        max_steps=cell.steps,
-        fresh_weights=cell.init == "random init",
-        losses=losses,
-        log_every=10**9,
-    )
-    minutes = (time.monotonic() - start) / 60
-    row = {**asdict(cell), "done": steps, "losses": losses, "minutes": minutes, "load": load}
+    model, row = train_cell(job, cell, fresh=cell.init == "random init")
     for split in ("validation", "test"):
         row.update(
             {f"{split}_{k}": v for k, v in scores(model, Path(cell.data_dir), split).items()}
         )
     print(
         f"[{cell.labels} labels, {cell.init}, lr {cell.lr:g}, seed {cell.seed}] validation accuracy "
-        f"{row['validation_accuracy']:.4f}, test {row['test_accuracy']:.4f} in {minutes:.1f} min "
-        f"(load {load:.2f} at start)",
+        f"{row['validation_accuracy']:.4f}, test {row['test_accuracy']:.4f} in {row['minutes']:.1f} min "
+        f"(load {row['load']:.2f} at start)",
         flush=True,
     )
     return row
@@ -204,24 +190,6 @@ def probe(checkpoint: Path, cut: Path, seeds: list[int]) -> dict[str, float]:
     return {init: statistics.mean(accs) for init, accs in out.items()}
 
 
-def run_cells(cells: list[Cell], args: argparse.Namespace, cache: Path) -> list[dict]:
-    """Every cell's row, fine-tuning only those not already in `cache` (one JSON row per line), so a run cut
-    short continues where it stopped."""
-    done = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            row = json.loads(line)
-            done[Cell(**{k: row[k] for k in Cell.__dataclass_fields__})] = row
-    todo = [c for c in cells if c not in done]
-    print(f"{len(cells)} cells ({len(cells) - len(todo)} cached), {args.jobs} at once", flush=True)
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        for row in pool.map(run_cell, todo, [args.batch_size] * len(todo)):
-            with cache.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            done[Cell(**{k: row[k] for k in Cell.__dataclass_fields__})] = row
-    return [done[c] for c in cells]
-
-
 def group(rows: list[dict], labels: str, init: str, lr: float | None = None) -> list[dict]:
     return [
         r
@@ -242,51 +210,17 @@ def best_lr(rows: list[dict], labels: str, init: str) -> float:
 
 def verdict(chosen: dict[str, list[dict]]) -> str:
     """Who wins on test accuracy, and whether by more than the seeds' spread (every seed above every other)."""
-    (pre, scratch) = ([r["test_accuracy"] for r in chosen[i]] for i in INITS)
-    gap = 100 * (statistics.mean(pre) - statistics.mean(scratch))
-    if min(pre) > max(scratch):
-        return f"pretrained, by {gap:.1f} points; every seed above every random-init seed"
-    if min(scratch) > max(pre):
-        return f"random init, by {-gap:.1f} points; every seed above every pretrained seed"
-    return f"neither: the seeds overlap (pretrained - random init = {gap:+.1f} points)"
+    return cells_verdict({i: chosen[i] for i in INITS}, "test_accuracy", "points", scale=100)
 
 
-def plot(rows: list[dict], chosen: dict[str, dict[str, list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    budgets = list(chosen)
-    fig, axes = plt.subplots(1, len(budgets) + 1, figsize=(5 * (len(budgets) + 1), 4))
-    colours = {"pretrained": "tab:blue", "random init": "tab:orange"}
-    for ax, labels in zip(axes[:-1], budgets, strict=True):
-        for init in INITS:
-            for r in chosen[labels][init]:
-                curve = [
-                    statistics.mean(r["losses"][max(0, i - 19) : i + 1])
-                    for i in range(len(r["losses"]))
-                ]
-                ax.plot(range(1, len(curve) + 1), curve, color=colours[init], alpha=0.7)
-            ax.plot(
-                [], [], color=colours[init], label=f"{init}, lr {chosen[labels][init][0]['lr']:g}"
-            )
-        ax.set(title=f"SST-2, {labels} labels", xlabel="step", ylabel="train loss (20-step mean)")
-        ax.legend()
-    ax = axes[-1]
-    for j, labels in enumerate(budgets):
-        for k, init in enumerate(INITS):
-            accs = [100 * r["test_accuracy"] for r in chosen[labels][init]]
-            x = j + (k - 0.5) * 0.3
-            ax.scatter(
-                [x] * len(accs), accs, color=colours[init], zorder=3, label=init if j == 0 else None
-            )
-            ax.hlines(statistics.mean(accs), x - 0.1, x + 0.1, color=colours[init])
-    ax.set_xticks(range(len(budgets)), [f"{b} labels" for b in budgets])
-    ax.set(title="test accuracy (dots: seeds; bar: mean)", ylabel="accuracy %")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def plot(chosen: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    plot_grid(
+        {b: {i: chosen[b][i] for i in INITS} for b in chosen},
+        path,
+        lambda labels: f"SST-2, {labels} labels",
+        ("test_accuracy", 100.0, "test accuracy %"),
+        lambda init, rows: f"{init}, lr {rows[0]['lr']:g}",
+    )
 
 
 def table_row(cells: list[dict], chosen: bool) -> str:
@@ -441,18 +375,18 @@ def main(argv: list[str] | None = None) -> int:
             for lr in [lrs[init][lr_i]]
         ]
 
-    rows = run_cells(
-        cells(few, args.steps_few, cut, dict.fromkeys(INITS, args.lr_list)), args, cache
-    )
+    grid = cells(few, args.steps_few, cut, dict.fromkeys(INITS, args.lr_list))
+    rows = run_cells(grid, run_cell, [args.batch_size], args.jobs, cache)
     lr = {init: best_lr(rows, few, init) for init in INITS}
-    rows += run_cells(cells("all", args.steps_all, full, {i: [lr[i]] for i in INITS}), args, cache)
+    grid = cells("all", args.steps_all, full, {i: [lr[i]] for i in INITS})
+    rows += run_cells(grid, run_cell, [args.batch_size], args.jobs, cache)
     chosen = {b: {i: group(rows, b, i, lr[i]) for i in INITS} for b in (few, "all")}
     facts["probe"] = probe(checkpoint, cut, args.seed_list)
     facts["minutes"] = (time.monotonic() - begin) / 60
     text = report(args, rows, facts, chosen)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    plot(rows, chosen, args.out.with_suffix(".png"))
+    plot(chosen, args.out.with_suffix(".png"))
     print(text)
     return 0
 

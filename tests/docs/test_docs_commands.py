@@ -467,6 +467,20 @@ REGISTRY: list[Spec] = [
         needs=("wikitext2-bert",),
         writes=run_files("runs/bert-mini-wikitext2-60min"),
     ),
+    # pretraining that pays: a GPT on WikiText-2 in the Multi30k vocabulary, the decoder of a translation benchmark
+    _spec(
+        "wikitext2-gpt-multi30k",
+        "kiln data prepare --config configs/data-wikitext2-gpt-multi30k.yaml --out runs/wikitext2-gpt-multi30k",
+        needs=("multi30k",),
+        writes=("runs/wikitext2-gpt-multi30k/manifest.json",),
+    ),
+    _spec(
+        "gpt-decoder",
+        "kiln pretrain --config configs/gpt-decoder-wikitext2.yaml --out runs/gpt-decoder-wikitext2",
+        smoke=TRAIN,
+        needs=("wikitext2-gpt-multi30k",),
+        writes=run_files("runs/gpt-decoder-wikitext2"),
+    ),
     # --------------------------------------- README: object storage (the loopback S3 server's bucket)
     _spec(
         "s3-data",
