@@ -57,6 +57,9 @@ class DataConfig:
     wikitext_headings: bool = (
         False  # a " = Title = " line also starts a document (WikiText's articles)
     )
+    # WikiText's tokenised text ("the game 's score , 1 @,@ 000 .") back to running text ("the game's score,
+    # 1,000."), so a byte-level BPE sees punctuation as ordinary text has it (readers.detokenize_wikitext)
+    wikitext_detokenize: bool = False
     encoding_errors: EncodingErrors = "strict"  # replace: bad bytes become U+FFFD, counted
     text_column: str = "text"
     label_column: str = "label"
@@ -127,6 +130,11 @@ class DataConfig:
         if self.wikitext_headings and self.text_unit == "line":
             raise DataError(
                 "wikitext_headings: has no effect with text_unit 'line'; use 'file' (articles) or 'block'"
+            )
+        if self.wikitext_detokenize and self.source != "text":
+            raise DataError(
+                f"wikitext_detokenize: rewrites documents read from paths (source 'text'), not source "
+                f"{self.source!r}"
             )
         if self.source in ("sample", "hf") and self.paths:
             raise DataError(

@@ -49,6 +49,35 @@ TABULAR: dict[str, str] = {
 GZIP_MAGIC = b"\x1f\x8b"
 # A WikiText level-1 heading: " = Title = ". Level 2 and deeper (" = = Section = = ") do not match.
 _HEADING = re.compile(r"^\s*=\s+(?!=)\S.*?(?<!=)\s+=\s*$")
+# WikiText's tokenised text back to running text, line by line (after lm-evaluation-harness's
+# `wikitext_detokenizer`): " @-@ " joins, punctuation and clitics reattach, brackets and quotes close up. A byte-level
+# BPE sees " ." and "." as different tokens, so a model pretrained on the spaced form meets unseen tokens in
+# ordinary text (and vice versa).
+_WIKITEXT_RULES = [
+    (re.compile(r" @([-,.])@ "), r"\1"),  # 1 @,@ 000 -> 1,000; well @-@ known -> well-known
+    (
+        re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"),
+        r"\1",
+    ),  # do n't -> don't; the game 's -> the game's
+    (re.compile(r"(\w)s ' "), r"\1s' "),  # the players ' -> the players'
+    (re.compile(r" ([.,;:!?%])(?= |$)"), r"\1"),  # word , -> word,
+    (re.compile(r"([(\[{]) "), r"\1"),  # ( 620 mi ) -> (620 mi)
+    (re.compile(r" ([)\]}])"), r"\1"),
+    (re.compile(r'" ([^"]*?) "'), r'"\1"'),  # " quoted " -> "quoted"
+    (re.compile(r"= = = ="), "===="),  # heading markers: = = Section = = -> == Section ==
+    (re.compile(r"= = ="), "==="),
+    (re.compile(r"= ="), "=="),
+]
+
+
+def detokenize_wikitext(text: str) -> str:
+    """WikiText's space-separated tokens as running text, each line stripped (see _WIKITEXT_RULES)."""
+    lines = []
+    for line in text.split("\n"):
+        for pattern, repl in _WIKITEXT_RULES:
+            line = pattern.sub(repl, line)
+        lines.append(line.strip())
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -66,6 +95,7 @@ class ReadOptions:
     )
     tgt_column: str | int | None = None
     labels: tuple[str, ...] | None = None  # the allowed labels; None: any (the set is inferred)
+    wikitext_detokenize: bool = False  # documents: WikiText's spaced tokens back to running text
 
     @classmethod
     def from_config(cls, cfg: DataConfig, kind: str) -> ReadOptions:
@@ -79,6 +109,7 @@ class ReadOptions:
             cfg.src_column,
             cfg.tgt_column,
             tuple(cfg.labels) if cfg.labels else None,
+            wikitext_detokenize=cfg.wikitext_detokenize,
         )
 
     def columns(self, fmt: str, path: str = "") -> Columns | None:
@@ -258,6 +289,13 @@ Record = tuple[int, list[object], int]  # (line or row number, values, lines wit
 
 def file_rows(path: str, partner: str, opts: ReadOptions) -> Iterator[dict]:
     """Raw rows of one file (or of a line-aligned pair when `partner` names the target-side file)."""
+    rows = _file_rows(path, partner, opts)
+    if opts.wikitext_detokenize:  # documents only (DataConfig checks)
+        return ({**row, "text": detokenize_wikitext(row["text"])} for row in rows)
+    return rows
+
+
+def _file_rows(path: str, partner: str, opts: ReadOptions) -> Iterator[dict]:
     if partner:
         yield from aligned_pairs(path, partner, opts)
         return

@@ -62,6 +62,15 @@ def test_defaults_are_valid_and_serialisable() -> None:
             },
             "wikitext_headings",
         ),
+        (
+            {
+                "source": "parallel",
+                "paths": ["a", "b"],
+                "tasks": ["translation"],
+                "wikitext_detokenize": True,
+            },
+            "wikitext_detokenize",
+        ),
         ({"encoding_errors": "ignore"}, "encoding_errors"),
         (
             {"source": "parallel", "paths": ["a"], "tasks": ["translation"], "src_column": "en"},

@@ -11,7 +11,14 @@ import pytest
 from data_pipeline_testlib import write
 
 from data_pipeline.errors import DataError
-from data_pipeline.readers import ReadOptions, file_format, file_rows, iter_lines, text_documents
+from data_pipeline.readers import (
+    ReadOptions,
+    detokenize_wikitext,
+    file_format,
+    file_rows,
+    iter_lines,
+    text_documents,
+)
 
 WIKI = """ = Alpha =
 
@@ -40,6 +47,35 @@ def rows(path: Path, kind: str, partner: Path | None = None, **kw: object) -> li
 
 
 # ------------------------------------------------------------------------------------------ plain text
+
+
+def test_wikitext_detokenized_to_running_text() -> None:
+    raw = (
+        " The game 's score , 1 @,@ 000 km ( 620 mi ) , was n't \" good \" : the players ' kit @-@ bag "
+        "cost 5 @.@ 5 % . \n = = History = = "
+    )
+    assert detokenize_wikitext(raw) == (
+        "The game's score, 1,000 km (620 mi), wasn't \"good\": the players' kit-bag cost 5.5%.\n== History =="
+    )
+    assert detokenize_wikitext("Already plain, text.") == "Already plain, text."
+
+
+def test_wikitext_detokenize_rewrites_documents_of_every_format(tmp_path: Path) -> None:
+    path = write(tmp_path / "wiki.txt", WIKI)
+    texts = [
+        r["text"]
+        for r in rows(
+            path, "documents", text_unit="file", wikitext_headings=True, wikitext_detokenize=True
+        )
+    ]
+    assert texts == [
+        "= Alpha =\nAlpha is a letter.\nIt comes first.\n= not a heading =\n== History ==\nOld.",
+        "= Beta =\nBeta follows.",
+    ]
+    jsonl = write(tmp_path / "w.jsonl", '{"text": "a word , then . "}\n')
+    assert [r["text"] for r in rows(jsonl, "documents", wikitext_detokenize=True)] == [
+        "a word, then."
+    ]
 
 
 def test_text_units_file_line_and_block(tmp_path: Path) -> None:
