@@ -11,7 +11,9 @@ tokenizer, so its embedding rows are the translation model's target vocabulary. 
 encoder is a BERT of the GPT's shape (layers, width, heads) with random weights, saved once per seed as a checkpoint
 under --work so that the warm start runs Kiln's own path (`encoder_checkpoint` + `decoder_checkpoint`: encoder,
 decoder, fresh cross-attention). "random init" is that same model with every weight re-initialised (`init_weights`,
-seeded): same architecture, data order, dropout and hyper-parameters; only the decoder's starting point differs.
+seeded): same architecture, data order and hyper-parameters. The decoder starts pretrained or random; the encoder and
+the cross-attention are random in both, but drawn differently (and so are the dropout masks), so the seeds' spread
+includes that noise.
 
 Two data budgets: every training pair of --data, and a seeded cut of --few pairs of Multi30k's training files,
 prepared again with --data's tokenizer. Each (budget, initialisation, seed) cell fine-tunes for a fixed number of
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import math
 import os
 import random
 import statistics
@@ -51,6 +55,12 @@ class Cell:
     data_dir: str
     encoder: str  # the seed's random BERT checkpoint
     decoder: str  # the pretrained GPT checkpoint
+    batch_size: int
+    test_limit: int | None  # None: the whole test set
+    decoder_sha: (
+        str  # what the paths held: a re-pretrained decoder or re-prepared data is another cell
+    )
+    data_sha: str
 
 
 def random_encoder(decoder: Path, tokenizer: Path, seed: int, out: Path) -> Path:
@@ -62,8 +72,6 @@ def random_encoder(decoder: Path, tokenizer: Path, seed: int, out: Path) -> Path
     from pretrain.checkpoint import load_checkpoint, save_checkpoint
     from pretrain.models.bert import BertConfig, BertForPreTraining
 
-    if (out / "config.json").is_file():
-        return out
     gpt = load_checkpoint(decoder, build_model=False).model_config
     config = BertConfig(
         vocab_size=Tokenizer.from_file(str(tokenizer)).get_vocab_size(),
@@ -73,6 +81,16 @@ def random_encoder(decoder: Path, tokenizer: Path, seed: int, out: Path) -> Path
         intermediate_size=4 * gpt.n_embd,
         max_position_embeddings=gpt.n_positions,
     )
+    if (out / "config.json").is_file():
+        saved = load_checkpoint(out, build_model=False).model_config
+        if saved != config:
+            from data_pipeline.errors import DataError
+
+            raise DataError(
+                f"{out}: a random encoder of another shape than {decoder} needs (a stale --work); remove it "
+                "or give another --work"
+            )
+        return out
     torch.manual_seed(seed)
     return save_checkpoint(out, BertForPreTraining(config), config, tokenizer)
 
@@ -119,16 +137,30 @@ def prepare_cut(data: Path, n: int, out: Path) -> Path:
     return out
 
 
-def run_cell(cell: Cell, batch_size: int, test_limit: int | None) -> dict:
+def run_cell(cell: Cell) -> dict:
     """Fine-tune one cell in this (worker) process; score it on test_2016_flickr."""
     import torch
 
     from benchmarks.translation_quality import score
+
+    torch.set_num_threads(1)
+    model, row = train_cell(finetune_job(cell), cell, fresh=cell.init == "random init")
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row.update(score(model, Path(cell.data_dir), cell.test_limit))
+    print(
+        f"[{cell.pairs} pairs, {cell.init}, seed {cell.seed}] BLEU {row['bleu']:.1f} chrF {row['chrf']:.1f} after "
+        f"{row['done']} steps in {row['minutes']:.1f} min (load {row['load']:.2f} at start)",
+        flush=True,
+    )
+    return row
+
+
+def finetune_job(cell: Cell) -> object:
+    """The cell's translation job: the seed's random encoder, the pretrained decoder, the budget's data."""
     from cluster.config import load_config
     from cluster.jobs import FinetuneJob
 
-    torch.set_num_threads(1)
-    job = load_config(
+    return load_config(
         FinetuneJob,
         None,
         [
@@ -136,22 +168,13 @@ def run_cell(cell: Cell, batch_size: int, test_limit: int | None) -> dict:
             "task=translation",
             f"encoder_checkpoint={cell.encoder}",
             f"decoder_checkpoint={cell.decoder}",
-            f"trainer.batch_size={batch_size}",
+            f"trainer.batch_size={cell.batch_size}",
             f"trainer.max_steps={cell.steps}",
             f"trainer.seed={cell.seed}",
             f"optim.lr={cell.lr}",
             f"optim.warmup_steps={max(1, cell.steps // 10)}",
         ],
     )
-    model, row = train_cell(job, cell, fresh=cell.init == "random init")
-    row["params"] = sum(p.numel() for p in model.parameters())
-    row.update(score(model, Path(cell.data_dir), test_limit))
-    print(
-        f"[{cell.pairs} pairs, {cell.init}, seed {cell.seed}] BLEU {row['bleu']:.1f} chrF {row['chrf']:.1f} after "
-        f"{row['done']} steps in {row['minutes']:.1f} min (load {row['load']:.2f} at start)",
-        flush=True,
-    )
-    return row
 
 
 def plot(chosen: dict[str, dict[str, list[dict]]], path: Path) -> None:
@@ -192,7 +215,9 @@ def report(args: argparse.Namespace, chosen: dict[str, dict[str, list[dict]]], f
         f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- command: `nice -n 10 .venv/bin/python benchmarks/decoder_pays.py --decoder {args.decoder} --data "
         f"{args.data} --few {args.few} --steps-few {args.steps_few} --steps-all {args.steps_all} --seeds "
-        f"{args.seeds} --lr {args.lr:g} --jobs {args.jobs}`",
+        f"{args.seeds} --lr {args.lr:g} --batch-size {args.batch_size} --jobs {args.jobs}"
+        + (f" --test-limit {args.test_limit}" if args.test_limit else "")
+        + "`",
         f"- decoder: `{args.decoder}` ({facts['checkpoint']}), {facts['decoder_shape']}; it saw WikiText-2 only. "
         "Encoder: a BERT of its shape, random (seeded); cross-attention new in both",
         f"- model {facts['params'] / 1e6:.1f} M parameters; batch {args.batch_size} pairs, AdamW {args.lr:g}, "
@@ -200,6 +225,10 @@ def report(args: argparse.Namespace, chosen: dict[str, dict[str, list[dict]]], f
         "cross-attention, data order, dropout and (random init) every weight",
         f"- scored on {test}test_2016_flickr (1,000 sentences), beam 5, GNMT alpha 0.6, sacrebleu BLEU / chrF on "
         f"detokenised cased output; copying the German source scores BLEU {facts['copy_bleu']:.1f}",
+        f"- the decoder alone, as a language model of the data's English validation captions: "
+        f"{facts['caption_loss']['pretrained']:.2f} nats per token (perplexity "
+        f"{math.exp(facts['caption_loss']['pretrained']):.0f}); the same GPT with random weights "
+        f"{facts['caption_loss']['random']:.2f}",
         "",
         "| pairs | init | steps | BLEU per seed | BLEU mean | spread (max - min) | chrF mean "
         "| train loss, first 10 → last 10 steps | min per cell |",
@@ -220,7 +249,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data", type=Path, required=True, help="Multi30k prepared by configs/data-multi30k.yaml"
     )
     parser.add_argument("--few", type=int, default=3000, help="training pairs in the small cut")
-    parser.add_argument("--steps-few", type=int, default=200)
+    parser.add_argument("--steps-few", type=int, default=300)
     parser.add_argument("--steps-all", type=int, default=300)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -240,8 +269,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    if args.few < 1 or args.jobs < 1 or args.lr <= 0 or min(args.steps_few, args.steps_all) < 1:
-        parser.error("--few, --jobs, --steps-few and --steps-all must be at least 1, and --lr > 0")
+    counts = (
+        args.few,
+        args.jobs,
+        args.steps_few,
+        args.steps_all,
+        args.batch_size,
+        args.test_limit or 1,
+    )
+    if min(counts) < 1 or args.lr <= 0:
+        parser.error(
+            "--few, --jobs, --steps-few, --steps-all, --batch-size and --test-limit must be at least 1, "
+            "and --lr > 0"
+        )
+    if len(set(args.seed_list)) != len(args.seed_list):
+        parser.error(f"--seeds: each seed once, got {args.seeds!r}")
     args.few_label = str(args.few)
     return args
 
@@ -256,11 +298,10 @@ def prepared(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     from pretrain.hf_import import check_tokenizer_matches_data
 
     checkpoint = resolve_checkpoint(str(args.decoder))
-    load_pretrained(checkpoint, "gpt")
+    gpt = load_pretrained(checkpoint, "gpt").model_config
     data_paths(args.data, "translation")  # prepared, with a translation task
     check_tokenizer_matches_data(checkpoint, args.data, "--decoder", target=True)
     cut = prepare_cut(args.data, args.few, args.work / f"multi30k-{args.few}")
-    gpt = load_pretrained(checkpoint, "gpt").model_config
     rows = {
         name: read_manifest(d / "translation" / "manifest.json")["splits"]["train"]["rows"]
         for name, d in (("n_train", args.data), ("n_few", cut))
@@ -268,9 +309,46 @@ def prepared(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     facts = {
         "checkpoint": f"{checkpoint.parent.name}/{checkpoint.name}",
         "decoder_shape": f"{gpt.n_layer} layers × {gpt.n_embd}, {gpt.n_head} heads",
+        "decoder_sha": fingerprint(checkpoint / "manifest.json"),
         **rows,
     }
     return checkpoint, cut, facts
+
+
+def fingerprint(manifest: Path) -> str:
+    """A short sha256 of a manifest (it lists the sha256 of every file it covers)."""
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+
+
+def caption_loss(checkpoint: Path, data: Path) -> dict[str, float]:
+    """The pretrained decoder alone as a language model of --data's English validation targets (no source): mean
+    next-token loss in nats, and the same for a GPT of its shape with random weights (what the scratch model's
+    decoder starts from). How much of the captions' English the pretraining text taught it."""
+    import torch
+    import torch.nn.functional as F
+
+    from data_pipeline.collators import IGNORE_INDEX
+    from data_pipeline.loader import make_loader
+    from pretrain.checkpoint import load_checkpoint
+
+    gpt = load_checkpoint(checkpoint).model.eval()
+    torch.manual_seed(0)
+    fresh = type(gpt)(gpt.config).eval()  # the model's own initialisation
+    loader = make_loader(data, "translation", "validation", 128, shuffle=False, drop_last=False)
+    totals = {"pretrained": 0.0, "random": 0.0}
+    count = 0
+    with torch.no_grad():
+        for batch in loader:
+            for name, model in (("pretrained", gpt), ("random", fresh)):
+                logits, _ = model(batch["tgt_in"])
+                totals[name] += F.cross_entropy(
+                    logits.flatten(0, 1),
+                    batch["tgt_out"].flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                ).item()
+            count += int((batch["tgt_out"] != IGNORE_INDEX).sum())
+    return {name: total / count for name, total in totals.items()}
 
 
 def check_same_tokenizer(data: Path, derived: list[Path]) -> None:
@@ -287,6 +365,7 @@ def check_same_tokenizer(data: Path, derived: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.tasks import preflight
     from data_pipeline.errors import DataError
     from pretrain.checkpoint import CheckpointError
 
@@ -305,6 +384,31 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seed_list
         }
         check_same_tokenizer(args.data, [cut, *encoders.values()])
+        budgets = ((args.few_label, args.steps_few, cut), ("all", args.steps_all, args.data))
+        grid = [
+            Cell(
+                b,
+                init,
+                s,
+                steps,
+                args.lr,
+                str(d),
+                str(encoders[s]),
+                str(decoder),
+                args.batch_size,
+                args.test_limit,
+                facts["decoder_sha"],
+                fingerprint(Path(d) / "manifest.json"),
+            )
+            for b, steps, d in budgets
+            for s in args.seed_list
+            for init in INITS  # the two initialisations of a seed side by side: they share the load
+        ]
+        for cell in grid[
+            :: 2 * len(args.seed_list)
+        ]:  # one per budget: what every worker would refuse
+            preflight(finetune_job(cell))
+        facts["caption_loss"] = caption_loss(decoder, args.data)
     except (DataError, CheckpointError) as err:
         print(err, file=sys.stderr)
         return 2
@@ -316,15 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         ):  # prepare() started a local Ray; the cells run in their own processes
             ray.shutdown()
     facts["load_start"] = load_start
-    budgets = ((args.few_label, args.steps_few, cut), ("all", args.steps_all, args.data))
-    grid = [
-        Cell(b, init, s, steps, args.lr, str(d), str(encoders[s]), str(decoder))
-        for b, steps, d in budgets
-        for s in args.seed_list
-        for init in INITS  # the two initialisations of a seed side by side: they share the load
-    ]
-    cache = args.work / "cells.jsonl"
-    rows = run_cells(grid, run_cell, [args.batch_size, args.test_limit], args.jobs, cache)
+    rows = run_cells(grid, run_cell, [], args.jobs, args.work / "cells.jsonl")
     chosen = {
         b: {i: [r for r in rows if r["pairs"] == b and r["init"] == i] for i in INITS}
         for b, _, _ in budgets

@@ -35,7 +35,7 @@ def data(tmp_path: Path) -> Path:
     return tmp_path / "multi30k"
 
 
-def tiny_decoder(data: Path, out: Path) -> Path:
+def tiny_decoder(data: Path, out: Path, n_embd: int = 32) -> Path:
     from tokenizers import Tokenizer
 
     from pretrain.checkpoint import save_checkpoint
@@ -44,7 +44,7 @@ def tiny_decoder(data: Path, out: Path) -> Path:
     tokenizer = data / "tokenizer.json"
     config = GPTConfig(
         vocab_size=Tokenizer.from_file(str(tokenizer)).get_vocab_size(),
-        n_embd=32,
+        n_embd=n_embd,
         n_layer=1,
         n_head=2,
         n_positions=128,
@@ -105,6 +105,9 @@ def test_the_grid_runs_and_reports_every_cell(data: Path, tmp_path: Path) -> Non
     assert len((tmp_path / "work" / "cells.jsonl").read_text().splitlines()) == 8
     assert bench.main(args) == 0  # a second run fine-tunes nothing: every cell is cached
     assert len((tmp_path / "work" / "cells.jsonl").read_text().splitlines()) == 8
+    # a decoder of another shape into the same --work: its random encoders no longer fit; one line, exit 2
+    wider = tiny_decoder(data, tmp_path / "gpt2" / "step-0000000", n_embd=48)
+    assert bench.main(["--decoder", str(wider), *args[2:]]) == 2
 
 
 def test_a_decoder_of_another_vocabulary_is_one_line_and_exit_2(
