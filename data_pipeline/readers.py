@@ -289,10 +289,10 @@ Record = tuple[int, list[object], int]  # (line or row number, values, lines wit
 
 def file_rows(path: str, partner: str, opts: ReadOptions) -> Iterator[dict]:
     """Raw rows of one file (or of a line-aligned pair when `partner` names the target-side file)."""
-    rows = _file_rows(path, partner, opts)
-    if opts.wikitext_detokenize:  # documents only (DataConfig checks)
-        return ({**row, "text": detokenize_wikitext(row["text"])} for row in rows)
-    return rows
+    for row in _file_rows(path, partner, opts):
+        if opts.wikitext_detokenize:  # documents only (DataConfig checks)
+            row = {**row, "text": detokenize_wikitext(row["text"])}
+        yield row
 
 
 def _file_rows(path: str, partner: str, opts: ReadOptions) -> Iterator[dict]:
