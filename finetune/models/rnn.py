@@ -32,7 +32,7 @@ from data_pipeline.configlib import check_fields
 Attention = Literal["bahdanau", "luong_dot", "luong_general"]
 RNNMemory = tuple[
     Tensor, Tensor, Tensor
-]  # encoder states (B,S,H), h0 (B,L,H), c0 (B,L,H): batch in dim 0
+]  # encoder states (B,S,H; D*H for a bidirectional `lstm`, which never reads them), h0 (B,L,H), c0 (B,L,H)
 
 
 @dataclass
@@ -161,9 +161,10 @@ class LSTMEncoder(nn.Module):
         H, D = config.hidden_size, 2 if config.bidirectional else 1
         self.bridge_h: nn.Module = nn.Linear(D * H, H) if D == 2 else nn.Identity()
         self.bridge_c: nn.Module = nn.Linear(D * H, H) if D == 2 else nn.Identity()
-        self.proj: nn.Module = (
-            nn.Linear(D * H, H) if D == 2 else nn.Identity()
-        )  # states to the decoder's width
+        # States to the decoder's width. Only an attention reads the states (the plain decoder starts from (h, c)
+        # alone), and a layer the loss never reaches stops DDP's first backward, so `lstm` has none.
+        attends = config.arch == "lstm_attention"
+        self.proj: nn.Module = nn.Linear(D * H, H) if D == 2 and attends else nn.Identity()
 
     def forward(self, emb: Tensor, src_mask: Tensor) -> RNNMemory:
         B, S, _ = emb.shape

@@ -196,6 +196,15 @@ def test_padding_never_changes_a_result(model: nn.Module) -> None:
     torch.testing.assert_close(alone, ref[1:2], atol=1e-5, rtol=1e-5)
 
 
+def test_every_trainable_parameter_gets_a_gradient(model: nn.Module) -> None:
+    """What DDP without find_unused_parameters (Kiln's RayDDPStrategy) needs: a parameter the loss
+    never reaches stops the first backward on 2 workers."""
+    src, mask, tgt = seq2seq_batch()
+    model(src, mask, tgt).logsumexp(-1).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
 # ------------------------------------------------------------------ incremental decoding
 def test_cached_decode_steps_equal_full_forward(model: nn.Module) -> None:
     src, mask, tgt = seq2seq_batch()
