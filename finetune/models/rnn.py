@@ -165,6 +165,10 @@ class LSTMEncoder(nn.Module):
         # alone), and a layer the loss never reaches stops DDP's first backward, so `lstm` has none.
         attends = config.arch == "lstm_attention"
         self.proj: nn.Module = nn.Linear(D * H, H) if D == 2 and attends else nn.Identity()
+        if (
+            not attends
+        ):  # checkpoints saved before 06e7084 hold that unused layer: drop it, nothing is lost
+            self._register_load_state_dict_pre_hook(_drop_unused_projection)
 
     def forward(self, emb: Tensor, src_mask: Tensor) -> RNNMemory:
         B, S, _ = emb.shape
@@ -183,6 +187,11 @@ class LSTMEncoder(nn.Module):
             ~src_mask.bool().unsqueeze(-1), 0.0
         )  # (B,S,H), 0 at padding
         return states, h, c
+
+
+def _drop_unused_projection(state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+    for name in ("weight", "bias"):
+        state_dict.pop(f"{prefix}proj.{name}", None)
 
 
 def masked_softmax(scores: Tensor, src_mask: Tensor) -> Tensor:

@@ -174,3 +174,18 @@ def test_attention_learns_the_reversed_alignment(
         float(weights[i, t, len(y) - 1 - t]) for i, y in enumerate(expected) for t in range(len(y))
     ]
     assert sum(mass) / len(mass) > 0.5
+
+
+def test_an_lstm_checkpoint_with_the_old_unused_state_projection_still_loads() -> None:
+    model = make_model("lstm")
+    old = {
+        **model.state_dict(),
+        "encoder.proj.weight": torch.zeros(64, 128),
+        "encoder.proj.bias": torch.zeros(64),
+    }
+    fresh = make_model("lstm")
+    fresh.load_state_dict(old, strict=True)
+    src, mask, tgt = seq2seq_batch()
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(src, mask, tgt), model(src, mask, tgt))
