@@ -130,9 +130,18 @@ class TrainerConfig:
     # torch.compile the model (`nn.Module.compile`: TorchInductor, which on CPU needs a C++ compiler; the first
     # steps pay for compiling). DDP only. docs/benchmarks.md measures the gain.
     compile: bool = False
+    # Training batches of rows of similar length (Hugging Face Trainer's option of that name): rows are sorted by
+    # length within chunks of this many batches (HF uses 50), so less of a batch is padding. 0 = off (random
+    # batches). data_pipeline/loader.py says how order, exactly-once and resume are kept.
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.group_by_length < 0:
+            raise ConfigError(
+                f"trainer.group_by_length: must be >= 0 (0 = off, N = batches sorted by length together), "
+                f"got {self.group_by_length}"
+            )
         if self.peak_flops is not None and not self.peak_flops > 0:
             raise ValueError(
                 f"'peak_flops' must be > 0 (FLOP/s of one device), got {self.peak_flops}"

@@ -106,6 +106,7 @@ def _loaders(job: PretrainJob | FinetuneJob, rank: int, world: int) -> tuple[Any
         seed=seed,
         shuffle=True,
         document_attention=docs,
+        group_by_length=job.trainer.group_by_length,
     )
     # Validation sees every row: ranks are topped up with repeats rather than dropping a tail.
     val = make_loader(

@@ -16,6 +16,18 @@ read N times per epoch across the ranks, while each rank holds one window in mem
 next ahead. Resuming on another number of ranks is simple for the same reason: after k batches the
 ranks served the sequence's first k * N * batch_size rows, and the rest of the epoch is split over
 the new ones (`Layout.rest`); later epochs use the new layout from their start.
+
+Length grouping (`group_by_length`, off by default; Hugging Face Trainer's option of that name): rows
+are sorted by length within chunks of `group_by_length * batch_size` positions, so a batch pads to
+the length of similar rows (Multi30k, batches of 64, N = 100: 49% real tokens at random, 83% grouped). It is
+part of the global sequence, not of `Layout`: a chunk is a stretch of positions fixed by the per-rank
+batch size (which a resume must keep) and never by the world size, so one sequence still serves all
+world sizes and resuming on another number of ranks needs nothing new. A chunk lies inside one
+window (a window's rows are all in memory, nothing more is held) and its edges sit on multiples of
+the chunk size, hence on batch edges; in the chunk, the sorted rows are cut into batch-sized slots
+served in a seeded order, so batches do not come in ascending length. The order now depends on the
+rows' lengths too, still the same on every rank and run. For fixed-length rows (clm blocks) the sort
+changes nothing and only the slots' order moves: harmless, and allowed on every task.
 """
 
 from __future__ import annotations
@@ -27,10 +39,12 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -87,7 +101,9 @@ def _permutation(n: int, seed: int) -> list[int]:
 
 # ---------------------------------------------------------------- the global order of an epoch
 class EpochOrder:
-    """An epoch's global sequence of rows; a function of (shard sizes, seed, epoch) only.
+    """An epoch's global sequence of rows; a function of (shard sizes, seed, epoch) only, and of the
+    rows' lengths when `group_rows` > 0 (rows sorted by length in chunks of that many positions,
+    cut into slots of `batch_rows`; see the module docstring).
 
     Holds O(shards) integers; a window's rows are located and permuted on demand.
     """
@@ -100,9 +116,12 @@ class EpochOrder:
         seed: int,
         epoch: int,
         shuffle: bool,
+        group_rows: int = 0,
+        batch_rows: int = 1,
     ) -> None:
         self.block_rows, self.window_blocks = block_rows, window_blocks
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.group_rows, self.batch_rows = group_rows, batch_rows
         count = len(shard_rows)
         order = _permutation(count, seed_for(seed, epoch)) if shuffle else range(count)
         # shard indices, in this epoch's order
@@ -141,6 +160,34 @@ class EpochOrder:
             return None
         start, stop = self.window_span(window)
         return _permutation(stop - start, seed_for(self.seed, self.epoch, -1, window))
+
+    def grouped(
+        self, window: int, permutation: list[int] | None, lengths: np.ndarray
+    ) -> np.ndarray:
+        """The window's order with length grouping: `permutation` (None: as stored) re-ordered chunk
+        by chunk. `lengths` are the window's rows' lengths as stored."""
+        start, stop = self.window_span(window)
+        order = np.arange(stop - start) if permutation is None else np.asarray(permutation)
+        edges = _cuts(start, stop, self.group_rows)
+        for a, b in pairwise(edges):
+            chunk = order[a - start : b - start]
+            # stable: rows of equal length keep the seeded order among them
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            order[a - start : b - start] = self._deal(chunk, a, b)
+        return order
+
+    def _deal(self, ranked: np.ndarray, a: int, b: int) -> np.ndarray:
+        """Positions [a, b) get the rows `ranked` (by length) in batch-sized slots whose order is
+        seeded: the k-th run of the ranking fills slot order[k]. The -2 keeps these seeds apart
+        from the window permutation's and the masks'."""
+        edges = _cuts(a, b, self.batch_rows)
+        slots = list(pairwise(edges))
+        out, taken = np.empty_like(ranked), 0
+        for k in _permutation(len(slots), seed_for(self.seed, self.epoch, -2, a)):
+            lo, hi = slots[k]
+            out[lo - a : hi - a] = ranked[taken : taken + hi - lo]
+            taken += hi - lo
+        return out
 
     def _block_start(self, block: int) -> int:
         if block >= self.cum_blocks[-1]:
@@ -219,6 +266,12 @@ class Layout:
         return out
 
 
+def _cuts(start: int, stop: int, step: int) -> list[int]:
+    """start, the multiples of `step` strictly inside (start, stop), stop: chunk and slot edges in
+    global positions, so they line up with batch edges whatever the window's edges."""
+    return [start, *range((start // step + 1) * step, stop, step), stop]
+
+
 def _merge(spans: list[Span]) -> tuple[Span, ...]:
     out: list[Span] = []
     for a, b in spans:
@@ -241,6 +294,8 @@ class ShardLoader:
     short. Repeats carry the same sample_id, so an evaluation can count each sample once.
     Memory: the manifest, and at most two windows of `window_blocks * block_rows` rows as Arrow
     columns (the one being served, the next read ahead in a thread); only a batch becomes Python.
+    group_by_length=N > 0: rows sorted by length in chunks of N batches (module docstring); a chunk
+    never spans windows, so at most a window's rows are sorted together.
     """
 
     def __init__(
@@ -256,6 +311,7 @@ class ShardLoader:
         drop_last: bool = True,
         block_rows: int = ROW_GROUP_ROWS,
         window_blocks: int = WINDOW_BLOCKS,
+        group_by_length: int = 0,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
@@ -266,10 +322,13 @@ class ShardLoader:
             raise ValueError(
                 f"need block_rows, window_blocks >= 1; got {block_rows}, {window_blocks}"
             )
+        if group_by_length < 0:
+            raise ValueError(f"need group_by_length >= 0 (0: off); got {group_by_length}")
         self.split, self.batch_size, self.collate = split, batch_size, collate
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.block_rows, self.window_blocks = block_rows, window_blocks
+        self.group_by_length = group_by_length
         self.columns = list(collate.columns)
         self._fs, self._root = resolve(task_dir)
         # errors name files as the user wrote the location (a URI keeps its scheme)
@@ -327,6 +386,8 @@ class ShardLoader:
                 self.seed,
                 epoch,
                 self.shuffle,
+                group_rows=self.group_by_length * self.batch_size,
+                batch_rows=self.batch_size,
             )
         return self._order_cache
 
@@ -350,6 +411,7 @@ class ShardLoader:
             "drop_last": self.drop_last,
             "block_rows": self.block_rows,
             "window_blocks": self.window_blocks,
+            "group_by_length": self.group_by_length,
             "layout": {
                 "remaining": [list(s) for s in self._layout.remaining],
                 "start": self._layout.start,
@@ -359,6 +421,7 @@ class ShardLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume exactly. The data, seed, batch size and order settings must be the ones saved;
         the world size may differ: the rest of the epoch is then split over this loader's ranks."""
+        state = {"group_by_length": 0, **state}  # saved before grouping existed: it was off
         mine = self.state_dict()
         fixed = [k for k in mine if k not in ("epoch", "batches_served", "world_size", "layout")]
         wrong = {k: (state.get(k), mine[k]) for k in fixed if state.get(k) != mine[k]}
@@ -433,7 +496,9 @@ class ShardLoader:
     def _read_window(self, order: EpochOrder, window: int) -> pa.Table:
         tables = [self._read_shard(shard, a, b) for shard, a, b in order.window_parts(window)]
         table = pa.concat_tables(tables)
-        permutation = order.window_permutation(window)
+        permutation: list[int] | np.ndarray | None = order.window_permutation(window)
+        if order.group_rows:
+            permutation = order.grouped(window, permutation, _row_lengths(table))
         self.stats["windows_read"] += 1
         self.stats["rows_read"] += table.num_rows
         return table if permutation is None else table.take(pa.array(permutation, pa.int64()))
@@ -451,6 +516,16 @@ class ShardLoader:
             a, b = order.window_span(ahead[0])
             rows += b - a
         self.stats["peak_rows_held"] = max(self.stats["peak_rows_held"], rows)
+
+
+def _row_lengths(table: pa.Table) -> np.ndarray:
+    """Each row's tokens: the sum of its list columns' lengths (src + tgt for translation), the
+    collators padding each of them to the batch's longest."""
+    total = np.zeros(table.num_rows, np.int64)
+    for column in table.columns:
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            total += pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+    return total
 
 
 def _split_shards(manifest: dict, split: str, where: str) -> list[dict]:
@@ -518,9 +593,11 @@ def make_loader(
     shuffle: bool = True,
     drop_last: bool = True,
     document_attention: bool = False,
+    group_by_length: int = 0,
 ) -> ShardLoader:
     """A loader for `task`/`split` of a prepared data directory, with the task's collator. document_attention
-    (clm only): packed documents do not attend to each other (ClmCollator)."""
+    (clm only): packed documents do not attend to each other (ClmCollator). group_by_length: batches of
+    rows of similar length (ShardLoader; 0 = off)."""
     top, root = read_manifest(data_dir), Location.of(data_dir)  # a local path or a URI
     if task not in top.get("tasks", {}):
         raise DataError(
@@ -541,4 +618,5 @@ def make_loader(
         seed=seed,
         shuffle=shuffle,
         drop_last=drop_last,
+        group_by_length=group_by_length,
     )
