@@ -16,48 +16,27 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RATE = re.compile(r"\] step (\d+)/\d+ .*\| ([\d,]+) tokens/s")
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.kilnrun import loadavg, measure, prepared, timing_overrides  # noqa: E402
 
 
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def run(args: argparse.Namespace, workers: int, batch: int, out: Path) -> list[float]:
+def run(args: argparse.Namespace, workers: int, batch: int) -> list[float]:
     """tokens/s of each logged step after the first `args.skip`, for one layout."""
-    cmd = [
-        str(ROOT / ".venv" / "bin" / "kiln"),
-        args.command,
-        "--config",
-        args.config,
-        f"data_dir={args.data}",
-        f"trainer.max_steps={args.steps}",
+    layout = [
         f"trainer.batch_size={batch}",
-        "trainer.log_every=5",
-        f"trainer.val_every={args.steps}",
-        "trainer.checkpoint_every=0",
         f"cluster.num_workers={workers}",
         f"cluster.cpus_per_worker={2 // workers}",
-        "wandb.mode=disabled",
-        "--out",
-        str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        sys.exit(
-            f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-        )
-    rates = [(int(m[1]), float(m[2].replace(",", ""))) for m in RATE.finditer(proc.stdout)]
     # The logged rate is already global: rank 0's tokens x world size (pretrain/module.py).
-    return [r for step, r in rates if step > args.skip]
+    return measure(
+        args.command, args.config, timing_overrides(args.data, args.steps) + layout, args.skip
+    ).rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,16 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=ROOT / "benchmarks/results/workers_vs_threads.md"
     )
     args = parser.parse_args(argv)
-    if not (ROOT / args.data / "manifest.json").is_file():
+    if not prepared(args.data):
         print(f"{args.data}: no prepared data (see --help)", file=sys.stderr)
         return 2
     start_load, rates = loadavg(), {"2x1": [], "1x2": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for name, workers, batch in (("2x1", 2, args.batch), ("1x2", 1, 2 * args.batch)):
-                got = run(args, workers, batch, Path(tmp) / f"{name}-{r}")
-                rates[name].append(statistics.median(got))
-                print(f"round {r} {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
+    for r in range(args.rounds):
+        for name, workers, batch in (("2x1", 2, args.batch), ("1x2", 1, 2 * args.batch)):
+            rates[name].append(statistics.median(run(args, workers, batch)))
+            print(f"round {r} {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
     a, b = statistics.median(rates["2x1"]), statistics.median(rates["1x2"])
     lines = [
         "# 2 workers x 1 thread vs 1 worker x 2 threads",
