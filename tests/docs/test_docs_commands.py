@@ -401,6 +401,52 @@ REGISTRY: list[Spec] = [
         needs=("mt-transformer",),
         prints=('"bleu"',),
     ),
+    # the 30-minute recipes of the Transformer's predecessors, scored like it on test_2016_flickr
+    _spec(
+        "mt-lstm-30min",
+        "kiln finetune --config configs/translation-lstm-30min.yaml --out runs/mt-lstm-30min",
+        smoke=f"{TRAIN} {DECODE}",
+        needs=("multi30k",),
+        writes=run_files("runs/mt-lstm-30min"),
+    ),
+    _spec(
+        "evaluate-lstm-30min",
+        "kiln evaluate --checkpoint runs/mt-lstm-30min --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        needs=("mt-lstm-30min",),
+        prints=('"bleu"',),
+    ),
+    _spec(
+        "mt-lstm-attention-30min",
+        "kiln finetune --config configs/translation-lstm-attention-30min.yaml --out runs/mt-lstm-attention-30min",
+        smoke=f"{TRAIN} {DECODE}",
+        needs=("multi30k",),
+        writes=run_files("runs/mt-lstm-attention-30min"),
+    ),
+    _spec(
+        "evaluate-lstm-attention-30min",
+        "kiln evaluate --checkpoint runs/mt-lstm-attention-30min --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        needs=("mt-lstm-attention-30min",),
+        prints=('"bleu"',),
+    ),
+    _spec(
+        "mt-convs2s-30min",
+        "kiln finetune --config configs/translation-convs2s-30min.yaml --out runs/mt-convs2s-30min",
+        smoke=f"{TRAIN} {DECODE}",
+        needs=("multi30k",),
+        writes=run_files("runs/mt-convs2s-30min"),
+    ),
+    _spec(
+        "evaluate-convs2s-30min",
+        "kiln evaluate --checkpoint runs/mt-convs2s-30min --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        needs=("mt-convs2s-30min",),
+        prints=('"bleu"',),
+    ),
     # tiny-shakespeare: the Kneser-Ney 7-gram and two character GPTs scored on the same held-out lines
     _spec(
         "kn-shakespeare",
