@@ -498,6 +498,22 @@ REGISTRY: list[Spec] = [
         writes=("runs/gpt-char-shakespeare-30min-score/metrics.json",),
         prints=("nats/char",),
     ),
+    # WikiText-2 per word: the GPT of the 45-minute recipe against the Kneser-Ney 5-gram
+    _spec(
+        "gpt-45min",
+        "kiln pretrain --config configs/gpt-wikitext2-45min.yaml --out runs/gpt-wikitext2-45min",
+        smoke=TRAIN,
+        needs=("wikitext2",),
+        writes=run_files("runs/gpt-wikitext2-45min"),
+    ),
+    _spec(
+        "gpt-45min-score",
+        "kiln lm-baseline --config configs/lm-ngram-wikitext2.yaml model=gpt "
+        "gpt_checkpoint=runs/gpt-wikitext2-45min --out runs/gpt-wikitext2-45min-score",
+        needs=("gpt-45min",),
+        writes=("runs/gpt-wikitext2-45min-score/metrics.json",),
+        prints=("ppl/word",),
+    ),
     # pretraining that pays: BERT on WikiText-2 (uncased WordPiece), fine-tuned on SST-2 by a benchmark
     _spec(
         "wikitext2-bert",
