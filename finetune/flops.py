@@ -20,8 +20,8 @@ Forward FLOPs (d width, f feed-forward, V vocabulary, H LSTM width, E embedding 
                       2dV output projection; warm start: BERT encoder, 2·d_enc·d_dec projection when the widths
                       differ, and BERT's pooler once per sequence, forward only (frozen, its output unused)
   LSTM layer          2·4H·(in + H) per token and direction
-  LSTM seq2seq        source: the (bi)LSTM, 2·2H·H state projection when bidirectional (forward only in arch
-                      "lstm": its decoder reads the final states alone); per sequence the two
+  LSTM seq2seq        source: the (bi)LSTM, 2·2H·H state projection when bidirectional and attended (arch
+                      "lstm" has none: its decoder reads the final states alone); per sequence the two
                       bridges (2·2·2H·H per layer); target: the decoder LSTM, attention (Bahdanau: 2H² query,
                       2HS energy, 2HS context, 2·(2H+E)·2H deep output, 2H² per source token for the keys; Luong:
                       2HS score, 2HS context, 2·2H·H combine, 2H² per source token for "general"), 2HV output
@@ -29,7 +29,7 @@ Forward FLOPs (d width, f feed-forward, V vocabulary, H LSTM width, E embedding 
                       attention 2CE + 2ES + 2SE + 2EC, and 2EV output projection
   classifiers         the encoder (BERT / GPT / biLSTM) per token; per sequence the head (BERT: its pooler 2d²)
 Two exceptions to "backward = 2 × forward", so that the counts equal PyTorch's FlopCounterMode op for op:
-what runs forward only (BERT's pooler in the warm-started model; the unused state projection of arch "lstm"),
+what runs forward only (BERT's pooler in the warm-started model),
 and an LSTM starting from a zero state (the encoders, the classifier), whose first step needs no gradient of
 that state: 2·4H·H less backward per sequence, layer and direction. (On a padded batch PyTorch's packed reverse
 direction computes that gradient anyway for rows shorter than the longest, up to the same amount; it is not
@@ -145,10 +145,9 @@ def lstm_seq2seq_flops(cfg: RNNSeq2SeqConfig, b: BatchShape) -> float:
     H, E, L = cfg.hidden_size, cfg.embedding_dim, cfg.num_layers
     D = 2 if cfg.bidirectional else 1
     attention = cfg.attention is not None
-    proj = (
-        2.0 * 2 * H * H if D == 2 else 0.0
-    )  # encoder states to the decoder's width: only attention reads them
-    src = _lstm_stack(E, H, L, D) + (proj if attention else 0.0)
+    # encoder states to the decoder's width: built only where attention reads them
+    proj = 2.0 * 2 * H * H if D == 2 and attention else 0.0
+    src = _lstm_stack(E, H, L, D) + proj
     seq = 2 * L * 2.0 * 2 * H * H if D == 2 else 0.0  # bridges of h and c, per layer
     dec_input = (
         E + H if attention else E
@@ -161,7 +160,6 @@ def lstm_seq2seq_flops(cfg: RNNSeq2SeqConfig, b: BatchShape) -> float:
         src=src,
         tgt=tgt,
         seq=seq,
-        forward_only=0.0 if attention else proj,
         no_grad_state=_zero_state(H, L, D),
     ).training(b)
 
