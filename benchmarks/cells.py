@@ -6,6 +6,7 @@ Shared by benchmarks/pretraining_pays.py (BERT -> SST-2) and benchmarks/decoder_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -21,17 +22,20 @@ def run_cells(
     """Every cell's row (`run(cell, *extra)`), running only the cells not already in `cache` (one JSON row per
     line holding the cell's fields), `jobs` at once, so a grid cut short continues where it stopped.
 
-    Cells are frozen dataclasses of one type; `run` must be importable by a spawned process (module level)."""
+    Cells are frozen dataclasses of one type; `run` must be importable by a spawned process (module level). A
+    cached row that lacks a field added to the cell since takes its default (and is filled in with it)."""
     if not cells:
         return []
     kind = type(cells[0])
 
     def key(row: dict) -> Any:
-        return kind(**{k: row[k] for k in kind.__dataclass_fields__})
+        return kind(**{k: row[k] for k in kind.__dataclass_fields__ if k in row})
 
     done = {}
     if cache.is_file():
-        done = {key(row): row for row in map(json.loads, cache.read_text().splitlines())}
+        for row in map(json.loads, cache.read_text().splitlines()):
+            cell = key(row)
+            done[cell] = {**dataclasses.asdict(cell), **row}
     todo = [c for c in cells if c not in done]
     print(f"{len(cells)} cells ({len(cells) - len(todo)} cached), {jobs} at once", flush=True)
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -58,7 +62,6 @@ def verdict(chosen: dict[str, list[dict]], key: str, unit: str, scale: float = 1
 def train_cell(job: Any, cell: Any, fresh: bool) -> tuple[Any, dict]:
     """Train `job` in this process for `cell.steps` steps (re-initialised first when `fresh`); the trained model
     and the cell's row so far: its fields, steps done, every step's loss, minutes and the load at the start."""
-    import dataclasses
     import math
     import os
     import time

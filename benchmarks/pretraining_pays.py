@@ -13,7 +13,9 @@ Two label budgets share that validation split: every training phrase, and a seed
 Each (label budget, initialisation, seed) cell fine-tunes a [CLS] classifier (configs/classification.yaml) for a
 fixed number of steps of the same batches: "pretrained" loads the encoder, "random init" is that same model with
 every weight re-initialised (`init_weights`, seeded), so architecture, data order, dropout and head init match.
-Each initialisation has its own learning rate (--lr-pretrained, --lr-scratch). `--jobs` cells run at once, each in
+Each initialisation picks its learning rate from --lrs on the small cut. `--pretrained-lr-ratio R` trains the
+pretrained cells' encoder at lr x R and their new head at lr (`optim.pretrained_lr_ratio`; 0 freezes the encoder);
+random-init cells have no pretrained parameters and train everything at lr. `--jobs` cells run at once, each in
 its own process with 1 thread. Writes benchmarks/results/pretraining_pays.md and its PNG.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
+import math
 import os
 import random
 import statistics
@@ -51,6 +55,7 @@ class Cell:
     lr: float
     data_dir: str
     encoder: str
+    pretrained_lr_ratio: float = 1.0  # the encoder's lr is lr x this (pretrained cells only)
 
 
 def encoder_tokenizer(checkpoint: Path) -> Path:
@@ -136,7 +141,11 @@ def run_cell(cell: Cell, batch_size: int) -> dict:
         cell.steps,
         batch_size,
         cell.lr,
-        [f"encoder_checkpoint={cell.encoder}", f"trainer.seed={cell.seed}"],
+        [
+            f"encoder_checkpoint={cell.encoder}",
+            f"trainer.seed={cell.seed}",
+            f"optim.pretrained_lr_ratio={cell.pretrained_lr_ratio}",
+        ],
     )
     model, row = train_cell(job, cell, fresh=cell.init == "random init")
     for split in ("validation", "test"):
@@ -144,7 +153,8 @@ def run_cell(cell: Cell, batch_size: int) -> dict:
             {f"{split}_{k}": v for k, v in scores(model, Path(cell.data_dir), split).items()}
         )
     print(
-        f"[{cell.labels} labels, {cell.init}, lr {cell.lr:g}, seed {cell.seed}] validation accuracy "
+        f"[{cell.labels} labels, {cell.init}, lr {lr_text(dataclasses.asdict(cell))}, seed {cell.seed}] "
+        "validation accuracy "
         f"{row['validation_accuracy']:.4f}, test {row['test_accuracy']:.4f} in {row['minutes']:.1f} min "
         f"(load {row['load']:.2f} at start)",
         flush=True,
@@ -190,6 +200,12 @@ def probe(checkpoint: Path, cut: Path, seeds: list[int]) -> dict[str, float]:
     return {init: statistics.mean(accs) for init, accs in out.items()}
 
 
+def lr_text(row: dict) -> str:
+    """The cell's learning rate, and the encoder's share of it where that is not all of it."""
+    ratio = row["pretrained_lr_ratio"]
+    return f"{row['lr']:g}" + ("" if ratio == 1 else f" (encoder × {ratio:g})")
+
+
 def group(rows: list[dict], labels: str, init: str, lr: float | None = None) -> list[dict]:
     return [
         r
@@ -219,7 +235,7 @@ def plot(chosen: dict[str, dict[str, list[dict]]], path: Path) -> None:
         path,
         lambda labels: f"SST-2, {labels} labels",
         ("test_accuracy", 100.0, "test accuracy %"),
-        lambda init, rows: f"{init}, lr {rows[0]['lr']:g}",
+        lambda init, rows: f"{init}, lr {lr_text(rows[0])}",
     )
 
 
@@ -229,7 +245,7 @@ def table_row(cells: list[dict], chosen: bool) -> str:
     test = [r["test_accuracy"] for r in cells]
     mark = " (chosen)" if chosen else ""
     return (
-        f"| {r0['labels']} | {r0['init']} | {r0['lr']:g}{mark} | {r0['steps']} | {val} | "
+        f"| {r0['labels']} | {r0['init']} | {lr_text(r0)}{mark} | {r0['steps']} | {val} | "
         f"{100 * mean(cells, 'validation_accuracy'):.1f}% | {', '.join(f'{100 * a:.1f}' for a in test)} | "
         f"**{100 * statistics.mean(test):.1f}%** | {100 * (max(test) - min(test)):.1f} | "
         f"{mean(cells, 'minutes'):.1f} |"
@@ -245,7 +261,7 @@ def report(args: argparse.Namespace, rows: list[dict], facts: dict, chosen: dict
         f"{facts['load_start']}, at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- command: `nice -n 10 .venv/bin/python benchmarks/pretraining_pays.py --encoder {args.encoder} "
         f"--few {args.few} --steps-few {args.steps_few} --steps-all {args.steps_all} --seeds {args.seeds} "
-        f"--lrs {args.lrs} --jobs {args.jobs}`",
+        f"--lrs {args.lrs} --jobs {args.jobs}{ratio_arg(args)}`",
         f"- encoder: `{args.encoder}` ({facts['checkpoint']}); SST-2 prepared in its vocabulary; the encoder saw "
         "WikiText-2 only",
         f"- every cell scored on the same {facts['n_val']:,} validation and {facts['n_test']:,} test phrases (seeded "
@@ -256,6 +272,7 @@ def report(args: argparse.Namespace, rows: list[dict], facts: dict, chosen: dict
         f"{args.steps_all} steps (~{args.steps_all * args.batch_size / facts['n_train']:.2f} epochs); linear warmup "
         "over 10% of the steps, then linear decay; seeds set head init, data order, dropout and (random init) "
         "every weight",
+        *ratio_method(args),
         "",
         "| labels | init | lr | steps | validation acc. per seed | validation mean | test acc. per seed | test mean "
         "| test spread (max - min) | min per cell |",
@@ -283,6 +300,26 @@ def report(args: argparse.Namespace, rows: list[dict], facts: dict, chosen: dict
     return "\n".join(lines) + "\n"
 
 
+def ratio_arg(args: argparse.Namespace) -> str:
+    return (
+        ""
+        if args.pretrained_lr_ratio == 1
+        else f" --pretrained-lr-ratio {args.pretrained_lr_ratio:g}"
+    )
+
+
+def ratio_method(args: argparse.Namespace) -> list[str]:
+    """The method line of a run with --pretrained-lr-ratio (none at the default: every parameter at lr)."""
+    r = args.pretrained_lr_ratio
+    if r == 1:
+        return []
+    encoder = "frozen (ratio 0)" if r == 0 else f"at lr × {r:g}"
+    return [
+        f"- pretrained cells: the encoder (every parameter loaded from the checkpoint) {encoder}, the new "
+        "classifier head at lr (`optim.pretrained_lr_ratio`); random-init cells train every parameter at lr"
+    ]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -296,6 +333,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lrs",
         default="3e-4,1e-3",
         help="learning rates tried for each initialisation on the small cut",
+    )
+    parser.add_argument(
+        "--pretrained-lr-ratio",
+        type=float,
+        default=1.0,
+        help="pretrained cells: the encoder trains at lr x this, the new head at lr (0 freezes the encoder); "
+        "random-init cells train everything at lr",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -315,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     if args.few < 1 or args.jobs < 1 or not all(lr > 0 for lr in args.lr_list):
         parser.error("--few and --jobs must be at least 1, and every --lrs value > 0")
+    if not (math.isfinite(args.pretrained_lr_ratio) and args.pretrained_lr_ratio >= 0):
+        parser.error(f"--pretrained-lr-ratio: a finite number >= 0, got {args.pretrained_lr_ratio}")
     return args
 
 
@@ -364,10 +410,12 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()  # their own processes), and its daemons would share the 2 cores with them
     facts["load_start"] = load_start
     cache, few = args.work / "cells.jsonl", str(args.few)
+    # random-init cells have no pretrained parameters: they train everything at lr, whatever the ratio
+    ratio = {"pretrained": args.pretrained_lr_ratio, "random init": 1.0}
 
     def cells(labels: str, steps: int, data: Path, lrs: dict[str, list[float]]) -> list[Cell]:
         return [
-            Cell(labels, init, seed, steps, lr, str(data), str(checkpoint))
+            Cell(labels, init, seed, steps, lr, str(data), str(checkpoint), ratio[init])
             for lr_i in range(max(len(v) for v in lrs.values()))
             for seed in args.seed_list
             for init in INITS

@@ -77,6 +77,11 @@ def train_for(
     losses: a list every step's training loss is appended to."""
     from cluster.tasks import TASKS, preflight
 
+    if fresh_weights and job.optim.pretrained_lr_ratio != 1:
+        # re-initialised, the "pretrained" parameters are random: a ratio would scale the wrong ones
+        raise ValueError(
+            "optim.pretrained_lr_ratio: must be 1 with fresh_weights (nothing is pretrained)"
+        )
     job = preflight(job)
     torch.manual_seed(job.trainer.seed)
     parts = TASKS[job.task](job, 0, 1)

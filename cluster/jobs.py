@@ -238,6 +238,15 @@ def check_compile(trainer: TrainerConfig, cluster: ClusterConfig) -> None:
         )
 
 
+def refuse_pretrained_lr_ratio(optim: OptimConfig, why: str) -> None:
+    """A job whose model loads no pretrained parameters has nothing for optim.pretrained_lr_ratio to scale."""
+    if optim.pretrained_lr_ratio != 1:
+        raise ConfigError(
+            f"optim.pretrained_lr_ratio: {optim.pretrained_lr_ratio:g} scales the learning rate of parameters "
+            f"that fine-tuning loads from encoder_checkpoint / decoder_checkpoint, but {why}; leave it at 1"
+        )
+
+
 @dataclass
 class PretrainJob:
     # output of `kiln data prepare`
@@ -266,6 +275,7 @@ class PretrainJob:
             raise ValueError(
                 f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'"
             )
+        refuse_pretrained_lr_ratio(self.optim, "pretraining trains every parameter at optim.lr")
 
 
 @dataclass
@@ -316,6 +326,9 @@ class FinetuneJob:
                 f"'{given[0]}': model.arch={self.model.arch} trains from scratch and uses no checkpoint "
                 "(drop the model section to fine-tune a pretrained one)"
             )
+        refuse_pretrained_lr_ratio(
+            self.optim, f"model.arch={self.model.arch} trains from scratch and has none"
+        )
 
     def _check_scheduled_sampling(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:

@@ -20,6 +20,7 @@ from data_pipeline.storage import Location, is_remote
 from data_pipeline.tokenizer import TARGET_TOKENIZER_FILE
 from finetune.models.classifier import DecoderClassifier, EncoderClassifier
 from finetune.models.seq2seq import WarmStartedSeq2Seq
+from finetune.models.warm_start import pretrained_names
 from pretrain.checkpoint import CheckpointError, fetch_checkpoint
 from pretrain.hf_import import (
     HF_PREFIX,
@@ -177,6 +178,7 @@ def build_translation(job: FinetuneJob, rank: int, world: int) -> TaskParts:
         job.trainer.max_steps,
         label_smoothing=job.label_smoothing,
         scheduled_sampling=job.sampling_schedule(),
+        pretrained=loaded_parameters(job, model, new),
     )
     keys = (
         "train/loss",
@@ -210,8 +212,16 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
     from finetune.module import ClassificationModule
 
     train, val = _loaders(job, rank, world)
-    module = ClassificationModule(model, job.optim, job.trainer.max_steps)
+    module = ClassificationModule(
+        model, job.optim, job.trainer.max_steps, pretrained=loaded_parameters(job, model, new)
+    )
     return TaskParts(module, train, val, model.config, ("train/loss", "train/acc"), new)
+
+
+def loaded_parameters(job: FinetuneJob, model: Any, new: list[str]) -> frozenset[str]:
+    """Names of the parameters loaded from a checkpoint (optim.pretrained_lr_ratio applies to them): none for a
+    model from scratch (a `model` section), every one but the `new` ones for a warm start."""
+    return frozenset() if job.model is not None else pretrained_names(model, new)
 
 
 def scratch_config(job: FinetuneJob, manifest: dict, labels: list[str] | None = None) -> Any:

@@ -8,6 +8,7 @@ slower than a teacher-forced validation step, so it is computed after training w
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import ClassVar
 
 import torch
@@ -69,8 +70,9 @@ class TranslationModule(KilnModule):
         total_steps: int,
         label_smoothing: float = 0.1,
         scheduled_sampling: ScheduledSampling | None = None,
+        pretrained: Collection[str] = frozenset(),
     ) -> None:
-        super().__init__(model, optim_cfg, total_steps)
+        super().__init__(model, optim_cfg, total_steps, pretrained=pretrained)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing

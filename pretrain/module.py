@@ -2,7 +2,8 @@
 
 `KilnModule` is the shared base (pretraining here, fine-tuning in `finetune/`). A subclass:
   - passes `model: nn.Module, optim_cfg: OptimConfig, total_steps: int` to `KilnModule.__init__` (or, for ZeRO-3, a
-    function that builds the model: it is then built in `configure_model`, see there);
+    function that builds the model: it is then built in `configure_model`, see there), and for a fine-tuning model
+    `pretrained=`, the names of the parameters loaded from a checkpoint (`optim.pretrained_lr_ratio` applies to them);
   - implements `compute(batch, stage) -> dict[str, Tensor]` returning at least `loss` (differentiable when
     stage == "train"); every other value is a scalar metric;
   - may override `count_tokens(batch) -> int` (tokens/s; default: sum of `attention_mask`, else numel of
@@ -25,7 +26,7 @@ import collections
 import statistics
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, ClassVar
 
 import lightning as L
@@ -37,7 +38,7 @@ from pretrain.flops import decoder_flops_per_token, encoder_flops_per_token
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
 from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
-from pretrain.optim import OptimConfig, build_optimizer
+from pretrain.optim import OptimConfig, build_optimizer, freeze_pretrained
 
 SPIKE_FACTOR = 10.0  # a loss above this multiple of the running median is logged as a spike
 
@@ -68,12 +69,21 @@ class KilnModule(L.LightningModule, ABC):
     PROG_BAR: ClassVar[tuple[str, ...]] = ("loss",)
 
     def __init__(
-        self, model: nn.Module | Callable[[], nn.Module], optim_cfg: OptimConfig, total_steps: int
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        optim_cfg: OptimConfig,
+        total_steps: int,
+        *,
+        pretrained: Collection[str] = frozenset(),
     ) -> None:
         super().__init__()
         if total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        self.pretrained = frozenset(pretrained)
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        # optim.pretrained_lr_ratio 0: frozen here, before any strategy wraps the model (freeze_pretrained says why)
+        if self.model is not None:
+            freeze_pretrained(self.model, optim_cfg, self.pretrained)
         self._build_model = None if isinstance(model, nn.Module) else model
         # The CPU RNG as an eager build would have found it here: the deferred build draws from it (on CPU: the same
         # weights as an eager build; on a GPU zero.Init allocates there, and the CUDA generator draws).
@@ -125,6 +135,7 @@ class KilnModule(L.LightningModule, ABC):
                 torch.set_rng_state(self._build_rng)
                 self.model = self._build_model()
             self._build_rng = None
+            freeze_pretrained(self.model, self.optim_cfg, self.pretrained)
         if self.compile_model:
             # In place: the module's own forward is compiled on its first call, its state_dict keys stay as they
             # are (torch.compile(model) would add "_orig_mod."), so checkpoints do not depend on this setting.
@@ -135,7 +146,9 @@ class KilnModule(L.LightningModule, ABC):
         return self.model(*args, **kwargs)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer, scheduler = build_optimizer(self.model, self.optim_cfg, self.total_steps)
+        optimizer, scheduler = build_optimizer(
+            self.model, self.optim_cfg, self.total_steps, self.pretrained
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

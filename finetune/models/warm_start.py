@@ -6,7 +6,7 @@ checkpoint, initialise a few new ones (cross-attention, heads), and must report 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -98,3 +98,11 @@ def copy_matching(
             if name in source:
                 tensor.copy_(source[name])  # state_dict tensors share storage with the parameters
     return missing
+
+
+def pretrained_names(model: nn.Module, new: Collection[str]) -> frozenset[str]:
+    """The parameters a warm start loaded: every name of `model.named_parameters()` (a tied parameter once)
+    whose tensor is not among `new` (the names `from_pretrained` returns). Matched by tensor, not by name, so a
+    tied parameter is new under whichever of its names `new` lists."""
+    fresh = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in new}
+    return frozenset(name for name, p in model.named_parameters() if id(p) not in fresh)

@@ -3,6 +3,8 @@ cell of the grid fine-tuned for 3 steps in 2 worker processes, and the report, i
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,21 @@ def test_the_grid_runs_and_reports_every_cell(sst2_cut: Path, tmp_path: Path) ->
     assert len(cached) == 6
     assert bench.main(argv) == 0  # a second run fine-tunes nothing: every cell is cached
     assert len((tmp_path / "work" / "cells.jsonl").read_text().splitlines()) == 6
+    assert (
+        "--pretrained-lr-ratio" not in text and "encoder ×" not in text
+    )  # the default reads as before
+    # the encoder frozen: only the pretrained cells are new (3 of them); random init trains everything at lr as before
+    assert bench.main([*argv, "--pretrained-lr-ratio", "0"]) == 0
+    cached = [
+        json.loads(line) for line in (tmp_path / "work" / "cells.jsonl").read_text().splitlines()
+    ]
+    assert len(cached) == 9 and [r["pretrained_lr_ratio"] for r in cached[6:]] == [0.0] * 3
+    assert all(r["init"] == "pretrained" for r in cached[6:])
+    text = out.read_text()
+    assert "--pretrained-lr-ratio 0`" in text and "the encoder (every parameter loaded" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| 60 |", "| all |"))]
+    assert len(rows) == 6
+    assert all(("(encoder × 0)" in row) == ("| pretrained |" in row) for row in rows)
     # another encoder's vocabulary into the same --work: one line naming the stale directory, exit 2
     other = tiny_encoder(sst2_cut, tmp_path / "enc2" / "step-0000000", vocab_size=300)
     assert bench.main(["--encoder", str(other), *argv[2:]]) == 2
@@ -118,3 +135,24 @@ def test_the_learning_rate_is_chosen_on_validation_not_test() -> None:
         )
     ]
     assert bench.best_lr(rows, "9", "pretrained") == 3e-4
+
+
+def test_pretrained_lr_ratio_must_be_a_finite_number_at_least_0(tmp_path: Path) -> None:
+    for bad in ("-1", "nan"):
+        with pytest.raises(SystemExit) as info:
+            bench.parse_args(["--encoder", str(tmp_path), "--pretrained-lr-ratio", bad])
+        assert info.value.code == 2
+    assert bench.parse_args(["--encoder", str(tmp_path)]).pretrained_lr_ratio == 1.0
+
+
+def test_cells_cached_before_the_ratio_existed_are_reused_at_ratio_1(tmp_path: Path) -> None:
+    from benchmarks.cells import run_cells
+
+    cell = bench.Cell("60", "pretrained", 0, 3, 1e-3, "data", "enc")
+    old = {k: v for k, v in dataclasses.asdict(cell).items() if k != "pretrained_lr_ratio"}
+    cache = tmp_path / "cells.jsonl"
+    cache.write_text(json.dumps({**old, "validation_accuracy": 0.5}) + "\n")
+    (row,) = run_cells(
+        [cell], bench.run_cell, [8], 1, cache
+    )  # nothing to run: run_cell would fail here
+    assert row["validation_accuracy"] == 0.5 and row["pretrained_lr_ratio"] == 1.0

@@ -151,3 +151,36 @@ def test_compile_is_ddp_only() -> None:
             ConfigError, match=r"'trainer.compile': with cluster.strategy=ddp only, not deepspeed"
         ):
             load_config(cls, None, ["trainer.compile=true", "cluster.strategy=deepspeed_stage_2"])
+
+
+@pytest.mark.parametrize(
+    ("command", "recipe", "why"),
+    [
+        ("finetune", "classification-lstm.yaml", "model.arch=lstm_classifier trains from scratch"),
+        ("pretrain", "tiny-bert.yaml", "pretraining trains every parameter at optim.lr"),
+    ],
+)
+def test_pretrained_lr_ratio_without_pretrained_parameters_exits_2_with_one_line(
+    command: str, recipe: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--config", str(CONFIGS / recipe), "optim.pretrained_lr_ratio=0.1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: optim.pretrained_lr_ratio: 0.1 ") and err.count("\n") == 1
+    assert why in err
+
+
+def test_pretrained_lr_ratio_is_a_warm_start_option() -> None:
+    job = load_config(FinetuneJob, CONFIGS / "classification.yaml", ["optim.pretrained_lr_ratio=0"])
+    assert job.optim.pretrained_lr_ratio == 0.0
+    assert (
+        load_config(FinetuneJob, CONFIGS / "classification-lstm.yaml").optim.pretrained_lr_ratio
+        == 1
+    )
+    with pytest.raises(
+        ConfigError, match="OptimConfig.pretrained_lr_ratio must be finite and >= 0"
+    ):
+        load_config(FinetuneJob, CONFIGS / "classification.yaml", ["optim.pretrained_lr_ratio=-1"])

@@ -75,6 +75,20 @@ def test_config_errors_name_the_key() -> None:
         OptimConfig(beta2=1.0)
     with pytest.raises(ValueError, match="total_steps"):
         build_optimizer(torch.nn.Linear(2, 2), OptimConfig(), 0)
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(
+            ValueError, match="OptimConfig.pretrained_lr_ratio must be finite and >= 0"
+        ):
+            OptimConfig(pretrained_lr_ratio=bad)
+
+
+def test_pretrained_lr_ratio_needs_pretrained_parameters() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="optim.pretrained_lr_ratio is 0.5, but no parameter"):
+        build_optimizer(model, OptimConfig(pretrained_lr_ratio=0.5), 10)
+    opt, _ = build_optimizer(model, OptimConfig(lr=0.2, pretrained_lr_ratio=0.5), 10, {"weight"})
+    # the bias (new) at lr, the weight (pretrained) at lr * 0.5; the schedule starts from these
+    assert [(g["initial_lr"], len(g["params"])) for g in opt.param_groups] == [(0.2, 1), (0.1, 1)]
 
 
 def test_optimizer_and_scheduler_state_round_trip_with_weights_only(tmp_path: Path) -> None:
