@@ -159,12 +159,25 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path | str) -> None:
                 f"'{section}' ({diff}); resume with the run's own config, or start a "
                 "new --out"
             )
+    _check_lr_ratio(job, latest, saved)
     data_sha = (manifest.get("data_manifest") or {}).get("sha256")
     if data_sha and data_sha != (Location.of(job.data_dir) / "manifest.json").sha256():
         raise ConfigError(
             f"trainer.resume=auto: {latest} was trained on other data than "
             f"{job.data_dir} (its manifest.json differs); resume on the same "
             "data_dir, or start a new --out"
+        )
+
+
+def _check_lr_ratio(job: PretrainJob | FinetuneJob, latest: Path | str, saved: dict) -> None:
+    """The optimizer's parameter groups and their learning rates come back from the checkpoint, so a changed
+    optim.pretrained_lr_ratio would either not load (0 or 1 changes the groups) or silently not apply."""
+    before = (saved.get("optim") or {}).get("pretrained_lr_ratio", 1.0)
+    if before != job.optim.pretrained_lr_ratio:
+        raise ConfigError(
+            f"trainer.resume=auto: {latest} was trained with optim.pretrained_lr_ratio={before:g}, not "
+            f"{job.optim.pretrained_lr_ratio:g}: the optimizer state it restores fixes each group's learning "
+            "rate; resume with the run's own value, or start a new --out"
         )
 
 

@@ -278,6 +278,21 @@ def test_driver_refuses_resume_it_cannot_do_exactly(tmp_path: Path) -> None:
     assert check_resume(_job("trainer.resume=never", "model.num_hidden_layers=3"), tmp_path) is None
 
 
+def test_driver_refuses_resume_with_another_pretrained_lr_ratio(tmp_path: Path) -> None:
+    """The restored optimizer state fixes each group's lr: another ratio would not apply (or not load)."""
+    job = _job()
+    saved = to_dict(job)
+    saved["optim"]["pretrained_lr_ratio"] = (
+        0.1  # as a warm-started fine-tune would have recorded it
+    )
+    torch.manual_seed(0)
+    model = BertPretrainModule(CFG, OPTIM, 5).model
+    ckpt = tmp_path / "checkpoints" / "step-0000005"
+    save_checkpoint(ckpt, model, CFG, job_config=saved, trainer_state={"step": 5})
+    with pytest.raises(ConfigError, match=r"optim.pretrained_lr_ratio=0.1, not 1:"):
+        check_resume(job, tmp_path)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
