@@ -85,6 +85,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
     _config_args(
         p, "run directory: checkpoints, metrics.csv, loss curve, W&B offline run [runs/pretrain]"
     )
+    _dry_run_arg(p)
     p = sub.add_parser(
         "finetune",
         help="fine-tune for translation or classification (pretrained, or a classic baseline from scratch)",
@@ -95,6 +96,18 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         epilog=TRAINING_EPILOG,
     )
     _config_args(p, "run directory [runs/finetune]")
+    _dry_run_arg(p)
+
+
+DRY_RUN_HELP = (
+    "check the run as it starts (config, data and its manifest, checkpoints, disk), count the "
+    "model's parameters, print the plan (global batch, passes over the train split, workers) and "
+    "exit; starts no Ray and writes nothing, not even --out"
+)
+
+
+def _dry_run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:

@@ -63,9 +63,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(PretrainJob, args)
     if cfg is None:
         return 0
+    if args.dry_run:
+        return _dry_run(cfg, args.out or Path("runs/pretrain"), "pretrain")
     result, out = _train(cfg, args.out or Path("runs/pretrain"), cfg.model.arch, "pretraining")
     _track(cfg, out, cfg.model.arch, result.checkpoint)
     print(f"[{cfg.model.arch}] checkpoint: {result.checkpoint}\n{_outputs(cfg.model.arch, out)}")
+    return 0
+
+
+def _dry_run(cfg: PretrainJob | FinetuneJob, out: str | Path, stage: str) -> int:
+    from cluster.dryrun import dry_run  # the model files (torch): only when a run is planned
+
+    print("\n".join(dry_run(cfg, out, stage)))
     return 0
 
 
@@ -95,6 +104,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = _config(FinetuneJob, args)
     if cfg is None:
         return 0
+    if args.dry_run:
+        return _dry_run(cfg, args.out or Path("runs/finetune"), "finetune")
     from cluster.evaluation import evaluate_checkpoint
 
     result, out = _train(cfg, args.out or Path("runs/finetune"), cfg.task, "fine-tuning")

@@ -70,30 +70,16 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path | RunDir, stage: 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.progress import emit
-    from cluster.tasks import count_parameters, preflight
-    from pretrain.checkpoint import (
-        CHECKPOINT_BYTES_PER_PARAM,
-        ZERO_CHECKPOINT_BYTES_PER_PARAM,
-        check_free_space,
-    )
+    from cluster.tasks import count_parameters
 
     run = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
-    # load_config resolved the paths already; a job built in code gets it too: workers run elsewhere
-    job = resolve_paths(copy.deepcopy(job))
-    check_gpus(job.cluster)
-    # User errors (missing data, wrong checkpoint) surface here, not inside a worker; `hf:` checkpoints are
-    # converted into out_dir/imported/ and the job returned points at the converted copies.
-    job = _publish_imported(preflight(job, run.local), run)
-    # before any file is written
-    ddp = job.cluster.strategy == "ddp"
-    per_param = CHECKPOINT_BYTES_PER_PARAM if ddp else ZERO_CHECKPOINT_BYTES_PER_PARAM
-    check_free_space(checkpoints_dir(run), count_parameters(job), job.trainer.keep_last, per_param)
+    job = _publish_imported(driver_checks(job, run.local), run)
+    check_disk(job, run, count_parameters(job))  # before any file is written
     run.local.mkdir(parents=True, exist_ok=True)
     clear_stop_request(run)
     # chosen (and sha256-verified) once, here, for every worker (cluster/resume.py)
     latest = check_resume(job, run, say=emit)
     if job.wandb.mode != "disabled":
-        check_online_credentials(job.wandb.mode)
         ensure_run_id(run)
     init_ray(job.cluster.address, run / "logs")
     check_gpus(job.cluster, connected=True)
@@ -135,6 +121,32 @@ def run_training(job: PretrainJob | FinetuneJob, out_dir: Path | RunDir, stage: 
     return TrainResult(
         run, _checkpoint_path(summary["checkpoint"]), run / METRICS, seconds, summary["new_tensors"]
     )
+
+
+def driver_checks(job: PretrainJob | FinetuneJob, imported_into: Path) -> PretrainJob | FinetuneJob:
+    """The checks of a run on the driver before it writes a file or starts Ray (`--dry-run` runs them
+    too), so user errors (missing data, wrong checkpoint) surface here, not inside a worker. `hf:`
+    checkpoints are converted into `imported_into`/imported/; the job returned points at the copies."""
+    from cluster.tasks import preflight
+
+    # load_config resolved the paths already; a job built in code gets it too: workers run elsewhere
+    job = resolve_paths(copy.deepcopy(job))
+    check_gpus(job.cluster)
+    check_online_credentials(job.wandb.mode)
+    return preflight(job, imported_into)
+
+
+def check_disk(job: PretrainJob | FinetuneJob, run: RunDir, num_params: int) -> None:
+    """The disk under the run's checkpoints holds `trainer.keep_last` + 1 of them (ZeRO's are larger)."""
+    from pretrain.checkpoint import (
+        CHECKPOINT_BYTES_PER_PARAM,
+        ZERO_CHECKPOINT_BYTES_PER_PARAM,
+        check_free_space,
+    )
+
+    ddp = job.cluster.strategy == "ddp"
+    per_param = CHECKPOINT_BYTES_PER_PARAM if ddp else ZERO_CHECKPOINT_BYTES_PER_PARAM
+    check_free_space(checkpoints_dir(run), num_params, job.trainer.keep_last, per_param)
 
 
 def _publish_imported(job: PretrainJob | FinetuneJob, run: RunDir) -> PretrainJob | FinetuneJob:

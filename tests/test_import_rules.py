@@ -198,17 +198,19 @@ def test_a_config_error_imports_neither_torch_nor_ray(tmp_path: Path) -> None:
     assert not heavy, f"a config error paid for: {heavy}"
 
 
-# What the driver of `kiln pretrain`/`finetune` loads before it hands the job to Ray: the modules and
-# run_training's own imports (made inside the function, so listed here from its syntax tree), and the
+# What the driver of `kiln pretrain`/`finetune` loads before it hands the job to Ray (or, with
+# --dry-run, instead: cluster.dryrun): the modules and the imports of run_training and its driver
+# checks (made inside the functions, so listed here from their syntax tree), and the
 # meta-device parameter count of its preflight. Lightning, DeepSpeed and torch._dynamo cost 5, 3 and
 # 2 s of every command's start-up on a 2 GHz core, and only the workers need them.
 DRIVER = (
     "import ast, sys\n"
     "from torch import nn\n"
-    "import cluster.commands, cluster.launch, cluster.tasks, cluster.report\n"
+    "import cluster.commands, cluster.dryrun, cluster.launch, cluster.tasks, cluster.report\n"
     "tree = ast.parse(open('cluster/launch.py').read())\n"
-    "run = next(f for f in tree.body if getattr(f, 'name', '') == 'run_training')\n"
-    "lazy = [n for n in ast.walk(run) if isinstance(n, (ast.Import, ast.ImportFrom))]\n"
+    "names = ('run_training', 'driver_checks', 'check_disk')\n"
+    "runs = [f for f in tree.body if getattr(f, 'name', '') in names]\n"
+    "lazy = [n for f in runs for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]\n"
     "assert lazy\n"
     "exec(compile(ast.Module(body=lazy, type_ignores=[]), 'run_training', 'exec'))\n"
     "from data_pipeline.configlib import from_preset\n"

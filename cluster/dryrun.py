@@ -1,0 +1,62 @@
+"""`kiln pretrain|finetune --dry-run`: the run's plan, checked as the run checks it, and nothing started.
+
+The checks are the real run's own driver checks (cluster.launch.driver_checks, check_disk); the model
+is counted on the meta device (cluster.tasks.count_parameters). Nothing is written at --out, not even
+the directory: `hf:` checkpoints are converted into a temporary directory, removed on return. No Ray
+starts and no Lightning is imported, so a long recipe is validated against its data in seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from cluster.jobs import FinetuneJob, PretrainJob
+from cluster.launch import check_disk, driver_checks
+from cluster.rundir import RunDir
+from cluster.tasks import count_parameters
+from data_pipeline.loader import read_manifest
+from data_pipeline.storage import Location
+
+
+def dry_run(job: PretrainJob | FinetuneJob, out: str | Path, stage: str) -> list[str]:
+    """The lines `--dry-run` prints for `job` (stage: "pretrain" or "finetune"), once its checks pass."""
+    run = RunDir(out)  # names the directory; creates nothing
+    with tempfile.TemporaryDirectory(prefix="kiln-dry-run-") as scratch:
+        job = driver_checks(job, Path(scratch))
+        params = count_parameters(job)  # inside: a converted `hf:` checkpoint's weights are read
+        check_disk(job, run, params)
+    return plan_lines(job, run, stage, params)
+
+
+def plan_lines(job: PretrainJob | FinetuneJob, run: RunDir, stage: str, params: int) -> list[str]:
+    trainer, cluster = job.trainer, job.cluster
+    world, accumulate = cluster.num_workers, trainer.accumulate_grad_batches
+    global_batch = trainer.batch_size * world * accumulate
+    rows = train_rows(job)
+    gpu = " + 1 GPU" if cluster.use_gpu else ""
+    return [
+        f"[dry run] {stage} {job.task}: {model_name(job)}, {params:,} parameters",
+        f"[dry run] max_steps {trainer.max_steps}, global batch {global_batch} = batch_size "
+        f"{trainer.batch_size} x {world} workers x accumulate_grad_batches {accumulate}",
+        f"[dry run] train split {rows:,} rows: {trainer.max_steps} steps x {global_batch} = "
+        f"{trainer.max_steps * global_batch / rows:.2f} passes over it",
+        f"[dry run] {world} workers x {cluster.cpus_per_worker} CPUs{gpu}, strategy {cluster.strategy}",
+        f"[dry run] out {run.out} (not created); checks passed, nothing run",
+    ]
+
+
+def model_name(job: PretrainJob | FinetuneJob) -> str:
+    """arch and preset of a model section, or the checkpoints a warm start loads."""
+    model = job.model
+    if model is not None:
+        return f"{model.arch} (preset {model.preset})" if model.preset else model.arch
+    keys = ("init_from", "encoder_checkpoint", "decoder_checkpoint")
+    loaded = [f"{k}={getattr(job, k)}" for k in keys if getattr(job, k, None)]
+    return "warm start from " + ", ".join(loaded)
+
+
+def train_rows(job: PretrainJob | FinetuneJob) -> int:
+    """Rows of the task's train split, from its manifest (a remote one read where it lies)."""
+    manifest = Location.of(job.data_dir) / job.task / "manifest.json"
+    return int(read_manifest(manifest.text)["splits"]["train"]["rows"])
