@@ -320,7 +320,47 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=location, required=True, help="output directory")
 
 
+AVERAGE_EPILOG = (
+    "Exit codes: 0 done; 2 bad input (one line names the checkpoint, directory or flag: fewer than "
+    "2 checkpoints, --last with a list, another model's checkpoint, an --out that exists or lies "
+    "beside the checkpoints)."
+)
+
+
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "average",
+        help="average the weights of a run's last N checkpoints into one checkpoint for evaluation",
+        description="Checkpoint averaging (Vaswani et al. 2017; fairseq's average_checkpoints.py): "
+        "the element-wise mean of the weights of one model's checkpoints, in float64, written as "
+        "a checkpoint with the newest one's config, tokenizer(s) and job config, so `kiln "
+        "evaluate`, `translate` and `predict` read it as a training checkpoint. It has no trainer "
+        "state: it is scored, not resumed. Give one run directory with --last N (its N newest "
+        "complete checkpoints by step), or the checkpoints themselves.",
+        epilog=AVERAGE_EPILOG,
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=location,
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="one run directory (with --last), or two or more checkpoint directories",
+    )
+    p.add_argument(
+        "--last", type=int, metavar="N", help="with a run directory: average its N newest (N >= 2)"
+    )
+    p.add_argument(
+        "--out",
+        type=location,
+        required=True,
+        metavar="DIR",
+        help="the averaged checkpoint (must not exist; not inside the run's checkpoints/)",
+    )
+
+
 def _add_ops(sub: argparse._SubParsersAction) -> None:
+    _add_average(sub)
     p = sub.add_parser(
         "export", help="export a checkpoint (safetensors) for Hugging Face transformers"
     )
@@ -491,6 +531,7 @@ HANDLERS: dict[str, str] = {
     "analyze-beam": "cluster.commands:cmd_analyze_beam",
     "attention": "cluster.commands:cmd_attention",
     "lm-baseline": "cluster.commands:cmd_lm_baseline",
+    "average": "cluster.commands:cmd_average",
     "export": "cluster.commands:cmd_export",
     "submit": "cluster.commands:cmd_submit",
     "render": "cluster.commands:cmd_render",
@@ -522,7 +563,7 @@ REMOTE_PATH_ARGS = {"submit": {"out"}}
 
 # Commands whose --out may be a URI (the run or data goes to object storage); the others write
 # local files (a report, predictions, an exported model) and refuse one with a clear line.
-URI_OUT_COMMANDS = {"data", "pretrain", "finetune", "lm-baseline", "submit"}
+URI_OUT_COMMANDS = {"data", "pretrain", "finetune", "lm-baseline", "average", "submit"}
 # Input files fetched from a URI into the local cache before a command reads them.
 URI_INPUT_FILES = ("config", "src", "ref", "input")
 
@@ -535,6 +576,9 @@ def resolve_path_args(args: argparse.Namespace) -> None:
     for name, value in vars(args).items():
         if isinstance(value, Path) and name not in remote:
             setattr(args, name, Path(absolute_path(str(value))))
+        elif isinstance(value, list) and name not in remote:  # nargs="+" (average's --checkpoints)
+            absolute = [Path(absolute_path(str(v))) if isinstance(v, Path) else v for v in value]
+            setattr(args, name, absolute)
     out = getattr(args, "out", None)
     if isinstance(out, str) and args.command not in URI_OUT_COMMANDS:
         raise ConfigError(

@@ -350,6 +350,17 @@ def cmd_lm_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from finetune.models import ARCHITECTURES  # every architecture, as `kiln evaluate` loads them
+    from pretrain.average import average_checkpoints
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    average_checkpoints(args.checkpoints, args.out, last=args.last, registry=ARCHITECTURES, say=say)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pretrain.hf_export import export_hf
 

@@ -107,18 +107,23 @@ def save_checkpoint(
     tokenizer_file: Path | None = None,
     job_config: dict | None = None,
     trainer_state: dict | None = None,
-    data_manifest: Path | None = None,
+    data_manifest: Path | dict | None = None,
     *,
     overwrite: bool = False,
     state_dict: dict[str, Tensor] | None = None,
     launch: str | None = None,
+    step: int | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint directory at `path` (atomically, via `.tmp-<name>`); returns `path`.
 
     model_config: a dataclass with an `arch` field. state_dict: use this instead of `model.state_dict()`
-    (e.g. weights consolidated from ZeRO-3). data_manifest: the data directory or its manifest.json.
-    overwrite: replace an existing checkpoint at `path` (otherwise that is an error). launch: the id of
-    the `kiln pretrain/finetune` invocation writing it, recorded in the manifest."""
+    (e.g. weights consolidated from ZeRO-3). data_manifest: the data directory or its manifest.json,
+    or the `data_manifest` entry of another checkpoint's manifest (kept as is). overwrite: replace an
+    existing checkpoint at `path` (otherwise that is an error). launch: the id of the `kiln
+    pretrain/finetune` invocation writing it, recorded in the manifest. step: the manifest's step
+    when there is no trainer_state (whose own step wins). extra: more manifest keys (JSON), e.g. what
+    `kiln average` averaged; they may not replace a key the format writes."""
     path = Path(path)
     arch = _arch_of(model_config)
     if path.exists() and not overwrite:
@@ -128,6 +133,7 @@ def save_checkpoint(
     if trainer_state is not None:
         _check_weights_only_safe(trainer_state, "trainer_state")
     job_json = _json_or_error(job_config, "job_config")
+    extra_json = _json_or_error(dict(extra or {}), "extra")
     data_info = _data_manifest_info(data_manifest)
     tmp = path.parent / f".tmp-{path.name}"
     if tmp.exists():
@@ -146,8 +152,9 @@ def save_checkpoint(
         if trainer_state is not None:
             (tmp / TRAINER_STATE_FILE).parent.mkdir(parents=True)
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-        step = trainer_state.get("step") if trainer_state is not None else None
-        _write_json(tmp / MANIFEST_FILE, _manifest(tmp, arch, step, job_json, data_info, launch))
+            step = trainer_state.get("step")
+        manifest = _manifest(tmp, arch, step, job_json, data_info, launch)
+        _write_json(tmp / MANIFEST_FILE, _with_extra(manifest, extra_json, path))
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -216,9 +223,12 @@ def _json_or_error(value: Any, what: str) -> Any:
     return value
 
 
-def _data_manifest_info(data_manifest: Path | None) -> dict | None:
+def _data_manifest_info(data_manifest: Path | dict | None) -> dict | None:
     if data_manifest is None:
         return None
+    # Another checkpoint's record, kept as is: its data may be elsewhere (or gone) by now.
+    if isinstance(data_manifest, dict):
+        return _json_or_error(dict(data_manifest), "data_manifest")
     p = Path(data_manifest)
     if p.is_dir():
         p = p / "manifest.json"
@@ -301,6 +311,13 @@ def _manifest(
         "data_manifest": data_info,
         "job_config": job_config,
     }
+
+
+def _with_extra(manifest: dict, extra: dict, path: Path) -> dict:
+    clash = sorted(set(extra) & set(manifest))
+    if clash:
+        raise CheckpointError(f"{path}: extra manifest keys {clash} would replace the format's own")
+    return {**manifest, **extra}
 
 
 def _kiln_version() -> str:

@@ -371,7 +371,8 @@ REGISTRY: list[Spec] = [
         "mt-bahdanau",
         "kiln finetune --config configs/translation-scratch.yaml model.arch=lstm_attention "
         "model.attention=bahdanau --out runs/mt-bahdanau",
-        smoke=f"{TRAIN} {DECODE}",
+        # four checkpoints (the recipe keeps 4), for `kiln average --last 4` below
+        smoke=f"{TRAIN} {DECODE} trainer.max_steps=4 trainer.checkpoint_every=1",
         needs=("multi30k",),
         writes=run_files("runs/mt-bahdanau"),
     ),
@@ -387,6 +388,19 @@ REGISTRY: list[Spec] = [
         "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
         "../shared/data/multi30k/raw/test_2016_flickr.en",
         needs=("mt-bahdanau",),
+        prints=('"bleu"',),
+    ),
+    _spec(
+        "average-bahdanau",
+        "kiln average --checkpoints runs/mt-bahdanau --last 4 --out runs/mt-bahdanau-avg4",
+        needs=("mt-bahdanau",),
+        prints=("[average] 4/4 step-0000004", "[average] wrote"),
+        writes=("runs/mt-bahdanau-avg4/manifest.json",),
+    ),
+    _spec(
+        "evaluate-bahdanau-avg4",
+        "kiln evaluate --checkpoint runs/mt-bahdanau-avg4 --data runs/multi30k --split test --beam 5",
+        needs=("average-bahdanau",),
         prints=('"bleu"',),
     ),
     # --------------------------------------------------------------------------- docs/benchmarks.md
