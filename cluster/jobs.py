@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -259,6 +260,9 @@ class PretrainJob:
     # clm: packed documents do not attend to each other (positions restart at each [BOS], attention stays within
     # the document); off = GPT-2's plain packing, where a block's tokens see the previous documents in it.
     document_attention: bool = False
+    # mlm_nsp: loss = MLM loss + nsp_weight × NSP loss. 1 is BERT's sum; 0 pretrains with MLM alone (RoBERTa found
+    # dropping NSP does not hurt downstream), the NSP head still built, exported and measured (train/nsp_acc).
+    nsp_weight: float = 1.0
     model: PretrainModel = field(default_factory=lambda: tiny("bert"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -271,11 +275,22 @@ class PretrainJob:
         family = pretrain_family(self.task)
         if self.document_attention and self.task != "clm":
             raise ValueError("'document_attention' applies to task clm (packed GPT blocks) only")
+        self._check_nsp_weight()
         if self.model.arch != family:
             raise ValueError(
                 f"'model.arch': task '{self.task}' trains a '{family}' model, not '{self.model.arch}'"
             )
         refuse_pretrained_lr_ratio(self.optim, "pretraining trains every parameter at optim.lr")
+
+    def _check_nsp_weight(self) -> None:
+        if not (math.isfinite(self.nsp_weight) and self.nsp_weight >= 0):
+            raise ValueError(
+                f"'nsp_weight': must be finite and >= 0 (0 = MLM only, 1 = BERT), got {self.nsp_weight}"
+            )
+        if self.nsp_weight != 1 and self.task != "mlm_nsp":
+            raise ValueError(
+                f"'nsp_weight' applies to task mlm_nsp (BERT's NSP head) only, not {self.task}"
+            )
 
 
 @dataclass

@@ -18,7 +18,8 @@ Lightning. In the order a resumed run (`trainer.resume=auto`) meets them:
    silently would discard the run). The choice is refused, with the reason, across DDP and ZeRO
    (they save the optimizer state in different forms; any ZeRO stage resumes any ZeRO stage's), for
    a ZeRO checkpoint without optimizer state (an older Kiln's), another task or model (the keys
-   that changed are named) and other data (the data manifest's sha256). It reaches every worker in
+   that changed are named), other data (the data manifest's sha256) and a changed setting of
+   `KEPT_ON_RESUME` (optim.pretrained_lr_ratio, nsp_weight). It reaches every worker in
    the train loop config, so all ranks resume from one checkpoint.
 3. Worker loss (every worker, `resume_point`). When Ray Train restarts a failed worker group
    (`cluster.max_failures`), the newest intact checkpoint written by this launch (`retry_checkpoint`:
@@ -159,7 +160,7 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path | str) -> None:
                 f"'{section}' ({diff}); resume with the run's own config, or start a "
                 "new --out"
             )
-    _check_lr_ratio(job, latest, saved)
+    _check_kept_settings(latest, saved, now)
     data_sha = (manifest.get("data_manifest") or {}).get("sha256")
     if data_sha and data_sha != (Location.of(job.data_dir) / "manifest.json").sha256():
         raise ConfigError(
@@ -169,16 +170,32 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path | str) -> None:
         )
 
 
-def _check_lr_ratio(job: PretrainJob | FinetuneJob, latest: Path | str, saved: dict) -> None:
-    """The optimizer's parameter groups and their learning rates come back from the checkpoint, so a changed
-    optim.pretrained_lr_ratio would either not load (0 or 1 changes the groups) or silently not apply."""
-    before = (saved.get("optim") or {}).get("pretrained_lr_ratio", 1.0)
-    if before != job.optim.pretrained_lr_ratio:
-        raise ConfigError(
-            f"trainer.resume=auto: {latest} was trained with optim.pretrained_lr_ratio={before:g}, not "
-            f"{job.optim.pretrained_lr_ratio:g}: the optimizer state it restores fixes each group's learning "
-            "rate; resume with the run's own value, or start a new --out"
-        )
+# Settings a resumed run must keep, beyond task, model and data: dotted key -> why. Both default to 1, the value a
+# checkpoint saved before its key existed was trained with.
+KEPT_ON_RESUME = {
+    # the groups' learning rates come back from the checkpoint: another ratio would not load (0 or 1 changes the
+    # groups) or silently not apply
+    "optim.pretrained_lr_ratio": "the optimizer state it restores fixes each group's learning rate",
+    # a changed objective is continued pretraining (init_from, a new --out), not a resume
+    "nsp_weight": "it weights NSP in the loss, so the run would change its objective (and train/loss its "
+    "meaning) midway",
+}
+
+
+def _check_kept_settings(latest: Path | str, saved: dict, now: dict) -> None:
+    for key, why in KEPT_ON_RESUME.items():
+        before, after = _setting(saved, key), _setting(now, key)
+        if before != after:
+            raise ConfigError(
+                f"trainer.resume=auto: {latest} was trained with {key}={before:g}, not {after:g}: {why}; "
+                "resume with the run's own value, or start a new --out"
+            )
+
+
+def _setting(config: dict, key: str) -> float:
+    """A dotted key's value in a job config dict; 1 where it has none (a job without the key, an older Kiln)."""
+    section, _, name = key.rpartition(".")
+    return ((config.get(section) or {}) if section else config).get(name, 1.0)
 
 
 def _check_optimizer_state(

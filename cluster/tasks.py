@@ -139,7 +139,13 @@ def build_pretrain(job: PretrainJob, rank: int, world: int) -> TaskParts:
         module = GPTPretrainModule(job.model, job.optim, job.trainer.max_steps, deferred=deferred)
         keys = ("train/loss", "train/acc", "train/ppl", "train/tokens_per_s")
     else:
-        module = BertPretrainModule(job.model, job.optim, job.trainer.max_steps, deferred=deferred)
+        module = BertPretrainModule(
+            job.model,
+            job.optim,
+            job.trainer.max_steps,
+            deferred=deferred,
+            nsp_weight=job.nsp_weight,
+        )
         keys = ("train/loss", "train/mlm_acc", "train/nsp_acc", "train/tokens_per_s")
     if job.init_from is not None:
         _load_initial_weights(module.model, job)

@@ -23,6 +23,7 @@ Gradient clipping is the Trainer's (`gradient_clip_val = OptimConfig.grad_clip`)
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -334,13 +335,18 @@ class BertPretrainModule(KilnModule):
         optim_cfg: OptimConfig,
         total_steps: int,
         deferred: bool = False,
+        nsp_weight: float = 1.0,
     ) -> None:
-        """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here."""
+        """deferred: build the model in `configure_model` (under ZeRO-3's zero.Init), not here. nsp_weight: the
+        NSP loss's weight in `loss` (the job's `nsp_weight`); at 0 NSP is still computed and logged."""
+        if not (math.isfinite(nsp_weight) and nsp_weight >= 0):
+            raise ValueError(f"nsp_weight must be finite and >= 0, got {nsp_weight}")
         model = (
             (lambda: BertForPreTraining(model_cfg)) if deferred else BertForPreTraining(model_cfg)
         )
         super().__init__(model, optim_cfg, total_steps)
         self.model_cfg = model_cfg
+        self.nsp_weight = nsp_weight
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, self.BATCH_KEYS, "BertPretrainModule")
@@ -352,7 +358,11 @@ class BertPretrainModule(KilnModule):
             masked_positions=positions,
         )
         metrics = mlm_nsp_loss(
-            out, batch["mlm_labels"], batch["next_sentence_label"], masked_positions=positions
+            out,
+            batch["mlm_labels"],
+            batch["next_sentence_label"],
+            masked_positions=positions,
+            nsp_weight=self.nsp_weight,
         )
         metrics["ppl"] = metrics.pop("mlm_ppl")
         return metrics

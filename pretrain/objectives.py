@@ -46,8 +46,10 @@ def mlm_nsp_loss(
     next_sentence_label: Tensor,
     *,
     masked_positions: Tensor | None = None,
+    nsp_weight: float = 1.0,
 ) -> dict[str, Tensor]:
-    """BERT's loss: mean MLM cross-entropy over masked tokens + NSP cross-entropy (unweighted sum, as BERT).
+    """BERT's loss: mean MLM cross-entropy over masked tokens + nsp_weight × NSP cross-entropy (1: BERT's
+    unweighted sum; 0: MLM only, as RoBERTa, with NSP still measured).
 
     model_out.mlm_logits is (N, V) when the model ran its MLM head only at `masked_positions`
     (indices into the flattened (B*T) labels), else (B, T, V).
@@ -73,7 +75,9 @@ def mlm_nsp_loss(
     with torch.no_grad():
         nsp_acc = (nsp_logits.argmax(-1) == next_sentence_label).float().mean()
     return {
-        "loss": mlm_loss + nsp_loss,
+        # Multiplied even at 0, not left out: 0 × nsp_loss keeps the NSP head and the pooler in the graph, so
+        # they get gradients (zeros) and DDP (find_unused_parameters=False) finds every parameter it waits for.
+        "loss": mlm_loss + nsp_weight * nsp_loss,
         "mlm_loss": mlm_loss.detach(),
         "nsp_loss": nsp_loss.detach(),
         "mlm_acc": mlm_acc,

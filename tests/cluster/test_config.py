@@ -184,3 +184,24 @@ def test_pretrained_lr_ratio_is_a_warm_start_option() -> None:
         ConfigError, match="OptimConfig.pretrained_lr_ratio must be finite and >= 0"
     ):
         load_config(FinetuneJob, CONFIGS / "classification.yaml", ["optim.pretrained_lr_ratio=-1"])
+
+
+def test_nsp_weight_is_a_bert_pretraining_option() -> None:
+    assert load_config(PretrainJob, CONFIGS / "tiny-bert.yaml").nsp_weight == 1.0
+    assert load_config(PretrainJob, CONFIGS / "tiny-bert.yaml", ["nsp_weight=0"]).nsp_weight == 0.0
+    with pytest.raises(ConfigError, match=r"'nsp_weight': must be finite and >= 0 .*got -0.5"):
+        load_config(PretrainJob, None, ["nsp_weight=-0.5"])
+    with pytest.raises(ConfigError, match="'nsp_weight' applies to task mlm_nsp .* only, not clm"):
+        load_config(PretrainJob, CONFIGS / "tiny-gpt.yaml", ["nsp_weight=0"])
+    # the default is no choice, so a clm recipe keeps it
+    assert load_config(PretrainJob, CONFIGS / "tiny-gpt.yaml").nsp_weight == 1.0
+
+
+def test_bad_nsp_weight_exits_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["pretrain", "--config", str(CONFIGS / "tiny-bert.yaml"), "nsp_weight=-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kiln: error: ") and "'nsp_weight'" in err and err.count("\n") == 1

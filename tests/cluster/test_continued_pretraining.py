@@ -6,6 +6,7 @@ written by the shard writer with the imported checkpoint's tokenizer (what `data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -151,6 +152,8 @@ def test_hf_release_is_imported_once_and_training_starts_from_its_weights(
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    # the job's nsp_weight reaches the module it builds
+    assert build_pretrain(dataclasses.replace(ready, nsp_weight=0.0), 0, 1).module.nsp_weight == 0
 
 
 def test_wrong_family_and_wrong_vocabulary_fail_before_training(

@@ -293,6 +293,24 @@ def test_driver_refuses_resume_with_another_pretrained_lr_ratio(tmp_path: Path) 
         check_resume(job, tmp_path)
 
 
+def test_driver_refuses_resume_with_another_nsp_weight(tmp_path: Path) -> None:
+    """nsp_weight is the objective: changing it midway is continued pretraining (init_from), not a resume."""
+    torch.manual_seed(0)
+    model = BertPretrainModule(CFG, OPTIM, 5).model
+    ckpt = tmp_path / "checkpoints" / "step-0000005"
+    save_checkpoint(
+        ckpt, model, CFG, job_config=to_dict(_job("nsp_weight=0")), trainer_state={"step": 5}
+    )
+    with pytest.raises(ConfigError, match=r"nsp_weight=0, not 1: it weights NSP in the loss"):
+        check_resume(_job(), tmp_path)
+    assert check_resume(_job("nsp_weight=0"), tmp_path) == ckpt
+    older = to_dict(_job())
+    del older["nsp_weight"]  # a checkpoint from before the key: trained at 1
+    newer = tmp_path / "checkpoints" / "step-0000006"
+    save_checkpoint(newer, model, CFG, job_config=older, trainer_state={"step": 6})
+    assert check_resume(_job(), tmp_path) == newer
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [

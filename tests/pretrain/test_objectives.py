@@ -85,3 +85,33 @@ def test_shape_mismatches_are_reported() -> None:
             torch.tensor([0]),
             masked_positions=torch.tensor([0]),
         )
+
+
+def _nsp_case() -> tuple[BertPreTrainingOutput, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    out = BertPreTrainingOutput(
+        torch.randn(2, 3, 5, requires_grad=True), torch.randn(2, 2, requires_grad=True)
+    )
+    return out, torch.tensor([[-100, 1, -100], [3, -100, 4]]), torch.tensor([0, 1])
+
+
+def test_nsp_weight_0_is_the_mlm_loss_and_sends_nsp_a_zero_gradient() -> None:
+    out, labels, nsp_label = _nsp_case()
+    metrics = mlm_nsp_loss(out, labels, nsp_label, nsp_weight=0.0)
+    assert torch.equal(metrics["loss"], metrics["mlm_loss"])
+    assert metrics["nsp_loss"] > 0 and 0 <= metrics["nsp_acc"] <= 1  # still measured
+    metrics["loss"].backward()
+    # a gradient (so DDP sees the NSP head used), and an exactly zero one
+    assert out.nsp_logits.grad is not None and torch.count_nonzero(out.nsp_logits.grad) == 0
+    assert torch.count_nonzero(out.mlm_logits.grad) > 0
+
+
+def test_nsp_weight_scales_the_nsp_term_only() -> None:
+    out, labels, nsp_label = _nsp_case()
+    full = mlm_nsp_loss(out, labels, nsp_label)
+    half = mlm_nsp_loss(out, labels, nsp_label, nsp_weight=0.5)
+    torch.testing.assert_close(half["loss"], full["mlm_loss"] + 0.5 * full["nsp_loss"])
+    # 1: BERT's sum, bit for bit
+    assert torch.equal(full["loss"], full["mlm_loss"] + full["nsp_loss"])
+    for key in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "mlm_ppl"):
+        assert torch.equal(half[key], full[key])

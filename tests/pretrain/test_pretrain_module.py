@@ -116,6 +116,35 @@ def test_bert_pretrain_module_fits_and_logs() -> None:
     assert not torch.equal(before, module.model.bert.embeddings.word_embeddings.weight)
 
 
+NSP_PARAMS = ("bert.pooler.", "cls.seq_relationship.")  # used only by next-sentence prediction
+
+
+def test_nsp_weight_0_trains_mlm_only_and_still_logs_nsp() -> None:
+    torch.manual_seed(0)
+    # AdamW's decoupled weight decay shrinks the decayed matrices (the pooler's and NSP classifier's weights among
+    # them) even under a zero gradient, so it is off here: unchanged weights then mean a gradient of exactly zero.
+    optim = OptimConfig(warmup_steps=2, weight_decay=0.0)
+    cfg = from_preset(BertConfig, "tiny", vocab_size=V)
+    module = BertPretrainModule(cfg, optim, total_steps=5, nsp_weight=0.0)
+    module.compute(mlm_nsp_batches(1, 2)[0], "train")["loss"].backward()
+    nsp = {n: p for n, p in module.model.named_parameters() if n.startswith(NSP_PARAMS)}
+    # every NSP parameter gets a gradient (DDP waits for one from each), and it is zero
+    assert len(nsp) == 4 and all(p.grad is not None and not p.grad.any() for p in nsp.values())
+    module.model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = fit(module, mlm_nsp_batches(5, 0), mlm_nsp_batches(3, 1))
+    after = dict(module.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in nsp)
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(before[embeddings], after[embeddings])
+    m = trainer.callback_metrics
+    assert m["val/loss"].item() == pytest.approx(m["val/mlm_loss"].item(), rel=1e-6)
+    # NSP is still measured
+    assert m["val/nsp_loss"].item() > 0 and "val/nsp_acc" in m and "train/nsp_acc" in m
+    with pytest.raises(ValueError, match="nsp_weight must be finite and >= 0"):
+        BertPretrainModule(cfg, optim, total_steps=5, nsp_weight=-0.5)
+
+
 def test_gpt_pretrain_module_fits_and_logs() -> None:
     torch.manual_seed(0)
     module = GPTPretrainModule(
