@@ -429,6 +429,31 @@ REGISTRY: list[Spec] = [
         "../shared/data/multi30k/raw/test_2016_flickr.en",
         same_as="evaluate-flickr",
     ),
+    _spec(
+        "mt-transformer-60min",
+        "kiln finetune --config configs/translation-transformer-60min.yaml --out runs/mt-transformer-60min",
+        dry_run=True,
+        needs=("multi30k",),
+    ),
+    _spec(
+        "evaluate-transformer-60min",
+        "kiln evaluate --checkpoint runs/mt-transformer-60min --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        same_as="evaluate-flickr",
+    ),
+    _spec(
+        "average-transformer-60min",
+        "kiln average --checkpoints runs/mt-transformer-60min --last 4 --out runs/mt-transformer-60min-avg4",
+        same_as="average-bahdanau",
+    ),
+    _spec(
+        "evaluate-transformer-60min-avg4",
+        "kiln evaluate --checkpoint runs/mt-transformer-60min-avg4 --beam 5 "
+        "--src ../shared/data/multi30k/raw/test_2016_flickr.de --ref "
+        "../shared/data/multi30k/raw/test_2016_flickr.en",
+        same_as="evaluate-flickr",
+    ),
     # the 30-minute recipes of the Transformer's predecessors, scored like it on test_2016_flickr
     _spec(
         "mt-lstm-30min",
