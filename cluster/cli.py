@@ -100,9 +100,10 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 
 DRY_RUN_HELP = (
-    "check the run as it starts (config, data and its manifest, checkpoints, disk), count the "
-    "model's parameters, print the plan (global batch, passes over the train split, workers) and "
-    "exit; starts no Ray and writes nothing, not even --out"
+    "check the run as it starts (config, data and its manifest, checkpoints, disk, the checkpoint "
+    "trainer.resume=auto would continue from), count the model's parameters, print the plan "
+    "(global batch, passes over the train split, workers, fresh start or resumed step) and exit; "
+    "starts no Ray and writes nothing, not even --out"
 )
 
 

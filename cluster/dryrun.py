@@ -1,9 +1,13 @@
 """`kiln pretrain|finetune --dry-run`: the run's plan, checked as the run checks it, and nothing started.
 
-The checks are the real run's own driver checks (cluster.launch.driver_checks, check_disk); the model
-is counted on the meta device (cluster.tasks.count_parameters). Nothing is written at --out, not even
-the directory: `hf:` checkpoints are converted into a temporary directory, removed on return. No Ray
-starts and no Lightning is imported, so a long recipe is validated against its data in seconds.
+The checks are the real run's own driver checks (cluster.launch.driver_checks, check_disk) and its
+resume check (cluster.resume.check_resume: with trainer.resume=auto, the checkpoint a run directory's
+run would continue from, sha256s checked, or the refusal the run would stop with); the model is
+counted on the meta device (cluster.tasks.count_parameters). Nothing is written or removed at --out,
+not even the directory, nor the interrupted saves (`.tmp-*`) the real run cleans up: `hf:`
+checkpoints are converted into a temporary directory, removed on return (a remote run's checkpoint
+is fetched into the local cache, as the run's driver fetches it). No Ray starts and no Lightning is
+imported, so a long recipe is validated against its data in seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 from cluster.jobs import FinetuneJob, PretrainJob
 from cluster.launch import check_disk, driver_checks
+from cluster.resume import check_resume, checkpoint_step
 from cluster.rundir import RunDir
 from cluster.tasks import count_parameters
 from data_pipeline.loader import read_manifest
@@ -26,10 +31,14 @@ def dry_run(job: PretrainJob | FinetuneJob, out: str | Path, stage: str) -> list
         job = driver_checks(job, Path(scratch))
         params = count_parameters(job)  # inside: a converted `hf:` checkpoint's weights are read
         check_disk(job, run, params)
-    return plan_lines(job, run, stage, params)
+        # the run's own choice and refusals; clean=False: its interrupted saves stay where they are
+        latest = check_resume(job, run, clean=False)
+    return plan_lines(job, run, stage, params, latest)
 
 
-def plan_lines(job: PretrainJob | FinetuneJob, run: RunDir, stage: str, params: int) -> list[str]:
+def plan_lines(
+    job: PretrainJob | FinetuneJob, run: RunDir, stage: str, params: int, latest: Path | str | None
+) -> list[str]:
     trainer, cluster = job.trainer, job.cluster
     world, accumulate = cluster.num_workers, trainer.accumulate_grad_batches
     global_batch = trainer.batch_size * world * accumulate
@@ -42,8 +51,22 @@ def plan_lines(job: PretrainJob | FinetuneJob, run: RunDir, stage: str, params: 
         f"[dry run] train split {rows:,} rows: {trainer.max_steps} steps x {global_batch} = "
         f"{trainer.max_steps * global_batch / rows:.2f} passes over it",
         f"[dry run] {world} workers x {cluster.cpus_per_worker} CPUs{gpu}, strategy {cluster.strategy}",
+        resume_line(job, run, latest),
         f"[dry run] out {run.out} (not created); checks passed, nothing run",
     ]
+
+
+def resume_line(job: PretrainJob | FinetuneJob, run: RunDir, latest: Path | str | None) -> str:
+    """Where the run would start: fresh, or the checkpoint `check_resume` chose and its step."""
+    mode = job.trainer.resume
+    if latest is not None:
+        return (
+            f"[dry run] resume: would continue from {latest} at step {checkpoint_step(latest)} "
+            f"(trainer.resume={mode})"
+        )
+    if mode != "auto":
+        return f"[dry run] resume: fresh start (trainer.resume={mode})"
+    return f"[dry run] resume: fresh start (no checkpoint in {run.checkpoints})"
 
 
 def model_name(job: PretrainJob | FinetuneJob) -> str:

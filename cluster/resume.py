@@ -12,7 +12,8 @@ Lightning. In the order a resumed run (`trainer.resume=auto`) meets them:
    continued instead of refused (`continues_run`). A run that then stops on bad input keeps a
    directory holding a checkpoint, so that it can still be continued (`has_checkpoint`).
 2. Which checkpoint, and whether it can be continued exactly (driver, `check_resume`, once, before
-   any worker starts). Saves a killed run left half-written (`.tmp-*`) are removed.
+   any worker starts; `--dry-run` makes the same check, removing nothing). Saves a killed run left
+   half-written (`.tmp-*`) are removed.
    `resume_checkpoint` picks the newest complete checkpoint whose files match their sha256s: a
    corrupted newer one is skipped with a warning, and none intact is an error (starting over
    silently would discard the run). The choice is refused, with the reason, across DDP and ZeRO
@@ -129,13 +130,14 @@ def resume_checkpoint(root: Path | Location, mode: str, say: Say = print) -> Pat
 
 
 def check_resume(
-    job: PretrainJob | FinetuneJob, run: Path | RunDir, say: Say = print
+    job: PretrainJob | FinetuneJob, run: Path | RunDir, say: Say = print, *, clean: bool = True
 ) -> Path | str | None:
     """Driver side, before any worker starts: the checkpoint of the run directory `run` that `job`
     continues from (None: a fresh start; a URI on a remote run), refused with the reason when it
-    cannot be continued exactly."""
+    cannot be continued exactly. clean=False (`--dry-run`): the same choice and refusals, but the
+    interrupted saves stay where they are (they are never chosen either way)."""
     root = _checkpoint_root(run)
-    if job.trainer.resume == "auto" and isinstance(root, Path):
+    if clean and job.trainer.resume == "auto" and isinstance(root, Path):
         for leftover in clean_partial_saves(root):
             say(
                 f"[resume] removed {leftover.name}, a save that was interrupted before it completed"
@@ -253,12 +255,12 @@ def resume_point(
     return (found, fetch_checkpoint(found)) if found else None
 
 
-def checkpoint_step(path: Path) -> int:
-    """The training step a checkpoint was saved at (its manifest's `step`)."""
+def checkpoint_step(path: Path | str) -> int:
+    """The training step a checkpoint (a directory, or a URI) was saved at (its manifest's `step`)."""
     step = read_manifest(path).get("step")
     if not isinstance(step, int):
         raise CheckpointError(
-            f"{path / 'manifest.json'}: no integer 'step'; not a training checkpoint to resume"
+            f"{path}/manifest.json: no integer 'step'; not a training checkpoint to resume"
         )
     return step
 

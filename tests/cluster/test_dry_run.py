@@ -1,6 +1,6 @@
-"""`kiln pretrain|finetune --dry-run`: the run's own driver checks and a parameter count, then exit 0,
-with no Ray started and nothing at --out. Run through the CLI's main on a data directory written by
-the shard writer (no Ray Data)."""
+"""`kiln pretrain|finetune --dry-run`: the run's own driver checks, its resume check and a parameter
+count, then exit 0, with no Ray started and nothing written or removed at --out. Run through the
+CLI's main on a data directory written by the shard writer (no Ray Data)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from tokenizers.pre_tokenizers import WhitespaceSplit
 from cluster import cli
 from cluster.config import load_config
 from cluster.jobs import FinetuneJob, PretrainJob
+from cluster.resume import check_resume
+from cluster.rundir import RunDir, prepare_run_dir
 from cluster.tasks import scratch_config
+from data_pipeline.configlib import ConfigError, to_dict
 from data_pipeline.examples import BUILDERS
 from data_pipeline.shards import read_manifest, write_json, write_task
 from finetune.models import ARCHITECTURES
+from pretrain.checkpoint import save_checkpoint
 from pretrain.models.gpt import GPTLMHeadModel
 from pretrain.models.meta import num_parameters
 
@@ -105,6 +109,7 @@ def test_pretrain_dry_run_prints_the_plan_and_touches_nothing(
     # 40 rows; 300 steps x 8 rows
     assert "train split 40 rows: 300 steps x 8 = 60.00 passes over it" in stdout
     assert f"out {out} (not created)" in stdout
+    assert "[dry run] resume: fresh start (trainer.resume=never)" in stdout
     assert_started_nothing(out)
 
 
@@ -144,3 +149,72 @@ def test_help_says_what_a_dry_run_does(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         assert "writes nothing, not even --out" in " ".join(capsys.readouterr().out.split())
+
+
+def gpt_job(data_dir: Path, *overrides: str) -> tuple[list[str], PretrainJob]:
+    """(the command line's config arguments, the job they load) of tiny-gpt with trainer.resume=auto."""
+    overrides = (f"data_dir={data_dir}", *SMALL, "trainer.resume=auto", *overrides)
+    job = load_config(PretrainJob, CONFIGS / "tiny-gpt.yaml", list(overrides))
+    return ["--config", str(CONFIGS / "tiny-gpt.yaml"), *overrides], job
+
+
+def run_with_checkpoint(out: Path, job: PretrainJob, job_config: dict, step: int) -> Path:
+    """A run directory as a killed run of `job` leaves it: a checkpoint at `step` recording
+    `job_config`, and the save after it interrupted halfway (`.tmp-step-…`)."""
+    prepare_run_dir(out)
+    model = dataclasses.replace(job.model, vocab_size=read_manifest(job.data_dir)["vocab_size"])
+    ckpt = out / "checkpoints" / f"step-{step:07d}"
+    state = {"step": step}
+    save_checkpoint(ckpt, GPTLMHeadModel(model), model, None, job_config, state, job.data_dir)
+    partial = out / "checkpoints" / f".tmp-step-{step + 100:07d}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half a save")
+    return ckpt
+
+
+def tree(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*"))}
+
+
+def test_a_dry_run_into_a_fresh_out_says_the_run_starts_fresh(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "gpt"
+    config, _ = gpt_job(data_dir)
+    code, stdout, _ = dry_run(["pretrain", *config, "--out", str(out)], capsys)
+    assert code == 0, stdout
+    assert f"[dry run] resume: fresh start (no checkpoint in {out / 'checkpoints'})" in stdout
+    assert_started_nothing(out)
+
+
+def test_a_dry_run_names_the_checkpoint_the_run_would_continue_and_removes_nothing(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "gpt"
+    config, job = gpt_job(data_dir)
+    ckpt = run_with_checkpoint(out, job, to_dict(job), step=5)
+    before = tree(out)
+    code, stdout, _ = dry_run(["pretrain", *config, "--out", str(out)], capsys)
+    assert code == 0, stdout
+    assert f"[dry run] resume: would continue from {ckpt} at step 5 (trainer.resume=auto)" in stdout
+    # the real run would remove the interrupted save; a dry run leaves every file as it was
+    assert tree(out) == before and (out / "checkpoints" / ".tmp-step-0000105").is_dir()
+
+
+def test_a_dry_run_refuses_a_resume_the_run_would_refuse_with_the_same_line(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "gpt"
+    config, job = gpt_job(data_dir)
+    saved = to_dict(job)
+    saved["optim"]["pretrained_lr_ratio"] = 0.1  # as a warm-started run would have recorded it
+    run_with_checkpoint(out, job, saved, step=5)
+    before = tree(out)
+    code, stdout, err = dry_run(["pretrain", *config, "--out", str(out)], capsys)
+    assert code == 2 and stdout == ""
+    assert tree(out) == before
+    # the real run's own check (which removes the partial save: after the dry run)
+    with pytest.raises(ConfigError) as real:
+        check_resume(job, RunDir(out), say=lambda line: None)
+    assert "optim.pretrained_lr_ratio=0.1, not 1" in str(real.value)
+    assert err == f"kiln: error: {real.value}\n"
