@@ -42,6 +42,7 @@ from pretrain.checkpoint import (
     LoadedCheckpoint,
     Where,
     _order,  # the listing's own order (step, then creation), for an explicit list too
+    build_strict,
     list_checkpoints,
     load_checkpoint,
     publish_checkpoint,
@@ -239,15 +240,7 @@ def _into_model(
 ) -> nn.Module:
     """The newest checkpoint's model with `weights` loaded strictly: its state_dict re-ties what the
     architecture ties, so the checkpoint stores a tied matrix once, as training's do."""
-    spec = registry[newest.arch]
-    model = spec.model(newest.model_config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{newest.path}: averaged weights do not fit {spec.model.__name__}: {e}"
-        ) from e
-    return model
+    return build_strict(registry[newest.arch].model, newest.model_config, weights, newest.path)
 
 
 # ---------------------------------------------------------------- same model, or an error

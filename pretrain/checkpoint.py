@@ -534,15 +534,11 @@ def _load_local(
     except ConfigError as e:
         raise CheckpointError(str(e)) from None  # one line that starts with the file
     state_dict = load_weights(path / MODEL_FILE, map_location)
-    model = None
-    if build_model:
-        model = model_cls(model_config)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"{path / MODEL_FILE}: weights do not fit {model_cls.__name__}: {e}"
-            ) from e
+    model = (
+        build_strict(model_cls, model_config, state_dict, path / MODEL_FILE)
+        if build_model
+        else None
+    )
     tokenizer = path / TOKENIZER_FILE
     return LoadedCheckpoint(
         path=path,
@@ -554,6 +550,19 @@ def _load_local(
         manifest=manifest,
         tokenizer_file=tokenizer if tokenizer.is_file() else None,
     )
+
+
+def build_strict(
+    model_cls: type[nn.Module], model_config: Any, state_dict: dict[str, Tensor], where: Path | str
+) -> nn.Module:
+    """`model_cls(model_config)` with `state_dict` loaded strictly (a tied matrix re-tied); weights
+    that do not fit are a CheckpointError naming `where`."""
+    model = model_cls(model_config)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: weights do not fit {model_cls.__name__}: {e}") from e
+    return model
 
 
 def _read_json(file: Path) -> Any:
