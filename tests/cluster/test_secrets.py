@@ -5,45 +5,17 @@ in nothing a run writes (checkpoints, metrics, the W&B offline run, logs) nor in
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from run_testlib import OfflineRun, canary
 
 import cluster.submit
 from cluster.tracking import REDACTED, find_secrets, scrub
 from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def prepare_tiny_data(out: Path) -> None:
-    """A tiny MLM+NSP dataset; the Ray this starts in the test process is shut down again (the run under test is a
-    separate `kiln` process with its own Ray, and an idle one here would only compete for the 2 CPUs)."""
-    import ray
-
-    from data_pipeline.config import DataConfig
-    from data_pipeline.prepare import prepare
-
-    started_here = not ray.is_initialized()
-    prepare(
-        DataConfig(
-            sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
-        ),
-        out,
-    )
-    if started_here:
-        ray.shutdown()
-
-
-def _canary() -> str:
-    return secrets.token_hex(
-        20
-    )  # the shape of a real W&B key (40 hex characters); made now, so in no file
 
 
 def files_containing(root: Path, needle: str) -> list[Path]:
@@ -67,7 +39,7 @@ class _FakeJobsClient:
 def test_a_submission_sends_no_secret(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    key, token = _canary(), _canary()
+    key, token = canary(), canary()
     monkeypatch.setenv("WANDB_API_KEY", key)
     monkeypatch.setenv("HF_TOKEN", token)
     fake = _FakeJobsClient()
@@ -95,7 +67,7 @@ def test_a_submission_sends_no_secret(
 
 
 def test_a_secret_typed_into_an_override_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    key = _canary()
+    key = canary()
     monkeypatch.setenv("WANDB_API_KEY", key)
     payload = {
         "entrypoint": cluster.submit.entrypoint("pretrain", None, [f"wandb.name={key}"], None),
@@ -108,7 +80,7 @@ def test_a_secret_typed_into_an_override_is_refused(monkeypatch: pytest.MonkeyPa
 
 
 def test_scrub_replaces_secret_values_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    token = _canary()
+    token = canary()
     monkeypatch.setenv("HF_TOKEN", token)
     config = {"wandb": {"tags": [f"x{token}y"], "name": token}, "steps": 3}
     clean = scrub(config)
@@ -121,45 +93,15 @@ def test_scrub_replaces_secret_values_everywhere(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.e2e
-def test_no_file_a_run_writes_holds_a_secret(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    prepare_tiny_data(data)
-    key, token = _canary(), _canary()
-    out = tmp_path / "run"
-    env = {**os.environ, "WANDB_API_KEY": key, "HF_TOKEN": token, "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster",
-            "pretrain",
-            "--config",
-            "configs/tiny-bert.yaml",
-            f"data_dir={data}",
-            "trainer.max_steps=3",
-            "trainer.log_every=1",
-            "trainer.batch_size=8",
-            "trainer.val_every=2",
-            "trainer.limit_val_batches=1",
-            "trainer.checkpoint_every=2",
-            "cluster.num_workers=1",
-            "wandb.mode=offline",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    written = [p for p in out.rglob("*") if p.is_file()]
+def test_no_file_a_run_writes_holds_a_secret(offline_run: OfflineRun) -> None:
+    # A 2-worker run with a canary WANDB_API_KEY and HF_TOKEN in its environment (tests/cluster/conftest.py)
+    written = [p for p in offline_run.out.rglob("*") if p.is_file()]
     # The grep covers what a run writes: checkpoints, metrics, the loss curve and the W&B offline run.
     assert any(p.suffix == ".wandb" for p in written) and any(
         p.name == "model.safetensors" for p in written
     )
-    assert (out / "metrics.csv").is_file() and (out / "loss_curve.png").is_file()
-    for secret in (key, token):
-        assert files_containing(out, secret) == []
-        assert secret not in result.stdout and secret not in result.stderr
+    assert (offline_run.out / "metrics.csv").is_file()
+    assert (offline_run.out / "loss_curve.png").is_file()
+    for secret in offline_run.secrets:
+        assert files_containing(offline_run.out, secret) == []
+        assert secret not in offline_run.result.stdout and secret not in offline_run.result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -14,30 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from run_testlib import OfflineRun
 
 from cluster.jobs import WandbConfig
 from cluster.tracking import build_loggers, ensure_run_id, offline_runs
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def prepare_tiny_data(out: Path) -> None:
-    """A tiny MLM+NSP dataset; the Ray this starts in the test process is shut down again (the run under test is a
-    separate `kiln` process with its own Ray, and an idle one here would only compete for the 2 CPUs)."""
-    import ray
-
-    from data_pipeline.config import DataConfig
-    from data_pipeline.prepare import prepare
-
-    started_here = not ray.is_initialized()
-    prepare(
-        DataConfig(
-            sample_docs=40, sample_pairs=10, sample_labelled=10, vocab_size=512, tasks=["mlm_nsp"]
-        ),
-        out,
-    )
-    if started_here:
-        ray.shutdown()
 
 
 def wandb_records(path: Path) -> Iterator[object]:
@@ -110,37 +91,11 @@ def test_sync_without_offline_runs_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_offline_run_holds_metrics_config_and_artifacts(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    prepare_tiny_data(data)
-    out = tmp_path / "run"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("WANDB_MODE", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster",
-            "pretrain",
-            "--config",
-            "configs/tiny-bert.yaml",
-            f"data_dir={data}",
-            "trainer.max_steps=4",
-            "trainer.log_every=1",
-            "trainer.batch_size=8",
-            "trainer.val_every=2",
-            "trainer.limit_val_batches=1",
-            "cluster.num_workers=2",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_offline_run_holds_metrics_config_and_artifacts(offline_run: OfflineRun) -> None:
+    out, data = (
+        offline_run.out,
+        offline_run.data,
+    )  # a 2-worker, 4-step run (tests/cluster/conftest.py)
     run_id = (out / "wandb" / "run_id").read_text().strip()
     runs = [_summarise(next(d.glob("run-*.wandb"))) for d in offline_runs(out)]
     assert runs and all(

@@ -6,6 +6,21 @@ import re
 import signal
 import subprocess
 
+# Lines of Ray's and W&B's internals seen on the console of a run before issue 13: a run whose output is not a
+# terminal prints none of them (they go to <out>/logs/ray.log), nor escape codes.
+CONSOLE_NOISE = (
+    "\x1b[",
+    "PlacementGroupCleaner",
+    "core_worker",
+    "RayTrainWorker pid=",
+    "TrainController pid=",
+    "wandb: WARNING",
+    "Token authentication",
+    "token authentication",
+    "Started a local Ray instance",
+    "GPU available",
+)
+
 
 def sigterm_after_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
     """Reads the run's output; SIGTERMs the driver (only it, as a scheduler or `ray job stop`

@@ -19,9 +19,29 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+_GIVEN: set[int] = set()  # ports handed out in this process: a node may not have bound its own yet
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` free ports, distinct and never handed out before in this process. Every socket stays bound until
+    all are chosen: one at a time, the OS may hand a port just released out twice, and Ray then refuses to start
+    ("trying to use a port number ... used by other components", seen 2026-12-04)."""
+    sockets: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
+            if (port := sockets[-1].getsockname()[1]) not in _GIVEN:
+                ports.append(port)
+        _GIVEN.update(ports)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -47,20 +67,23 @@ class RayNode:
             "HOME": str(self.root / "home"),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
-        ports = {
-            "node-manager-port": free_port(),
-            "object-manager-port": free_port(),
-            "dashboard-agent-listen-port": free_port(),
-            "dashboard-agent-grpc-port": free_port(),
-            "metrics-export-port": free_port(),
-            "runtime-env-agent-port": free_port(),
-        }
+        names = (
+            "node-manager-port",
+            "object-manager-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "metrics-export-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         cmd = [RAY, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1"]
         cmd += [f"--temp-dir={self.root / 'tmp'}", f"--resources={json.dumps({self.name: 1})}"]
+        client_port = ports.pop("ray-client-server-port")
         cmd += [f"--{k}={v}" for k, v in ports.items()]
         if self.head:
             cmd += [f"--port={self.head_port}", "--head", "--include-dashboard=false"]
-            cmd += [f"--ray-client-server-port={free_port()}"]
+            cmd += [f"--ray-client-server-port={client_port}"]
         else:
             cmd += [f"--address={self.address}"]
         log = open(self.root / "ray-start.log", "ab")  # noqa: SIM115 (the node outlives this call)

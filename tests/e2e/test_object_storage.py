@@ -24,7 +24,12 @@ from s3_testlib import S3Server
 
 from cluster.preemption import EXIT_PREEMPTED
 from data_pipeline.storage import Location
-from pretrain.checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
+from pretrain.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +109,11 @@ def test_pretrain_preempted_and_resumed_on_s3_equals_an_uninterrupted_run(
     summary = json.loads(Location.of(out + "/train_summary.json").read_text())
     steps = summary["steps"]
     assert summary["preempted"] and summary["checkpoint"] == f"{out}/checkpoints/step-{steps:07d}"
+    # every rank stopped at one step (the preemption path of a local --out is the same code: no test
+    # of its own, see tests/e2e/test_resume.py)
+    assert summary["stopped_at_per_rank"] == [steps, steps], summary
+    assert f"every worker stopped at step {steps}" in "".join(lines)
+    verify_checkpoint(summary["checkpoint"])  # complete, every sha256 right, on the bucket
     assert Location.of(out + "/STOP").is_file()  # the request went through the bucket
 
     end = f"trainer.max_steps={steps + 3}"

@@ -1,32 +1,28 @@
 """Exact resume on a real Ray Train run: 2 CPU workers, DDP, the tiny BERT with its dropout on (0.1), so every rank's
 RNG stream has to come back too. A run stopped at step K and resumed to N ends with weights bitwise equal to an
-uninterrupted N-step run, and logs the same losses; saves "killed midway" are never resumed from. And preemption:
-SIGTERM to `kiln pretrain` stops every rank at one step with a checkpoint, exit code 75, and resuming continues."""
+uninterrupted N-step run, and logs the same losses; saves "killed midway" are never resumed from. Preemption (SIGTERM
+to `kiln pretrain`: every rank stops at one step with a checkpoint, exit code 75, and resuming continues) is run once,
+with everything on S3, in test_object_storage.py; ZeRO's in test_zero_resume.py, `kiln jobs stop`'s in
+tests/cluster/test_local_cluster.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 import torch
-from e2e_testlib import sigterm_after_step
 
 from cluster.config import load_config
 from cluster.jobs import PretrainJob
 from cluster.launch import run_training
-from cluster.preemption import EXIT_PREEMPTED
 from cluster.report import read_series
 from data_pipeline.config import DataConfig
 from data_pipeline.prepare import prepare
-from pretrain.checkpoint import load_checkpoint, verify_checkpoint
+from pretrain.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 K, N = 4, 8
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -92,53 +88,3 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(data_dir: Path, tmp_pa
     for key in ("train/loss", "val/loss", "val/mlm_acc"):
         assert resumed_series[key] == full_series[key], key
     assert "train/mfu" in full_series and all(0 < v < 2 for _, v in full_series["train/mfu"])
-
-
-def test_sigterm_stops_every_rank_at_one_step_with_a_checkpoint_and_resume_continues(
-    data_dir: Path, tmp_path: Path
-) -> None:
-    out, lines = tmp_path / "preempted", []
-    # max_steps far beyond what the test waits for: only the SIGTERM can end this run in time.
-    overrides = [
-        f"data_dir={data_dir}",
-        "model.preset=tiny",
-        "trainer.max_steps=100000",
-        "trainer.log_every=1",
-        "trainer.batch_size=8",
-        "trainer.val_every=100000",
-        "wandb.mode=disabled",
-        "optim.warmup_steps=2",
-        "optim.schedule=constant",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster", "pretrain", *overrides, "--out", str(out)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    reader = threading.Thread(target=sigterm_after_step, args=(proc, 2, lines), daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    reader.join(timeout=10)
-    output = "".join(lines)
-    assert code == EXIT_PREEMPTED, output[-3000:]
-    summary = json.loads((out / "train_summary.json").read_text())
-    step = summary["steps"]
-    assert summary["preempted"] and summary["stopped_at_per_rank"] == [step, step], summary
-    assert 2 <= step < 100000 and f"every worker stopped at step {step}" in output
-    checkpoint = Path(summary["checkpoint"])
-    assert checkpoint.name == f"step-{step:07d}" and (out / "STOP").is_file()
-    verify_checkpoint(checkpoint)  # complete, every sha256 right
-
-    resumed = run_training(_job(data_dir, step + 2, "trainer.resume=auto"), out, stage="resumed")
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert (
-        summary["resumed_from"] == str(checkpoint)
-        and summary["steps"] == step + 2
-        and not summary["preempted"]
-    )
-    assert resumed.checkpoint.name == f"step-{step + 2:07d}" and not (out / "STOP").exists()

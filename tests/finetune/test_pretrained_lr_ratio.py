@@ -4,8 +4,6 @@ DDP (two gloo ranks, no Ray); 1 is exactly the optimizer of before."""
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -134,16 +132,12 @@ def test_pretrained_names_match_tied_parameters_by_tensor() -> None:
     assert pretrained_names(model, []) == {"emb.weight"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_rank(rank: int, port: int, bert_dir: Path, out: Path) -> None:
+def _ddp_rank(rank: int, bert_dir: Path, out: Path) -> None:
     """One DDP rank as Lightning runs it: the module built (and frozen) first, then wrapped, then its optimizer."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    # a file rendezvous, not a port: a free port chosen before the spawn can be taken by then (the suite's Ray
+    # processes open many)
+    store = f"file://{out / 'rendezvous'}"
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=2)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, new = EncoderClassifier.from_pretrained(bert_dir, 3)
@@ -167,7 +161,7 @@ def _ddp_rank(rank: int, port: int, bert_dir: Path, out: Path) -> None:
 
 
 def test_ratio_0_trains_under_ddp(pretrained: Pretrained, tmp_path: Path) -> None:
-    mp.spawn(_ddp_rank, args=(_free_port(), pretrained.bert_dir, tmp_path), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(pretrained.bert_dir, tmp_path), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank-{r}.pt", weights_only=True) for r in range(2)]
     new = set(ranks[0]["new"])
     for r in ranks:
