@@ -21,6 +21,17 @@ CONSOLE_NOISE = (
     "GPU available",
 )
 
+# A run whose console the tests read: 4 steps on 2 workers, logged and validated every 2, no checkpoint but the last
+CONSOLE_RUN = (
+    "trainer.max_steps=4",
+    "cluster.num_workers=2",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "trainer.val_every=2",
+    "trainer.limit_val_batches=1",
+    "trainer.checkpoint_every=0",
+)
+
 
 def sigterm_after_step(proc: subprocess.Popen, step: int, lines: list[str]) -> None:
     """Reads the run's output; SIGTERMs the driver (only it, as a scheduler or `ray job stop`

@@ -11,21 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from e2e_testlib import CONSOLE_RUN
 
 from data_pipeline.config import DataConfig
 from data_pipeline.prepare import prepare
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "trainer.max_steps=4",
-    "cluster.num_workers=2",
-    "trainer.batch_size=8",
-    "trainer.log_every=2",
-    "trainer.val_every=2",
-    "trainer.limit_val_batches=1",
-    "trainer.checkpoint_every=0",
-]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def pretrain(
             "--config",
             "configs/tiny-bert.yaml",
             f"data_dir={data_dir}",
-            *SMALL,
+            *CONSOLE_RUN,
             *extra,
             "--out",
             str(out),

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_testlib import CONSOLE_NOISE
+from e2e_testlib import CONSOLE_NOISE, CONSOLE_RUN
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,16 +31,6 @@ SMOKE = [
     "trainer.limit_val_batches=1",
     "trainer.checkpoint_every=0",
     "wandb.mode=disabled",
-]
-# The run whose console is checked: 4 steps logged every 2, W&B offline (the recipe's own mode)
-RUN = [
-    "trainer.max_steps=4",
-    "cluster.num_workers=2",
-    "trainer.batch_size=8",
-    "trainer.log_every=2",
-    "trainer.val_every=2",
-    "trainer.limit_val_batches=1",
-    "trainer.checkpoint_every=0",
 ]
 
 
@@ -71,7 +61,13 @@ def test_relative_paths_on_ray_workers_and_a_worker_side_data_error(tmp_path: Pa
     assert prepared.returncode == 0, prepared.stderr[-3000:]
 
     run = kiln(
-        tmp_path, "pretrain", "--config", "configs/tiny-bert.yaml", "--out", "runs/bert", *RUN
+        tmp_path,
+        "pretrain",
+        "--config",
+        "configs/tiny-bert.yaml",
+        "--out",
+        "runs/bert",
+        *CONSOLE_RUN,
     )
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     out = tmp_path / "runs" / "bert"
