@@ -92,10 +92,8 @@ def test_sync_without_offline_runs_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_offline_run_holds_metrics_config_and_artifacts(offline_run: OfflineRun) -> None:
-    out, data = (
-        offline_run.out,
-        offline_run.data,
-    )  # a 2-worker, 4-step run (tests/cluster/conftest.py)
+    # a 2-worker, 4-step run (tests/cluster/conftest.py)
+    out, data = offline_run.out, offline_run.data
     run_id = (out / "wandb" / "run_id").read_text().strip()
     runs = [_summarise(next(d.glob("run-*.wandb"))) for d in offline_runs(out)]
     assert runs and all(
