@@ -1,6 +1,7 @@
 """`kiln pretrain|finetune --dry-run`: the run's plan, checked as the run checks it, and nothing started.
 
-The checks are the real run's own driver checks (cluster.launch.driver_checks, check_disk) and its
+The checks are the real run's own driver checks (cluster.launch.driver_checks, check_disk), its
+refusal of a non-empty --out that it would not continue (cluster.rundir.check_run_dir), and its
 resume check (cluster.resume.check_resume: with trainer.resume=auto, the checkpoint a run directory's
 run would continue from, sha256s checked, or the refusal the run would stop with); the model is
 counted on the meta device (cluster.tasks.count_parameters). Nothing is written or removed at --out,
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from cluster.jobs import FinetuneJob, PretrainJob
 from cluster.launch import check_disk, driver_checks
-from cluster.resume import check_resume, checkpoint_step
-from cluster.rundir import RunDir
+from cluster.resume import check_resume, checkpoint_step, continues_run
+from cluster.rundir import RunDir, check_run_dir
 from cluster.tasks import count_parameters
 from data_pipeline.loader import read_manifest
 from data_pipeline.storage import Location
@@ -27,6 +28,8 @@ from data_pipeline.storage import Location
 def dry_run(job: PretrainJob | FinetuneJob, out: str | Path, stage: str) -> list[str]:
     """The lines `--dry-run` prints for `job` (stage: "pretrain" or "finetune"), once its checks pass."""
     run = RunDir(out)  # names the directory; creates nothing
+    if not continues_run(run, job.trainer.resume):
+        check_run_dir(run.out)  # the refusal of a non-empty --out the run would stop with
     with tempfile.TemporaryDirectory(prefix="kiln-dry-run-") as scratch:
         job = driver_checks(job, Path(scratch))
         params = count_parameters(job)  # inside: a converted `hf:` checkpoint's weights are read

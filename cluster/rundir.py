@@ -169,34 +169,37 @@ def prepare_run_dir(out: str | os.PathLike[str] | Location, overwrite: bool = Fa
     (for a URI: the prefix, which holds only the run marker afterwards, and its local path is not
     meaningful: callers of a remote run use RunDir)."""
     loc = Location.of(out)
+    replace = check_run_dir(loc, overwrite)
     if loc.is_remote:
-        _prepare_remote(loc, overwrite)
+        if replace:
+            loc.delete()
+        (loc / MARKER).write_text("made by kiln\n")
         return Path(loc.text)
     out = loc.local_path
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"{out}: output directory is not empty (choose another --out, or pass --overwrite)"
-            )
-        if not (out / MARKER).is_file():
-            raise ConfigError(
-                f"{out}: not empty and not a Kiln run directory; refusing to overwrite it"
-            )
+    if replace:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by kiln\n")
     return out
 
 
-def _prepare_remote(out: Location, overwrite: bool) -> None:
-    if out.list():
-        if not overwrite:
-            raise ConfigError(
-                f"{out}: output prefix is not empty (choose another --out, or pass --overwrite)"
-            )
-        if not (out / MARKER).is_file():
-            raise ConfigError(f"{out}: not empty and not a Kiln run; refusing to overwrite it")
-        out.delete()
-    (out / MARKER).write_text("made by kiln\n")
+def check_run_dir(out: Location, overwrite: bool = False) -> bool:
+    """Read-only: ConfigError unless `out` may become a new run's directory (absent or empty, or with
+    `overwrite` an earlier Kiln run's); whether it holds such a run to replace. `--dry-run` asks this too."""
+    where = "prefix" if out.is_remote else "directory"
+    if out.is_remote:
+        holds_files = bool(out.list())
+    else:
+        path = out.local_path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{out}: output path exists and is not a directory")
+        holds_files = path.is_dir() and any(path.iterdir())
+    if not holds_files:
+        return False
+    if not overwrite:
+        raise ConfigError(
+            f"{out}: output {where} is not empty (choose another --out, or pass --overwrite)"
+        )
+    if not (out / MARKER).is_file():
+        raise ConfigError(f"{out}: not empty and not a Kiln run {where}; refusing to overwrite it")
+    return True

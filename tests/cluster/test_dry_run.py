@@ -218,3 +218,29 @@ def test_a_dry_run_refuses_a_resume_the_run_would_refuse_with_the_same_line(
         check_resume(job, RunDir(out), say=lambda line: None)
     assert "optim.pretrained_lr_ratio=0.1, not 1" in str(real.value)
     assert err == f"kiln: error: {real.value}\n"
+
+
+@pytest.mark.parametrize(
+    ("resume", "earlier"),
+    [("never", "a Kiln run"), ("never", "other files"), ("auto", "other files")],
+)
+def test_a_dry_run_refuses_an_out_the_run_would_not_write_into_with_the_same_line(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, resume: str, earlier: str
+) -> None:
+    out = tmp_path / "gpt"
+    config, job = gpt_job(data_dir, f"trainer.resume={resume}")
+    if earlier == "a Kiln run":
+        run_with_checkpoint(out, job, to_dict(job), step=5)
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    code, stdout, err = dry_run(["pretrain", *config, "--out", str(out)], capsys)
+    assert code == 2 and stdout == "", stdout
+    assert tree(out) == before
+    # what the real run stops with, before any worker starts
+    with pytest.raises(ConfigError) as real:
+        prepare_run_dir(out)
+    assert "output directory is not empty" in str(real.value)
+    assert err == f"kiln: error: {real.value}\n"
+    assert tree(out) == before
