@@ -101,8 +101,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 
 DRY_RUN_HELP = (
     "check the run as it starts (config, data and its manifest, checkpoints, disk, a non-empty --out it "
-    "would not continue, the checkpoint trainer.resume=auto would continue from), count the model's parameters, print the plan "
-    "(global batch, passes over the train split, workers, fresh start or resumed step) and exit; "
+    "would not continue, the checkpoint trainer.resume=auto would continue from), count the model's "
+    "parameters, print the plan (global batch, passes over the train split, workers, fresh start or "
+    "resumed step) and exit; "
     "starts no Ray and writes nothing, not even --out"
 )
 
