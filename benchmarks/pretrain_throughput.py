@@ -6,12 +6,14 @@
 Each contender runs the whole training step on the same batch of 16 x 128 tokens: forward, loss, backward and an
 AdamW step (Kiln's optimizer for both sides). BERT: Kiln `BertForPreTraining` (MLM head at the ~15% masked
 positions only) + `mlm_nsp_loss` against `transformers.BertForPreTraining` (head at every position) with its own
-loss; vocabulary 30522. GPT: Kiln `GPTLMHeadModel` + `clm_loss` against `transformers.GPT2LMHeadModel`; vocabulary
-50257. Sizes are layers x width, with 64-wide heads and a 4x MLP. The two sides of a pair alternate within every
-round, so a neighbour's load on a shared machine hits both alike; tokens/s is reported as the median over rounds
-with the range (min-max) beside it. With --compile a third contender joins every round: Kiln's model compiled in
-place (`nn.Module.compile`, TorchInductor, what `trainer.compile=true` does), from the same initial weights; its
-first step, which compiles, is timed and reported apart.
+loss; vocabulary 30522. GPT: Kiln `GPTLMHeadModel` + the loss its training module uses (fp32: `fused_clm_loss`, the
+head and the cross-entropy 512 rows at a time) against `transformers.GPT2LMHeadModel`; vocabulary 50257. A third GPT
+contender, "Kiln unfused", is the same model with the whole (B, T, V) logits and `clm_loss`, so the fusion's gain is
+measured side by side. Sizes are layers x width, with 64-wide heads and a 4x MLP. The contenders of a family alternate
+within every round, so a neighbour's load on a shared machine hits them alike; tokens/s is reported as the median
+over rounds with the range (min-max) beside it. With --compile one more contender joins every round: Kiln's model
+compiled in place (`nn.Module.compile`, TorchInductor, what `trainer.compile=true` does), from the same initial
+weights; its first step, which compiles, is timed and reported apart.
 
 MFU is model FLOPs (pretrain.flops: PaLM's 6N + 12·L·H·Q·T, counting what each side computes, so HF's BERT is
 credited for its MLM head at every position) over the best fp32 1024² matmul rate measured in this process at
@@ -41,7 +43,13 @@ sys.path.insert(0, str(ROOT))  # runnable as a script from anywhere, like the CL
 from pretrain.flops import decoder_flops_per_token, encoder_flops_per_token, measure_matmul_flops  # noqa: E402
 from pretrain.models.bert import BertConfig, BertForPreTraining  # noqa: E402
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel  # noqa: E402
-from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss  # noqa: E402
+from pretrain.objectives import (  # noqa: E402
+    clm_loss,
+    fused_clm_applies,
+    fused_clm_loss,
+    masked_positions_from_labels,
+    mlm_nsp_loss,
+)
 from pretrain.optim import OptimConfig, build_optimizer  # noqa: E402
 
 B, T = 16, 128
@@ -53,11 +61,12 @@ MFU_GOAL = 0.5
 
 @dataclass
 class Contender:
-    name: str  # "Kiln" | "HF" | "Kiln compiled"
+    name: str  # "Kiln" | "HF" | "Kiln compiled" | "Kiln unfused"
     step: Callable[[], None]
     flops_per_step: float
     tokens_per_s: list[float] = field(default_factory=list)
     first_step_s: float = 0.0  # the warm-up step (for a compiled model: compiling included)
+    model: torch.nn.Module | None = None  # what `step` trains, for tests
 
 
 def _batch(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -159,6 +168,13 @@ def gpt_pair(layers: int, width: int, compile_kiln: bool = False) -> list[Conten
     kiln, hf = GPTLMHeadModel(kiln_cfg), transformers.GPT2LMHeadModel(hf_cfg)
 
     def kiln_loss(model: torch.nn.Module = kiln) -> torch.Tensor:
+        weight = model.lm_head.weight
+        if not fused_clm_applies(weight):
+            return unfused_loss(model)
+        hidden, _ = model(x["ids"], return_hidden=True)
+        return fused_clm_loss(hidden, weight, x["next"])["loss"]
+
+    def unfused_loss(model: torch.nn.Module) -> torch.Tensor:
         logits, _ = model(x["ids"])
         return clm_loss(logits, x["next"])["loss"]
 
@@ -167,9 +183,12 @@ def gpt_pair(layers: int, width: int, compile_kiln: bool = False) -> list[Conten
 
     flops = decoder_flops_per_token(kiln_cfg, T) * B * T
     pair = [
-        Contender("Kiln", _trainer_step(kiln, kiln_loss), flops),
-        Contender("HF", _trainer_step(hf, hf_loss), flops),
+        Contender("Kiln", _trainer_step(kiln, kiln_loss), flops, model=kiln),
+        Contender("HF", _trainer_step(hf, hf_loss), flops, model=hf),
     ]
+    unfused = copy.deepcopy(kiln)
+    step = _trainer_step(unfused, lambda: unfused_loss(unfused))
+    pair.append(Contender("Kiln unfused", step, flops, model=unfused))
     if compile_kiln:
         twin = _compiled_copy(kiln)
         pair.append(Contender("Kiln compiled", _trainer_step(twin, lambda: kiln_loss(twin)), flops))
@@ -201,7 +220,7 @@ class Row:
     kiln: Contender
     hf: Contender
     peak: float = 0.0
-    compiled: Contender | None = None
+    extras: list[Contender] = field(default_factory=list)  # Kiln compiled, Kiln unfused
 
     def ratio(self, c: Contender | None = None) -> float:
         """`c` (Kiln by default) over HF, tokens/s medians."""
@@ -228,20 +247,18 @@ def run(
             for family in families:
                 torch.manual_seed(0)
                 peak = measure_matmul_flops()
-                kiln, hf, *compiled = PAIRS[family](layers, width, compile_kiln)
-                measure([kiln, hf, *compiled], steps, rounds)
-                rows.append(Row(family, size, n, kiln, hf, peak, compiled[0] if compiled else None))
-                extra = (
-                    f", Kiln compiled {_tps(compiled[0])} (first step {compiled[0].first_step_s:.0f} s)"
-                    if compiled
-                    else ""
+                kiln, hf, *extras = PAIRS[family](layers, width, compile_kiln)
+                measure([kiln, hf, *extras], steps, rounds)
+                rows.append(Row(family, size, n, kiln, hf, peak, extras))
+                extra = "".join(
+                    f", {c.name} {_tps(c)} (first step {c.first_step_s:.1f} s)" for c in extras
                 )
                 print(
                     f"[bench] {family} {size} threads={n}: Kiln {_tps(kiln)}, HF {_tps(hf)} tokens/s"
                     f"{extra}, ratio {rows[-1].ratio():.2f}",
                     flush=True,
                 )
-                del kiln, hf, compiled
+                del kiln, hf, extras
     best_peak = {n: max(r.peak for r in rows if r.threads == n) for n in threads}
     for r in rows:
         r.peak = best_peak[r.threads]
@@ -266,21 +283,20 @@ def table(rows: list[Row]) -> str:
             f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(r.kiln)} | {_tps(r.hf)} | "
             f"{r.ratio():.2f}x | {_goal(r, r.kiln)} | {r.mfu(r.kiln):.0%} | {r.mfu(r.hf):.0%} |"
         )
-    compiled = [r for r in rows if r.compiled is not None]
-    if compiled:
+    if any(r.extras for r in rows):
         lines += [
             "",
-            "| model | size (L x d) | threads | Kiln compiled tokens/s | compiled / eager Kiln | compiled / HF | goal "
-            "| compiled MFU | first step (compiling) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | size (L x d) | threads | contender | tokens/s | / Kiln | / HF | goal | MFU "
+            "| first step (compiling, if compiled) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in compiled:
-            c = r.compiled
-            assert c is not None
-            lines.append(
-                f"| {r.family.upper()} | {r.size} | {r.threads} | {_tps(c)} | {r.ratio(c) / r.ratio():.2f}x | "
-                f"{r.ratio(c):.2f}x | {_goal(r, c)} | {r.mfu(c):.0%} | {c.first_step_s:.0f} s |"
-            )
+        for r in rows:
+            for c in r.extras:
+                lines.append(
+                    f"| {r.family.upper()} | {r.size} | {r.threads} | {c.name} | {_tps(c)} | "
+                    f"{r.ratio(c) / r.ratio():.2f}x | {r.ratio(c):.2f}x | {_goal(r, c)} | {r.mfu(c):.0%} | "
+                    f"{c.first_step_s:.1f} s |"
+                )
     return "\n".join(lines)
 
 

@@ -38,7 +38,13 @@ from torch import Tensor, nn
 from pretrain.flops import decoder_flops_per_token, encoder_flops_per_token
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.models.gpt import GPTConfig, GPTLMHeadModel
-from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
+from pretrain.objectives import (
+    clm_loss,
+    fused_clm_applies,
+    fused_clm_loss,
+    masked_positions_from_labels,
+    mlm_nsp_loss,
+)
 from pretrain.optim import OptimConfig, build_optimizer, freeze_pretrained
 
 SPIKE_FACTOR = 10.0  # a loss above this multiple of the running median is logged as a spike
@@ -391,12 +397,18 @@ class GPTPretrainModule(KilnModule):
 
     def compute(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         require_keys(batch, ("input_ids", "labels"), "GPTPretrainModule")
-        logits, _ = self.model(
+        # The head's logits are (B, T, V), for GPT-2's vocabulary 16 x 128 x 50257 fp32 = 412 MB written, softmaxed
+        # and differentiated whole; the fused loss takes them 512 rows at a time (benchmarks/pretrain_throughput.py).
+        fused = fused_clm_applies(self.model.lm_head.weight)
+        out, _ = self.model(
             batch["input_ids"],
             position_ids=batch.get("position_ids"),
             document_mask=batch.get("document_mask"),
+            return_hidden=fused,
         )
-        return clm_loss(logits, batch["labels"])
+        if fused:
+            return fused_clm_loss(out, self.model.lm_head.weight, batch["labels"])
+        return clm_loss(out, batch["labels"])
 
     def flops_per_token(self, batch: dict[str, Tensor]) -> float | None:
         return decoder_flops_per_token(self.model_cfg, batch["input_ids"].size(1))

@@ -388,7 +388,10 @@ class GPTLMHeadModel(nn.Module):
         use_cache: bool = False,
         position_ids: Tensor | None = None,
         document_mask: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Tensor, list[KVCache] | None]:
+        """Logits (B, T, V), or with return_hidden the final layer norm's output (B, T, C) for a loss that applies
+        the head itself (pretrain.objectives.fused_clm_loss)."""
         hidden, presents = self.transformer(
             input_ids,
             past_key_values=past_key_values,
@@ -398,4 +401,4 @@ class GPTLMHeadModel(nn.Module):
             position_ids=position_ids,
             document_mask=document_mask,
         )
-        return self.lm_head(hidden), presents  # (B, T, V)
+        return (hidden if return_hidden else self.lm_head(hidden)), presents

@@ -280,7 +280,12 @@ def test_zero_matches_ddp_over_20_steps(tmp_path: Path) -> None:
         for (family, stage), (zero, ddp) in results.items():
             where = f"{family}, ZeRO-{stage}, rank {rank}"
             assert len(zero) == len(ddp) == STEPS
-            assert zero[0] == ddp[0], where  # the same weights, the same forward
+            if family == "gpt" and stage == 3:
+                # ZeRO-3's head weight is a partition outside the head's own forward, so its GPT runs the head and
+                # clm_loss where DDP runs pretrain.objectives.fused_clm_loss: the same sums in another order.
+                assert abs(zero[0] - ddp[0]) <= 1e-6, (where, zero[0], ddp[0])
+            else:
+                assert zero[0] == ddp[0], where  # the same weights, the same forward
             assert ddp[-1] < ddp[0] - 0.5, (
                 where,
                 ddp,

@@ -6,8 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.configlib import from_preset
 from pretrain.models.bert import BertPreTrainingOutput
-from pretrain.objectives import clm_loss, masked_positions_from_labels, mlm_nsp_loss
+from pretrain.models.gpt import GPTConfig
+from pretrain.module import GPTPretrainModule
+from pretrain.objectives import (
+    clm_loss,
+    fused_clm_applies,
+    fused_clm_loss,
+    masked_positions_from_labels,
+    mlm_nsp_loss,
+)
+from pretrain.optim import OptimConfig
 
 
 def test_masked_positions_index_the_flattened_labels() -> None:
@@ -115,3 +125,81 @@ def test_nsp_weight_scales_the_nsp_term_only() -> None:
     assert torch.equal(full["loss"], full["mlm_loss"] + full["nsp_loss"])
     for key in ("mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc", "mlm_ppl"):
         assert torch.equal(half[key], full[key])
+
+
+def _fused_case(
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 4, dtype=dtype, requires_grad=True)
+    weight = torch.randn(11, 4, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 15, 512])  # rows in a chunk: one, not dividing 15, all
+def test_fused_clm_loss_matches_head_then_clm_loss(chunk: int) -> None:
+    hidden, weight, labels = _fused_case()
+    logits = hidden @ weight.T
+    ref = clm_loss(logits, labels)  # acc; its loss is fp32, so float64's comes from F.cross_entropy
+    ref["loss"] = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+    ref["ppl"] = torch.exp(ref["loss"].detach())
+    # A scale on the loss must reach the gradients the fused loss computes in its forward.
+    (3.0 * ref["loss"]).backward()
+    ref_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    out = fused_clm_loss(hidden, weight, labels, chunk=chunk)
+    (3.0 * out["loss"]).backward()
+    for key in ("loss", "acc", "ppl"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(weight.grad, ref_grads[1], rtol=1e-12, atol=1e-12)
+    assert torch.all(hidden.grad[0, :2] == 0)  # rows without a label get no gradient
+
+
+def test_fused_clm_loss_without_grad_and_without_labels() -> None:
+    hidden, weight, labels = _fused_case()
+    with torch.no_grad():
+        out = fused_clm_loss(hidden, weight, labels, chunk=4)
+    logits = (hidden @ weight.T).detach().reshape(-1, 11)
+    expected = F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-12, atol=1e-12)
+    assert not out["loss"].requires_grad
+    unlabelled = fused_clm_loss(hidden, weight, torch.full((3, 5), -100))
+    assert unlabelled["loss"].item() == 0.0 and unlabelled["acc"].item() == 0.0
+    unlabelled["loss"].backward()
+    assert torch.all(weight.grad == 0) and torch.all(hidden.grad == 0)
+    with pytest.raises(ValueError, match="labels"):
+        fused_clm_loss(hidden, weight, labels[:, :4])
+
+
+def test_fused_clm_applies_to_fp32_training_only() -> None:
+    weight = torch.zeros(3, 2)
+    assert fused_clm_applies(weight)
+    assert not fused_clm_applies(weight.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_clm_applies(weight)
+    partitioned = torch.nn.Parameter(torch.zeros(3, 2))
+    partitioned.ds_id = 0  # what DeepSpeed's ZeRO-3 sets on the parameters it partitions
+    assert not fused_clm_applies(partitioned)
+
+
+def test_gpt_module_trains_with_the_fused_loss_as_with_logits() -> None:
+    cfg = from_preset(GPTConfig, "tiny", vocab_size=37, n_positions=16)
+    module = GPTPretrainModule(cfg, OptimConfig(lr=1e-3, warmup_steps=0), total_steps=10)
+    batch = {"input_ids": torch.randint(0, 37, (2, 16)), "labels": torch.randint(0, 37, (2, 16))}
+    batch["labels"][1, -3:] = -100
+    module.eval()  # no dropout: both paths see the same network
+    fused = module.compute(batch, "train")
+    fused["loss"].backward()
+    fused_grads = {name: p.grad.clone() for name, p in module.model.named_parameters()}
+    module.model.zero_grad()
+    logits, _ = module.model(batch["input_ids"])
+    ref = clm_loss(logits, batch["labels"])
+    ref["loss"].backward()
+    torch.testing.assert_close(fused["loss"], ref["loss"])
+    torch.testing.assert_close(fused["acc"], ref["acc"])
+    for name, p in module.model.named_parameters():  # the tied embedding / head weight included
+        torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
