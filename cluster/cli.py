@@ -207,6 +207,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--beam", type=int, default=4, metavar="N", help="beam width for translation [4]"
     )
+    _length_penalty_args(p, recipe=True)
     p.add_argument(
         "--out", type=location, metavar="DIR", help="write metrics.json and predictions.jsonl here"
     )
@@ -243,22 +244,24 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _length_penalty_args(p: argparse.ArgumentParser) -> None:
+def _length_penalty_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     """Beam search ranks by logprob / lp(length): --length-penalty names lp, --alpha its strength.
     No argparse `choices`: the old form `--length-penalty 0.6` gets a one-line pointer to --alpha
-    (`check_length_penalty`), not a usage dump."""
+    (`check_length_penalty`), not a usage dump. recipe: unset means the checkpoint's fine-tuning
+    job's own `decode` setting (kiln evaluate), so the defaults are None."""
+    where = "the checkpoint's recipe decode.{}, else " if recipe else ""
     p.add_argument(
         "--length-penalty",
-        default="gnmt",
+        default=None if recipe else "gnmt",
         metavar="{" + ",".join(LENGTH_PENALTIES) + "}",
         help="length normalisation of beam scores: none, avg (length^alpha) or gnmt "
-        "(Wu et al. 2016) [gnmt]",
+        f"(Wu et al. 2016) [{where.format('length_penalty')}gnmt]",
     )
     p.add_argument(
         "--alpha",
         type=float,
-        default=0.6,
-        help="the length penalty's strength: GNMT's alpha, avg's exponent [0.6]",
+        default=None if recipe else 0.6,
+        help=f"the length penalty's strength: GNMT's alpha, avg's exponent [{where.format('alpha')}0.6]",
     )
 
 

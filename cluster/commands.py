@@ -122,10 +122,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cluster import evaluation
 
-    source, decode = _evaluation_source(args), DecodeConfig(beam_size=args.beam)
+    source = _evaluation_source(args)
+    # --length-penalty / --alpha left unset: the fine-tuning recipe's own, as its run scored it
+    given = {"length_penalty": args.length_penalty, "alpha": args.alpha}
+    decode = DecodeConfig(beam_size=args.beam, **{k: v for k, v in given.items() if v is not None})
+    from_recipe = tuple(k for k, v in given.items() if v is None)
     if source == "data":
         metrics = evaluation.evaluate_checkpoint(
-            args.checkpoint, args.data, args.split or "test", decode, args.out
+            args.checkpoint, args.data, args.split or "test", decode, args.out, from_recipe
         )
     elif source == "input":
         metrics = evaluation.evaluate_labelled_file(
@@ -137,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     else:
         metrics = evaluation.evaluate_parallel_files(
-            args.checkpoint, args.src, args.ref, decode, args.out
+            args.checkpoint, args.src, args.ref, decode, args.out, from_recipe
         )
     print(json.dumps(metrics, indent=2))
     return 0

@@ -5,6 +5,7 @@ reads them)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from finetune import predict
 from finetune.evaluate import accuracy, macro_f1, majority_class_accuracy, mcc
 from finetune.models import CLASSIFICATION_ARCHES, TRANSLATION_ARCHES, load_finetuned
 from finetune.translate import evaluate_translation, translate_texts
-from pretrain.checkpoint import CheckpointError, fetch_checkpoint
+from pretrain.checkpoint import CheckpointError, LoadedCheckpoint, fetch_checkpoint
 
 
 def read_split(task_dir: Path | str, split: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -54,13 +55,25 @@ def task_dir(data_dir: Path | str, task: str) -> Path | str:
     return Path(data_dir) / task
 
 
+def recipe_decode(
+    decode: DecodeConfig, loaded: LoadedCheckpoint, keys: tuple[str, ...]
+) -> DecodeConfig:
+    """`decode` with the fields `keys` (those the user left unset) taken from the fine-tuning job's
+    own `decode`, which the checkpoint's manifest records: a recipe's tuned length penalty keeps
+    applying when its checkpoint is scored again. Checkpoints without a job config keep `decode`."""
+    recorded = (loaded.job_config or {}).get("decode") or {}
+    return dataclasses.replace(decode, **{k: recorded[k] for k in keys if k in recorded})
+
+
 def evaluate_checkpoint(
     checkpoint: Path | str,
     data_dir: Path | str,
     split: str,
     decode: DecodeConfig,
     out_dir: Path | None = None,
+    from_recipe: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """from_recipe: DecodeConfig fields read from the checkpoint's job config (`recipe_decode`)."""
     # A checkpoint on object storage is read from a verified local copy (the cache); data there
     # is read in place, only the splits scored, each shard checked against its sha256.
     checkpoint = fetch_checkpoint(checkpoint)
@@ -70,6 +83,7 @@ def evaluate_checkpoint(
     if arch in TRANSLATION_ARCHES:
         data = read_split(task_dir(data_dir, "translation"), split, ["src_text", "tgt_text"])
         srcs, refs = data["src_text"], data["tgt_text"]
+        decode = recipe_decode(decode, loaded, from_recipe)
         metrics, rows = _translation(model, Path(checkpoint), srcs, refs, decode)
     elif arch in CLASSIFICATION_ARCHES:
         metrics, rows = _classification(model, data_dir, split)
@@ -108,10 +122,16 @@ def evaluate_labelled_file(
 
 
 def evaluate_parallel_files(
-    checkpoint: Path, src: Path, ref: Path, decode: DecodeConfig, out_dir: Path | None = None
+    checkpoint: Path,
+    src: Path,
+    ref: Path,
+    decode: DecodeConfig,
+    out_dir: Path | None = None,
+    from_recipe: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A translation model scored on two line-aligned raw files (sources, references), through its
-    own source and target tokenizers: the metrics and predictions of a prepared split of them."""
+    own source and target tokenizers: the metrics and predictions of a prepared split of them.
+    from_recipe as `evaluate_checkpoint`."""
     loaded = load_finetuned(Path(checkpoint))
     arch = loaded.model_config.arch
     if arch not in TRANSLATION_ARCHES:
@@ -120,6 +140,7 @@ def evaluate_parallel_files(
             "classifier with --input FILE"
         )
     srcs, refs = predict.read_parallel(Path(src), Path(ref))
+    decode = recipe_decode(decode, loaded, from_recipe)
     metrics, rows = _translation(loaded.model.eval(), Path(checkpoint), srcs, refs, decode)
     _write_results(out_dir, metrics, rows)
     return metrics
@@ -167,6 +188,8 @@ def _translation(
         "exact_match": exact,
         "sentences": len(refs),
         "beam_size": decode.beam_size,
+        "length_penalty": decode.length_penalty,
+        "alpha": decode.alpha,
     }
     rows = [
         {"source": s, "reference": r, "hypothesis": h}

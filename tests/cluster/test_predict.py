@@ -444,6 +444,61 @@ def test_evaluate_raw_parallel_files_equals_the_prepared_split(
     assert predictions[0] == predictions[1]
 
 
+def test_evaluate_decodes_as_the_recipe_did_unless_told(
+    translation: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unset --length-penalty / --alpha mean the fine-tuning job's own `decode` (its manifest's job
+    config); given ones win, one at a time; a checkpoint without a job config decodes with the defaults."""
+    import cluster.evaluation as evaluation
+
+    data, plain = translation
+    loaded = load_finetuned(plain)
+    recipe = {"decode": {"beam_size": 5, "length_penalty": "avg", "alpha": 1.4, "max_len": 64}}
+    tuned = save_checkpoint(
+        tmp_path / "tuned", loaded.model, loaded.model_config, loaded.tokenizer_file, recipe
+    )
+    seen: list[DecodeConfig] = []
+    translation_scores = evaluation._translation
+
+    def recording(model, checkpoint, srcs, refs, decode):  # noqa: ANN001, ANN202
+        seen.append(decode)
+        return translation_scores(model, checkpoint, srcs, refs, decode)
+
+    monkeypatch.setattr(evaluation, "_translation", recording)
+    src, ref = tmp_path / "src.txt", tmp_path / "ref.txt"
+    src.write_text("".join(f"{s}\n" for s, _ in PAIRS))
+    ref.write_text("".join(f"{t}\n" for _, t in PAIRS))
+    files = ["--src", str(src), "--ref", str(ref)]
+    runs = [
+        (
+            [str(tuned), "--data", str(data)],
+            DecodeConfig(beam_size=3, length_penalty="avg", alpha=1.4),
+        ),
+        (
+            [str(tuned), *files, "--alpha", "0.2"],
+            DecodeConfig(beam_size=3, length_penalty="avg", alpha=0.2),
+        ),
+        ([str(tuned), *files, "--length-penalty", "none"], DecodeConfig(3, "none", alpha=1.4)),
+        ([str(plain), "--data", str(data)], DecodeConfig(beam_size=3)),  # gnmt, 0.6
+    ]
+    for flags, expected in runs:
+        code, out, err = kiln(capsys, "evaluate", "--checkpoint", *flags, "--beam", "3")
+        assert (code, err) == (0, ""), flags
+        assert seen.pop() == expected, flags
+        printed = json.loads(out)
+        assert (printed["length_penalty"], printed["alpha"]) == (
+            expected.length_penalty,
+            expected.alpha,
+        )
+    code, _, err = kiln(
+        capsys, "evaluate", "--checkpoint", str(tuned), *files, "--length-penalty", "0.6"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--alpha" in err
+
+
 def test_the_readme_example_files_are_a_dev_set_for_the_sample() -> None:
     """README's `kiln evaluate` / `kiln predict` lines read docs/examples/ with checkpoints trained on
     the built-in sample: its labels, line-aligned number pairs."""
