@@ -14,7 +14,8 @@ Jobs API :8265) joined through RAY_ADDRESS, so Ray starts once for the module.
 Commands too long to run twice point at the e2e test that already runs them (`covered_by`).
 
 The long training recipes that only docs/benchmarks.md shows (mt-transformer, the three 30-minute
-translation baselines, gpt-mini, the two character GPTs, gpt-45min, gpt-60min, bert-mini-60min, gpt-decoder)
+translation baselines, gpt-mini, the two character GPTs, gpt-45min, gpt-60min, bert-mini-60min,
+bert-mini-mlm-60min, gpt-decoder)
 run as `--dry-run` (`dry_run`): a real 2-step Ray Train job of each cost 40-90 s, most of the
 suite's time, while the same architectures train for real in the README's entries and the e2e tests.
 So do the fine-tunes and pretrainings whose path another entry trains for real (sst2-ft, mt-ft and
@@ -588,6 +589,14 @@ REGISTRY: list[Spec] = [
         "bert-mini-60min-mlm",
         "kiln pretrain --config configs/bert-mini-wikitext2-60min.yaml nsp_weight=0 --out "
         "runs/bert-mini-wikitext2-60min-mlm",
+        dry_run=True,
+        needs=("wikitext2-bert",),
+    ),
+    # the hour of MLM alone (nsp_weight 0 in the recipe), 5,000 steps
+    _spec(
+        "bert-mini-mlm-60min",
+        "kiln pretrain --config configs/bert-mini-wikitext2-mlm-60min.yaml --out "
+        "runs/bert-mini-wikitext2-mlm-60min",
         dry_run=True,
         needs=("wikitext2-bert",),
     ),
