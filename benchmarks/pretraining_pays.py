@@ -10,13 +10,14 @@ The encoder never saw SST-2: it is pretrained (MLM + NSP) on WikiText-2's articl
 Two label budgets share that validation split: every training phrase, and a seeded cut of `--few` of them
 (written as a TSV beside the held-out rows and prepared again; the script checks the validation rows are identical).
 
-Each (label budget, initialisation, seed) cell fine-tunes a [CLS] classifier (configs/classification.yaml) for a
-fixed number of steps of the same batches: "pretrained" loads the encoder, "random init" is that same model with
-every weight re-initialised (`init_weights`, seeded), so architecture, data order, dropout and head init match.
-Each initialisation picks its learning rate from --lrs on the small cut. `--pretrained-lr-ratio R` trains the
-pretrained cells' encoder at lr x R and their new head at lr (`optim.pretrained_lr_ratio`; 0 freezes the encoder);
-random-init cells have no pretrained parameters and train everything at lr. `--jobs` cells run at once, each in
-its own process with 1 thread. Writes benchmarks/results/pretraining_pays.md and its PNG.
+Each (label budget, initialisation, seed) cell fine-tunes a [CLS] classifier (configs/classification.yaml; with
+`--pooling mean` it reads the real tokens' mean, `classifier_pooling`) for a fixed number of steps of the same
+batches: "pretrained" loads the encoder, "random init" is that same model with every weight re-initialised
+(`init_weights`, seeded), so architecture, data order, dropout and head init match. Each initialisation picks its
+learning rate from --lrs on the small cut. `--pretrained-lr-ratio R` trains the pretrained cells' encoder at lr x R
+and their new head at lr (`optim.pretrained_lr_ratio`; 0 freezes the encoder); random-init cells have no pretrained
+parameters and train everything at lr. `--jobs` cells run at once, each in its own process with 1 thread. Writes
+benchmarks/results/pretraining_pays.md and its PNG.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Cell:
     data_dir: str
     encoder: str
     pretrained_lr_ratio: float = 1.0  # the encoder's lr is lr x this (pretrained cells only)
+    pooling: str = "cls"  # classifier_pooling: [CLS] through the pooler, or the real tokens' mean
 
 
 def encoder_tokenizer(checkpoint: Path) -> Path:
@@ -145,6 +147,7 @@ def run_cell(cell: Cell, batch_size: int) -> dict:
             f"encoder_checkpoint={cell.encoder}",
             f"trainer.seed={cell.seed}",
             f"optim.pretrained_lr_ratio={cell.pretrained_lr_ratio}",
+            f"classifier_pooling={cell.pooling}",
         ],
     )
     model, row = train_cell(job, cell, fresh=cell.init == "random init")
@@ -261,7 +264,7 @@ def report(args: argparse.Namespace, rows: list[dict], facts: dict, chosen: dict
         f"{facts['load_start']}, at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         f"- command: `nice -n 10 .venv/bin/python benchmarks/pretraining_pays.py --encoder {args.encoder} "
         f"--few {args.few} --steps-few {args.steps_few} --steps-all {args.steps_all} --seeds {args.seeds} "
-        f"--lrs {args.lrs} --jobs {args.jobs}{ratio_arg(args)}`",
+        f"--lrs {args.lrs} --jobs {args.jobs}{ratio_arg(args)}{pooling_arg(args)}`",
         f"- encoder: `{args.encoder}` ({facts['checkpoint']}); SST-2 prepared in its vocabulary; the encoder saw "
         "WikiText-2 only",
         f"- every cell scored on the same {facts['n_val']:,} validation and {facts['n_test']:,} test phrases (seeded "
@@ -273,6 +276,7 @@ def report(args: argparse.Namespace, rows: list[dict], facts: dict, chosen: dict
         "over 10% of the steps, then linear decay; seeds set head init, data order, dropout and (random init) "
         "every weight",
         *ratio_method(args),
+        *pooling_method(args),
         "",
         "| labels | init | lr | steps | validation acc. per seed | validation mean | test acc. per seed | test mean "
         "| test spread (max - min) | min per cell |",
@@ -308,6 +312,20 @@ def ratio_arg(args: argparse.Namespace) -> str:
     )
 
 
+def pooling_arg(args: argparse.Namespace) -> str:
+    return "" if args.pooling == "cls" else f" --pooling {args.pooling}"
+
+
+def pooling_method(args: argparse.Namespace) -> list[str]:
+    """The method line of a run with --pooling mean (none at the default: BERT's [CLS] read-out)."""
+    if args.pooling == "cls":
+        return []
+    return [
+        "- every cell's classifier reads the mean of the encoder's last hidden states over the real tokens "
+        "(`classifier_pooling=mean`; the pooler on [CLS] is unused and frozen), not BERT's pooled [CLS]"
+    ]
+
+
 def ratio_method(args: argparse.Namespace) -> list[str]:
     """The method line of a run with --pretrained-lr-ratio (none at the default: every parameter at lr)."""
     r = args.pretrained_lr_ratio
@@ -340,6 +358,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1.0,
         help="pretrained cells: the encoder trains at lr x this, the new head at lr (0 freezes the encoder); "
         "random-init cells train everything at lr",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        default="cls",
+        help="what every cell's classifier reads: BERT's pooled [CLS], or the real tokens' mean "
+        "(classifier_pooling) [cls]",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -415,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def cells(labels: str, steps: int, data: Path, lrs: dict[str, list[float]]) -> list[Cell]:
         return [
-            Cell(labels, init, seed, steps, lr, str(data), str(checkpoint), ratio[init])
+            Cell(
+                labels, init, seed, steps, lr, str(data), str(checkpoint), ratio[init], args.pooling
+            )
             for lr_i in range(max(len(v) for v in lrs.values()))
             for seed in args.seed_list
             for init in INITS

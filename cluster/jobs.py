@@ -31,6 +31,7 @@ FinetuneTask = Literal["translation", "classification"]
 StrategyName = Literal["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"]
 SamplingSchedule = Literal["linear", "inverse_sigmoid"]  # Bengio et al. 2015
 LengthPenalty = Literal["none", "avg", "gnmt"]
+ClassifierPooling = Literal["cls", "mean"]
 
 
 def architectures() -> Registry:
@@ -318,6 +319,10 @@ class FinetuneJob:
     # Both schedules pass half the maximum at half this many steps; linear reaches it here. 0 = trainer.max_steps.
     scheduled_sampling_steps: int = 0
     classifier_dropout: float = 0.1
+    # What a BERT classifier (encoder_checkpoint) reads: "cls", the pooler on [CLS] (BERT, HF's head); "mean",
+    # the last hidden states averaged over the real tokens (an encoder pretrained without NSP never trained
+    # [CLS] or the pooler). Not for GPT or lstm_classifier, which pool their own way.
+    classifier_pooling: ClassifierPooling = "cls"
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -328,6 +333,7 @@ class FinetuneJob:
         check_fields(self)
         check_compile(self.trainer, self.cluster)
         self._check_scheduled_sampling()
+        self._check_pooling()
         if self.model is None:
             return
         serves = architectures()[self.model.arch].task
@@ -344,6 +350,14 @@ class FinetuneJob:
         refuse_pretrained_lr_ratio(
             self.optim, f"model.arch={self.model.arch} trains from scratch and has none"
         )
+
+    def _check_pooling(self) -> None:
+        bert = self.task == "classification" and self.model is None and self.encoder_checkpoint
+        if self.classifier_pooling != "cls" and not bert:
+            raise ValueError(
+                f"'classifier_pooling': {self.classifier_pooling} applies to a BERT classifier only "
+                "(task classification with encoder_checkpoint and no model section)"
+            )
 
     def _check_scheduled_sampling(self) -> None:
         if not 0.0 <= self.scheduled_sampling <= 1.0:

@@ -215,6 +215,8 @@ def build_classification(job: FinetuneJob, rank: int, world: int) -> TaskParts:
         )
     if job.model is None:
         model.dropout.p = model.config.classifier_dropout = job.classifier_dropout
+    if isinstance(model, EncoderClassifier):
+        model.use_pooling(job.classifier_pooling)  # recorded in the checkpoint's model config
     from finetune.module import ClassificationModule
 
     train, val = _loaders(job, rank, world)

@@ -215,6 +215,11 @@ def _parse_classifier(values: dict, where: str) -> Parts:
         raise CheckpointError(
             f"{where}: key 'classifier_dropout' must be a number or null, got {dropout!r}"
         )
+    if values.get("pooling", "cls") != "cls":
+        raise CheckpointError(
+            f"{where}: key 'pooling' is {values['pooling']!r}; HF BertForSequenceClassification reads [CLS] "
+            "through the pooler only (fine-tune with classifier_pooling=cls to export)"
+        )
     return Parts(
         bert=bert,
         num_labels=num_labels,

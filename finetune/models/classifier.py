@@ -3,6 +3,8 @@ logits (B, num_labels), the loss living in finetune.module.
 
 - `EncoderClassifier` ("bert_classifier"): a pretrained BERT encoder (Devlin et al., 2019, §4.1), the pooled
   [CLS] output, dropout, one linear layer. Names follow HF `BertForSequenceClassification` (`bert.*`, `classifier.*`).
+  `pooling="mean"` reads the mean of the last hidden states over the real tokens instead (Reimers & Gurevych,
+  2019): an encoder pretrained by MLM alone never trains [CLS] or the pooler (only NSP does).
 - `DecoderClassifier` ("gpt_classifier"): a pretrained GPT whose hidden state at the last real token (a causal
   model has read the whole text only there; here it is [SEP]) feeds a linear head (Radford et al., 2018, §3.3).
   Names follow HF `GPT2ForSequenceClassification` (`transformer.*`, `score`).
@@ -44,6 +46,14 @@ def _check_head(
         raise ValueError(f"{where}.{dropout_key} must be in [0, 1), got {dropout}")
 
 
+def mean_over_real(states: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B,T,H) → (B,H): the mean over the positions the mask marks real (all of them without a mask)."""
+    if attention_mask is None:
+        return states.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B,T,1)
+    return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
 @dataclass
 class ClassifierConfig:
     """Encoder config + head. Round-trips through `dataclasses.asdict` like Seq2SeqConfig."""
@@ -53,6 +63,9 @@ class ClassifierConfig:
     num_labels: int = 2
     classifier_dropout: float | None = None  # None = the encoder's hidden_dropout_prob (as HF)
     label_names: list[str] = field(default_factory=list)  # optional, index = label id; for reports
+    # "cls": BERT's pooler on [CLS] (HF BertForSequenceClassification); "mean": the last hidden states averaged
+    # over the real tokens, no pooler (not exportable to HF, which has no such head).
+    pooling: Literal["cls", "mean"] = "cls"
 
     def __post_init__(self) -> None:
         check_fields(self)  # types, arch; an `encoder` mapping becomes a BertConfig
@@ -66,7 +79,7 @@ class ClassifierConfig:
 
 
 class EncoderClassifier(nn.Module):
-    """BertModel → pooled [CLS] (B,H) → dropout → linear → logits (B, num_labels)."""
+    """BertModel → pooled [CLS] (or the real tokens' mean) (B,H) → dropout → linear → logits (B, num_labels)."""
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
@@ -80,6 +93,13 @@ class EncoderClassifier(nn.Module):
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(config.encoder.hidden_size, config.num_labels)
         self._init_head()
+        self.use_pooling(config.pooling)
+
+    def use_pooling(self, pooling: Literal["cls", "mean"]) -> None:
+        """Read [CLS] through the pooler, or the real tokens' mean. The mean leaves the pooler out of the graph,
+        so it is frozen: DDP (find_unused_parameters=False) would wait forever for its gradients."""
+        self.config.pooling = pooling
+        self.bert.pooler.requires_grad_(pooling == "cls")
 
     def _init_head(self) -> None:
         init_bert_module(self.classifier, self.config.encoder.initializer_range)
@@ -90,7 +110,9 @@ class EncoderClassifier(nn.Module):
         self._init_head()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        _, pooled = self.bert(input_ids, attention_mask=attention_mask)  # (B,H)
+        seq, pooled = self.bert(input_ids, attention_mask=attention_mask)  # (B,T,H), (B,H)
+        if self.config.pooling == "mean":
+            pooled = mean_over_real(seq, attention_mask)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
     @classmethod

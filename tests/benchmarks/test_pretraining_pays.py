@@ -92,6 +92,15 @@ def test_the_grid_runs_and_reports_every_cell(sst2_cut: Path, tmp_path: Path) ->
     rows = [line for line in text.splitlines() if line.startswith(("| 60 |", "| all |"))]
     assert len(rows) == 6
     assert all(("(encoder × 0)" in row) == ("| pretrained |" in row) for row in rows)
+    # mean pooling: every cell is new (2 x 2 on the cut, 2 on all labels) and says so
+    assert bench.main([*argv, "--pooling", "mean"]) == 0
+    cached = [
+        json.loads(line) for line in (tmp_path / "work" / "cells.jsonl").read_text().splitlines()
+    ]
+    assert len(cached) == 15 and {r["pooling"] for r in cached[9:]} == {"mean"}
+    assert {r.get("pooling", "cls") for r in cached[:9]} == {"cls"}
+    text = out.read_text()
+    assert "--pooling mean`" in text and "(`classifier_pooling=mean`" in text
     # another encoder's vocabulary into the same --work: one line naming the stale directory, exit 2
     other = tiny_encoder(sst2_cut, tmp_path / "enc2" / "step-0000000", vocab_size=300)
     assert bench.main(["--encoder", str(other), *argv[2:]]) == 2

@@ -189,3 +189,45 @@ def test_config_errors_name_the_key(data_dir: Path) -> None:
         CheckpointError, match=r"'model.max_positions' \(8\) < the data's longest sequence \(16"
     ):
         preflight(short)
+
+
+def test_classifier_pooling_reaches_the_bert_classifier_and_its_checkpoint(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from data_pipeline.configlib import from_preset
+    from pretrain.models.bert import BertConfig, BertForPreTraining
+
+    config = from_preset(BertConfig, "tiny", vocab_size=len(SPECIALS) + len(WORDS))
+    bert = save_checkpoint(
+        tmp_path / "bert", BertForPreTraining(config), config, data_dir / "tokenizer.json"
+    )
+    base = [
+        f"data_dir={data_dir}",
+        "task=classification",
+        f"encoder_checkpoint={bert}",
+        "trainer.batch_size=8",
+    ]
+    for pooling, pooler_trains in (("cls", True), ("mean", False)):
+        job = preflight(
+            load_config(FinetuneJob, None, [*base, f"classifier_pooling={pooling}"]),
+            tmp_path / f"run-{pooling}",
+        )
+        model = TASKS["classification"](job, 0, 1).module.model
+        assert model.config.pooling == pooling
+        assert all(p.requires_grad == pooler_trains for p in model.bert.pooler.parameters())
+        ckpt = save_checkpoint(tmp_path / f"clf-{pooling}", model, model.config)
+        assert load_finetuned(ckpt).model.config.pooling == pooling
+
+
+def test_classifier_pooling_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"'classifier_pooling'"):
+        load_config(FinetuneJob, None, ["task=classification", "classifier_pooling=max"])
+    for overrides in (
+        ["task=translation", "encoder_checkpoint=runs/bert"],
+        ["task=classification", "decoder_checkpoint=runs/gpt"],
+        ["task=classification", "model.arch=lstm_classifier"],
+    ):
+        with pytest.raises(
+            ConfigError, match=r"'classifier_pooling': mean applies to a BERT classifier only"
+        ):
+            load_config(FinetuneJob, None, [*overrides, "classifier_pooling=mean"])

@@ -79,3 +79,58 @@ def test_learns_a_separable_set(pretrained: Pretrained) -> None:
     assert (
         majority_class_accuracy(train["labels"].tolist(), gold) < 0.5
     )  # the baseline cannot get there
+
+
+def test_mean_pooling_reads_only_the_real_tokens(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = EncoderClassifier(
+        ClassifierConfig(encoder=bert_config(), num_labels=3, pooling="mean")
+    ).eval()
+    b = separable_set(4, seed=5)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    with torch.no_grad():
+        seq, _ = model.bert(ids, attention_mask=mask)
+        by_hand = torch.stack(
+            [seq[i, mask[i].bool()].mean(0) for i in range(len(ids))]
+        )  # each row's real positions
+        logits = model(ids, mask)
+        torch.testing.assert_close(logits, model.classifier(by_hand))
+        # more padding changes nothing; the [CLS] read-out would give other logits
+        padded = model(torch.nn.functional.pad(ids, (0, 5)), torch.nn.functional.pad(mask, (0, 5)))
+        torch.testing.assert_close(padded, logits)
+        model.use_pooling("cls")
+        assert not torch.allclose(model(ids, mask), logits)
+    model.use_pooling("mean")
+    loaded = load_finetuned(save_checkpoint(tmp_path / "clf", model, model.config))
+    assert loaded.model.config.pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(ids, mask), logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="pooling"):
+        ClassifierConfig(encoder=bert_config(), pooling="max")
+
+
+def test_mean_pooling_freezes_the_pooler_so_ddp_sees_no_unused_parameter(tmp_path: Path) -> None:
+    """Kiln's DDP runs with find_unused_parameters=False: every parameter that wants a gradient must get one,
+    or the second step fails. One gloo process is enough for DDP to check."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = EncoderClassifier(ClassifierConfig(encoder=bert_config(), num_labels=3))
+    model.use_pooling("mean")
+    assert not any(p.requires_grad for p in model.bert.pooler.parameters())
+    b = separable_set(8, seed=2)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        for _ in range(2):
+            loss = ddp(b["input_ids"], b["attention_mask"]).logsumexp(-1).mean()
+            loss.backward()
+    finally:
+        dist.destroy_process_group()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("bert.pooler.") for n in got)
+    model.use_pooling("cls")  # and back: the pooler trains again
+    assert all(p.requires_grad for p in model.bert.pooler.parameters())

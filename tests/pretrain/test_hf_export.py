@@ -329,3 +329,13 @@ def test_refuses_checkpoints_it_cannot_export_faithfully(
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()
     with pytest.raises(CheckpointError, match=r"arch 'llama' has no Hugging Face export"):
         kiln_to_hf_state_dict("llama", config, model.state_dict())
+
+
+def test_refuses_a_mean_pooling_classifier(tmp_path: Path, tokenizer_file: Path) -> None:
+    config = ClassifierConfig(encoder=bert_config(), num_labels=2, pooling="mean")
+    ckpt = save_checkpoint(tmp_path / "clf", EncoderClassifier(config), config, tokenizer_file)
+    with pytest.raises(
+        CheckpointError, match=r"key 'pooling' is 'mean'; HF BertForSequenceClassification"
+    ):
+        export_hf(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
