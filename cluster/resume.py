@@ -20,7 +20,7 @@ Lightning. In the order a resumed run (`trainer.resume=auto`) meets them:
    (they save the optimizer state in different forms; any ZeRO stage resumes any ZeRO stage's), for
    a ZeRO checkpoint without optimizer state (an older Kiln's), another task or model (the keys
    that changed are named), other data (the data manifest's sha256) and a changed setting of
-   `KEPT_ON_RESUME` (optim.pretrained_lr_ratio, nsp_weight). It reaches every worker in
+   `KEPT_ON_RESUME` (optim.pretrained_lr_ratio, nsp_weight, classifier_pooling). It reaches every worker in
    the train loop config, so all ranks resume from one checkpoint.
 3. Worker loss (every worker, `resume_point`). When Ray Train restarts a failed worker group
    (`cluster.max_failures`), the newest intact checkpoint written by this launch (`retry_checkpoint`:
@@ -172,32 +172,47 @@ def _check_exact(job: PretrainJob | FinetuneJob, latest: Path | str) -> None:
         )
 
 
-# Settings a resumed run must keep, beyond task, model and data: dotted key -> why. Both default to 1, the value a
-# checkpoint saved before its key existed was trained with.
-KEPT_ON_RESUME = {
+# Settings a resumed run must keep, beyond task, model and data: dotted key -> (the value of a job without the key:
+# its default, what a checkpoint saved before the key existed was trained with; why).
+KEPT_ON_RESUME: dict[str, tuple[float | str, str]] = {
     # the groups' learning rates come back from the checkpoint: another ratio would not load (0 or 1 changes the
     # groups) or silently not apply
-    "optim.pretrained_lr_ratio": "the optimizer state it restores fixes each group's learning rate",
+    "optim.pretrained_lr_ratio": (
+        1.0,
+        "the optimizer state it restores fixes each group's learning rate",
+    ),
     # a changed objective is continued pretraining (init_from, a new --out), not a resume
-    "nsp_weight": "it weights NSP in the loss, so the run would change its objective (and train/loss its "
-    "meaning) midway",
+    "nsp_weight": (
+        1.0,
+        "it weights NSP in the loss, so the run would change its objective (and train/loss its meaning) midway",
+    ),
+    # a BERT classifier's head reads [CLS] or the tokens' mean: its weights were trained on one of them
+    "classifier_pooling": (
+        "cls",
+        "the classifier head was trained on what it reads, and the pooler trains only with cls",
+    ),
 }
 
 
 def _check_kept_settings(latest: Path | str, saved: dict, now: dict) -> None:
-    for key, why in KEPT_ON_RESUME.items():
-        before, after = _setting(saved, key), _setting(now, key)
+    for key, (default, why) in KEPT_ON_RESUME.items():
+        before, after = _setting(saved, key, default), _setting(now, key, default)
         if before != after:
             raise ConfigError(
-                f"trainer.resume=auto: {latest} was trained with {key}={before:g}, not {after:g}: {why}; "
-                "resume with the run's own value, or start a new --out"
+                f"trainer.resume=auto: {latest} was trained with {key}={_shown(before)}, not {_shown(after)}: "
+                f"{why}; resume with the run's own value, or start a new --out"
             )
 
 
-def _setting(config: dict, key: str) -> float:
-    """A dotted key's value in a job config dict; 1 where it has none (a job without the key, an older Kiln)."""
+def _setting(config: dict, key: str, default: float | str) -> float | str:
+    """A dotted key's value in a job config dict; `default` where it has none (a job without the key, an older
+    Kiln)."""
     section, _, name = key.rpartition(".")
-    return ((config.get(section) or {}) if section else config).get(name, 1.0)
+    return ((config.get(section) or {}) if section else config).get(name, default)
+
+
+def _shown(value: float | str) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _check_optimizer_state(

@@ -374,3 +374,32 @@ def test_pretrain_may_continue_a_kiln_run_directory_only_with_resume_auto(tmp_pa
         pass
     with run_dir(tmp_path / "new", "auto") as out:
         assert out.local.is_dir()  # a fresh directory is fine either way
+
+
+def test_driver_refuses_resume_with_another_classifier_pooling(tmp_path: Path) -> None:
+    """The head was trained on what it reads ([CLS] or the tokens' mean): switching midway is a new run."""
+    from cluster.jobs import FinetuneJob
+
+    def job(*overrides: str) -> FinetuneJob:
+        base = ["data_dir=/nonexistent", "task=classification", "encoder_checkpoint=runs/bert"]
+        return load_config(FinetuneJob, None, [*base, "trainer.resume=auto", *overrides])
+
+    torch.manual_seed(0)
+    model = BertPretrainModule(
+        CFG, OPTIM, 5
+    ).model  # any model: only the manifest's job config is read
+    ckpt = tmp_path / "checkpoints" / "step-0000005"
+    saved = to_dict(job("classifier_pooling=mean"))
+    save_checkpoint(ckpt, model, CFG, job_config=saved, trainer_state={"step": 5})
+    with pytest.raises(
+        ConfigError, match=r"classifier_pooling=mean, not cls: the classifier head was trained"
+    ):
+        check_resume(job(), tmp_path)
+    assert check_resume(job("classifier_pooling=mean"), tmp_path) == ckpt
+    older = to_dict(job())
+    del older["classifier_pooling"]  # a checkpoint from before the key: it read [CLS]
+    newer = tmp_path / "checkpoints" / "step-0000006"
+    save_checkpoint(newer, model, CFG, job_config=older, trainer_state={"step": 6})
+    assert check_resume(job(), tmp_path) == newer
+    with pytest.raises(ConfigError, match=r"classifier_pooling=cls, not mean"):
+        check_resume(job("classifier_pooling=mean"), tmp_path)
