@@ -171,14 +171,14 @@ def features(model: object, data_dir: Path, split: str) -> tuple[object, object]
     import torch
 
     from data_pipeline.loader import make_loader
+    from finetune.models.classifier import mean_over_real
 
     loader = make_loader(data_dir, "classification", split, 256, shuffle=False, drop_last=False)
     feats, labels = [], []
     with torch.no_grad():
         for batch in loader:
             seq, _ = model.bert(batch["input_ids"], attention_mask=batch["attention_mask"])
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            feats.append(((seq * mask).sum(1) / mask.sum(1)).numpy())
+            feats.append(mean_over_real(seq, batch["attention_mask"]).numpy())
             labels.append(batch["labels"].numpy())
     return np.concatenate(feats), np.concatenate(labels)
 
