@@ -123,7 +123,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--input", type=location, help="text file, one sentence per line [stdin]")
     p.add_argument("--beam", type=int, default=4, help="beam width; 1 = greedy [4]")
-    _length_penalty_args(p)
+    _length_penalty_args(p, recipe=True)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=location, help="write translations to this file [stdout]")
     p.add_argument(
@@ -304,7 +304,7 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref", type=location, help="reference file, line-aligned with --src")
     p.add_argument("--beams", default="1,3,5,10", help="comma-separated beam widths [1,3,5,10]")
     p.add_argument("--limit", type=int, help="only the first N sentences")
-    _length_penalty_args(p)
+    _length_penalty_args(p, recipe=True)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=location, required=True, help="output directory")
     p = sub.add_parser(
@@ -320,7 +320,7 @@ def _add_analysis(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", type=location, help="file with one sentence per line")
     p.add_argument("--limit", type=int, help="only the first N sentences")
     p.add_argument("--beam", type=int, default=4, help="beam width [4]")
-    _length_penalty_args(p)
+    _length_penalty_args(p, recipe=True)
     p.add_argument("--max-len", type=int, default=64, help="longest output in tokens [64]")
     p.add_argument("--out", type=location, required=True, help="output directory")
 

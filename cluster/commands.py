@@ -124,9 +124,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     source = _evaluation_source(args)
     # --length-penalty / --alpha left unset: the fine-tuning recipe's own, as its run scored it
-    given = {"length_penalty": args.length_penalty, "alpha": args.alpha}
-    decode = DecodeConfig(beam_size=args.beam, **{k: v for k, v in given.items() if v is not None})
-    from_recipe = tuple(k for k, v in given.items() if v is None)
+    decode, from_recipe = evaluation.decode_given(
+        args.length_penalty, args.alpha, beam_size=args.beam
+    )
     if source == "data":
         metrics = evaluation.evaluate_checkpoint(
             args.checkpoint, args.data, args.split or "test", decode, args.out, from_recipe
@@ -234,10 +234,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _translation_model(checkpoint: Path) -> tuple[Any, Any]:
-    from cluster.evaluation import translation_model
+def _translation_decoder(args: argparse.Namespace) -> tuple[Any, Any, DecodeConfig]:
+    """The checkpoint's model, tokenizers and length penalty: --length-penalty / --alpha, or where
+    left unset the checkpoint's recipe settings (as `kiln evaluate`)."""
+    from cluster.evaluation import translation_decoder
 
-    return translation_model(checkpoint)
+    return translation_decoder(args.checkpoint, args.length_penalty, args.alpha)
 
 
 def _sample_lines(args: argparse.Namespace, lines: list[str]) -> list[str]:
@@ -246,7 +248,7 @@ def _sample_lines(args: argparse.Namespace, lines: list[str]) -> list[str]:
 
     temperature = 1.0 if args.temperature is None else args.temperature
     top_k, top_p = args.top_k or 0, 1.0 if args.top_p is None else args.top_p
-    model, tokenizer = _translation_model(args.checkpoint)
+    model, tokenizer, _ = _translation_decoder(args)  # sampling has no length penalty
     try:
         return sample_texts(
             model, tokenizer, lines, args.max_len, temperature, top_k, top_p, args.seed
@@ -299,9 +301,9 @@ def cmd_analyze_beam(args: argparse.Namespace) -> int:
             f"--beams must be widths >= 1 and --max-len >= 1 (got {args.beams!r}, {args.max_len})"
         )
     srcs, refs = _parallel_text(args)
-    model, tokenizer = _translation_model(args.checkpoint)
+    model, tokenizer, decode = _translation_decoder(args)
     result = analyze_beam(
-        model, tokenizer, srcs, refs, beams, args.length_penalty, args.alpha, args.max_len
+        model, tokenizer, srcs, refs, beams, decode.length_penalty, decode.alpha, args.max_len
     )
     files = write_analysis(result, args.out)
     sys.stdout.write(result.to_markdown())
@@ -322,7 +324,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
         raise ConfigError(
             "kiln attention: needs a non-empty sentence, --beam >= 1 and --max-len >= 1"
         )
-    model, tokenizer = _translation_model(args.checkpoint)
+    model, tokenizer, decode = _translation_decoder(args)
     try:
         paths = attention_maps(
             model,
@@ -330,8 +332,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
             texts,
             args.out,
             args.beam,
-            args.length_penalty,
-            args.alpha,
+            decode.length_penalty,
+            decode.alpha,
             args.max_len,
         )
     except ValueError as e:  # a model without attention over the source

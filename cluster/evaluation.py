@@ -311,29 +311,52 @@ def checkpoint_tokenizers(checkpoint: Path) -> TranslationTokenizers:
 
 def translation_model(checkpoint: Path) -> tuple[torch.nn.Module, TranslationTokenizers]:
     """(model in eval mode, its tokenizers) of a checkpoint whose model can translate; clear errors otherwise."""
+    model, tokenizers, _ = translation_decoder(checkpoint, "gnmt", 0.6)
+    return model, tokenizers
+
+
+def translation_decoder(
+    checkpoint: Path, length_penalty: str | None, alpha: float | None
+) -> tuple[torch.nn.Module, TranslationTokenizers, DecodeConfig]:
+    """`translation_model` and the length penalty to decode with: `length_penalty` and `alpha` as
+    given, those left unset (None) from the checkpoint's recipe `decode` (`recipe_decode`, as
+    `kiln evaluate` scores it), else DecodeConfig's defaults."""
     loaded = load_finetuned(Path(checkpoint))
     if loaded.model_config.arch not in TRANSLATION_ARCHES:
         raise CheckpointError(
             f"{checkpoint}: a '{loaded.model_config.arch}' checkpoint cannot translate"
         )
-    return loaded.model.eval(), checkpoint_tokenizers(checkpoint)
+    given, unset = decode_given(length_penalty, alpha)
+    decode = recipe_decode(given, loaded, unset)
+    return loaded.model.eval(), checkpoint_tokenizers(checkpoint), decode
+
+
+def decode_given(
+    length_penalty: str | None, alpha: float | None, **fixed: Any
+) -> tuple[DecodeConfig, tuple[str, ...]]:
+    """A command's DecodeConfig from its flags, and the fields the user left unset (None), which
+    `recipe_decode` then takes from the checkpoint's recipe."""
+    given = {"length_penalty": length_penalty, "alpha": alpha}
+    decode = DecodeConfig(**fixed, **{k: v for k, v in given.items() if v is not None})
+    return decode, tuple(k for k, v in given.items() if v is None)
 
 
 def translate_lines(
     checkpoint: Path,
     lines: list[str],
     beam: int,
-    alpha: float,
+    alpha: float | None,
     max_len: int,
-    length_penalty: str = "gnmt",
+    length_penalty: str | None = None,
 ) -> list[str]:
-    model, tokenizer = translation_model(checkpoint)
+    """`kiln translate`: alpha / length_penalty None are the checkpoint's recipe settings."""
+    model, tokenizer, decode = translation_decoder(checkpoint, length_penalty, alpha)
     return translate_texts(
         model,
         tokenizer,
         lines,
         beam_size=beam,
-        length_penalty=length_penalty,
-        alpha=alpha,
+        length_penalty=decode.length_penalty,
+        alpha=decode.alpha,
         max_len=max_len,
     )

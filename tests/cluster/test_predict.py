@@ -17,6 +17,7 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -497,6 +498,66 @@ def test_evaluate_decodes_as_the_recipe_did_unless_told(
         capsys, "evaluate", "--checkpoint", str(tuned), *files, "--length-penalty", "0.6"
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--alpha" in err
+
+
+def test_translate_analyze_beam_and_attention_decode_as_the_recipe_did_unless_told(
+    translation: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kiln translate`, `kiln analyze-beam` and `kiln attention` take an unset --length-penalty /
+    --alpha from the checkpoint's recipe, as `kiln evaluate` does: a recipe tuned to alpha 1.4 is
+    not decoded at 0.6 by the command a user translates with."""
+    import cluster.evaluation as evaluation
+    import finetune.analysis
+    import finetune.attention_maps
+
+    _, plain = translation
+    loaded = load_finetuned(plain)
+    recipe = {"decode": {"beam_size": 5, "length_penalty": "avg", "alpha": 1.4, "max_len": 64}}
+    tuned = save_checkpoint(
+        tmp_path / "tuned", loaded.model, loaded.model_config, loaded.tokenizer_file, recipe
+    )
+    seen: list[tuple[str, float]] = []
+
+    def translate_texts(*args: object, length_penalty: str, alpha: float, **kw: object) -> list:
+        seen.append((length_penalty, alpha))
+        return []
+
+    def analyze_beam(model, tok, srcs, refs, beams, length_penalty, alpha, max_len):  # noqa: ANN001, ANN202
+        seen.append((length_penalty, alpha))
+        return SimpleNamespace(to_markdown=str)
+
+    def attention_maps(model, tok, texts, out, beam, length_penalty, alpha, max_len):  # noqa: ANN001, ANN202
+        seen.append((length_penalty, alpha))
+        return []
+
+    monkeypatch.setattr(evaluation, "translate_texts", translate_texts)
+    monkeypatch.setattr(finetune.analysis, "analyze_beam", analyze_beam)
+    monkeypatch.setattr(finetune.analysis, "write_analysis", lambda result, out: [])
+    monkeypatch.setattr(finetune.attention_maps, "attention_maps", attention_maps)
+    src = tmp_path / "src.txt"
+    src.write_text("".join(f"{s}\n" for s, _ in PAIRS))
+    ref = tmp_path / "ref.txt"
+    ref.write_text("".join(f"{t}\n" for _, t in PAIRS))
+    commands = [
+        ["translate", "--input", str(src)],
+        ["analyze-beam", "--src", str(src), "--ref", str(ref), "--out", str(tmp_path / "ab")],
+        ["attention", "--src", str(src), "--out", str(tmp_path / "maps")],
+    ]
+    for command in commands:
+        for ckpt, flags, expected in [
+            (tuned, [], ("avg", 1.4)),
+            (tuned, ["--alpha", "0.2"], ("avg", 0.2)),
+            (tuned, ["--length-penalty", "none"], ("none", 1.4)),
+            (plain, [], ("gnmt", 0.6)),  # no recipe recorded: the defaults
+        ]:
+            code, _, err = kiln(
+                capsys, *command[:1], "--checkpoint", str(ckpt), *command[1:], *flags
+            )
+            assert (code, err) == (0, ""), (command, flags)
+            assert seen.pop() == expected, (command, flags)
 
 
 def test_the_readme_example_files_are_a_dev_set_for_the_sample() -> None:
