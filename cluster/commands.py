@@ -17,7 +17,7 @@ from cluster.config import load_config
 from cluster.jobs import DecodeConfig, FinetuneJob, PrepareJob, PretrainJob, QuickstartJob
 from cluster.preemption import Preempted
 from cluster.render import infer_command, render_kuberay, render_slurm
-from cluster.rundir import RunDir, run_dir
+from cluster.rundir import RERUN_TRAINING, RunDir, run_dir
 from cluster.submit import submit
 from cluster.tracking import log_artifacts
 from data_pipeline.configlib import ConfigError, to_yaml
@@ -86,7 +86,7 @@ def _train(
     from cluster.report import plot_curves
 
     # run_dir: removed again when bad input stops the run before its first checkpoint
-    with run_dir(out, cfg.trainer.resume) as run:
+    with run_dir(out, cfg.trainer.resume, rerun=RERUN_TRAINING) as run:
         result = run_training(cfg, run, stage=stage)
     plot_curves(result.metrics_csv, run / "loss_curve.png", title=f"{stage} {kind}")
     run.publish("loss_curve.png", "logs")

@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.jobs import FinetuneJob, PretrainJob
 from cluster.launch import check_disk, driver_checks
 from cluster.resume import check_resume, checkpoint_step, continues_run
-from cluster.rundir import RunDir, check_run_dir
+from cluster.rundir import RERUN_TRAINING, RunDir, check_run_dir
 from cluster.tasks import count_parameters
 from data_pipeline.loader import read_manifest
 from data_pipeline.storage import Location
@@ -29,7 +29,9 @@ def dry_run(job: PretrainJob | FinetuneJob, out: str | Path, stage: str) -> list
     """The lines `--dry-run` prints for `job` (stage: "pretrain" or "finetune"), once its checks pass."""
     run = RunDir(out)  # names the directory; creates nothing
     if not continues_run(run, job.trainer.resume):
-        check_run_dir(run.out)  # the refusal of a non-empty --out the run would stop with
+        check_run_dir(
+            run.out, rerun=RERUN_TRAINING
+        )  # the refusal of a non-empty --out the run would stop with
     with tempfile.TemporaryDirectory(prefix="kiln-dry-run-") as scratch:
         job = driver_checks(job, Path(scratch))
         params = count_parameters(job)  # inside: a converted `hf:` checkpoint's weights are read

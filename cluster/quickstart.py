@@ -19,7 +19,7 @@ from cluster.evaluation import evaluate_checkpoint
 from cluster.jobs import QuickstartJob
 from cluster.launch import TrainResult, init_ray, run_training
 from cluster.report import last_value, loss_drop, markdown_table, plot_curves, pretrain_chance
-from cluster.rundir import prepare_run_dir
+from cluster.rundir import RERUN_QUICKSTART, prepare_run_dir
 from cluster.tracking import log_artifacts
 from data_pipeline.configlib import to_yaml
 
@@ -38,7 +38,7 @@ def _stage_done(stage: str, result: TrainResult) -> None:
 
 
 def run_quickstart(cfg: QuickstartJob, out: Path, overwrite: bool = False) -> Path:
-    out = prepare_run_dir(Path(out), overwrite).resolve()
+    out = prepare_run_dir(Path(out), overwrite, RERUN_QUICKSTART).resolve()
     (out / "config.yaml").write_text(to_yaml(cfg))
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -113,7 +113,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def run_dir(
-    out: str | os.PathLike[str], resume: str = "never", overwrite: bool = False
+    out: str | os.PathLike[str],
+    resume: str = "never",
+    overwrite: bool = False,
+    rerun: str | None = None,
 ) -> Iterator[RunDir]:
     """The output directory of one run (see `prepare_run_dir`; with resume="auto" an earlier Kiln
     run's is continued). When the run fails on bad input before it wrote a checkpoint, what this
@@ -129,7 +132,7 @@ def run_dir(
     if continues_run(run, resume):
         created = was_empty = False  # a run being continued: none of its files are this command's
     else:
-        prepare_run_dir(run.out, overwrite)
+        prepare_run_dir(run.out, overwrite, rerun)
     if run.remote:
         check_writable(run.out)  # and writable, before any work
     run.fresh_scratch()
@@ -162,14 +165,16 @@ def _remove_made(out: Location, keep_dir: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def prepare_run_dir(out: str | os.PathLike[str] | Location, overwrite: bool = False) -> Path:
+def prepare_run_dir(
+    out: str | os.PathLike[str] | Location, overwrite: bool = False, rerun: str | None = None
+) -> Path:
     """Create `out` (absent or empty), or with `overwrite` replace a directory that an earlier Kiln run made.
 
     A non-empty directory Kiln did not make is never deleted, overwrite or not. Returns the local path
     (for a URI: the prefix, which holds only the run marker afterwards, and its local path is not
     meaningful: callers of a remote run use RunDir)."""
     loc = Location.of(out)
-    replace = check_run_dir(loc, overwrite)
+    replace = check_run_dir(loc, overwrite, rerun)
     if loc.is_remote:
         if replace:
             loc.delete()
@@ -183,9 +188,16 @@ def prepare_run_dir(out: str | os.PathLike[str] | Location, overwrite: bool = Fa
     return out
 
 
-def check_run_dir(out: Location, overwrite: bool = False) -> bool:
+# What a refused --out that holds an earlier Kiln run can do instead: each command names its own way
+# (the flag or setting it has), never another command's.
+RERUN_TRAINING = "continue it with trainer.resume=auto"
+RERUN_QUICKSTART = "replace it with --overwrite"
+
+
+def check_run_dir(out: Location, overwrite: bool = False, rerun: str | None = None) -> bool:
     """Read-only: ConfigError unless `out` may become a new run's directory (absent or empty, or with
-    `overwrite` an earlier Kiln run's); whether it holds such a run to replace. `--dry-run` asks this too."""
+    `overwrite` an earlier Kiln run's); whether it holds such a run to replace. `--dry-run` asks this too.
+    rerun: what the command offers for an earlier Kiln run there (RERUN_*), named in the refusal."""
     where = "prefix" if out.is_remote else "directory"
     if out.is_remote:
         holds_files = bool(out.list())
@@ -197,9 +209,10 @@ def check_run_dir(out: Location, overwrite: bool = False) -> bool:
     if not holds_files:
         return False
     if not overwrite:
-        raise ConfigError(
-            f"{out}: output {where} is not empty (choose another --out, or pass --overwrite)"
-        )
+        ours = rerun is not None and (out / MARKER).is_file()
+        remedy = f"{rerun}, or choose another --out" if ours else "choose another --out"
+        what = "holds an earlier Kiln run" if ours else "is not empty"
+        raise ConfigError(f"{out}: output {where} {what} ({remedy})")
     if not (out / MARKER).is_file():
         raise ConfigError(f"{out}: not empty and not a Kiln run {where}; refusing to overwrite it")
     return True

@@ -11,7 +11,7 @@ import pytest
 
 from cluster.cli import build_parser
 from cluster.preemption import EXIT_PREEMPTED, Preempted
-from cluster.rundir import MARKER, prepare_run_dir
+from cluster.rundir import MARKER, RERUN_QUICKSTART, RERUN_TRAINING, prepare_run_dir
 from data_pipeline.configlib import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +95,32 @@ def test_print_config_prints_resolved_yaml() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "arch: gpt" in result.stdout
+
+
+def test_a_refused_out_names_what_this_command_can_do_instead(tmp_path: Path) -> None:
+    """The refusal of a non-empty --out offers the way out of the command at hand: a training run
+    continues with trainer.resume=auto, the quickstart replaces with --overwrite; neither offers the
+    other's, and a directory Kiln did not make is only ever another --out."""
+    earlier = prepare_run_dir(tmp_path / "earlier")
+    (earlier / "metrics.csv").write_text("step\n")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for rerun, offer in [
+        (RERUN_TRAINING, "continue it with trainer.resume=auto, or choose another --out"),
+        (RERUN_QUICKSTART, "replace it with --overwrite, or choose another --out"),
+        (None, "choose another --out"),  # kiln lm-baseline: no way to continue or replace
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            prepare_run_dir(earlier, rerun=rerun)
+        what = "holds an earlier Kiln run" if rerun else "is not empty"
+        assert str(refused.value) == f"{earlier}: output directory {what} ({offer})"
+        with pytest.raises(ConfigError) as refused:
+            prepare_run_dir(foreign, rerun=rerun)
+        assert (
+            str(refused.value) == f"{foreign}: output directory is not empty (choose another --out)"
+        )
+    assert (earlier / "metrics.csv").is_file() and (foreign / "notes.txt").is_file()
 
 
 def test_run_dir_refuses_foreign_non_empty_dirs(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from cluster import cli
 from cluster.config import load_config
 from cluster.jobs import FinetuneJob, PretrainJob
 from cluster.resume import check_resume
-from cluster.rundir import RunDir, prepare_run_dir
+from cluster.rundir import RERUN_TRAINING, RunDir, prepare_run_dir
 from cluster.tasks import scratch_config
 from data_pipeline.configlib import ConfigError, to_dict
 from data_pipeline.examples import BUILDERS
@@ -240,7 +240,12 @@ def test_a_dry_run_refuses_an_out_the_run_would_not_write_into_with_the_same_lin
     assert tree(out) == before
     # what the real run stops with, before any worker starts
     with pytest.raises(ConfigError) as real:
-        prepare_run_dir(out)
-    assert "output directory is not empty" in str(real.value)
+        prepare_run_dir(out, rerun=RERUN_TRAINING)
+    expected = (
+        "holds an earlier Kiln run (continue it with trainer.resume=auto, or choose another --out)"
+        if earlier == "a Kiln run"
+        else "is not empty (choose another --out)"
+    )
+    assert str(real.value) == f"{out}: output directory {expected}"
     assert err == f"kiln: error: {real.value}\n"
     assert tree(out) == before
