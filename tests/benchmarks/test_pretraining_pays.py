@@ -165,3 +165,31 @@ def test_cells_cached_before_the_ratio_existed_are_reused_at_ratio_1(tmp_path: P
         [cell], bench.run_cell, [8], 1, cache
     )  # nothing to run: run_cell would fail here
     assert row["validation_accuracy"] == 0.5 and row["pretrained_lr_ratio"] == 1.0
+
+
+def test_the_report_names_the_text_the_encoder_was_pretrained_on(tmp_path: Path) -> None:
+    """From the checkpoint's data manifest (`data.paths` of its prepare), not assumed: the WikiText-2 and the
+    WikiText-2 + Tatoeba encoders must not read alike; a checkpoint without one says so."""
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.models.bert import BertConfig, BertForPreTraining
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    data = tmp_path / "data" / "manifest.json"
+    data.parent.mkdir()
+    paths = ["/x/shared/data/wikitext2/train.txt", "runs/tatoeba-en.txt"]
+    data.write_text(json.dumps({"config": {"paths": paths}}))
+    with_data = save_checkpoint(
+        tmp_path / "a", BertForPreTraining(config), config, data_manifest=data
+    )
+    assert bench.pretraining_text(with_data) == "`wikitext2/train.txt`, `runs/tatoeba-en.txt`"
+    without = save_checkpoint(tmp_path / "b", BertForPreTraining(config), config)
+    assert bench.pretraining_text(without) == "not recorded"
+    data.unlink()  # the data directory deleted since: the manifest's path leads nowhere
+    assert bench.pretraining_text(with_data) == "not recorded"
