@@ -15,7 +15,7 @@ Commands too long to run twice point at the e2e test that already runs them (`co
 
 The long training recipes that only docs/benchmarks.md shows (mt-transformer, the three 30-minute
 translation baselines, gpt-mini, the two character GPTs, gpt-45min, gpt-60min, bert-mini-60min,
-bert-mini-mlm-60min, gpt-decoder)
+bert-mini-mlm-60min, bert-mini-tatoeba-mlm-60min, gpt-decoder)
 run as `--dry-run` (`dry_run`): a real 2-step Ray Train job of each cost 40-90 s, most of the
 suite's time, while the same architectures train for real in the README's entries and the e2e tests.
 So do the fine-tunes and pretrainings whose path another entry trains for real (sst2-ft, mt-ft and
@@ -599,6 +599,29 @@ REGISTRY: list[Spec] = [
         "runs/bert-mini-wikitext2-mlm-60min",
         dry_run=True,
         needs=("wikitext2-bert",),
+    ),
+    # the same hour of MLM on more, and more conversational, text: WikiText-2 plus Tatoeba's English sentences
+    _spec(
+        "tatoeba-en",
+        "mkdir -p runs && awk -F'\\t' '!seen[$1]++ {if (n % 100 == 0) printf \"\\n = Tatoeba %d = \\n\\n\", "
+        "n/100; print $1; n++}' ../shared/data/tatoeba_fra_eng/fra.txt > runs/tatoeba-en.txt",
+        writes=("runs/tatoeba-en.txt",),
+        not_in_docs=True,  # shown in docs/benchmarks.md and the recipes' headers, but not a `kiln` line
+    ),
+    _spec(
+        "wikitext2-tatoeba-bert",
+        "kiln data prepare --config configs/data-wikitext2-tatoeba-bert.yaml --out "
+        "runs/wikitext2-tatoeba-bert",
+        smoke=SMALL_VOCAB,
+        needs=("tatoeba-en",),
+        writes=("runs/wikitext2-tatoeba-bert/manifest.json",),
+    ),
+    _spec(
+        "bert-mini-tatoeba-mlm-60min",
+        "kiln pretrain --config configs/bert-mini-wikitext2-tatoeba-mlm-60min.yaml --out "
+        "runs/bert-mini-wikitext2-tatoeba-mlm-60min",
+        dry_run=True,
+        needs=("wikitext2-tatoeba-bert",),
     ),
     # pretraining that pays: a GPT on WikiText-2 in the Multi30k vocabulary, the decoder of a translation benchmark
     _spec(
