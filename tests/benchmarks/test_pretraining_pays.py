@@ -29,21 +29,27 @@ def sst2_cut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def tiny_encoder(sst2: Path, out: Path, vocab_size: int = 400) -> Path:
     from data_pipeline.tokenizer import train_tokenizer
     from pretrain.checkpoint import save_checkpoint
-    from pretrain.models.bert import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
     texts = [line.split("\t")[0] for line in sst2.read_text(encoding="utf-8").splitlines()[1:]]
     tok = train_tokenizer("wordpiece_uncased", texts, vocab_size=vocab_size)
     out.parent.mkdir(parents=True)
     tok.save(str(out.parent / "tokenizer.json"))
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
+    config = tiny_bert_config(tok.get_vocab_size())
+    return save_checkpoint(out, BertForPreTraining(config), config, out.parent / "tokenizer.json")
+
+
+def tiny_bert_config(vocab_size: int) -> object:
+    from pretrain.models.bert import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    return save_checkpoint(out, BertForPreTraining(config), config, out.parent / "tokenizer.json")
 
 
 def test_the_grid_runs_and_reports_every_cell(sst2_cut: Path, tmp_path: Path) -> None:
@@ -171,16 +177,9 @@ def test_the_report_names_the_text_the_encoder_was_pretrained_on(tmp_path: Path)
     """From the checkpoint's data manifest (`data.paths` of its prepare), not assumed: the WikiText-2 and the
     WikiText-2 + Tatoeba encoders must not read alike; a checkpoint without one says so."""
     from pretrain.checkpoint import save_checkpoint
-    from pretrain.models.bert import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config(50)
     data = tmp_path / "data" / "manifest.json"
     data.parent.mkdir()
     paths = ["/x/shared/data/wikitext2/train.txt", "runs/tatoeba-en.txt"]
